@@ -1,0 +1,232 @@
+"""Rename rules between minidb's native names and the other public layouts.
+
+minidb's modules are named as the original CompVis/Stability checkpoints name them (UNet, VAE) and
+as transformers names CLIP (text encoder). Two other layouts exist on users' disks:
+
+- diffusers folders name the UNet and VAE blocks by role (down_blocks.1.resnets.0) instead of by
+  position (input_blocks.4.0). The map is a short table of block prefixes, derived from the config
+  with the same loops that build the model, plus a few renames inside a res block or attention block.
+- SD 2 single files store the text encoder in OpenCLIP's names, with q, k and v stacked in one
+  `in_proj_weight`.
+
+Each map is computed from a config and used in both directions: loading and saving.
+"""
+
+import re
+
+import torch
+
+from minidb.text_encoder import TextEncoderConfig
+from minidb.unet import UNetConfig
+from minidb.vae import LATENT_SCALE, VAEConfig
+
+# Inside a UNet ResBlock: (native, diffusers). Native indices skip the parameterless SiLU/Dropout.
+UNET_RESNET_LEAVES = [("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("emb_layers.1", "time_emb_proj"),
+                      ("out_layers.0", "norm2"), ("out_layers.3", "conv2"), ("skip_connection", "conv_shortcut")]
+VAE_RESNET_LEAVES = [("nin_shortcut", "conv_shortcut")]
+VAE_ATTENTION_LEAVES = [("norm", "group_norm"), ("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("proj_out", "to_out.0")]
+
+
+def unet_blocks(cfg):
+    """[(native prefix, diffusers prefix, leaf renames)] for every block of the UNet table."""
+    blocks = [("time_embed.0", "time_embedding.linear_1", []), ("time_embed.2", "time_embedding.linear_2", []),
+              ("input_blocks.0.0", "conv_in", []), ("out.0", "conv_norm_out", []), ("out.2", "conv_out", [])]
+    levels = len(cfg.channel_mult)
+    n = 1  # input_blocks.0 is conv_in
+    for level in range(levels):
+        for j in range(cfg.num_res_blocks):
+            blocks.append((f"input_blocks.{n}.0", f"down_blocks.{level}.resnets.{j}", UNET_RESNET_LEAVES))
+            blocks.append((f"input_blocks.{n}.1", f"down_blocks.{level}.attentions.{j}", []))
+            n += 1
+        if level != levels - 1:
+            blocks.append((f"input_blocks.{n}.0.op", f"down_blocks.{level}.downsamplers.0.conv", []))
+            n += 1
+    blocks += [("middle_block.0", "mid_block.resnets.0", UNET_RESNET_LEAVES),
+               ("middle_block.1", "mid_block.attentions.0", []),
+               ("middle_block.2", "mid_block.resnets.1", UNET_RESNET_LEAVES)]
+    n = 0
+    for i, level in enumerate(reversed(range(levels))):  # diffusers counts up_blocks from the bottom
+        attn = level in cfg.attention_levels
+        for j in range(cfg.num_res_blocks + 1):
+            blocks.append((f"output_blocks.{n}.0", f"up_blocks.{i}.resnets.{j}", UNET_RESNET_LEAVES))
+            if attn:
+                blocks.append((f"output_blocks.{n}.1", f"up_blocks.{i}.attentions.{j}", []))
+            if level != 0 and j == cfg.num_res_blocks:  # the upsampler follows the last res block
+                blocks.append((f"output_blocks.{n}.{2 if attn else 1}.conv", f"up_blocks.{i}.upsamplers.0.conv", []))
+            n += 1
+    return blocks
+
+
+def vae_blocks(cfg):
+    """[(native prefix, diffusers prefix, leaf renames)] for the VAE."""
+    blocks = [("encoder.norm_out", "encoder.conv_norm_out", []), ("decoder.norm_out", "decoder.conv_norm_out", [])]
+    levels = len(cfg.ch_mult)
+    for part in ("encoder", "decoder"):
+        blocks += [(f"{part}.mid.block_1", f"{part}.mid_block.resnets.0", VAE_RESNET_LEAVES),
+                   (f"{part}.mid.attn_1", f"{part}.mid_block.attentions.0", VAE_ATTENTION_LEAVES),
+                   (f"{part}.mid.block_2", f"{part}.mid_block.resnets.1", VAE_RESNET_LEAVES)]
+    for i in range(levels):
+        for j in range(cfg.num_res_blocks):
+            blocks.append((f"encoder.down.{i}.block.{j}", f"encoder.down_blocks.{i}.resnets.{j}", VAE_RESNET_LEAVES))
+        blocks.append((f"encoder.down.{i}.downsample", f"encoder.down_blocks.{i}.downsamplers.0", []))
+        up = levels - 1 - i  # the decoder's up[i] is diffusers' up_blocks[levels-1-i]
+        for j in range(cfg.num_res_blocks + 1):
+            blocks.append((f"decoder.up.{i}.block.{j}", f"decoder.up_blocks.{up}.resnets.{j}", VAE_RESNET_LEAVES))
+        blocks.append((f"decoder.up.{i}.upsample", f"decoder.up_blocks.{up}.upsamplers.0", []))
+    return blocks
+
+
+def native_to_diffusers_names(native_keys, blocks):
+    """{native key: diffusers key} for every key, using the longest matching block prefix."""
+    table = {native: (diffusers, leaves) for native, diffusers, leaves in blocks}
+    names = {}
+    for key in native_keys:
+        parts = key.split(".")
+        for cut in range(len(parts) - 1, 0, -1):
+            prefix = ".".join(parts[:cut])
+            if prefix in table:
+                diffusers, leaves = table[prefix]
+                rest = ".".join(parts[cut:])
+                for old, new in leaves:
+                    if rest.startswith(old + "."):
+                        rest = new + rest[len(old):]
+                        break
+                names[key] = f"{diffusers}.{rest}"
+                break
+        else:
+            names[key] = key  # same name in both layouts (e.g. quant_conv, decoder.conv_in)
+    return names
+
+
+def vae_attention_shape(key, tensor, to_diffusers):
+    """The VAE's q/k/v/proj_out are 1x1 convs in the original layout and Linear layers in diffusers."""
+    if not re.search(r"mid\.attn_1\.(q|k|v|proj_out)\.weight$|mid_block\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.weight$", key):
+        return tensor
+    return tensor[:, :, 0, 0] if to_diffusers else tensor[:, :, None, None]  # (C, C, 1, 1) <-> (C, C)
+
+
+# ---- OpenCLIP (SD 2 single files, under `cond_stage_model.model.`) ----
+
+OPENCLIP_TOP = {"token_embedding.weight": "embeddings.token_embedding.weight",
+                "positional_embedding": "embeddings.position_embedding.weight",
+                "ln_final.weight": "final_layer_norm.weight", "ln_final.bias": "final_layer_norm.bias"}
+OPENCLIP_LAYER = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
+                  "attn.out_proj": "self_attn.out_proj"}
+# Parts of the OpenCLIP text tower that SD does not use: the CLIP projection head and temperature.
+OPENCLIP_UNUSED = {"text_projection", "logit_scale"}
+
+
+def openclip_to_native(tensors, layers):
+    """OpenCLIP text-tower tensors -> (native tensors, names of unused tensors).
+
+    Layers past `layers` are unused: SD 2 reads the penultimate layer, so the 24th never runs.
+    """
+    native, unused = {}, []
+    for key, t in tensors.items():
+        m = re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)", key)
+        if key in OPENCLIP_TOP:
+            native[OPENCLIP_TOP[key]] = t
+        elif m and int(m[1]) >= layers or key in OPENCLIP_UNUSED:
+            unused.append(key)
+        elif m and m[2] == "attn.in_proj":  # (3C, C) stacked as q, k, v
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), t.chunk(3, dim=0)):
+                native[f"encoder.layers.{m[1]}.self_attn.{name}.{m[3]}"] = part
+        elif m and m[2] in OPENCLIP_LAYER:
+            native[f"encoder.layers.{m[1]}.{OPENCLIP_LAYER[m[2]]}.{m[3]}"] = t
+        else:
+            native[key] = t  # unknown: left for the strict loader to report
+    return native, unused
+
+
+def native_to_openclip(native):
+    """Inverse of openclip_to_native, for writing SD 2 single files."""
+    top = {v: k for k, v in OPENCLIP_TOP.items()}
+    layer = {v: k for k, v in OPENCLIP_LAYER.items()}
+    out = {}
+    for key, t in native.items():
+        m = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", key)
+        if key in top:
+            out[top[key]] = t
+        elif m and m[2] == "self_attn.q_proj":
+            qkv = [native[f"encoder.layers.{m[1]}.self_attn.{p}_proj.{m[3]}"] for p in "qkv"]
+            out[f"transformer.resblocks.{m[1]}.attn.in_proj_{m[3]}"] = torch.cat(qkv, dim=0)
+        elif m and m[2] in layer:
+            out[f"transformer.resblocks.{m[1]}.{layer[m[2]]}.{m[3]}"] = t
+    return out
+
+
+# ---- diffusers / transformers config.json <-> minidb configs ----
+
+UNSUPPORTED_UNET_OPTIONS = {  # option: the value SD 1.x / 2.x use; anything else is another model
+    "class_embed_type": None, "addition_embed_type": None, "num_class_embeds": None, "encoder_hid_dim": None,
+    "transformer_layers_per_block": 1, "only_cross_attention": False, "dual_cross_attention": False,
+    "time_embedding_type": "positional", "resnet_time_scale_shift": "default", "conv_in_kernel": 3,
+    "mid_block_type": "UNetMidBlock2DCrossAttn", "norm_num_groups": 32, "flip_sin_to_cos": True, "freq_shift": 0,
+}
+
+
+def unet_config_from_diffusers(c):
+    odd = {k: c[k] for k, v in UNSUPPORTED_UNET_OPTIONS.items() if c.get(k, v) != v}
+    if c.get("in_channels", 4) != 4:
+        odd["in_channels"] = c["in_channels"]  # 9: inpainting, 8: instruct-pix2pix, 5: depth
+    if odd:
+        raise ValueError(f"this UNet has options SD 1.x/2.x never use ({odd}), so it is another kind of model, "
+                         "which minidb does not support yet")
+    chans = c["block_out_channels"]
+    heads = c.get("num_attention_heads") or c["attention_head_dim"]  # diffusers' "head_dim" counts heads
+    heads = [heads] * len(chans) if isinstance(heads, int) else list(heads)
+    same_count = len(set(heads)) == 1
+    return UNetConfig(
+        in_channels=c.get("in_channels", 4), out_channels=c.get("out_channels", 4), model_channels=chans[0],
+        channel_mult=tuple(ch // chans[0] for ch in chans), num_res_blocks=c["layers_per_block"],
+        attention_levels=tuple(i for i, t in enumerate(c["down_block_types"]) if t.startswith("CrossAttn")),
+        num_heads=heads[0] if same_count else 0, head_dim=0 if same_count else chans[0] // heads[0],
+        context_dim=c["cross_attention_dim"], linear_proj=c.get("use_linear_projection", False),
+        upcast_attention=c.get("upcast_attention", False), sample_size=c.get("sample_size", 64))
+
+
+def unet_config_to_diffusers(cfg):
+    chans = [cfg.model_channels * m for m in cfg.channel_mult]
+    heads = [cfg.heads_for(ch)[0] for ch in chans]
+    down = ["CrossAttnDownBlock2D" if i in cfg.attention_levels else "DownBlock2D" for i in range(len(chans))]
+    up = ["CrossAttnUpBlock2D" if i in cfg.attention_levels else "UpBlock2D" for i in reversed(range(len(chans)))]
+    return {"_class_name": "UNet2DConditionModel", "sample_size": cfg.sample_size, "in_channels": cfg.in_channels,
+            "out_channels": cfg.out_channels, "block_out_channels": chans, "layers_per_block": cfg.num_res_blocks,
+            "down_block_types": down, "up_block_types": up, "cross_attention_dim": cfg.context_dim,
+            "attention_head_dim": heads if cfg.head_dim else cfg.num_heads,
+            "use_linear_projection": cfg.linear_proj, "upcast_attention": cfg.upcast_attention,
+            "norm_num_groups": 32, "norm_eps": 1e-5, "flip_sin_to_cos": True, "freq_shift": 0, "act_fn": "silu",
+            "downsample_padding": 1, "mid_block_scale_factor": 1, "center_input_sample": False}
+
+
+def vae_config_from_diffusers(c):
+    if c.get("scaling_factor", LATENT_SCALE) != LATENT_SCALE or c.get("latents_mean") is not None:
+        raise ValueError(f"this VAE scales latents by {c.get('scaling_factor')}, not SD's {LATENT_SCALE}, so it "
+                         "belongs to another kind of model, which minidb does not support yet")
+    chans = c["block_out_channels"]
+    return VAEConfig(ch=chans[0], ch_mult=tuple(ch // chans[0] for ch in chans), num_res_blocks=c["layers_per_block"],
+                     z_channels=c.get("latent_channels", 4), in_channels=c.get("in_channels", 3))
+
+
+def vae_config_to_diffusers(cfg, sample_size):
+    n = len(cfg.ch_mult)
+    return {"_class_name": "AutoencoderKL", "in_channels": cfg.in_channels, "out_channels": cfg.in_channels,
+            "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
+            "block_out_channels": [cfg.ch * m for m in cfg.ch_mult], "layers_per_block": cfg.num_res_blocks,
+            "latent_channels": cfg.z_channels, "norm_num_groups": 32, "act_fn": "silu",
+            "sample_size": sample_size, "scaling_factor": LATENT_SCALE}
+
+
+def text_config_from_transformers(c):
+    return TextEncoderConfig(vocab_size=c["vocab_size"], max_length=c["max_position_embeddings"],
+                             width=c["hidden_size"], layers=c["num_hidden_layers"], heads=c["num_attention_heads"],
+                             mlp_width=c["intermediate_size"], activation=c["hidden_act"])
+
+
+def text_config_to_transformers(cfg):
+    return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "vocab_size": cfg.vocab_size,
+            "max_position_embeddings": cfg.max_length, "hidden_size": cfg.width, "num_hidden_layers": cfg.layers,
+            "num_attention_heads": cfg.heads, "intermediate_size": cfg.mlp_width, "hidden_act": cfg.activation,
+            "layer_norm_eps": 1e-5, "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 1,
+            "projection_dim": cfg.width, "attention_dropout": 0.0, "dropout": 0.0, "initializer_factor": 1.0,
+            "initializer_range": 0.02}

@@ -1,0 +1,126 @@
+"""Reading and writing tensor files safely.
+
+- `.safetensors` is the format to prefer: a JSON header and raw tensor bytes, nothing executable.
+- `.ckpt` / `.bin` / `.pt` are pickles. A pickle can run arbitrary code when loaded, so we only ever
+  read them with `torch.load(weights_only=True)`, which accepts tensors and plain containers and
+  refuses everything else.
+- Every write goes to a temporary file in the same folder and is then renamed over the target, so
+  an interrupted save never leaves a half-written file under the real name.
+"""
+
+import json
+import os
+import pickle
+import re
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+
+class ModelFileError(ValueError):
+    """A model file or folder that minidb cannot use. The message is one sentence for the user."""
+
+
+def read_tensors(path):
+    """Read every tensor of a weights file -> (dict name -> tensor, safetensors metadata or {})."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path} does not exist; check the path.")
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    return _read_pickle(path), {}
+
+
+def _read_safetensors(path):
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise ModelFileError(f"{path} is not a readable safetensors file ({_first_line(e)}); "
+                             "it may be truncated or corrupt, so download or export it again.") from None
+
+
+class _LightningCallback:
+    """Stands in for the callback *class* that PyTorch Lightning used as a dictionary key in the
+    training state of the original SD 1.x checkpoints. Nothing of it is called or kept."""
+
+
+# Harmless names found in the training state of public SD checkpoints, allowed by name only.
+# Everything else that is not a tensor or a plain container is refused by weights_only.
+_ALLOWED_GLOBALS = [
+    (_LightningCallback, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
+    (np.dtype, "numpy.dtype"),
+    (np.dtypes.Float64DType, "numpy.dtypes.Float64DType"),
+    (np.dtypes.Float32DType, "numpy.dtypes.Float32DType"),
+    (np._core.multiarray.scalar, "numpy.core.multiarray.scalar"),
+    (np._core.multiarray.scalar, "numpy._core.multiarray.scalar"),
+]
+
+
+def _read_pickle(path):
+    # mmap keeps the file's pages on disk until each tensor is used: no second copy in RAM.
+    # Only the zip-based format (torch >= 1.6) can be memory-mapped.
+    try:
+        with torch.serialization.safe_globals(_ALLOWED_GLOBALS):
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        raise ModelFileError(f"{path} holds pickled Python objects besides tensors ({_unsafe_global(e)}), and "
+                             "loading them could run code; convert it to .safetensors with a tool you trust.") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as e:
+        raise ModelFileError(f"{path} is not a readable PyTorch checkpoint ({_first_line(e)}); "
+                             "it may be truncated or corrupt.") from None
+    if not isinstance(data, dict):
+        raise ModelFileError(f"{path} holds a {type(data).__name__}, not a dictionary of tensors.")
+    return data
+
+
+def _unsafe_global(error):
+    # torch names the refused object as "GLOBAL module.name"; show the user just that.
+    m = re.search(r"GLOBAL ([\w.]+)", str(error))
+    return m[1] if m else "an object torch refuses to load safely"
+
+
+def _first_line(error):
+    return str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+
+
+def atomic_write(path, write):
+    """Call write(tmp_path), then rename tmp_path to path. The tmp file lives in the same folder,
+    so the rename is atomic and never crosses file systems."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_safetensors(path, tensors, metadata=None):
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def write_json(path, obj):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+    atomic_write(path, write)
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelFileError(f"{path} is not a readable JSON file ({_first_line(e)}).") from None

@@ -1,0 +1,117 @@
+"""The CLIP text encoder: 77 token ids -> 77 context vectors that the UNet attends to.
+
+SD 1.x uses OpenAI's CLIP ViT-L/14 text tower, SD 2.x OpenCLIP's ViT-H/14 text tower. Both are the
+same pre-LayerNorm transformer with a causal mask; they differ in size, in the MLP activation, and
+in which layer SD reads: SD 1 takes the last layer, SD 2 the penultimate one. We build SD 2's tower
+with 23 of its 24 layers, so "the last layer we have, then the final LayerNorm" is right for both
+(diffusers' SD 2 text encoder config also says 23 layers).
+
+Module names equal the keys of transformers' CLIPTextModel (`embeddings.token_embedding.weight`,
+`encoder.layers.0.self_attn.q_proj.weight`, ...), the layout of SD 1 single files and of every
+diffusers folder. OpenCLIP's names (SD 2 single files) are renamed in minidb/convert.py.
+
+Legend: B batch, L tokens (77), C width, H heads, D head dim.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from minidb.attention import attention
+
+
+@dataclass
+class TextEncoderConfig:
+    vocab_size: int = 49408  # CLIP BPE: 256 bytes x2, 48,894 merges, BOS, EOS
+    max_length: int = 77  # CLIP's context length; SD always feeds all 77 positions
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_width: int = 3072
+    activation: str = "quick_gelu"  # OpenAI CLIP: quick_gelu; OpenCLIP ViT-H: gelu
+
+
+SD1 = TextEncoderConfig()
+# ViT-H/14 text tower has 24 layers; SD 2 reads the 23rd ("penultimate"), so we build 23.
+SD2 = TextEncoderConfig(width=1024, layers=23, heads=16, mlp_width=4096, activation="gelu")
+TINY = TextEncoderConfig(width=32, layers=2, heads=4, mlp_width=37)
+
+
+def quick_gelu(x):
+    # OpenAI CLIP's sigmoid approximation of GELU; 1.702 is from their model.py.
+    return x * torch.sigmoid(1.702 * x)
+
+
+class Embeddings(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.position_embedding = nn.Embedding(cfg.max_length, cfg.width)  # learned, not sinusoidal
+
+    def forward(self, ids):  # (B, L) -> (B, L, C)
+        return self.token_embedding(ids) + self.position_embedding.weight[: ids.shape[1]]
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.heads = cfg.heads
+        self.q_proj = nn.Linear(cfg.width, cfg.width)
+        self.k_proj = nn.Linear(cfg.width, cfg.width)
+        self.v_proj = nn.Linear(cfg.width, cfg.width)
+        self.out_proj = nn.Linear(cfg.width, cfg.width)
+
+    def forward(self, x):
+        q, k, v = (rearrange(p(x), "b l (h d) -> b h l d", h=self.heads) for p in (self.q_proj, self.k_proj, self.v_proj))
+        out = attention(q, k, v, causal=True)  # CLIP's text tower is causal, like a language model
+        return self.out_proj(rearrange(out, "b h l d -> b l (h d)"))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.act = quick_gelu if cfg.activation == "quick_gelu" else F.gelu
+        self.fc1 = nn.Linear(cfg.width, cfg.mlp_width)
+        self.fc2 = nn.Linear(cfg.mlp_width, cfg.width)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.width)
+        self.self_attn = SelfAttention(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.width)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.layers))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class TextEncoder(nn.Module):
+    def __init__(self, cfg: TextEncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = Embeddings(cfg)
+        self.encoder = Encoder(cfg)
+        self.final_layer_norm = nn.LayerNorm(cfg.width)
+
+    def forward(self, ids):  # (B, 77) token ids -> (B, 77, C) context for the UNet's cross-attention
+        return self.final_layer_norm(self.encoder(self.embeddings(ids)))
