@@ -1,0 +1,73 @@
+"""Shared helpers: build the reference models (diffusers, transformers) and minidb's twins with the
+same random weights. Everything is created here; nothing is read from outside the repository."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from minidb import text_encoder as te, unet as un, vae as va
+from minidb.convert import (native_to_diffusers_names, text_config_to_transformers, unet_blocks,
+                            unet_config_to_diffusers, vae_attention_shape, vae_blocks, vae_config_to_diffusers)
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+# Tiny configs shaped like the two real families: SD 1 (fixed head count, conv projections,
+# OpenAI CLIP with quick_gelu) and SD 2 (fixed head dim, Linear projections, upcast attention,
+# OpenCLIP with gelu). Same tensors names and code paths as the real ones, a few MB in size.
+TINY_UNET = {"SD 1.x": un.TINY,
+             "SD 2.x": dataclasses.replace(un.TINY, num_heads=0, head_dim=16, linear_proj=True, upcast_attention=True)}
+TINY_TEXT = {"SD 1.x": te.TINY, "SD 2.x": dataclasses.replace(te.TINY, activation="gelu")}
+
+
+def randomize_(module, seed=0, std=0.2):
+    """Random weights everywhere, including layers the reference initializes to zero or one, so
+    that a wrong wire cannot hide behind a zero. Norm weights stay around 1 to keep activations sane."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=g) * std
+            p.copy_((1 + noise) if "norm" in name and name.endswith("weight") else noise)
+    return module.eval()
+
+
+def diffusers_unet(cfg, seed=0):
+    kwargs = unet_config_to_diffusers(cfg)
+    kwargs.pop("_class_name")
+    return randomize_(diffusers.UNet2DConditionModel(**kwargs), seed)
+
+
+def diffusers_vae(cfg, seed=1):
+    kwargs = vae_config_to_diffusers(cfg, sample_size=64)
+    kwargs.pop("_class_name")
+    return randomize_(diffusers.AutoencoderKL(**kwargs), seed)
+
+
+def transformers_text_encoder(cfg, seed=2):
+    kwargs = {k: v for k, v in text_config_to_transformers(cfg).items() if k not in ("architectures", "model_type")}
+    return randomize_(transformers.CLIPTextModel(transformers.CLIPTextConfig(**kwargs)), seed, std=0.05)
+
+
+def twin(module_cls, cfg, ref_state, blocks=None, vae=False):
+    """minidb's module sharing the reference's tensors (renamed, not copied)."""
+    with torch.device("meta"):
+        module = module_cls(cfg)
+    names = native_to_diffusers_names(module.state_dict().keys(), blocks) if blocks else {k: k for k in module.state_dict()}
+    state = {k: ref_state[d] for k, d in names.items()}
+    if vae:
+        state = {k: vae_attention_shape(k, t, to_diffusers=False) for k, t in state.items()}
+    module.load_state_dict(state, strict=True, assign=True)
+    return module.eval()
+
+
+def unet_twin(ref, cfg):
+    return twin(un.UNet, cfg, ref.state_dict(), unet_blocks(cfg))
+
+
+def vae_twin(ref, cfg):
+    return twin(va.AutoencoderKL, cfg, ref.state_dict(), vae_blocks(cfg), vae=True)
+
+
+def text_twin(ref, cfg):
+    return twin(te.TextEncoder, cfg, ref.state_dict())
