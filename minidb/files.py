@@ -98,6 +98,7 @@ def atomic_write(path, write):
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes files private (0600); saved models are ordinary files
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -112,7 +113,7 @@ def write_safetensors(path, tensors, metadata=None):
 
 def write_json(path, obj):
     def write(tmp):
-        with open(tmp, "w") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=2)
             f.write("\n")
     atomic_write(path, write)
@@ -120,7 +121,7 @@ def write_json(path, obj):
 
 def read_json(path):
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:  # vocab files hold non-ASCII characters
             return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelFileError(f"{path} is not a readable JSON file ({_first_line(e)}).") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelFileError(f"{path} is not a readable JSON file ({_first_line(e)}); download or export it again.") from None

@@ -21,14 +21,17 @@ TINY_UNET = {"SD 1.x": un.TINY,
 TINY_TEXT = {"SD 1.x": te.TINY, "SD 2.x": dataclasses.replace(te.TINY, activation="gelu")}
 
 
-def randomize_(module, seed=0, std=0.2):
+def randomize_(module, seed=0):
     """Random weights everywhere, including layers the reference initializes to zero or one, so
-    that a wrong wire cannot hide behind a zero. Norm weights stay around 1 to keep activations sane."""
+    that a wrong wire cannot hide behind a zero. Uniform in ±1/√fan_in (PyTorch's default scale)
+    keeps activations sane at any depth; norm weights stay around 1."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=g) * std
-            p.copy_((1 + noise) if "norm" in name and name.endswith("weight") else noise)
+            bound = p[0].numel() ** -0.5 if p.ndim > 1 else 0.2
+            p.uniform_(-bound, bound, generator=g)
+            if "norm" in name and name.endswith("weight"):
+                p.add_(1.0)
     return module.eval()
 
 
@@ -46,7 +49,7 @@ def diffusers_vae(cfg, seed=1):
 
 def transformers_text_encoder(cfg, seed=2):
     kwargs = {k: v for k, v in text_config_to_transformers(cfg).items() if k not in ("architectures", "model_type")}
-    return randomize_(transformers.CLIPTextModel(transformers.CLIPTextConfig(**kwargs)), seed, std=0.05)
+    return randomize_(transformers.CLIPTextModel(transformers.CLIPTextConfig(**kwargs)), seed)
 
 
 def twin(module_cls, cfg, ref_state, blocks=None, vae=False):
