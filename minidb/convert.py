@@ -123,14 +123,14 @@ def openclip_to_native(tensors, layers):
     """
     native, unused = {}, []
     for key, t in tensors.items():
-        m = re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)", key)
+        m = re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+)[._](weight|bias)", key)
         if key in OPENCLIP_TOP:
             native[OPENCLIP_TOP[key]] = t
         elif m and int(m[1]) >= layers or key in OPENCLIP_UNUSED:
             unused.append(key)
         elif m and m[2] == "attn.in_proj":  # (3C, C) stacked as q, k, v
             for name, part in zip(("q_proj", "k_proj", "v_proj"), t.chunk(3, dim=0)):
-                native[f"encoder.layers.{m[1]}.self_attn.{name}.{m[3]}"] = part
+                native[f"encoder.layers.{m[1]}.self_attn.{name}.{m[3]}"] = part.clone()
         elif m and m[2] in OPENCLIP_LAYER:
             native[f"encoder.layers.{m[1]}.{OPENCLIP_LAYER[m[2]]}.{m[3]}"] = t
         else:

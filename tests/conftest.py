@@ -74,3 +74,11 @@ def vae_twin(ref, cfg):
 
 def text_twin(ref, cfg):
     return twin(te.TextEncoder, cfg, ref.state_dict())
+
+
+def assert_close(a, b, rtol=1e-5, atol=1e-5):
+    """fp32 parity: relative to the output's scale, tight enough to catch a wrong constant."""
+    scale = b.abs().max().item()
+    assert scale > 1e-3, "reference output is ~0: the comparison would prove nothing"
+    err = (a - b).abs().max().item()
+    assert err <= atol * scale + rtol * scale, f"max abs error {err:.3g} at output scale {scale:.3g}"

@@ -3,21 +3,13 @@
 import pytest
 import torch
 
-from conftest import (TINY_TEXT, TINY_UNET, diffusers_unet, diffusers_vae, text_twin, transformers_text_encoder,
+from conftest import (TINY_TEXT, assert_close, TINY_UNET, diffusers_unet, diffusers_vae, text_twin, transformers_text_encoder,
                       unet_twin, vae_twin)
 from minidb import vae as va
 from minidb.convert import native_to_diffusers_names, unet_blocks
 from minidb.attention import attention, attention_math
 
 FAMILIES = ["SD 1.x", "SD 2.x"]
-
-
-def assert_close(a, b, rtol=1e-5, atol=1e-5):
-    """fp32 parity: relative to the output's scale, tight enough to catch a wrong constant."""
-    scale = b.abs().max().item()
-    assert scale > 1e-3, "reference output is ~0: the comparison would prove nothing"
-    err = (a - b).abs().max().item()
-    assert err <= atol * scale + rtol * scale, f"max abs error {err:.3g} at output scale {scale:.3g}"
 
 
 @pytest.mark.parametrize("family", FAMILIES)
