@@ -1,0 +1,177 @@
+"""Bad files get one clear sentence, never a traceback from deep inside torch, and never run code."""
+
+import os
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from minidb import files, text_encoder as te, unet as un, vae as va
+from minidb.files import ModelFileError
+from minidb.load import StableDiffusion, load
+from minidb.save import save_diffusers, save_single_file
+from minidb.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny SD 1.x-style model saved as a single file; returns (model, its tensors, metadata)."""
+    torch.manual_seed(0)
+    model = StableDiffusion(Tokenizer.for_version("SD 1.x"), te.TextEncoder(te.TINY), va.AutoencoderKL(va.TINY),
+                            un.UNet(un.TINY), "SD 1.x", "epsilon")
+    path = tmp_path_factory.mktemp("tiny") / "model.safetensors"
+    save_single_file(model, path)
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    return model, load_file(path), metadata
+
+
+def one_sentence(error):
+    message = str(error.value)
+    assert "\n" not in message and message.endswith("."), message
+    e = error.value
+    assert e.__cause__ is None and (e.__context__ is None or e.__suppress_context__), "chained traceback noise"
+    return message
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(ModelFileError) as e:
+        load(tmp_path / "nope.safetensors")
+    assert "No model at" in one_sentence(e)
+
+
+def test_folder_that_is_not_a_diffusers_model(tmp_path):
+    (tmp_path / "photos").mkdir()
+    with pytest.raises(ModelFileError) as e:
+        load(tmp_path / "photos")
+    assert "is not a diffusers model folder" in one_sentence(e)
+
+
+def test_diffusers_folder_without_weights(tiny, tmp_path):
+    save_diffusers(tiny[0], tmp_path / "m")
+    os.remove(tmp_path / "m" / "vae" / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(ModelFileError) as e:
+        load(tmp_path / "m")
+    assert "has no weights file" in one_sentence(e)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_broken_safetensors(tiny, tmp_path, damage):
+    good = tmp_path / "good.safetensors"
+    save_file(tiny[1], good, metadata=tiny[2])
+    data = good.read_bytes()
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes({"truncated": data[: len(data) // 2], "garbage": os.urandom(5000), "empty": b""}[damage])
+    with pytest.raises(ModelFileError) as e:
+        load(bad)
+    assert "not a readable safetensors file" in one_sentence(e)
+
+
+def test_truncated_ckpt(tiny, tmp_path):
+    torch.save({"state_dict": tiny[1]}, tmp_path / "m.ckpt")
+    data = (tmp_path / "m.ckpt").read_bytes()
+    (tmp_path / "m.ckpt").write_bytes(data[: len(data) // 3])
+    with pytest.raises(ModelFileError) as e:
+        load(tmp_path / "m.ckpt")
+    assert "not a readable PyTorch checkpoint" in one_sentence(e)
+
+
+class Payload:
+    """Unpickling this would create a file: the proof that code ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_ckpt_with_pickled_code_is_refused_and_never_run(tiny, tmp_path):
+    marker = str(tmp_path / "pwned")
+    torch.save({"state_dict": tiny[1], "x": Payload(marker)}, tmp_path / "evil.ckpt")
+    with pytest.raises(ModelFileError) as e:
+        load(tmp_path / "evil.ckpt")
+    message = one_sentence(e)
+    assert "holds pickled Python objects besides tensors" in message and "mkdir" in message
+    assert not os.path.exists(marker)
+    # the same through pickle protocol 0 in a legacy (non-zip) file
+    with open(tmp_path / "old.ckpt", "wb") as f:
+        pickle.dump(Payload(marker), f, protocol=2)
+    with pytest.raises(ModelFileError):
+        load(tmp_path / "old.ckpt")
+    assert not os.path.exists(marker)
+
+
+def test_ckpt_that_is_not_a_dict(tmp_path):
+    torch.save([torch.zeros(3)], tmp_path / "list.ckpt")
+    with pytest.raises(ModelFileError) as e:
+        load(tmp_path / "list.ckpt")
+    assert "holds a list, not a dictionary of tensors" in one_sentence(e)
+
+
+def with_unet_input(tensors, channels):
+    out = dict(tensors)
+    w = out["model.diffusion_model.input_blocks.0.0.weight"]
+    out["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(w.shape[0], channels, *w.shape[2:])
+    return out
+
+
+@pytest.mark.parametrize("kind,make", [
+    ("an SDXL checkpoint", lambda t: {**t, "conditioner.embedders.1.model.ln_final.weight": torch.ones(4)}),
+    ("an inpainting model", lambda t: with_unet_input(t, 9)),
+    ("an InstructPix2Pix model", lambda t: with_unet_input(t, 8)),
+    ("a LoRA, not a full model", lambda t: {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.ones(4, 4)}),
+    ("a standalone VAE", lambda t: {k.removeprefix("first_stage_model."): v for k, v in t.items() if k.startswith("first_stage_model.")}),
+    ("not a Stable Diffusion checkpoint", lambda t: {"weight": torch.ones(3)}),
+    ("a UNet without a text encoder", lambda t: {k: v for k, v in t.items() if not k.startswith("cond_stage_model.")}),
+])
+def test_unsupported_kinds_are_named(tiny, tmp_path, kind, make):
+    save_file(make(tiny[1]), tmp_path / "m.safetensors")
+    with pytest.raises(ModelFileError) as e:
+        load(tmp_path / "m.safetensors")
+    message = one_sentence(e)
+    assert kind in message and "not this kind yet" in message
+
+
+def test_unexpected_tensors_are_named(tiny, tmp_path):
+    tensors = {**tiny[1], "mystery.weight": torch.ones(2), "model.diffusion_model.extra.bias": torch.ones(2)}
+    save_file(tensors, tmp_path / "m.safetensors", metadata=tiny[2])
+    with pytest.raises(ModelFileError) as e:
+        load(tmp_path / "m.safetensors")
+    assert "mystery.weight" in one_sentence(e)
+    del tensors["mystery.weight"]
+    save_file(tensors, tmp_path / "m.safetensors", metadata=tiny[2])
+    with pytest.raises(ModelFileError) as e:
+        load(tmp_path / "m.safetensors")
+    assert "1 unexpected tensors (extra.bias)" in one_sentence(e)
+
+
+def test_missing_and_misshaped_tensors_are_named(tiny, tmp_path):
+    tensors = dict(tiny[1])
+    del tensors["model.diffusion_model.out.2.bias"]
+    tensors["model.diffusion_model.time_embed.0.weight"] = torch.zeros(3, 3)
+    save_file(tensors, tmp_path / "m.safetensors", metadata=tiny[2])
+    with pytest.raises(ModelFileError) as e:
+        load(tmp_path / "m.safetensors")
+    message = one_sentence(e)
+    assert "1 missing tensors (out.2.bias)" in message
+    assert "time_embed.0.weight is (3, 3), expected (128, 32)" in message
+
+
+def test_failed_write_leaves_the_old_file_and_no_debris(tiny, tmp_path, monkeypatch):
+    path = tmp_path / "model.safetensors"
+    save_single_file(tiny[0], path)
+    before = path.read_bytes()
+
+    def crash(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a file")
+        raise KeyboardInterrupt  # e.g. Ctrl-C in the middle of a save
+
+    monkeypatch.setattr(files, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_single_file(tiny[0], path)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["model.safetensors"]
