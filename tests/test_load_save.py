@@ -201,3 +201,33 @@ def test_lightning_ckpt_with_ema_optimizer_state_and_fp16(tmp_path, monkeypatch)
     assert model.version == "SD 1.x"
     assert torch.equal(model.unet.out[2].weight, pipe.unet.conv_out.weight.half().float())
     assert torch.equal(model.vae.decoder.conv_out.weight, pipe.vae.decoder.conv_out.weight.half().float())
+
+
+def test_loading_never_materializes_random_weights(saved, monkeypatch):
+    # Modules are built on the meta device and the file's tensors assigned: no init runs on real memory.
+    family, pipe, folder = saved
+    touched = []
+    for name in ("uniform_", "normal_", "kaiming_uniform_", "zeros_", "ones_"):
+        original = getattr(torch.nn.init, name)
+        def spy(tensor, *args, _original=original, **kwargs):
+            touched.append(tensor.device.type)
+            return _original(tensor, *args, **kwargs)
+        monkeypatch.setattr(torch.nn.init, name, spy)
+    model = load(folder)
+    assert touched and set(touched) == {"meta"}  # the spies saw the init, on meta tensors only
+    assert not any(p.is_meta for m in (model.unet, model.vae, model.text_encoder) for p in m.parameters())
+
+
+def test_save_only_the_trained_parts(saved, tmp_path):
+    # After DreamBooth only the UNet changed: rewrite just it into a folder that holds the rest.
+    family, pipe, folder = saved
+    model = load(folder)
+    save_diffusers(model, tmp_path / "out")
+    vae_file = tmp_path / "out" / "vae" / "diffusion_pytorch_model.safetensors"
+    vae_bytes = vae_file.read_bytes()
+    with torch.no_grad():
+        model.unet.out[2].bias.add_(1.0)
+    save_diffusers(model, tmp_path / "out", parts=("unet",))
+    assert vae_file.read_bytes() == vae_bytes
+    again = load(tmp_path / "out")
+    assert torch.equal(again.unet.out[2].bias, pipe.unet.conv_out.bias + 1.0)
