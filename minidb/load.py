@@ -84,9 +84,8 @@ def _fill(cls, cfg, tensors, dtype, device, what):
     wrong = [f"{k} is {tuple(tensors[k].shape)}, expected {tuple(v.shape)}"
              for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape]
     if missing or unexpected or wrong:
-        problems = [f"{n} missing tensors ({_few(missing)})" for n in [len(missing)] if n] + \
-                   [f"{n} unexpected tensors ({_few(unexpected)})" for n in [len(unexpected)] if n] + \
-                   [f"{len(wrong)} wrong shapes ({_few(wrong)})" for _ in [0] if wrong]
+        problems = [f"{len(keys)} {label} ({_few(keys)})" for label, keys in
+                    (("missing tensors", missing), ("unexpected tensors", unexpected), ("wrong shapes", wrong)) if keys]
         raise ModelFileError(f"The {what} does not match its architecture: {'; '.join(problems)}.")
     dtype = dtype or next(t.dtype for t in tensors.values() if t.is_floating_point())
     module.load_state_dict({k: tensors[k].to(device=device, dtype=dtype) for k in expected}, strict=True, assign=True)

@@ -98,15 +98,17 @@ def noise_like(x: torch.Tensor, generator: torch.Generator | None = None) -> tor
     return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
 
 
-class DDPMSampler(NoiseSchedule):
+class _Sampler(NoiseSchedule):
+    def set_timesteps(self, num_steps: int) -> None:
+        self.timesteps = leading_timesteps(num_steps)  # (num_steps,) int64, descending
+        self.step_ratio = NUM_TRAIN_TIMESTEPS // num_steps
+
+
+class DDPMSampler(_Sampler):
     """Ancestral sampling (Ho et al. 2020): each step draws x_s from the Gaussian posterior q(x_s | x_t, x̂_0).
 
     Equals diffusers' DDPMScheduler.from_config(SD's scheduler config): variance "fixed_small", no clipping.
     """
-
-    def set_timesteps(self, num_steps: int) -> None:
-        self.timesteps = leading_timesteps(num_steps)  # (num_steps,) int64, descending
-        self.step_ratio = NUM_TRAIN_TIMESTEPS // num_steps
 
     def step(self, model_output: torch.Tensor, t, x_t: torch.Tensor, generator: torch.Generator | None = None):
         """x_t -> x_s, where s is the next entry of self.timesteps; call set_timesteps(n) first."""
@@ -128,7 +130,7 @@ class DDPMSampler(NoiseSchedule):
         return mean + variance**0.5 * noise_like(model_output, generator)
 
 
-class DDIMSampler(NoiseSchedule):
+class DDIMSampler(_Sampler):
     """DDIM (Song et al. 2020): jump straight towards x̂_0 and re-noise with ε̂; eta=0 is deterministic.
 
     Equals diffusers' DDIMScheduler.from_config(SD's scheduler config) with step(..., eta=eta): no clipping,
@@ -140,10 +142,6 @@ class DDIMSampler(NoiseSchedule):
         if eta < 0:
             raise ValueError(f"eta must be 0 (deterministic DDIM) or positive, not {eta}.")
         self.eta = eta
-
-    def set_timesteps(self, num_steps: int) -> None:
-        self.timesteps = leading_timesteps(num_steps)  # (num_steps,) int64, descending
-        self.step_ratio = NUM_TRAIN_TIMESTEPS // num_steps
 
     def step(self, model_output: torch.Tensor, t, x_t: torch.Tensor, generator: torch.Generator | None = None):
         """x_t -> x_s with s = t − 1000 // n; call set_timesteps(n) first."""
