@@ -98,13 +98,29 @@ def noise_like(x: torch.Tensor, generator: torch.Generator | None = None) -> tor
     return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
 
 
-class _Sampler(NoiseSchedule):
+class Sampler(NoiseSchedule):
+    """What the sampling loop sees of every sampler:
+
+        sampler.set_timesteps(n)
+        x = noise * sampler.init_noise_sigma
+        for t in sampler.timesteps:
+            x = sampler.step(unet(sampler.scale_model_input(x, t), t, context), t, x, generator)
+
+    DDPM and DDIM work on x_t itself, so the scaling is the identity. Samplers that work on
+    x / √ᾱ_t instead (Euler, DPM-Solver; minidb/samplers.py) override both.
+    """
+
+    init_noise_sigma = 1.0
+
     def set_timesteps(self, num_steps: int) -> None:
         self.timesteps = leading_timesteps(num_steps)  # (num_steps,) int64, descending
         self.step_ratio = NUM_TRAIN_TIMESTEPS // num_steps
 
+    def scale_model_input(self, x: torch.Tensor, t) -> torch.Tensor:
+        return x
 
-class DDPMSampler(_Sampler):
+
+class DDPMSampler(Sampler):
     """Ancestral sampling (Ho et al. 2020): each step draws x_s from the Gaussian posterior q(x_s | x_t, x̂_0).
 
     Equals diffusers' DDPMScheduler.from_config(SD's scheduler config): variance "fixed_small", no clipping.
@@ -130,7 +146,7 @@ class DDPMSampler(_Sampler):
         return mean + variance**0.5 * noise_like(model_output, generator)
 
 
-class DDIMSampler(_Sampler):
+class DDIMSampler(Sampler):
     """DDIM (Song et al. 2020): jump straight towards x̂_0 and re-noise with ε̂; eta=0 is deterministic.
 
     Equals diffusers' DDIMScheduler.from_config(SD's scheduler config) with step(..., eta=eta): no clipping,
