@@ -195,19 +195,24 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(ch, ch, 3, padding=1)
 
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(self, x, size):
+        # Usually size = 2x the input. For latents whose side is not a multiple of 8 (e.g. 520 px
+        # -> 65) the way down rounded up (65 -> 33), so we upsample to the skip's size (33 -> 65),
+        # as diffusers does; the original code only accepted multiples of 8.
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
 
 
 class Block(nn.Sequential):
     """One row of the table; hands each layer the input it needs (ldm: TimestepEmbedSequential)."""
 
-    def forward(self, x, emb, context):
+    def forward(self, x, emb, context, size=None):
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, size)
             else:
                 x = layer(x)
         return x
@@ -261,5 +266,6 @@ class UNet(nn.Module):
             skips.append(h)
         h = self.middle_block(h, emb, context)
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)  # (B, C + C_skip, H, W)
+            h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, H, W)
+            h = block(h, emb, context, size=skips[-1].shape[-2:] if skips else None)  # size: for Upsample
         return self.out(h)

@@ -37,12 +37,14 @@ def test_unet_matches_diffusers(family):
             assert_close(ours(x, t, ctx), ref(x, t, ctx).sample)
 
 
-def test_unet_odd_latent_size_matches_diffusers():
-    # 24x40 latents: not square, and not a power of two
+@pytest.mark.parametrize("h,w", [(24, 40), (13, 9)])
+def test_unet_odd_latent_size_matches_diffusers(h, w):
+    # 24x40: not square; 13x9: not a multiple of the UNet's downsampling, so the way up must
+    # upsample to the skip connections' sizes (images of 104x72 px)
     cfg = TINY_UNET["SD 1.x"]
     ref = diffusers_unet(cfg, seed=3)
     ours = unet_twin(ref, cfg)
-    x, ctx = torch.randn(1, 4, 24, 40), torch.randn(1, 77, cfg.context_dim)
+    x, ctx = torch.randn(1, 4, h, w), torch.randn(1, 77, cfg.context_dim)
     with torch.no_grad():
         assert_close(ours(x, torch.tensor([250]), ctx), ref(x, torch.tensor([250]), ctx).sample)
 
