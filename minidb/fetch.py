@@ -1,0 +1,179 @@
+"""Download the Stable Diffusion 1.5 weights, resumably and checked: `python -m minidb.fetch`.
+
+minidb never downloads anything on its own; this is the one command that does, and only when asked.
+By default it fetches `v1-5-pruned-emaonly.safetensors` (4.27 GB) into weights/, the default
+--model of sample.py and train.py. weights/README.md lists the other checkpoints that work.
+
+Why plain urllib and not huggingface_hub: the file is public, so one HTTP GET is all it takes, and a
+Range header is all that resuming takes. The standard library does both without another dependency,
+and the code below is the whole story.
+
+How a download goes:
+  1. bytes go to `<out>.part`; the final name appears only once the file is complete and verified;
+  2. if a .part file is there, ask only for the rest (`Range: bytes=N-`); a server that ignores the
+     Range header answers 200 with the whole file, and then we start again from zero;
+  3. once all bytes are there, the sha256 of the whole .part file is computed from disk (so the kept
+     prefix is checked too); on a match the file is renamed to its final name (atomic: same
+     folder), on a mismatch it is deleted.
+"""
+
+import argparse
+import hashlib
+import http.client
+import os
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse
+
+from tqdm import tqdm
+
+WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
+DEFAULT_URL = ("https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5/resolve/main/"
+               "v1-5-pruned-emaonly.safetensors")
+# The Git LFS object id of the file on Hugging Face; AUTOMATIC1111 shows its first ten digits, 6ce0161689.
+DEFAULT_SHA256 = "6ce0161689b3853acaa03779ec93eafe75a02f4ced659bee03f50797806fa2fa"
+DEFAULT_MODEL = WEIGHTS / "v1-5-pruned-emaonly.safetensors"
+CHUNK = 1 << 20  # bytes read and hashed at a time
+TIMEOUT = 60  # seconds without a byte before we give up (the .part file stays for resuming)
+
+
+class FetchError(Exception):
+    """A download that did not end with a verified file. The message is one sentence for the user."""
+
+
+def how_to_get_weights(path=DEFAULT_MODEL):
+    """The one sentence to print when --model is missing: how to download it, or what else to pass."""
+    command = "python -m minidb.fetch" + ("" if Path(path) == DEFAULT_MODEL else f" --out {path}")
+    return (f"There is no model at {path}; run `{command}` to download Stable Diffusion 1.5 there "
+            "(4.27 GB), or pass --model a diffusers folder or a .safetensors / .ckpt file you have "
+            "(weights/README.md lists the ones that work).")
+
+
+def part_path(out):
+    return Path(out).with_name(Path(out).name + ".part")
+
+
+def fetch(url=DEFAULT_URL, sha256=DEFAULT_SHA256, out=DEFAULT_MODEL, progress=True):
+    """Download url to out unless out is already there with this sha256. Returns out."""
+    out, part, sha256 = Path(out), part_path(out), sha256.lower()
+    if out.exists():
+        digest = file_sha256(out, progress, f"checking {out.name}")
+        if digest != sha256:
+            raise FetchError(f"{out} already exists but its sha256 is {digest}, not {sha256}; "
+                             "move it away or delete it, then run again.")
+        print(f"{out} is already there, with the right sha256; nothing to do.")
+        return out
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    have = part.stat().st_size if part.exists() else 0
+    response = _open(url, out, have)
+    if response is not None:  # None: the server says the .part file already holds the whole file
+        _download(response, part, have, progress, out.name)
+
+    digest = file_sha256(part, progress, f"checking {out.name}")
+    if digest != sha256:
+        part.unlink()
+        raise FetchError(f"The file downloaded from {url} has sha256 {digest}, not {sha256}, so it was "
+                         "deleted; check the --sha256 value, or run again if the server changed it.")
+    os.replace(part, out)
+    print(f"saved {out} (sha256 verified)")
+    return out
+
+
+def _open(url, out, have):
+    """Send the GET (asking for bytes have.. when resuming) -> the response, or None on HTTP 416."""
+    try:
+        request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+        return urllib.request.urlopen(request, timeout=TIMEOUT)
+    except urllib.error.HTTPError as e:
+        # 416 Range Not Satisfiable: we asked to start at or past the end, so the .part file is
+        # complete (or too long, which the checksum will catch).
+        if e.code == 416 and have:
+            return None
+        raise FetchError(_by_hand(url, out, f"the server answered HTTP {e.code} {e.reason}")) from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+        reason = getattr(e, "reason", None) or e
+        raise FetchError(_by_hand(url, out, f"the server could not be reached ({reason})")) from None
+    except ValueError as e:  # urllib's word for a malformed address
+        raise FetchError(f"{url} is not an address that can be downloaded ({e}); give an https:// URL.") from None
+
+
+def _download(response, part, have, progress, name):
+    """Write the body to part: appended when the server sent the rest (206), from zero when it
+    ignored the Range header and sent the whole file (200)."""
+    if response.status != 206:
+        have = 0
+    size = response.headers.get("Content-Length")
+    total = have + int(size) if size is not None else None
+    if have:
+        print(f"resuming {part} at byte {have:,}")
+    with response, open(part, "ab" if have else "wb") as f, tqdm(
+            total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024, desc=name,
+            disable=not progress) as bar:
+        try:
+            while chunk := response.read1(CHUNK):  # read1: what has arrived, up to CHUNK bytes
+                f.write(chunk)
+                f.flush()  # on disk at once, so even a killed process can resume from here
+                have += len(chunk)
+                bar.update(len(chunk))
+        except (OSError, http.client.HTTPException) as e:  # connection reset, timeout, ...
+            raise FetchError(f"The download stopped at byte {have} ({e}); {part} is kept, "
+                             "so run the same command again to resume.") from None
+    if total is not None and have < total:  # the server closed the connection early
+        raise FetchError(f"The download stopped at byte {have} of {total}; {part} is kept, "
+                         "so run the same command again to resume.")
+
+
+def file_sha256(path, progress=False, desc=None):
+    """The sha256 of a file, read in chunks so that a 5 GB file costs no memory."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f, tqdm(total=os.path.getsize(path), unit="B", unit_scale=True,
+                                     unit_divisor=1024, desc=desc, disable=not progress) as bar:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+            bar.update(len(chunk))
+    return h.hexdigest()
+
+
+def _by_hand(url, out, what):
+    return (f"Could not download {url}: {what}; open that address in a browser (logged in to Hugging "
+            f"Face if the model asks for it) and save the file as {out}.")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m minidb.fetch", description=__doc__.splitlines()[0],
+        epilog=f"Without a network, download {DEFAULT_URL} in a browser and save it as {DEFAULT_MODEL}. "
+               "An interrupted download resumes when you run the same command again.")
+    parser.add_argument("--url", default=DEFAULT_URL, help="what to download (default: SD 1.5, %(default)s)")
+    parser.add_argument("--sha256", default=None,
+                        help="the file's expected sha256; required with --url (default: SD 1.5's)")
+    parser.add_argument("--out", default=None,
+                        help=f"where to save it (default: {WEIGHTS}/ and the file name from the URL)")
+    args = parser.parse_args(argv)
+    if args.sha256 is None:
+        if args.url != DEFAULT_URL:
+            parser.error("--url needs --sha256 too, so that the download can be verified")
+        args.sha256 = DEFAULT_SHA256
+    if len(args.sha256) != 64 or any(c not in "0123456789abcdefABCDEF" for c in args.sha256):
+        parser.error(f"--sha256 must be 64 hexadecimal digits, not {args.sha256!r}")
+    out = Path(args.out) if args.out else WEIGHTS / Path(urlparse(args.url).path).name
+    try:
+        fetch(args.url, args.sha256, out)
+    except FetchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the disk side: a folder we cannot create, a file we cannot write
+        print(f"error: {e.filename or out}: {e.strerror}; choose another --out.", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        kept = f": {part_path(out)} is kept; run the same command again to resume" if part_path(out).exists() else ""
+        print(f"\ninterrupted{kept}.", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""`python -m minidb.fetch`: download, resume, verify, and fail with one clear sentence.
+
+Every test starts its own HTTP server on 127.0.0.1 serving a few hundred KB of random bytes, with
+Range support written out in the handler below, so nothing here touches the network.
+"""
+
+import hashlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from minidb.fetch import DEFAULT_MODEL, FetchError, fetch, how_to_get_weights, part_path
+
+ROOT = Path(__file__).resolve().parent.parent
+BODY = os.urandom(300_000)  # fixed for the session; a new random file each run
+SHA = hashlib.sha256(BODY).hexdigest()
+
+
+class Server:
+    """Serves BODY at /model.safetensors and records the Range header of every request (None if absent).
+    ignore_range: answer 200 with the whole body, as some servers do. drop_after: on the first request
+    only, send that many bytes of the body and then close the connection. stall_after: on the first
+    request only, send that many bytes and then hang until the test ends."""
+
+    def __init__(self, ignore_range=False, drop_after=None, stall_after=None):
+        self.ignore_range, self.drop_after, self.stall_after, self.ranges = ignore_range, drop_after, stall_after, []
+        self.release = threading.Event()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                server.answer(self)
+
+            def log_message(self, *args):  # keep the test output clean
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}/model.safetensors"
+        threading.Thread(target=self.httpd.serve_forever, args=(0.01,), daemon=True).start()  # quick shutdown
+
+    def answer(self, h):
+        if h.path != "/model.safetensors":
+            h.send_error(404)
+            return
+        asked = h.headers.get("Range")
+        self.ranges.append(asked)
+        start = 0
+        if asked and not self.ignore_range:
+            start = int(re.fullmatch(r"bytes=(\d+)-", asked)[1])
+            if start >= len(BODY):
+                h.send_response(416)
+                h.send_header("Content-Range", f"bytes */{len(BODY)}")
+                h.send_header("Content-Length", "0")
+                h.end_headers()
+                return
+            h.send_response(206)
+            h.send_header("Content-Range", f"bytes {start}-{len(BODY) - 1}/{len(BODY)}")
+        else:
+            h.send_response(200)
+        data = BODY[start:]
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        if self.drop_after is not None:
+            data, self.drop_after = data[:self.drop_after], None
+            h.close_connection = True
+        if self.stall_after is not None:
+            h.wfile.write(data[:self.stall_after])
+            h.wfile.flush()
+            data, self.stall_after = b"", None
+            self.release.wait(timeout=30)
+        h.wfile.write(data)
+
+
+@pytest.fixture
+def serve():
+    servers = []
+
+    def start(**kwargs):
+        servers.append(Server(**kwargs))
+        return servers[-1]
+    yield start
+    for s in servers:
+        s.release.set()
+        s.httpd.shutdown()
+        s.httpd.server_close()
+
+
+@pytest.fixture(autouse=True)
+def no_proxy(monkeypatch):
+    monkeypatch.setenv("no_proxy", "*")  # a proxy set in the environment must not see 127.0.0.1
+
+
+def closed_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nobody listens there once the socket is closed
+
+
+def test_full_download(serve, tmp_path):
+    server, out = serve(), tmp_path / "w" / "model.safetensors"
+    assert fetch(server.url, SHA, out, progress=False) == out
+    assert out.read_bytes() == BODY
+    assert not part_path(out).exists() and server.ranges == [None]
+
+
+def test_resumes_after_a_dropped_connection(serve, tmp_path):
+    server, out = serve(drop_after=100_000), tmp_path / "model.safetensors"
+    with pytest.raises(FetchError, match="stopped at byte 100000 of 300000.*run the same command again"):
+        fetch(server.url, SHA, out, progress=False)
+    assert part_path(out).read_bytes() == BODY[:100_000] and not out.exists()
+
+    fetch(server.url, SHA, out, progress=False)
+    assert server.ranges == [None, "bytes=100000-"]
+    assert out.read_bytes() == BODY and not part_path(out).exists()
+
+
+def test_resumes_a_partial_file(serve, tmp_path):
+    server, out = serve(), tmp_path / "model.safetensors"
+    part_path(out).write_bytes(BODY[:123_456])
+    fetch(server.url, SHA, out, progress=False)
+    assert server.ranges == ["bytes=123456-"] and out.read_bytes() == BODY
+
+
+def test_complete_part_file_answered_416(serve, tmp_path):
+    server, out = serve(), tmp_path / "model.safetensors"
+    part_path(out).write_bytes(BODY)
+    fetch(server.url, SHA, out, progress=False)
+    assert server.ranges == [f"bytes={len(BODY)}-"] and out.read_bytes() == BODY
+
+
+def test_server_that_ignores_range_starts_over(serve, tmp_path):
+    server, out = serve(ignore_range=True), tmp_path / "model.safetensors"
+    part_path(out).write_bytes(b"x" * 50_000)  # not a prefix of BODY: appending to it would fail the checksum
+    fetch(server.url, SHA, out, progress=False)
+    assert server.ranges == ["bytes=50000-"] and out.read_bytes() == BODY
+
+
+def test_checksum_mismatch_deletes_the_download(serve, tmp_path):
+    server, out = serve(), tmp_path / "model.safetensors"
+    wrong = hashlib.sha256(b"another file").hexdigest()
+    with pytest.raises(FetchError, match=f"has sha256 {SHA}, not {wrong}, so it was deleted"):
+        fetch(server.url, wrong, out, progress=False)
+    assert not part_path(out).exists() and not out.exists()
+
+
+def test_unreachable_server_says_how_to_get_the_file_by_hand(tmp_path):
+    url, out = f"http://127.0.0.1:{closed_port()}/model.safetensors", tmp_path / "model.safetensors"
+    with pytest.raises(FetchError) as e:
+        fetch(url, SHA, out, progress=False)
+    message = str(e.value)
+    assert "could not be reached" in message and "open that address in a browser" in message
+    assert url in message and f"save the file as {out}." in message
+
+
+def test_http_error_says_how_to_get_the_file_by_hand(serve, tmp_path):
+    url, out = serve().url.replace("model", "missing"), tmp_path / "model.safetensors"
+    with pytest.raises(FetchError, match=r"HTTP 404 .*save the file as"):
+        fetch(url, SHA, out, progress=False)
+    assert not out.exists()
+
+
+def test_present_file_with_right_checksum_makes_no_request(serve, tmp_path, capsys):
+    server, out = serve(), tmp_path / "model.safetensors"
+    out.write_bytes(BODY)
+    fetch(server.url, SHA, out, progress=False)
+    assert server.ranges == [] and "already there" in capsys.readouterr().out
+
+
+def test_present_file_with_wrong_checksum_is_left_alone(serve, tmp_path):
+    server, out = serve(), tmp_path / "model.safetensors"
+    out.write_bytes(b"someone else's file")
+    with pytest.raises(FetchError, match="already exists but its sha256 is"):
+        fetch(server.url, SHA, out, progress=False)
+    assert server.ranges == [] and out.read_bytes() == b"someone else's file"
+
+
+def test_advice_when_the_default_model_is_missing():
+    advice = how_to_get_weights()
+    assert f"There is no model at {DEFAULT_MODEL}; run `python -m minidb.fetch` to download" in advice
+    assert "pass --model a diffusers folder" in advice and "\n" not in advice
+    assert "`python -m minidb.fetch --out x.safetensors`" in how_to_get_weights("x.safetensors")
+
+
+def run(*args):
+    env = {**os.environ, "no_proxy": "*"}
+    return subprocess.run([sys.executable, "-m", "minidb.fetch", *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_cli(serve, tmp_path):
+    server, out = serve(), tmp_path / "sub" / "model.safetensors"
+    r = run("--url", server.url, "--sha256", SHA.upper(), "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes() == BODY and "sha256 verified" in r.stdout
+
+    r = run("--url", f"http://127.0.0.1:{closed_port()}/m.safetensors", "--sha256", SHA, "--out", tmp_path / "m")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert r.stderr.startswith("error: Could not download") and "Traceback" not in r.stderr
+
+    r = run("--url", server.url)  # a URL without its checksum is refused before anything is fetched
+    assert r.returncode == 2 and "--url needs --sha256" in r.stderr and server.ranges == [None]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="sends SIGINT")
+def test_ctrl_c_keeps_the_part_file_for_resuming(serve, tmp_path):
+    server, out = serve(stall_after=70_000), tmp_path / "model.safetensors"
+    cmd = [sys.executable, "-m", "minidb.fetch", "--url", server.url, "--sha256", SHA, "--out", out]
+    # SIG_DFL: Python turns SIGINT into KeyboardInterrupt only where it is not ignored (as it is in background jobs).
+    p = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "no_proxy": "*"}, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 30
+    while not (part_path(out).exists() and part_path(out).stat().st_size == 70_000) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 130 and f"{part_path(out)} is kept; run the same command again" in err
+    assert "Traceback" not in err and part_path(out).read_bytes() == BODY[:70_000]
+
+    assert run("--url", server.url, "--sha256", SHA, "--out", out).returncode == 0
+    assert server.ranges == [None, "bytes=70000-"] and out.read_bytes() == BODY
