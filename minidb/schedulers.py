@@ -106,8 +106,8 @@ class Sampler(NoiseSchedule):
         for t in sampler.timesteps:
             x = sampler.step(unet(sampler.scale_model_input(x, t), t, context), t, x, generator)
 
-    DDPM and DDIM work on x_t itself, so the scaling is the identity. Samplers that work on
-    x / √ᾱ_t instead (Euler, DPM-Solver; minidb/samplers.py) override both.
+    DDPM and DDIM (and DPM-Solver++) work on x_t itself, so the scaling is the identity. The Euler
+    samplers work on x / √ᾱ_t and start from noise of std σ_max (minidb/samplers.py): they override both.
     """
 
     init_noise_sigma = 1.0

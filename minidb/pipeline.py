@@ -1,0 +1,100 @@
+"""Text to image: the sampling loop of Stable Diffusion with classifier-free guidance.
+
+    prompt -> tokenizer -> text encoder -> context (B, 77, C)
+    noise z_T ~ N(0, I) of shape (n, 4, H/8, W/8), from a CPU generator seeded with `seed`
+    for t in sampler.timesteps:
+        ε_u, ε_c = UNet([z_t, z_t], t, [context("negative prompt"), context(prompt)])
+        ε = ε_u + g (ε_c − ε_u)                                  (Ho & Salimans 2022, arXiv 2207.12598)
+        z_{t-1} = sampler.step(ε, t, z_t)
+    image = VAE.decode(z_0 / 0.18215)
+
+Every choice that changes the pixels follows diffusers' StableDiffusionPipeline, so that the same
+seed and settings give the same picture: the noise is drawn on the CPU in float32 for the whole batch
+at once, the unconditional half comes first, guidance is skipped when g <= 1, and samplers draw their
+own noise from the same generator.
+"""
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from minidb.samplers import DPMSolverPP2MSampler, EulerAncestralSampler, EulerSampler
+from minidb.schedulers import DDIMSampler, DDPMSampler
+from minidb.vae import LATENT_SCALE
+
+SAMPLERS = {"ddim": DDIMSampler, "ddpm": DDPMSampler, "euler": EulerSampler, "euler-a": EulerAncestralSampler,
+            "dpmpp-2m": DPMSolverPP2MSampler}
+# The names AUTOMATIC1111 shows, for the PNG metadata.
+SAMPLER_NAMES = {"ddim": "DDIM", "ddpm": "DDPM", "euler": "Euler", "euler-a": "Euler a", "dpmpp-2m": "DPM++ 2M"}
+
+
+@torch.no_grad()
+def encode_prompt(model, prompts):
+    """Prompts -> (B, 77, C) context on the text encoder's device and dtype."""
+    p = next(model.text_encoder.parameters())
+    return model.text_encoder(model.tokenizer(prompts).to(p.device))
+
+
+def initial_noise(n, height, width, seed, channels=4, factor=8):
+    """The starting latents, drawn as diffusers users expect for a given seed (see DESIGN.md):
+    one CPU generator, float32, the whole batch in one call. Returns the generator too, since
+    stochastic samplers keep drawing from it."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    return torch.randn((n, channels, height // factor, width // factor), generator=generator), generator
+
+
+@torch.no_grad()
+def sample_latents(model, prompt, negative_prompt="", n=1, steps=50, guidance=7.5, seed=0, height=512, width=512,
+                   sampler="ddim", progress=True):
+    """Run the denoising loop; returns the final latents (n, 4, H/8, W/8), still scaled by 0.18215."""
+    p = next(model.unet.parameters())
+    context = encode_prompt(model, [prompt]).expand(n, -1, -1)  # one encoding serves every image
+    guide = guidance > 1  # as diffusers: at g <= 1 the unconditional pass would change nothing
+    if guide:
+        context = torch.cat([encode_prompt(model, [negative_prompt]).expand(n, -1, -1), context])  # (2n, 77, C)
+    context = context.to(p.dtype)
+
+    solver = SAMPLERS[sampler](model.prediction_type)
+    solver.set_timesteps(steps)
+    factor = 2 ** (len(model.vae.cfg.ch_mult) - 1)
+    noise, generator = initial_noise(n, height, width, seed, model.unet.cfg.in_channels, factor)
+    x = (noise * solver.init_noise_sigma).to(p.device, p.dtype)
+
+    for t in tqdm(solver.timesteps, desc="denoising", disable=not progress, leave=False):
+        x_in = solver.scale_model_input(torch.cat([x, x]) if guide else x, t)
+        out = model.unet(x_in, t, context)
+        if guide:
+            uncond, cond = out.chunk(2)
+            out = uncond + guidance * (cond - uncond)
+        x = solver.step(out, t, x, generator)
+    return x
+
+
+@torch.no_grad()
+def decode(model, latents):
+    """Latents -> list of PIL images, one VAE call per image to bound memory."""
+    p = next(model.vae.parameters())
+    images = []
+    for z in latents:
+        image = model.vae.decode((z[None] / LATENT_SCALE).to(p.device, p.dtype))[0]  # (3, H, W) in ~[-1, 1]
+        image = (image.float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+        images.append(Image.fromarray((image * 255).round().astype(np.uint8)))
+    return images
+
+
+def generate(model, prompt, **kwargs):
+    """sample_latents + decode: the whole text-to-image pipeline. Returns (images, latents)."""
+    latents = sample_latents(model, prompt, **kwargs)
+    return decode(model, latents), latents
+
+
+def grid(images):
+    """Tile images into a near-square grid."""
+    cols = int(np.ceil(np.sqrt(len(images))))
+    rows = int(np.ceil(len(images) / cols))
+    w, h = images[0].size
+    sheet = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, image in enumerate(images):
+        sheet.paste(image, ((i % cols) * w, (i // cols) * h))
+    return sheet
