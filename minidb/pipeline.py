@@ -89,9 +89,9 @@ def generate(model, prompt, **kwargs):
     return decode(model, latents), latents
 
 
-def grid(images):
-    """Tile images into a near-square grid."""
-    cols = int(np.ceil(np.sqrt(len(images))))
+def grid(images, cols=None):
+    """Tile images into a grid, near-square unless `cols` is given."""
+    cols = cols or int(np.ceil(np.sqrt(len(images))))
     rows = int(np.ceil(len(images) / cols))
     w, h = images[0].size
     sheet = Image.new("RGB", (cols * w, rows * h), "white")

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+from torch.utils.checkpoint import checkpoint
 
 from minidb.attention import attention
 
@@ -98,10 +99,14 @@ class Encoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.layers))
+        self.gradient_checkpointing = False  # training switch: recompute activations in backward
 
     def forward(self, x):
         for layer in self.layers:
-            x = layer(x)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, x, use_reentrant=False)
+            else:
+                x = layer(x)
         return x
 
 

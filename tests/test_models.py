@@ -113,3 +113,16 @@ def test_unknown_attention_backend_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("MINIDB_ATTENTION", "flashy")
     with pytest.raises(ValueError, match="MINIDB_ATTENTION='flashy' is not a backend"):
         attention(*(torch.randn(1, 1, 4, 8) for _ in range(3)))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    cfg = TINY_UNET["SD 2.x"]
+    ours = unet_twin(diffusers_unet(cfg), cfg).train()
+    x, ctx, t = torch.randn(2, 4, 12, 12), torch.randn(2, 77, cfg.context_dim), torch.tensor([3, 700])
+    grads = []
+    for flag in (False, True):
+        ours.zero_grad()
+        ours.gradient_checkpointing = flag
+        ours(x, t, ctx).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in ours.parameters()]))
+    assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-7)

@@ -1,0 +1,321 @@
+"""DreamBooth: teach a Stable Diffusion model one subject from a few photos.
+
+    python train.py --images ./dog --class dog
+
+The subject is named by a rare token [V] (printed at start); afterwards "a photo of [V] dog on the
+beach" draws *this* dog. To keep "a dog" meaning any dog, every step also trains on images the
+frozen model drew for "a photo of a dog" (the class-specific prior-preservation loss).
+
+The run writes into --out: checkpoints/ (resumable with --resume), validation/ grids, log.jsonl,
+loss.png, and at the end the personalized model as a diffusers folder (model/) and as one
+original-layout file (model.safetensors), for sample.py, diffusers, AUTOMATIC1111 and ComfyUI.
+"""
+
+import argparse
+import json
+import random
+import signal
+import sys
+import tempfile
+import time
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from minidb.data import DataError, load_images
+from minidb.dreambooth import (class_prior, dreambooth_loss, latest_state, load_state, min_snr_weights,
+                               pick_identifier, plot_losses, save_state)
+from minidb.fetch import DEFAULT_MODEL, how_to_get_weights
+from minidb.files import ModelFileError, atomic_write, replace_folder
+from minidb.load import load
+from minidb.pipeline import SAMPLERS, decode, grid, sample_latents
+from minidb.save import save_diffusers, save_single_file
+from minidb.schedulers import NUM_TRAIN_TIMESTEPS, NoiseSchedule
+from minidb.vae import LATENT_SCALE
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--images", required=True, help="folder with 3-5 photos of the subject (JPEG, PNG or WebP)")
+    a("--class", dest="class_name", required=True, help="what the subject is, e.g. dog, backpack")
+    a("--model", default=str(DEFAULT_MODEL), help="base model: a diffusers folder or a .safetensors/.ckpt file")
+    a("--out", default="runs/dreambooth", help="output folder; must be new or empty unless --resume")
+    a("--identifier", default=None, help="the subject's token [V] (default: a rare CLIP token of <= 3 letters)")
+    a("--instance-prompt", default=None, help="caption of the subject photos (default: 'a photo of [V] CLASS')")
+    a("--class-prompt", default=None, help="prompt of the prior images (default: 'a photo of CLASS')")
+    a("--steps", type=int, default=800, help="training steps (the paper's SD recipe: 800-1000)")
+    a("--lr", type=float, default=5e-6, help="UNet learning rate, constant after warmup")
+    a("--warmup-steps", type=int, default=0, help="linear learning-rate warmup")
+    a("--resolution", type=int, default=None, help="training size in pixels (default: the model's, 512 or 768)")
+    a("--flip", action="store_true", help="also train on mirrored copies of the photos")
+    a("--prior-weight", type=float, default=1.0, help="λ, the weight of the prior-preservation loss; 0 turns it off")
+    a("--class-images", type=int, default=200, help="how many prior images the frozen model draws")
+    a("--class-dir", default=None, help="use your own class photos from this folder instead of drawing them")
+    a("--class-cache", default=str(Path.home() / ".cache" / "minidb" / "class-prior"),
+      help="where drawn prior images are cached as latents, shared between runs")
+    a("--sample-steps", type=int, default=50, help="DDIM steps for prior and validation images")
+    a("--train-text-encoder", action="store_true", help="fine-tune the text encoder too")
+    a("--text-encoder-lr", type=float, default=None, help="text encoder learning rate (default: --lr)")
+    a("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
+      help="autocast the UNet (default: bf16 on CUDA GPUs that support it, else fp16; no on the CPU)")
+    a("--gradient-checkpointing", action="store_true", help="recompute activations: less memory, ~30%% slower")
+    a("--use-8bit-adam", action="store_true", help="bitsandbytes' 8-bit AdamW (CUDA only), saves ~5 GB")
+    a("--snr-gamma", type=float, default=None, help="min-SNR loss weighting with this γ (5 is typical); off by default")
+    a("--offset-noise", type=float, default=0.0, help="add per-channel offset noise of this scale (0.1 is typical)")
+    a("--save-every", type=int, default=0, help="write a resumable checkpoint every N steps (0: only at the end)")
+    a("--validate-every", type=int, default=0, help="draw validation images every N steps (0: only at the end)")
+    a("--save-dtype", choices=["fp16", "fp32"], default="fp16", help="dtype of the exported model")
+    a("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    a("--seed", type=int, default=0, help="seed for everything random; same seed, same run (bitwise, on the CPU)")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p.parse_args(argv)
+
+
+def check(args):
+    """Problems found before any work starts, as one sentence; None if all is well."""
+    if not Path(args.model).exists():
+        return how_to_get_weights() if Path(args.model) == Path(DEFAULT_MODEL) else \
+            f"No model at {args.model}: pass a diffusers folder or a .safetensors / .ckpt file to --model."
+    if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
+        return f"--resolution must be a positive multiple of 8, not {args.resolution}."
+    if args.steps < 1 or args.lr <= 0 or args.class_images < 0 or args.prior_weight < 0:
+        return "--steps and --lr must be positive, and --class-images and --prior-weight not negative."
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        return "--device cuda was asked for, but PyTorch sees no CUDA GPU; use --device cpu."
+    if args.mixed_precision == "fp16" and not args.device.startswith("cuda"):
+        return "--mixed-precision fp16 needs a CUDA GPU; on the CPU use no or bf16."
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            return "--use-8bit-adam needs bitsandbytes (pip install bitsandbytes, CUDA only); or leave the flag off."
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.resume:
+        return f"--out {out} already holds files; pass --resume to continue that run, or choose a new folder."
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as e:
+        return f"Cannot write to --out {out} ({e.strerror}); choose another folder."
+    if args.resume and latest_state(out / "checkpoints") is None:
+        return f"--resume found no checkpoint in {out / 'checkpoints'}; start without --resume."
+    return None
+
+
+def fail(message, code=2):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    problem = check(args)
+    if problem:
+        fail(problem)
+    out, device = Path(args.out), torch.device(args.device)
+    precision = args.mixed_precision or ("no" if device.type == "cpu" else
+                                         "bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+                if precision != "no" else nullcontext())
+    torch.manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)  # every training draw comes from here, on the CPU
+
+    # ---- setup: model, identifier, data ----
+    try:
+        model = load(args.model, dtype=torch.float32, device=device)  # fp32 master weights
+        resolution = args.resolution or model.resolution
+        images = load_images(args.images, resolution, flip=args.flip)[0]
+        class_photos = load_images(args.class_dir, resolution)[0] if args.class_dir and args.prior_weight else None
+    except (ModelFileError, DataError) as e:
+        fail(e)
+    identifier = args.identifier or pick_identifier(model.tokenizer, random.Random(args.seed))
+    instance_prompt = args.instance_prompt or f"a photo of {identifier} {args.class_name}"
+    class_prompt = args.class_prompt or f"a photo of {args.class_name}"
+    print(f"identifier: {identifier}\ninstance prompt: {instance_prompt!r}\nclass prompt: {class_prompt!r}\n"
+          f"{len(images)} subject images at {resolution}px, {model.version} ({model.prediction_type}), "
+          f"{device}, mixed precision {precision}")
+    settings = {**vars(args), "identifier": identifier, "instance_prompt": instance_prompt,
+                "class_prompt": class_prompt, "resolution": resolution, "mixed_precision": precision,
+                "base_version": model.version, "prediction_type": model.prediction_type}
+
+    for module in (model.vae, model.text_encoder, model.unet):
+        module.requires_grad_(False)  # frozen unless chosen below
+
+    @torch.no_grad()
+    def encode(pixels):  # the VAE is frozen: encode each photo once, keep its Gaussian (mean, std)
+        posts = [model.vae.encode(p[None].to(device)) for p in pixels]
+        return torch.cat([q.mean for q in posts]).cpu(), torch.cat([q.std for q in posts]).cpu()
+
+    instance_mean, instance_std = encode(images)
+    n_prior = 0
+    if args.prior_weight > 0:
+        if class_photos is not None:
+            prior_mean, prior_std = encode(class_photos)
+        else:
+            with autocast:
+                prior_mean = class_prior(model, args.model, class_prompt, args.class_images, resolution, "ddim",
+                                         args.sample_steps, 7.5, args.seed, args.class_cache).cpu().float()
+            prior_mean, prior_std = prior_mean / LATENT_SCALE, torch.zeros_like(prior_mean)  # drawn latents are exact
+        n_prior = len(prior_mean)
+    ids = model.tokenizer([instance_prompt, class_prompt]).to(device)
+    if not args.train_text_encoder:
+        with torch.no_grad():
+            cached_context = model.text_encoder(ids)  # (2, 77, C): instance, class
+
+    # ---- what trains, and how ----
+    trained = {"unet": model.unet}
+    model.unet.requires_grad_(True).train()
+    model.unet.gradient_checkpointing = args.gradient_checkpointing
+    groups = [{"params": list(model.unet.parameters()), "lr": args.lr}]
+    if args.train_text_encoder:
+        trained["text_encoder"] = model.text_encoder
+        model.text_encoder.requires_grad_(True).train()
+        model.text_encoder.encoder.gradient_checkpointing = args.gradient_checkpointing
+        groups.append({"params": list(model.text_encoder.parameters()), "lr": args.text_encoder_lr or args.lr})
+    if args.use_8bit_adam:
+        import bitsandbytes
+        optimizer = bitsandbytes.optim.AdamW8bit(groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    else:  # diffusers' DreamBooth defaults
+        optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    warmup = lambda step: min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else 1.0
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # fp16 gradients underflow unscaled
+    schedule = NoiseSchedule(model.prediction_type)
+
+    start, orders = 0, {"instance": torch.empty(0, dtype=torch.long), "prior": torch.empty(0, dtype=torch.long)}
+    if args.resume:
+        path = latest_state(out / "checkpoints")
+        state = load_state(path, trained)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        generator.set_state(state["generator"])
+        start, orders = state["step"], state["orders"]
+        print(f"resuming from {path} at step {start}")
+    if start >= args.steps:
+        print(f"the run in {out} already reached step {start}; pass a larger --steps to continue it")
+
+    def next_index(name, n, step):
+        """Walk through the examples in a fresh random order each epoch (the order is saved, so a
+        resumed run continues it exactly)."""
+        if step % n == 0 or len(orders[name]) != n:
+            orders[name] = torch.randperm(n, generator=generator)
+        return orders[name][step % n].item()
+
+    def checkpoint(step):
+        extra = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "scaler": scaler.state_dict(), "generator": generator.get_state(), "orders": orders}
+        return save_state(out / "checkpoints", step, trained, extra)
+
+    def validate(step):
+        """A fixed-seed grid: the subject, the subject in a new context, and the plain class prompt,
+        whose drift away from the base model's class is what the prior loss should prevent."""
+        prompts = [instance_prompt, f"a {identifier} {args.class_name} on the beach", class_prompt]
+        model.unet.eval()
+        with autocast:
+            images = [decode(model, sample_latents(model, p, steps=args.sample_steps, seed=args.seed, height=resolution,
+                                                   width=resolution, progress=False))[0] for p in prompts]
+        model.unet.train()
+        path = out / "validation" / f"step-{step:06d}.png"
+        atomic_write(path, lambda tmp: grid(images, cols=len(images)).save(tmp, format="PNG"))
+        atomic_write(path.with_suffix(".txt"), lambda tmp: Path(tmp).write_text("\n".join(prompts) + "\n"))
+
+    # ---- the training loop ----
+    log_path = out / "log.jsonl"
+    if log_path.exists():  # keep the log in step with the checkpoint we resume from
+        rows = [line for line in open(log_path) if json.loads(line)["step"] <= start]
+        atomic_write(log_path, lambda tmp: Path(tmp).write_text("".join(rows)))
+    atomic_write(out / "settings.json", lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=2)))
+
+    # Ctrl-C finishes the current step, then saves a checkpoint, so a resumed run is exactly the
+    # uninterrupted one. A second Ctrl-C quits at once.
+    stop = []
+
+    def on_interrupt(signum, frame):
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(signum)
+        print("\nCtrl-C: saving a checkpoint after this step (press again to quit without saving)", file=sys.stderr)
+
+    previous_handler = signal.signal(signal.SIGINT, on_interrupt)
+    bar = tqdm(total=args.steps, initial=start, desc="training")
+    for step in range(start, args.steps):
+        t0 = time.time()
+        # one subject example, plus one class-prior example when the prior is on
+        i = next_index("instance", len(instance_mean), step)
+        means, stds = [instance_mean[i]], [instance_std[i]]
+        if n_prior:
+            j = next_index("prior", n_prior, step)
+            means, stds = means + [prior_mean[j]], stds + [prior_std[j]]
+        mean, std = torch.stack(means), torch.stack(stds)
+        x0 = (mean + std * torch.randn(mean.shape, generator=generator)) * LATENT_SCALE  # a VAE sample, scaled
+        noise = torch.randn(x0.shape, generator=generator)
+        if args.offset_noise:  # shifts whole channels, so the model learns to change overall brightness
+            noise = noise + args.offset_noise * torch.randn(x0.shape[:2] + (1, 1), generator=generator)
+        t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (len(x0),), generator=generator)
+        x0, noise, t = x0.to(device), noise.to(device), t.to(device)
+        x_t = schedule.add_noise(x0, noise, t)
+        target = schedule.target(x0, noise, t)  # ε, or v for v-prediction models
+
+        with autocast:
+            context = model.text_encoder(ids) if args.train_text_encoder else cached_context
+            pred = model.unet(x_t, t, context[: len(x0)])
+        weights = min_snr_weights(schedule, t, args.snr_gamma) if args.snr_gamma else None
+        # instance loss + λ · prior loss (minidb/dreambooth.py, the paper's eq. 2)
+        loss, instance_loss, prior_loss = dreambooth_loss(pred, target, 1, args.prior_weight, weights)
+
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+
+        row = {"step": step + 1, "loss": loss.item(), "instance_loss": instance_loss.item(),
+               "prior_loss": prior_loss.item() if n_prior else None,
+               "lr": scheduler.get_last_lr()[0], "step_time": time.time() - t0}
+        with open(log_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        bar.set_postfix(loss=f"{row['loss']:.4f}")
+        bar.update(1)
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            checkpoint(step + 1)
+        if args.validate_every and (step + 1) % args.validate_every == 0 and step + 1 < args.steps:
+            validate(step + 1)
+        if stop:
+            bar.close()
+            path = checkpoint(step + 1)
+            print(f"interrupted: saved {path}; continue with the same command plus --resume", file=sys.stderr)
+            sys.exit(130)
+    bar.close()
+    signal.signal(signal.SIGINT, previous_handler)
+
+    # ---- save the result ----
+    last = max(args.steps, start)
+    checkpoint(last)  # so --resume with a larger --steps can continue
+    validate(last)
+    rows = [json.loads(line) for line in open(log_path)] if log_path.exists() else []
+    plot_losses(rows, out / "loss.png")
+    model.unet.eval()
+    model.text_encoder.eval()
+    dtype = torch.float16 if args.save_dtype == "fp16" else torch.float32
+    replace_folder(out / "model", lambda tmp: save_diffusers(model, tmp, dtype=dtype))
+    save_single_file(model, out / "model.safetensors", dtype=dtype)
+    readme = (f"# DreamBooth model\n\nSubject: `{identifier}` (a {args.class_name}). Prompt it as "
+              f"\"{instance_prompt}\" or in new contexts, e.g. \"a {identifier} {args.class_name} on the beach\".\n\n"
+              f"Base model: {args.model} ({model.version}, {model.prediction_type}).\n\n"
+              f"    python sample.py --model {out / 'model.safetensors'} --prompt \"a {identifier} {args.class_name} "
+              f"on the beach\"\n\nSettings:\n\n```json\n{json.dumps(settings, indent=2)}\n```\n")
+    atomic_write(out / "README.md", lambda tmp: Path(tmp).write_text(readme))
+    print(f"wrote {out / 'model'} (diffusers) and {out / 'model.safetensors'} (single file)")
+
+
+if __name__ == "__main__":
+    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
+    main()
