@@ -39,26 +39,26 @@ from minidb.vae import LATENT_SCALE
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--images", required=True, help="folder with 3-5 photos of the subject (JPEG, PNG or WebP)")
     a("--class", dest="class_name", required=True, help="what the subject is, e.g. dog, backpack")
-    a("--model", default=str(DEFAULT_MODEL), help="base model: a diffusers folder or a .safetensors/.ckpt file")
-    a("--out", default="runs/dreambooth", help="output folder; must be new or empty unless --resume")
+    a("--model", default=str(DEFAULT_MODEL), help="base model: a diffusers folder or a .safetensors/.ckpt file (default: %(default)s)")
+    a("--out", default="runs/dreambooth", help="output folder; must be new or empty unless --resume (default: %(default)s)")
     a("--identifier", default=None, help="the subject's token [V] (default: a rare CLIP token of <= 3 letters)")
     a("--instance-prompt", default=None, help="caption of the subject photos (default: 'a photo of [V] CLASS')")
     a("--class-prompt", default=None, help="prompt of the prior images (default: 'a photo of CLASS')")
-    a("--steps", type=int, default=800, help="training steps (the paper's SD recipe: 800-1000)")
-    a("--lr", type=float, default=5e-6, help="UNet learning rate, constant after warmup")
-    a("--warmup-steps", type=int, default=0, help="linear learning-rate warmup")
+    a("--steps", type=int, default=800, help="training steps (the paper's SD recipe: 800-1000) (default: %(default)s)")
+    a("--lr", type=float, default=5e-6, help="UNet learning rate, constant after warmup (default: %(default)s)")
+    a("--warmup-steps", type=int, default=0, help="linear learning-rate warmup (default: %(default)s)")
     a("--resolution", type=int, default=None, help="training size in pixels (default: the model's, 512 or 768)")
     a("--flip", action="store_true", help="also train on mirrored copies of the photos")
-    a("--prior-weight", type=float, default=1.0, help="λ, the weight of the prior-preservation loss; 0 turns it off")
-    a("--class-images", type=int, default=200, help="how many prior images the frozen model draws")
+    a("--prior-weight", type=float, default=1.0, help="λ, the weight of the prior-preservation loss; 0 turns it off (default: %(default)s)")
+    a("--class-images", type=int, default=200, help="how many prior images the frozen model draws (default: %(default)s)")
     a("--class-dir", default=None, help="use your own class photos from this folder instead of drawing them")
     a("--class-cache", default=str(Path.home() / ".cache" / "minidb" / "class-prior"),
-      help="where drawn prior images are cached as latents, shared between runs")
-    a("--sample-steps", type=int, default=50, help="DDIM steps for prior and validation images")
+      help="where drawn prior images are cached as latents, shared between runs (default: %(default)s)")
+    a("--sample-steps", type=int, default=50, help="DDIM steps for prior and validation images (default: %(default)s)")
     a("--train-text-encoder", action="store_true", help="fine-tune the text encoder too")
     a("--text-encoder-lr", type=float, default=None, help="text encoder learning rate (default: --lr)")
     a("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
@@ -66,12 +66,12 @@ def parse_args(argv=None):
     a("--gradient-checkpointing", action="store_true", help="recompute activations: less memory, ~30%% slower")
     a("--use-8bit-adam", action="store_true", help="bitsandbytes' 8-bit AdamW (CUDA only), saves ~5 GB")
     a("--snr-gamma", type=float, default=None, help="min-SNR loss weighting with this γ (5 is typical); off by default")
-    a("--offset-noise", type=float, default=0.0, help="add per-channel offset noise of this scale (0.1 is typical)")
-    a("--save-every", type=int, default=0, help="write a resumable checkpoint every N steps (0: only at the end)")
-    a("--validate-every", type=int, default=0, help="draw validation images every N steps (0: only at the end)")
-    a("--save-dtype", choices=["fp16", "fp32"], default="fp16", help="dtype of the exported model")
+    a("--offset-noise", type=float, default=0.0, help="add per-channel offset noise of this scale (0.1 is typical) (default: %(default)s)")
+    a("--save-every", type=int, default=0, help="write a resumable checkpoint every N steps (0: only at the end) (default: %(default)s)")
+    a("--validate-every", type=int, default=0, help="draw validation images every N steps (0: only at the end) (default: %(default)s)")
+    a("--save-dtype", choices=["fp16", "fp32"], default="fp16", help="dtype of the exported model (default: %(default)s)")
     a("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    a("--seed", type=int, default=0, help="seed for everything random; same seed, same run (bitwise, on the CPU)")
+    a("--seed", type=int, default=0, help="seed for everything random; same seed, same run (bitwise, on the CPU) (default: %(default)s)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args(argv)
 
@@ -269,6 +269,7 @@ def main(argv=None):
         # instance loss + λ · prior loss (minidb/dreambooth.py, the paper's eq. 2)
         loss, instance_loss, prior_loss = dreambooth_loss(pred, target, 1, args.prior_weight, weights)
 
+        lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (warmup changes it)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
@@ -279,7 +280,7 @@ def main(argv=None):
 
         row = {"step": step + 1, "loss": loss.item(), "instance_loss": instance_loss.item(),
                "prior_loss": prior_loss.item() if n_prior else None,
-               "lr": scheduler.get_last_lr()[0], "step_time": time.time() - t0}
+               "lr": lr, "step_time": time.time() - t0}
         with open(log_path, "a") as f:
             f.write(json.dumps(row) + "\n")
         bar.set_postfix(loss=f"{row['loss']:.4f}")
