@@ -7,18 +7,25 @@ B batch, H heads, Lq query tokens (pixels of a feature map, or text tokens), Lk 
 There is one computation, softmax(q kᵀ / √D) v, with several implementations:
 - "math": the plain PyTorch formula below. It is the oracle in tests and the easiest to read.
 - "sdpa": torch.nn.functional.scaled_dot_product_attention, which picks a fused kernel
-  (flash / memory-efficient) when one applies. This is the default.
-Faster backends (a Triton kernel for the GPU) plug in here, so the models never change.
+  (flash / memory-efficient) when one applies.
+- "triton": minidb/flash_attention.py, our own fused FlashAttention kernel, forward and backward.
+  It has no causal mask and handles head dims up to 256, so the text encoder's causal attention
+  and the VAE's single 512-wide head always go to SDPA; the UNet's attention goes to the kernel.
+"auto" (the default) uses the Triton kernel where it applies (a CUDA tensor in fp16 or bf16, triton
+installed) and SDPA everywhere else; fp32 stays on SDPA.
 
-Set MINIDB_ATTENTION=math (or sdpa) to force a backend, e.g. to compare or bisect a bug.
+Set MINIDB_ATTENTION=math, sdpa or triton to force a backend, e.g. to compare or bisect a bug.
+"triton" also runs on the CPU under TRITON_INTERPRET=1 (slowly; that is how the tests check it).
 """
 
+import importlib.util
 import os
 
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "sdpa", "math")
+BACKENDS = ("auto", "sdpa", "math", "triton")
+KERNEL_MAX_HEAD_DIM = 256  # flash_attention.MAX_HEAD_DIM, not imported: importing it imports triton
 
 
 def attention_math(q, k, v, causal=False):
@@ -43,16 +50,32 @@ def _backend():
     return name
 
 
+def _has_triton():
+    return importlib.util.find_spec("triton") is not None
+
+
 def attention(q, k, v, causal=False, upcast=False):
     """softmax(q kᵀ / √D) v over the last two dims; `causal` masks future tokens.
 
     `upcast` computes in float32 even for half-precision inputs. SD 2.1 was trained that way
     ("upcast_attention" in its config; ATTN_PRECISION="fp32" in Stability's code) because its
-    fp16 attention scores can overflow.
+    fp16 attention scores can overflow. The Triton kernel needs no upcast: it computes the scores,
+    the softmax and both products' sums in fp32 whatever the input dtype, so nothing overflows;
+    only the probabilities (in [0, 1]) are rounded to fp16/bf16 before P·v, as FlashAttention does.
     """
     backend = _backend()
     if backend == "math":
         return attention_math(q, k, v, causal)
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter, for tests
+    if backend == "triton" and not (_has_triton() and (q.is_cuda or interpreted)):
+        raise RuntimeError("MINIDB_ATTENTION=triton needs the triton package and a CUDA GPU "
+                           "(or TRITON_INTERPRET=1 to run the kernel slowly on the CPU, for tests).")
+    kernel_fits = not causal and q.shape[-1] <= KERNEL_MAX_HEAD_DIM
+    auto_picks_it = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _has_triton()
+    if kernel_fits and (backend == "triton" or (backend == "auto" and auto_picks_it)):
+        from minidb.flash_attention import flash_attention  # imported here: triton is optional
+
+        return flash_attention(q, k, v)
     if upcast and q.dtype in (torch.float16, torch.bfloat16):
         return attention_sdpa(q.float(), k.float(), v.float(), causal).to(q.dtype)
     return attention_sdpa(q, k, v, causal)

@@ -49,10 +49,10 @@ def sample_latents(model, prompt, negative_prompt="", n=1, steps=50, guidance=7.
                    sampler="ddim", progress=True):
     """Run the denoising loop; returns the final latents (n, 4, H/8, W/8), still scaled by 0.18215."""
     p = next(model.unet.parameters())
-    context = encode_prompt(model, [prompt]).expand(n, -1, -1)  # one encoding serves every image
+    context = encode_prompt(model, [prompt]).repeat(n, 1, 1)  # one encoding serves every image
     guide = guidance > 1  # as diffusers: at g <= 1 the unconditional pass would change nothing
     if guide:
-        context = torch.cat([encode_prompt(model, [negative_prompt]).expand(n, -1, -1), context])  # (2n, 77, C)
+        context = torch.cat([encode_prompt(model, [negative_prompt]).repeat(n, 1, 1), context])  # (2n, 77, C)
     context = context.to(p.dtype)
 
     solver = SAMPLERS[sampler](model.prediction_type)

@@ -2,9 +2,16 @@
 same random weights. Everything is created here; nothing is read from outside the repository."""
 
 import dataclasses
+import os
 
 import pytest
 import torch
+
+# Triton kernels run on the CPU only in Triton's interpreter, which must be switched on before any
+# @triton.jit function is defined, ours and Triton's own library ones. Importing diffusers below
+# imports triton (through torch._dynamo), so this has to come first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from minidb import text_encoder as te, unet as un, vae as va
 from minidb.convert import (native_to_diffusers_names, text_config_to_transformers, unet_blocks,
