@@ -12,7 +12,8 @@ There is one computation, softmax(q kᵀ / √D) v, with several implementations
   It has no causal mask and handles head dims up to 256, so the text encoder's causal attention
   and the VAE's single 512-wide head always go to SDPA; the UNet's attention goes to the kernel.
 "auto" (the default) uses the Triton kernel where it applies (a CUDA tensor in fp16 or bf16, triton
-installed) and SDPA everywhere else; fp32 stays on SDPA.
+installed) and SDPA everywhere else; fp32 stays on SDPA. Should the kernel fail to compile or launch
+on some GPU, "auto" warns once and goes on with SDPA.
 
 Set MINIDB_ATTENTION=math, sdpa or triton to force a backend, e.g. to compare or bisect a bug.
 "triton" also runs on the CPU under TRITON_INTERPRET=1 (slowly; that is how the tests check it).
@@ -20,12 +21,14 @@ Set MINIDB_ATTENTION=math, sdpa or triton to force a backend, e.g. to compare or
 
 import importlib.util
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
 
 BACKENDS = ("auto", "sdpa", "math", "triton")
 KERNEL_MAX_HEAD_DIM = 256  # flash_attention.MAX_HEAD_DIM, not imported: importing it imports triton
+_kernel_failed = []  # "auto" stops using the kernel after it fails once (forced "triton" raises instead)
 
 
 def attention_math(q, k, v, causal=False):
@@ -54,6 +57,10 @@ def _has_triton():
     return importlib.util.find_spec("triton") is not None
 
 
+def _auto_picks_kernel(q):
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _has_triton() and not _kernel_failed
+
+
 def attention(q, k, v, causal=False, upcast=False):
     """softmax(q kᵀ / √D) v over the last two dims; `causal` masks future tokens.
 
@@ -71,11 +78,17 @@ def attention(q, k, v, causal=False, upcast=False):
         raise RuntimeError("MINIDB_ATTENTION=triton needs the triton package and a CUDA GPU "
                            "(or TRITON_INTERPRET=1 to run the kernel slowly on the CPU, for tests).")
     kernel_fits = not causal and q.shape[-1] <= KERNEL_MAX_HEAD_DIM
-    auto_picks_it = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _has_triton()
-    if kernel_fits and (backend == "triton" or (backend == "auto" and auto_picks_it)):
+    if kernel_fits and (backend == "triton" or (backend == "auto" and _auto_picks_kernel(q))):
         from minidb.flash_attention import flash_attention  # imported here: triton is optional
 
-        return flash_attention(q, k, v)
+        if backend == "triton":
+            return flash_attention(q, k, v)
+        try:
+            return flash_attention(q, k, v)
+        except Exception as e:  # e.g. a GPU with too little shared memory for the kernel's tiles
+            _kernel_failed.append(e)
+            warnings.warn(f"the Triton attention kernel failed on this GPU ({type(e).__name__}: "
+                          f"{str(e)[:200]}); using PyTorch's SDPA from now on.")
     if upcast and q.dtype in (torch.float16, torch.bfloat16):
         return attention_sdpa(q.float(), k.float(), v.float(), causal).to(q.dtype)
     return attention_sdpa(q, k, v, causal)

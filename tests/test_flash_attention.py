@@ -207,3 +207,24 @@ class TestOnGPU:
     def test_bf16_ragged_small_tiles(self):
         q, k, v = (randn(2, 3, n, 80, dtype=torch.bfloat16, seed=s) for s, n in enumerate((37, 53, 53)))
         check(q, k, v, run=lambda q, k, v: fa.flash_attention(q, k, v, block_m=16, block_n=16))
+
+
+def test_auto_falls_back_to_sdpa_once_if_the_kernel_fails(monkeypatch):
+    # e.g. a GPU whose shared memory is too small for the tiles: sampling must go on, with a warning
+    import minidb.attention as dispatch
+    calls = []
+
+    def broken(*args):
+        calls.append(1)
+        raise RuntimeError("out of resources")
+
+    monkeypatch.setattr(fa, "flash_attention", broken)
+    monkeypatch.setattr(dispatch, "_kernel_failed", [])
+    monkeypatch.setattr(dispatch, "_auto_picks_kernel", lambda q: not dispatch._kernel_failed)
+    monkeypatch.setenv("MINIDB_ATTENTION", "auto")
+    q, k, v = (randn(1, 2, 9, 16, dtype=torch.float32, seed=s) for s in range(3))
+    with pytest.warns(UserWarning, match="using PyTorch's SDPA from now on"):
+        out = attention(q, k, v)
+    assert_close(out, attention_math(q, k, v))
+    attention(q, k, v)
+    assert calls == [1]  # not tried again
