@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -37,7 +36,7 @@ ROWS = {
     "vae-decode-256": ("VAE decode, 1 image", 256, 256, 3, 10),
     "vae-encode-512": ("VAE encode, 1 image", 512, 512, 2, 10),
     "vae-decode-512": ("VAE decode, 1 image", 512, 512, 2, 10),
-    "sample": ("50 DDIM steps with guidance + decode, 1 image (s/image)", 64, 512, 2, 3),
+    "sample": ("50 DDIM steps with guidance + decode, 1 image (s/image)", 64, 512, 1, 3),
     "load": ("load an SD 1.5 single file, fp16 safetensors, all weights touched", 0, 0, 3, 3),
 }
 
@@ -95,7 +94,7 @@ def build(part, impl, device, dtype):
     return ref.eval()
 
 
-def task(row, impl, device, size, tmp):
+def task(row, impl, device, size, tmp, steps=50):
     """Build what the row needs; return a function that runs the measured work once."""
     import torch
     import torch.nn.functional as F
@@ -133,13 +132,13 @@ def task(row, impl, device, size, tmp):
         z = torch.randn(1, 4, size // 8, size // 8, generator=g).to(device, dtype)
         return torch.no_grad()(lambda: out(vae.decode(z)))
     if row == "sample":
-        return sampler(impl, device, dtype, size, tmp)
+        return sampler(impl, device, dtype, size, tmp, steps)
     if row == "load":
         return loader(impl, device, tmp)
     raise ValueError(row)
 
 
-def sampler(impl, device, dtype, size, tmp):
+def sampler(impl, device, dtype, size, tmp, steps):
     import diffusers
     import torch
     import transformers
@@ -152,7 +151,7 @@ def sampler(impl, device, dtype, size, tmp):
     if impl == "minidb":
         model = StableDiffusion(Tokenizer.for_version("SD 1.x"), parts["text"], parts["vae"], parts["unet"],
                                 "SD 1.x", "epsilon")
-        return lambda: decode(model, sample_latents(model, prompt, steps=50, guidance=7.5, seed=0, height=size,
+        return lambda: decode(model, sample_latents(model, prompt, steps=steps, guidance=7.5, seed=0, height=size,
                                                     width=size, progress=False))
     Tokenizer.for_version("SD 1.x").save(Path(tmp) / "tok")
     pipe = diffusers.StableDiffusionPipeline(
@@ -160,7 +159,7 @@ def sampler(impl, device, dtype, size, tmp):
         unet=parts["unet"], scheduler=diffusers.DDIMScheduler.from_config(scheduler_config("epsilon")),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    return lambda: pipe(prompt, num_inference_steps=50, guidance_scale=7.5, height=size, width=size,
+    return lambda: pipe(prompt, num_inference_steps=steps, guidance_scale=7.5, height=size, width=size,
                         generator=torch.Generator("cpu").manual_seed(0)).images
 
 
@@ -184,6 +183,13 @@ def parts_of(model):
     return [model.unet, model.vae, model.text_encoder]
 
 
+def rss_gb(field):
+    """VmRSS (now) or VmHWM (peak) of this process. Not getrusage's ru_maxrss: Linux carries that
+    over from the parent across fork + exec, so a child would report its parent's peak."""
+    line = next(line for line in open("/proc/self/status") if line.startswith(field + ":"))
+    return int(line.split()[1]) / 2**20
+
+
 def worker(row, impl, device, threads, tmp):
     import torch
     import diffusers  # noqa: F401  both implementations pay for the same imports
@@ -192,8 +198,12 @@ def worker(row, impl, device, threads, tmp):
     _, cpu_size, gpu_size, cpu_runs, gpu_runs = ROWS[row]
     size, runs = (gpu_size, gpu_runs) if device == "cuda" else (cpu_size, cpu_runs)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    baseline = rss_gb("VmRSS")
     if row == "load":
         runs, fn = 1, task(row, impl, device, size, tmp)  # one load per process: a second would reuse memory
+    elif row == "sample" and device == "cpu":
+        fn = task(row, impl, device, size, tmp)  # 50 steps take a minute here: warm up with a short run
+        task("sample", impl, device, size, tmp, steps=2)()
     else:
         fn = task(row, impl, device, size, tmp)
         fn()  # warm-up
@@ -206,7 +216,7 @@ def worker(row, impl, device, threads, tmp):
         fn()
         sync()
         times.append(time.perf_counter() - t0)
-    return {"seconds": times, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    return {"seconds": times, "peak_rss_gb": rss_gb("VmHWM"), "baseline_rss_gb": baseline,
             "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None}
 
 
@@ -256,7 +266,11 @@ def main():
     p.add_argument("--threads", type=int, default=2, help="CPU threads (default: 2)")
     p.add_argument("--json", default=str(ROOT / "bench" / "results.json"), help="where to write the figures")
     p.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)  # ROW IMPL TMP: internal
+    p.add_argument("--prepare", help=argparse.SUPPRESS)  # TMP: internal
     args = p.parse_args()
+    if args.prepare:
+        print(prepare_load_files(args.prepare))
+        return
     if args.worker:
         print(json.dumps(worker(args.worker[0], args.worker[1], args.device, args.threads, args.worker[2])))
         return
@@ -264,7 +278,12 @@ def main():
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("error: --device cuda asked for, but PyTorch sees no CUDA GPU.")
     with tempfile.TemporaryDirectory() as tmp:
-        file_gb = prepare_load_files(tmp) / 2**30 if "load" in args.rows else None
+        file_gb = None
+        if "load" in args.rows:  # in a child process, so this driver stays small
+            r = subprocess.run([sys.executable, __file__, "--prepare", tmp], capture_output=True, text=True)
+            if r.returncode:
+                sys.exit(f"error: preparing the checkpoint failed:\n{r.stderr[-3000:]}")
+            file_gb = int(r.stdout.split()[-1]) / 2**30
         results = []
         for row in args.rows:
             figures = {}
@@ -278,6 +297,7 @@ def main():
             med = {k: statistics.median(v["seconds"]) for k, v in figures.items()}
             mem = "peak_gpu_gb" if args.device == "cuda" else "peak_rss_gb"
             results.append({"row": row, "what": ROWS[row][0], "size": ROWS[row][2 if args.device == "cuda" else 1],
+                            "baseline_rss_gb": {"minidb": m["baseline_rss_gb"], "diffusers": d["baseline_rss_gb"]},
                             "minidb_s": med["minidb"], "diffusers_s": med["diffusers"],
                             "time_ratio": med["minidb"] / med["diffusers"], "minidb_mem_gb": m[mem],
                             "diffusers_mem_gb": d[mem], "mem_ratio": m[mem] / d[mem], "runs": len(m["seconds"]),
@@ -297,8 +317,10 @@ def main():
               f"{r['minidb_mem_gb']:.2f} | {r['diffusers_mem_gb']:.2f} | {r['mem_ratio']:.2f} |")
     if file_gb:
         load = next(r for r in results if r["row"] == "load")
-        print(f"\nload: file {file_gb:.2f} GB; minidb peak RSS {load['minidb_mem_gb'] / file_gb:.2f}x the file "
-              f"(includes the Python + torch + diffusers import baseline)")
+        for impl in ("minidb", "diffusers"):
+            extra = load[f"{impl}_mem_gb"] - load["baseline_rss_gb"][impl]
+            print(f"load: {impl} peak RSS above its import baseline {extra:.2f} GB = {extra / file_gb:.2f}x the "
+                  f"{file_gb:.2f} GB file")
 
 
 if __name__ == "__main__":
