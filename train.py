@@ -46,8 +46,8 @@ def parse_args(argv=None):
     a("--model", default=str(DEFAULT_MODEL), help="base model: a diffusers folder or a .safetensors/.ckpt file (default: %(default)s)")
     a("--out", default="runs/dreambooth", help="output folder; must be new or empty unless --resume (default: %(default)s)")
     a("--identifier", default=None, help="the subject's token [V] (default: a rare CLIP token of <= 3 letters)")
-    a("--instance-prompt", default=None, help="caption of the subject photos (default: 'a photo of [V] CLASS')")
-    a("--class-prompt", default=None, help="prompt of the prior images (default: 'a photo of CLASS')")
+    a("--instance-prompt", default=None, help="caption of the subject photos (default: 'a photo of a [V] CLASS')")
+    a("--class-prompt", default=None, help="prompt of the prior images (default: 'a photo of a CLASS')")
     a("--steps", type=int, default=800, help="training steps (the paper's SD recipe: 800-1000) (default: %(default)s)")
     a("--lr", type=float, default=5e-6, help="UNet learning rate, constant after warmup (default: %(default)s)")
     a("--warmup-steps", type=int, default=0, help="linear learning-rate warmup (default: %(default)s)")
@@ -134,8 +134,8 @@ def main(argv=None):
     except (ModelFileError, DataError) as e:
         fail(e)
     identifier = args.identifier or pick_identifier(model.tokenizer, random.Random(args.seed))
-    instance_prompt = args.instance_prompt or f"a photo of {identifier} {args.class_name}"
-    class_prompt = args.class_prompt or f"a photo of {args.class_name}"
+    instance_prompt = args.instance_prompt or f"a photo of a {identifier} {args.class_name}"  # the paper: "a [V] dog"
+    class_prompt = args.class_prompt or f"a photo of a {args.class_name}"
     print(f"identifier: {identifier}\ninstance prompt: {instance_prompt!r}\nclass prompt: {class_prompt!r}\n"
           f"{len(images)} subject images at {resolution}px, {model.version} ({model.prediction_type}), "
           f"{device}, mixed precision {precision}")

@@ -94,7 +94,7 @@ def build(part, impl, device, dtype):
     return ref.eval()
 
 
-def task(row, impl, device, size, tmp, steps=50):
+def task(row, impl, device, size, tmp):
     """Build what the row needs; return a function that runs the measured work once."""
     import torch
     import torch.nn.functional as F
@@ -132,13 +132,13 @@ def task(row, impl, device, size, tmp, steps=50):
         z = torch.randn(1, 4, size // 8, size // 8, generator=g).to(device, dtype)
         return torch.no_grad()(lambda: out(vae.decode(z)))
     if row == "sample":
-        return sampler(impl, device, dtype, size, tmp, steps)
+        return sampler(impl, device, dtype, size, tmp)
     if row == "load":
         return loader(impl, device, tmp)
     raise ValueError(row)
 
 
-def sampler(impl, device, dtype, size, tmp, steps):
+def sampler(impl, device, dtype, size, tmp):
     import diffusers
     import torch
     import transformers
@@ -151,7 +151,7 @@ def sampler(impl, device, dtype, size, tmp, steps):
     if impl == "minidb":
         model = StableDiffusion(Tokenizer.for_version("SD 1.x"), parts["text"], parts["vae"], parts["unet"],
                                 "SD 1.x", "epsilon")
-        return lambda: decode(model, sample_latents(model, prompt, steps=steps, guidance=7.5, seed=0, height=size,
+        return lambda steps=50: decode(model, sample_latents(model, prompt, steps=steps, guidance=7.5, seed=0, height=size,
                                                     width=size, progress=False))
     Tokenizer.for_version("SD 1.x").save(Path(tmp) / "tok")
     pipe = diffusers.StableDiffusionPipeline(
@@ -159,7 +159,7 @@ def sampler(impl, device, dtype, size, tmp, steps):
         unet=parts["unet"], scheduler=diffusers.DDIMScheduler.from_config(scheduler_config("epsilon")),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    return lambda: pipe(prompt, num_inference_steps=steps, guidance_scale=7.5, height=size, width=size,
+    return lambda steps=50: pipe(prompt, num_inference_steps=steps, guidance_scale=7.5, height=size, width=size,
                         generator=torch.Generator("cpu").manual_seed(0)).images
 
 
@@ -202,8 +202,8 @@ def worker(row, impl, device, threads, tmp):
     if row == "load":
         runs, fn = 1, task(row, impl, device, size, tmp)  # one load per process: a second would reuse memory
     elif row == "sample" and device == "cpu":
-        fn = task(row, impl, device, size, tmp)  # 50 steps take a minute here: warm up with a short run
-        task("sample", impl, device, size, tmp, steps=2)()
+        fn = task(row, impl, device, size, tmp)
+        fn(steps=2)  # 50 steps take a minute here: warm up with a short run
     else:
         fn = task(row, impl, device, size, tmp)
         fn()  # warm-up

@@ -169,8 +169,7 @@ def test_instance_loss_falls_when_overfitting_one_image(world, tmp_path):
             "--sample-steps", 2]
     train.main([str(a) for a in args])
     base, trained = load(world / "base"), load(tmp_path / "out" / "model")
-    identifier = json.load(open(tmp_path / "out" / "settings.json"))["identifier"]
-    ids = base.tokenizer([f"a photo of {identifier} ball"])
+    ids = base.tokenizer([json.load(open(tmp_path / "out" / "settings.json"))["instance_prompt"]])
     from minidb.data import load_images
     with torch.no_grad():
         latents = base.vae.encode(load_images(photos, 32)[0]).mean * LATENT_SCALE
@@ -184,7 +183,7 @@ def test_prior_preservation_reduces_class_drift(world, tmp_path):
     with_prior = run(world, tmp_path / "prior", "--class-images", 4, "--lr", 5e-4, steps=30)
     without = run(world, tmp_path / "none", "--lr", 5e-4, steps=30, prior=False)
     base = load(world / "base")
-    ids = base.tokenizer(["a photo of ball"])
+    ids = base.tokenizer([json.load(open(with_prior / "settings.json"))["class_prompt"]])
     probe = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(1))
     t = torch.tensor([100, 400, 700, 900])
 

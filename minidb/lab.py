@@ -1,0 +1,194 @@
+"""The toy lab: train a small text-to-image model on the toy world, and measure DreamBooth in it.
+
+    python -m minidb.lab examples             # render the subject's photos into examples/checkered-cup/
+    python -m minidb.lab train-base           # the base model -> weights/toy.safetensors (~50 min, 2 cores)
+    python -m minidb.lab train-probe          # the measuring probe -> weights/toy-probe.safetensors
+    python -m minidb.lab evaluate --model M   # the paper's metrics for a model, as a table
+    python -m minidb.lab ablation             # DreamBooth with vs without the prior loss, several seeds
+
+The base model is Stable Diffusion in miniature: the same tokenizer, text encoder, VAE, UNet and
+noise schedule, at small configs, trained from scratch in two stages (as SD was):
+1. the VAE learns to compress 64x64 pictures into 16x16x4 latents (reconstruction + a tiny KL term);
+   its latents are then rescaled so that, times SD's 0.18215, they have unit variance, so every
+   other part of minidb treats the toy model exactly like SD;
+2. the text encoder and UNet learn to denoise those latents given captions. Captions drop their
+   colour and their place at random (so "a photo of a cup" means any cup) and are empty 10% of the
+   time (so classifier-free guidance works).
+"""
+
+import argparse
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from minidb import text_encoder as te, unet as un, vae as va
+from minidb.load import StableDiffusion
+from minidb.save import save_single_file
+from minidb.schedulers import NUM_TRAIN_TIMESTEPS, NoiseSchedule
+from minidb.tokenizer import Tokenizer
+from minidb.world import caption, random_scene, render, subject_photos
+
+ROOT = Path(__file__).resolve().parent.parent
+TOY_MODEL = ROOT / "weights" / "toy.safetensors"
+EXAMPLES = ROOT / "examples" / "checkered-cup"
+SIZE = 64  # image side; the VAE downsamples 4x, so the UNet sees 16x16 latents
+
+TOY_VAE = va.VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1)
+TOY_UNET = un.UNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(1, 2),
+                         num_heads=4, context_dim=64, sample_size=SIZE // 4)
+TOY_TEXT = te.TextEncoderConfig(width=64, layers=3, heads=4, mlp_width=256)  # OpenAI-CLIP style: "SD 1.x" family
+
+
+def to_tensor(images):
+    """PIL images -> (N, 3, H, W) in [-1, 1]."""
+    import numpy as np
+    return torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def world_batch(rng, n):
+    scenes = [random_scene(rng) for _ in range(n)]
+    return to_tensor([render(s, SIZE) for s in scenes]), scenes
+
+
+def varied_caption(scene, rng):
+    """The caption with its colour and/or place dropped at random, or empty (for guidance)."""
+    if rng.random() < 0.1:
+        return ""
+    text = caption(scene)
+    if rng.random() < 0.3:  # no colour: "a photo of a cup on the beach"
+        text = text.replace(f" {scene.colour} ", " ").replace("a photo of an ", "a photo of a ")
+    if rng.random() < 0.3:  # no place: "a photo of a red cup"
+        text = text.split(f" {scene.cls} ")[0] + f" {scene.cls}"
+    return text
+
+
+def train_vae(steps, batch, seed, lr=1e-3):
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    vae = va.AutoencoderKL(TOY_VAE)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    for step in (bar := tqdm(range(steps), desc="1/2 VAE")):
+        images, _ = world_batch(rng, batch)
+        post = vae.encode(images)
+        recon = vae.decode(post.sample())
+        # reconstruction + a small KL to N(0, I), as SD's VAE (weight 1e-6 there; larger here since
+        # there is no adversarial term to keep the latents tidy)
+        kl = 0.5 * (post.mean.square() + post.std.square() - 1 - post.logvar).mean()
+        loss = F.l1_loss(recon, images) + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for g in opt.param_groups:  # cosine decay
+            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        opt.step()
+        bar.set_postfix(l1=f"{F.l1_loss(recon, images).item():.4f}")
+    return vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def rescale_latents(vae, seed, n=512):
+    """Rescale the latent space so that latents * 0.18215 have unit std, by folding a factor into
+    quant_conv (mean and log-variance) and post_quant_conv: the same autoencoder, new units."""
+    images, _ = world_batch(random.Random(seed), n)
+    std = (vae.encode(images).mean * va.LATENT_SCALE).std().item()
+    c = 1 / std  # latents become c times larger
+    z = TOY_VAE.z_channels
+    vae.quant_conv.weight[:z] *= c
+    vae.quant_conv.bias[:z] *= c
+    vae.quant_conv.bias[z:] += 2 * math.log(c)  # std scales by c: log-variance shifts by 2 ln c
+    vae.post_quant_conv.weight /= c
+    return std
+
+
+def train_unet(vae, minutes, steps, batch, seed, lr=5e-4, dataset=20000, ema_decay=0.999):
+    torch.manual_seed(seed)
+    rng = random.Random(seed + 1)
+    tokenizer = Tokenizer.for_version("SD 1.x")
+    unet, text = un.UNet(TOY_UNET).train(), te.TextEncoder(TOY_TEXT).train()
+    # A fixed set of scenes, encoded once (the VAE is frozen): latent mean and std per picture.
+    scenes, means, stds = [], [], []
+    with torch.no_grad():
+        for _ in tqdm(range(dataset // 250), desc="encoding the world"):
+            images, s = world_batch(rng, 250)
+            post = vae.encode(images)
+            scenes += s
+            means.append(post.mean)
+            stds.append(post.std)
+    means, stds = torch.cat(means), torch.cat(stds)
+    params = list(unet.parameters()) + list(text.parameters())
+    ema = [p.detach().clone() for p in params]  # an exponential moving average of the weights samples better
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    schedule = NoiseSchedule("epsilon")
+    start, budget = time.time(), 60 * minutes
+    bar = tqdm(total=steps, desc="2/2 UNet + text encoder")
+    for step in range(steps):
+        progress = max(step / steps, (time.time() - start) / budget)  # whichever limit comes first
+        idx = torch.randint(0, len(scenes), (batch,))
+        x0 = (means[idx] + stds[idx] * torch.randn_like(means[idx])) * va.LATENT_SCALE
+        ids = tokenizer([varied_caption(scenes[i], rng) for i in idx.tolist()])
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (batch,))
+        loss = F.mse_loss(unet(schedule.add_noise(x0, noise, t), t, text(ids)), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        for g in opt.param_groups:  # warmup, then cosine decay to 10%
+            g["lr"] = lr * min(1, (step + 1) / 200) * (0.55 + 0.45 * math.cos(math.pi * min(progress, 1)))
+        opt.step()
+        with torch.no_grad():
+            decay = min(ema_decay, (1 + step) / (10 + step))
+            for e, p in zip(ema, params):
+                e.lerp_(p, 1 - decay)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if progress >= 1:
+            print(f"time budget reached after {step + 1} steps")
+            break
+    bar.close()
+    with torch.no_grad():
+        for e, p in zip(ema, params):
+            p.copy_(e)
+    return unet.eval(), text.eval(), tokenizer
+
+
+def train_base(args):
+    t0 = time.time()
+    vae = train_vae(args.vae_steps, 16, args.seed)
+    std = rescale_latents(vae, args.seed)
+    print(f"VAE done in {(time.time() - t0) / 60:.1f} min; latent std was {std:.3f}, now rescaled to 1")
+    unet, text, tokenizer = train_unet(vae, args.minutes - (time.time() - t0) / 60, args.steps, args.batch, args.seed)
+    model = StableDiffusion(tokenizer, text, vae, unet, "SD 1.x", "epsilon")
+    save_single_file(model, args.out, dtype=torch.float16)
+    print(f"wrote {args.out} ({Path(args.out).stat().st_size / 2**20:.1f} MB) after {(time.time() - t0) / 60:.1f} min")
+
+
+def write_examples(args):
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, (image, scene) in enumerate(subject_photos(n=5)):
+        image.save(out / f"{i}.png")
+        print(f"wrote {out / f'{i}.png'}: {caption(scene, identifier='[V]')}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m minidb.lab", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("examples", help="render the subject's photos")
+    ex.add_argument("--out", default=str(EXAMPLES))
+    base = sub.add_parser("train-base", help="train the toy base model from scratch")
+    base.add_argument("--out", default=str(TOY_MODEL))
+    base.add_argument("--minutes", type=float, default=55, help="time budget, VAE included (default: %(default)s)")
+    base.add_argument("--steps", type=int, default=20000, help="UNet steps, if time allows (default: %(default)s)")
+    base.add_argument("--vae-steps", type=int, default=1500, help="(default: %(default)s)")
+    base.add_argument("--batch", type=int, default=64, help="(default: %(default)s)")
+    base.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    args = p.parse_args(argv)
+    {"examples": write_examples, "train-base": train_base}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
