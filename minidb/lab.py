@@ -17,6 +17,7 @@ noise schedule, at small configs, trained from scratch in two stages (as SD was)
 """
 
 import argparse
+import json
 import math
 import random
 import time
@@ -27,14 +28,19 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from minidb import text_encoder as te, unet as un, vae as va
-from minidb.load import StableDiffusion
+from minidb.dreambooth import pick_identifier
+from minidb.files import read_tensors, write_safetensors
+from minidb.load import StableDiffusion, load
+from minidb.pipeline import decode, sample_latents
+from minidb.probe import HEADS, Probe, diversity, read, similarity, train_probe
 from minidb.save import save_single_file
 from minidb.schedulers import NUM_TRAIN_TIMESTEPS, NoiseSchedule
 from minidb.tokenizer import Tokenizer
-from minidb.world import caption, random_scene, render, subject_photos
+from minidb.world import CLASSES, SUBJECT, caption, random_scene, render, subject_photos
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY_MODEL = ROOT / "weights" / "toy.safetensors"
+TOY_PROBE = ROOT / "weights" / "toy-probe.safetensors"
 EXAMPLES = ROOT / "examples" / "checkered-cup"
 SIZE = 64  # image side; the VAE downsamples 4x, so the UNet sees 16x16 latents
 
@@ -166,6 +172,97 @@ def train_base(args):
     print(f"wrote {args.out} ({Path(args.out).stat().st_size / 2**20:.1f} MB) after {(time.time() - t0) / 60:.1f} min")
 
 
+# ---- measuring ----
+
+PLACES = {"beach": "on the beach", "snow": "on the snow", "grass": "on the grass", "night sky": "under the night sky",
+          "wooden floor": "on a wooden floor"}
+PROPERTY_COLOURS = ("red", "green", "yellow")  # the subject is blue
+
+
+def load_probe(path=TOY_PROBE):
+    probe = Probe()
+    probe.load_state_dict(read_tensors(path)[0], strict=True)
+    return probe.eval()
+
+
+def generate(model, prompt, n, seed, steps):
+    return to_tensor(decode(model, sample_latents(model, prompt, n=n, steps=steps, seed=seed, height=SIZE, width=SIZE,
+                                                  progress=False)))
+
+
+def mean_spread(values):
+    t = torch.tensor(values, dtype=torch.float64)
+    return t.mean().item(), t.std().item() if len(t) > 1 else 0.0
+
+
+@torch.no_grad()
+def evaluate(model, identifier, probe, n=4, steps=25, seed=0):
+    """The paper's metrics for one model, over its prompt structure; {metric: (mean, spread)}."""
+    real = to_tensor([image for image, _ in subject_photos()])
+    fidelity, subject_rate, prompt_ok, div = [], [], [], []
+    prompts = [(f"a photo of a {identifier} {SUBJECT} {where}", "background", b) for b, where in PLACES.items()]
+    prompts += [(f"a photo of a {c} {identifier} {SUBJECT}", "colour", c) for c in PROPERTY_COLOURS]
+    for k, (prompt, head, wanted) in enumerate(tqdm(prompts, desc="evaluating", leave=False)):
+        images = generate(model, prompt, n, seed + k, steps)
+        _, seen = read(probe, images)
+        fidelity += [similarity(probe, im[None], real) for im in images]
+        subject_rate += [float(s) for s in seen["subject"]]
+        prompt_ok += [float(v == wanted) for v in seen[head]]
+        div.append(diversity(probe, images))
+    plain = generate(model, f"a photo of a {SUBJECT}", 2 * n, seed + 100, steps)
+    _, seen = read(probe, plain)
+    pres = [similarity(probe, im[None], real) for im in plain]
+    right_class = []
+    for k, cls in enumerate(CLASSES):
+        _, seen_cls = read(probe, generate(model, f"a photo of a {cls}", n, seed + 200 + k, steps))
+        right_class += [float(c == cls) for c in seen_cls["class"]]
+    return {"subject fidelity": mean_spread(fidelity), "subject rate": mean_spread(subject_rate),
+            "prompt fidelity": mean_spread(prompt_ok), "PRES": mean_spread(pres),
+            "PRES subject rate": mean_spread([float(s) for s in seen["subject"]]), "DIV": mean_spread(div),
+            "right class": mean_spread(right_class)}
+
+
+def identifier_of(model_path):
+    """The identifier a train.py run used (its settings.json), else the default one."""
+    settings = Path(model_path).resolve().parent / "settings.json"
+    if settings.is_file():
+        return json.loads(settings.read_text())["identifier"]
+    return pick_identifier(Tokenizer.for_version("SD 1.x"), random.Random(0))
+
+
+def print_table(columns):
+    metrics = list(next(iter(columns.values())))
+    print("| metric | " + " | ".join(columns) + " |")
+    print("|---|" + "---|" * len(columns))
+    for m in metrics:
+        print(f"| {m} | " + " | ".join(f"{c[m][0]:.3f} ± {c[m][1]:.3f}" for c in columns.values()) + " |")
+
+
+def run_evaluate(args):
+    torch.set_grad_enabled(False)
+    probe = load_probe(args.probe)
+    columns = {}
+    for path in args.model:
+        identifier = args.identifier or identifier_of(path)
+        columns[f"{Path(path).parent.name}/{Path(path).name} [{identifier}]"] = evaluate(
+            load(path, dtype=torch.float32), identifier, probe, n=args.n, steps=args.steps, seed=args.seed)
+    print_table(columns)
+
+
+def run_train_probe(args):
+    vae = load(args.model, dtype=torch.float32).vae
+    probe = train_probe(to_tensor, vae=vae, steps=args.steps, seed=args.seed)
+    write_safetensors(args.out, probe.state_dict())
+    scenes = [random_scene(random.Random(args.seed + 1), subject=i % 4 == 0) for i in range(256)]
+    with torch.no_grad():
+        _, seen = read(probe, to_tensor([render(s) for s in scenes]))
+    truth = {"class": [s.cls for s in scenes], "colour": [s.colour for s in scenes],
+             "background": [s.background for s in scenes], "subject": [s.subject for s in scenes]}
+    for head in HEADS:
+        print(f"{head}: {sum(a == b for a, b in zip(seen[head], truth[head])) / len(scenes):.3f} accuracy on fresh pictures")
+    print(f"wrote {args.out}")
+
+
 def write_examples(args):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -186,8 +283,21 @@ def main(argv=None):
     base.add_argument("--vae-steps", type=int, default=1500, help="(default: %(default)s)")
     base.add_argument("--batch", type=int, default=64, help="(default: %(default)s)")
     base.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    pr = sub.add_parser("train-probe", help="train the measuring probe on the world")
+    pr.add_argument("--model", default=str(TOY_MODEL), help="its VAE softens half the training pictures")
+    pr.add_argument("--out", default=str(TOY_PROBE))
+    pr.add_argument("--steps", type=int, default=1500, help="(default: %(default)s)")
+    pr.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    ev = sub.add_parser("evaluate", help="subject fidelity, prompt fidelity, PRES, DIV of models")
+    ev.add_argument("--model", nargs="+", default=[str(TOY_MODEL)], help="one or more models, compared side by side")
+    ev.add_argument("--identifier", default=None, help="the [V] token (default: from the run's settings.json)")
+    ev.add_argument("--probe", default=str(TOY_PROBE))
+    ev.add_argument("--n", type=int, default=4, help="images per prompt (default: %(default)s)")
+    ev.add_argument("--steps", type=int, default=25, help="DDIM steps (default: %(default)s)")
+    ev.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     args = p.parse_args(argv)
-    {"examples": write_examples, "train-base": train_base}[args.command](args)
+    {"examples": write_examples, "train-base": train_base, "train-probe": run_train_probe,
+     "evaluate": run_evaluate}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,83 @@
+"""The toy world's generator: deterministic, and its captions say what it drew."""
+
+import random
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from minidb.world import BACKGROUNDS, CLASSES, COLOURS, Scene, caption, random_scene, render, subject_photos
+
+# What the ground looks like at the bottom edge of each background (world.py's palette).
+GROUND = {"beach": (226, 200, 140), "snow": (246, 248, 252), "grass": (72, 150, 52), "night sky": (14, 18, 52),
+          "wooden floor": (150, 98, 54)}
+
+
+def pixels_of(image, colour):
+    return (np.asarray(image).reshape(-1, 3) == colour).all(axis=1).reshape(image.size[1], image.size[0])
+
+
+def test_same_seed_same_pictures_and_captions():
+    a = [random_scene(random.Random(5)) for _ in range(3)]
+    b = [random_scene(random.Random(5)) for _ in range(3)]
+    assert a == b
+    assert all(np.array_equal(np.asarray(render(x)), np.asarray(render(y))) for x, y in zip(a, b))
+    other = random_scene(random.Random(6))
+    assert not np.array_equal(np.asarray(render(a[0])), np.asarray(render(other)))
+
+
+def test_every_class_colour_and_background_occurs():
+    rng = random.Random(0)
+    scenes = [random_scene(rng) for _ in range(400)]
+    assert {s.cls for s in scenes} == set(CLASSES)
+    assert {s.colour for s in scenes} == set(COLOURS)
+    assert {s.background for s in scenes} == set(BACKGROUNDS)
+
+
+def classify(image, colour):
+    """Read class from the pixels alone: the silhouette's fill of its bounding box, and details."""
+    mask = pixels_of(image, COLOURS[colour])
+    ys, xs = np.nonzero(mask)
+    box = (xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1)
+    fill = mask.sum() / box
+    if pixels_of(image, (60, 40, 30)).sum() > 4:
+        return "house"  # the door
+    if fill < 0.55:
+        return "star"
+    if pixels_of(image, (255, 255, 255)).sum() > 4 and abs((xs.max() - xs.min()) - (ys.max() - ys.min())) <= 2:
+        return "ball"  # round, with its highlight
+    return "cup"
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_caption_matches_the_picture(seed):
+    scene = random_scene(random.Random(seed))
+    image = render(scene, 96)
+    text = caption(scene)
+    assert text.startswith("a photo of a") and f" {scene.colour} {scene.cls} " in f"{text} "
+    # the colour named is painted, the ground named is there, the class named is the shape drawn
+    assert pixels_of(image, COLOURS[scene.colour]).sum() > 40
+    assert pixels_of(image, GROUND[scene.background])[-3:].sum() > 20 or scene.background == "night sky"
+    if scene.background == "night sky":
+        assert pixels_of(image, GROUND["night sky"]).mean() > 0.4
+    assert classify(image, scene.colour) == scene.cls
+
+
+def test_subject_is_a_checkered_cup_the_base_world_never_draws():
+    photos = subject_photos()
+    assert len(photos) == 5 and len({s.background for _, s in photos}) > 2
+    for image, scene in photos:
+        assert scene.subject and scene.cls == "cup" and scene.colour == "blue"
+        painted = pixels_of(image, COLOURS["blue"]).sum()
+        white = pixels_of(image, (250, 250, 250)).sum()
+        assert painted > 30 and white > 30  # two-tone: the checkerboard
+    rng = random.Random(1)
+    assert not any(random_scene(rng).subject for _ in range(200))
+    plain = replace(photos[0][1], subject=False)
+    assert pixels_of(render(plain), (250, 250, 250)).sum() < pixels_of(photos[0][0], (250, 250, 250)).sum()
+
+
+def test_captions_with_an_identifier():
+    scene = Scene("cup", "orange", "night sky", "small", 0.5, 0.5, 1, subject=True)
+    assert caption(scene) == "a photo of an orange cup under the night sky"
+    assert caption(scene, identifier="sks") == "a photo of an orange sks cup under the night sky"
