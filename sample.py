@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from PIL.PngImagePlugin import PngInfo
 
-from minidb.fetch import DEFAULT_MODEL, how_to_get_weights
+from minidb.fetch import DEFAULT_MODEL, default_model, how_to_get_weights
 from minidb.files import ModelFileError, atomic_write
 from minidb.info import HELP as MODEL_HELP
 from minidb.load import load
@@ -31,8 +31,9 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=MODEL_HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=str(DEFAULT_MODEL),
-                   help="a diffusers folder or a .safetensors/.ckpt file, base or trained (default: %(default)s)")
+    p.add_argument("--model", default=None,
+                   help="a diffusers folder or a .safetensors/.ckpt file, base or trained (default: SD 1.5 in "
+                        "weights/ once `python -m minidb.fetch` has downloaded it, else the toy model weights/toy.safetensors)")
     p.add_argument("--prompt", required=True, help="what to draw; at most 75 CLIP tokens are read")
     p.add_argument("--negative-prompt", default="", help="what to steer away from (default: empty)")
     p.add_argument("--n", type=int, default=1, help="number of images, drawn as one batch (default: 1)")
@@ -102,6 +103,7 @@ def save_png(image, path, text):
 
 def main(argv=None):
     args = parse_args(argv)
+    args.model = args.model or str(default_model())  # SD 1.5 once fetched, else the toy model
     problem = check(args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)

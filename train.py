@@ -2,8 +2,8 @@
 
     python train.py --images ./dog --class dog
 
-The subject is named by a rare token [V] (printed at start); afterwards "a photo of [V] dog on the
-beach" draws *this* dog. To keep "a dog" meaning any dog, every step also trains on images the
+The subject is named by a rare token [V] (printed at start); afterwards "a photo of a [V] dog on
+the beach" draws *this* dog. To keep "a dog" meaning any dog, every step also trains on images the
 frozen model drew for "a photo of a dog" (the class-specific prior-preservation loss).
 
 The run writes into --out: checkpoints/ (resumable with --resume), validation/ grids, log.jsonl,
@@ -28,8 +28,9 @@ from tqdm import tqdm
 from minidb.data import DataError, load_images
 from minidb.dreambooth import (class_prior, dreambooth_loss, latest_state, load_state, min_snr_weights,
                                pick_identifier, plot_losses, save_state)
-from minidb.fetch import DEFAULT_MODEL, how_to_get_weights
+from minidb.fetch import DEFAULT_MODEL, default_model, how_to_get_weights
 from minidb.files import ModelFileError, atomic_write, replace_folder
+from minidb.info import HELP as MODEL_HELP
 from minidb.load import load
 from minidb.pipeline import SAMPLERS, decode, grid, sample_latents
 from minidb.save import save_diffusers, save_single_file
@@ -38,12 +39,14 @@ from minidb.vae import LATENT_SCALE
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 2)[2] + "\n" + MODEL_HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--images", required=True, help="folder with 3-5 photos of the subject (JPEG, PNG or WebP)")
     a("--class", dest="class_name", required=True, help="what the subject is, e.g. dog, backpack")
-    a("--model", default=str(DEFAULT_MODEL), help="base model: a diffusers folder or a .safetensors/.ckpt file (default: %(default)s)")
+    a("--model", default=None, help="base model: a diffusers folder or a .safetensors/.ckpt file (default: SD 1.5 in "
+      "weights/ once `python -m minidb.fetch` has downloaded it, else the toy model weights/toy.safetensors)")
     a("--out", default="runs/dreambooth", help="output folder; must be new or empty unless --resume (default: %(default)s)")
     a("--identifier", default=None, help="the subject's token [V] (default: a rare CLIP token of <= 3 letters)")
     a("--instance-prompt", default=None, help="caption of the subject photos (default: 'a photo of a [V] CLASS')")
@@ -72,7 +75,9 @@ def parse_args(argv=None):
     a("--save-dtype", choices=["fp16", "fp32"], default="fp16", help="dtype of the exported model (default: %(default)s)")
     a("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     a("--seed", type=int, default=0, help="seed for everything random; same seed, same run (bitwise, on the CPU) (default: %(default)s)")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--prediction-type", choices=["epsilon", "v_prediction"], default=None,
+      help="override the base model's detected prediction type (see below)")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu (default: %(default)s)")
     return p.parse_args(argv)
 
 
@@ -114,6 +119,7 @@ def fail(message, code=2):
 
 def main(argv=None):
     args = parse_args(argv)
+    args.model = args.model or str(default_model())  # SD 1.5 once fetched, else the toy model
     problem = check(args)
     if problem:
         fail(problem)
@@ -127,7 +133,8 @@ def main(argv=None):
 
     # ---- setup: model, identifier, data ----
     try:
-        model = load(args.model, dtype=torch.float32, device=device)  # fp32 master weights
+        # fp32 master weights; mixed precision autocasts the compute
+        model = load(args.model, dtype=torch.float32, device=device, prediction_type=args.prediction_type)
         resolution = args.resolution or model.resolution
         images = load_images(args.images, resolution, flip=args.flip)[0]
         class_photos = load_images(args.class_dir, resolution)[0] if args.class_dir and args.prior_weight else None

@@ -35,12 +35,19 @@ DEFAULT_URL = ("https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1
 # The Git LFS object id of the file on Hugging Face; AUTOMATIC1111 shows its first ten digits, 6ce0161689.
 DEFAULT_SHA256 = "6ce0161689b3853acaa03779ec93eafe75a02f4ced659bee03f50797806fa2fa"
 DEFAULT_MODEL = WEIGHTS / "v1-5-pruned-emaonly.safetensors"
+TOY_MODEL = WEIGHTS / "toy.safetensors"  # ships with minidb: the toy world's base model (minidb/lab.py)
 CHUNK = 1 << 20  # bytes read and hashed at a time
 TIMEOUT = 60  # seconds without a byte before we give up (the .part file stays for resuming)
 
 
 class FetchError(Exception):
     """A download that did not end with a verified file. The message is one sentence for the user."""
+
+
+def default_model():
+    """What --model means when it is not given: SD 1.5 once it has been fetched, else the small
+    toy model that ships with minidb, so that everything runs offline from a fresh clone."""
+    return DEFAULT_MODEL if DEFAULT_MODEL.exists() else TOY_MODEL
 
 
 def how_to_get_weights(path=DEFAULT_MODEL):

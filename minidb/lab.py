@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from minidb import text_encoder as te, unet as un, vae as va
 from minidb.dreambooth import pick_identifier
+from minidb.fetch import TOY_MODEL
 from minidb.files import read_tensors, write_safetensors
 from minidb.load import StableDiffusion, load
 from minidb.pipeline import decode, sample_latents
@@ -39,7 +40,6 @@ from minidb.tokenizer import Tokenizer
 from minidb.world import CLASSES, SUBJECT, caption, random_scene, render, subject_photos
 
 ROOT = Path(__file__).resolve().parent.parent
-TOY_MODEL = ROOT / "weights" / "toy.safetensors"
 TOY_PROBE = ROOT / "weights" / "toy-probe.safetensors"
 EXAMPLES = ROOT / "examples" / "checkered-cup"
 SIZE = 64  # image side; the VAE downsamples 4x, so the UNet sees 16x16 latents
@@ -263,6 +263,45 @@ def run_train_probe(args):
     print(f"wrote {args.out}")
 
 
+def run_ablation(args):
+    """The paper's Table 3 in miniature: DreamBooth on the subject with and without the prior loss,
+    for several seeds, each run exactly as a user would type it, then measured."""
+    import subprocess
+    import sys
+    from minidb.pipeline import grid
+    torch.set_grad_enabled(False)
+    probe, runs = load_probe(args.probe), {"with prior": [], "without prior": []}
+    for seed in args.seeds:
+        for name, extra in (("with prior", []), ("without prior", ["--prior-weight", "0"])):
+            out = Path(args.out) / f"{name.replace(' ', '-')}-seed{seed}"
+            if not (out / "model.safetensors").exists():
+                cmd = [sys.executable, str(ROOT / "train.py"), "--images", str(EXAMPLES), "--class", SUBJECT,
+                       "--model", str(args.model), "--out", str(out), "--seed", str(seed), *args.train_args.split(), *extra]
+                print(" ".join(cmd))
+                subprocess.run(cmd, check=True)
+            runs[name].append(out / "model.safetensors")
+    base = load(args.model, dtype=torch.float32)
+    identifier = identifier_of(runs["with prior"][0])
+    columns = {"base model": evaluate(base, identifier, probe, n=args.n, steps=args.steps)}
+    per_seed = {name: [evaluate(load(p, dtype=torch.float32), identifier_of(p), probe, n=args.n, steps=args.steps)
+                       for p in paths] for name, paths in runs.items()}
+    for name, results in per_seed.items():  # mean over seeds, spread = std of the per-seed means
+        columns[name] = {m: mean_spread([r[m][0] for r in results]) for m in results[0]}
+    print(f"\n{len(args.seeds)} seeds, {args.n} images per prompt; spread = std over seeds (base: over images)\n")
+    print_table(columns)
+    Path(args.json).write_text(json.dumps({"columns": columns, "per_seed": per_seed, "seeds": args.seeds,
+                                           "train_args": args.train_args}, indent=2) + "\n")
+    # a picture: base, with prior, without prior (seed of the first run), on a few prompts
+    prompts = [f"a photo of a {identifier} {SUBJECT} on the beach", f"a photo of a {identifier} {SUBJECT} on the snow",
+               f"a photo of a red {identifier} {SUBJECT}", f"a photo of a {SUBJECT}", f"a photo of a {SUBJECT} on the grass"]
+    rows = [base, load(runs["with prior"][0], dtype=torch.float32), load(runs["without prior"][0], dtype=torch.float32)]
+    tiles = [decode(m, sample_latents(m, prompt, steps=args.steps, seed=1, height=SIZE, width=SIZE, progress=False))[0]
+             for m in rows for prompt in prompts]
+    Path(args.picture).parent.mkdir(parents=True, exist_ok=True)
+    grid(tiles, cols=len(prompts)).resize((len(prompts) * 128, len(rows) * 128), 0).save(args.picture)
+    print(f"wrote {args.json} and {args.picture} (rows: base, with prior, without prior; columns: {prompts})")
+
+
 def write_examples(args):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -295,9 +334,19 @@ def main(argv=None):
     ev.add_argument("--n", type=int, default=4, help="images per prompt (default: %(default)s)")
     ev.add_argument("--steps", type=int, default=25, help="DDIM steps (default: %(default)s)")
     ev.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    ab = sub.add_parser("ablation", help="DreamBooth with vs without the prior loss, several seeds, measured")
+    ab.add_argument("--model", default=str(TOY_MODEL))
+    ab.add_argument("--probe", default=str(TOY_PROBE))
+    ab.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="(default: %(default)s)")
+    ab.add_argument("--train-args", default="", help="extra train.py arguments, e.g. '--steps 400 --lr 1e-4'")
+    ab.add_argument("--out", default="runs/ablation")
+    ab.add_argument("--n", type=int, default=4, help="images per prompt (default: %(default)s)")
+    ab.add_argument("--steps", type=int, default=25, help="DDIM steps (default: %(default)s)")
+    ab.add_argument("--json", default=str(ROOT / "bench" / "toy-ablation.json"))
+    ab.add_argument("--picture", default=str(ROOT / "docs" / "toy-ablation.png"))
     args = p.parse_args(argv)
     {"examples": write_examples, "train-base": train_base, "train-probe": run_train_probe,
-     "evaluate": run_evaluate}[args.command](args)
+     "evaluate": run_evaluate, "ablation": run_ablation}[args.command](args)
 
 
 if __name__ == "__main__":

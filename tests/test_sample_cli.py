@@ -90,9 +90,9 @@ def test_unwritable_out_folder(models, tmp_path):
     assert r.returncode == 2 and "Cannot write to --out" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_missing_default_weights_say_how_to_get_them(tmp_path):
+def test_missing_sd_weights_say_how_to_get_them(tmp_path):
     from minidb.fetch import DEFAULT_MODEL
     if Path(DEFAULT_MODEL).exists():
-        pytest.skip("this clone has the default weights")
-    r = sample("--prompt", "x", "--out", tmp_path)
+        pytest.skip("this clone has the SD 1.5 weights")
+    r = sample("--model", DEFAULT_MODEL, "--prompt", "x", "--out", tmp_path)
     assert r.returncode == 2 and "python -m minidb.fetch" in r.stderr

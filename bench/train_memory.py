@@ -1,0 +1,102 @@
+"""Activation memory of one DreamBooth training step, with and without train.py's memory savers.
+
+    python bench/train_memory.py                 # CPU: SD 1.5 shapes at 256 px, peak RSS
+    python bench/train_memory.py --device cuda   # GPU: 512 px, bf16 autocast, peak allocated
+
+Three settings, each in a fresh process, with SD 1.5-shaped random weights:
+  plain      each step encodes the two images with the VAE and the two prompts with the text
+             encoder, then UNet forward + backward + AdamW (what a script without caching does)
+  cached     latents and text embeddings computed once before training (train.py does this
+             whenever the VAE / text encoder are frozen), so a step is UNet + AdamW only
+  cached+gc  the same with --gradient-checkpointing
+The figure is the memory a step adds on top of the weights and optimizer state: the step is run
+once (AdamW allocates its state then), the peak is reset, and a second step is measured.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def rss_gb(field):
+    line = next(line for line in open("/proc/self/status") if line.startswith(field + ":"))
+    return int(line.split()[1]) / 2**20
+
+
+def worker(setting, device, size):
+    import torch
+    import torch.nn.functional as F
+    from bench.run import build
+    from minidb.vae import LATENT_SCALE
+    torch.set_num_threads(2)
+    unet = build("unet", "minidb", device, torch.float32).train().requires_grad_(True)
+    vae, text = build("vae", "minidb", device, torch.float32), build("text", "minidb", device, torch.float32)
+    unet.gradient_checkpointing = setting == "cached+gc"
+    opt = torch.optim.AdamW(unet.parameters(), lr=5e-6, weight_decay=1e-2)
+    amp = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
+    images = torch.rand(2, 3, size, size, device=device) * 2 - 1
+    ids = torch.randint(0, 49407, (2, 77), device=device)
+    with torch.no_grad():
+        cached = vae.encode(images).mean * LATENT_SCALE, text(ids)
+
+    def step():
+        if setting == "plain":
+            with torch.no_grad():
+                x0, ctx = vae.encode(images).sample() * LATENT_SCALE, text(ids)
+        else:
+            x0, ctx = cached
+        noise, t = torch.randn_like(x0), torch.tensor([100, 700], device=device)
+        with amp:
+            pred = unet(x0 + noise, t, ctx).float()  # the noising itself does not matter for memory
+        F.mse_loss(pred, noise).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # AdamW allocates its state here
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        before = rss_gb("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    t0 = time.perf_counter()
+    step()
+    seconds = time.perf_counter() - t0
+    if device == "cuda":
+        extra = (torch.cuda.max_memory_allocated() - before) / 2**30
+    else:
+        extra = rss_gb("VmHWM") - before
+    return {"setting": setting, "step_gb": extra, "seconds": seconds}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    size = 512 if args.device == "cuda" else 256
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.device, size)))
+        return
+    rows = []
+    for setting in ("plain", "cached", "cached+gc"):
+        r = subprocess.run([sys.executable, __file__, "--device", args.device, "--worker", setting],
+                           capture_output=True, text=True)
+        if r.returncode:
+            sys.exit(f"error: {setting} failed:\n{r.stderr[-2000:]}")
+        rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+        print(f"{setting:10s} step adds {rows[-1]['step_gb']:.2f} GB, {rows[-1]['seconds']:.1f} s", flush=True)
+    print(f"\n| setting ({size} px, {args.device}) | memory a step adds, GB | step s |\n|---|---|---|")
+    for r in rows:
+        print(f"| {r['setting']} | {r['step_gb']:.2f} | {r['seconds']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
