@@ -110,16 +110,17 @@ def _config(cls, d):  # dataclass from a JSON dict (JSON turns tuples into lists
 
 # ---- diffusers folders ----
 
-WEIGHT_NAMES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+_DIFFUSERS = ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+              "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin"]
+WEIGHT_FILES = {"unet": _DIFFUSERS, "vae": _DIFFUSERS,  # in order of preference
+                "text_encoder": ["model.safetensors", "model.fp16.safetensors", "pytorch_model.bin", "pytorch_model.fp16.bin"]}
 
 
 def _weights(folder, part):
-    stem = WEIGHT_NAMES[part]
-    for name in (f"{stem}.safetensors", f"{stem}.fp16.safetensors", "pytorch_model.bin" if part == "text_encoder"
-                 else f"{stem}.bin", "pytorch_model.fp16.bin" if part == "text_encoder" else f"{stem}.fp16.bin"):
+    for name in WEIGHT_FILES[part]:
         if (folder / part / name).is_file():
             return read_tensors(folder / part / name)[0]
-    raise ModelFileError(f"{folder / part} has no weights file ({stem}.safetensors or .bin); "
+    raise ModelFileError(f"{folder / part} has no weights file ({WEIGHT_FILES[part][0]} or another variant); "
                          "the diffusers folder is incomplete.")
 
 
@@ -130,9 +131,13 @@ def _load_diffusers(folder, dtype, device, prediction_type):
     try:
         ucfg = unet_config_from_diffusers(read_json(folder / "unet" / "config.json"))
         vcfg = vae_config_from_diffusers(read_json(folder / "vae" / "config.json"))
+        tcfg = text_config_from_transformers(read_json(folder / "text_encoder" / "config.json"))
+    except KeyError as e:
+        raise ModelFileError(f"{folder}: a config.json lacks the entry {e}, so it is not an SD 1.x / 2.x folder.") from None
+    except ModelFileError:
+        raise
     except ValueError as e:
         raise ModelFileError(f"{folder}: {e}.") from None
-    tcfg = text_config_from_transformers(read_json(folder / "text_encoder" / "config.json"))
     version = "SD 1.x" if tcfg.activation == "quick_gelu" else "SD 2.x"
 
     unet = _fill(un.UNet, ucfg, _from_diffusers_names(un.UNet, ucfg, unet_blocks(ucfg), _weights(folder, "unet")),

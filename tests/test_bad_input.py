@@ -175,3 +175,19 @@ def test_failed_write_leaves_the_old_file_and_no_debris(tiny, tmp_path, monkeypa
         save_single_file(tiny[0], path)
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["model.safetensors"]
+
+
+def test_diffusers_config_of_another_kind(tiny, tmp_path):
+    import json
+    save_diffusers(tiny[0], tmp_path / "m")
+    path = tmp_path / "m" / "unet" / "config.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({**config, "addition_embed_type": "text_time"}))  # SDXL's UNet has this
+    with pytest.raises(ModelFileError) as e:
+        load(tmp_path / "m")
+    assert "another kind of model" in one_sentence(e)
+    del config["block_out_channels"]
+    path.write_text(json.dumps(config))
+    with pytest.raises(ModelFileError) as e:
+        load(tmp_path / "m")
+    assert "lacks the entry 'block_out_channels'" in one_sentence(e)
