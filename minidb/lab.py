@@ -163,10 +163,15 @@ def train_unet(vae, minutes, steps, batch, seed, lr=5e-4, dataset=20000, ema_dec
 
 def train_base(args):
     t0 = time.time()
-    vae = train_vae(args.vae_steps, 16, args.seed)
-    std = rescale_latents(vae, args.seed)
-    print(f"VAE done in {(time.time() - t0) / 60:.1f} min; latent std was {std:.3f}, now rescaled to 1")
-    unet, text, tokenizer = train_unet(vae, args.minutes - (time.time() - t0) / 60, args.steps, args.batch, args.seed)
+    if args.vae_from:  # stage 1 is deterministic by seed: an earlier run's VAE is the same one
+        vae = load(args.vae_from, dtype=torch.float32).vae.requires_grad_(False)
+        print(f"VAE taken from {args.vae_from}")
+    else:
+        vae = train_vae(args.vae_steps, 16, args.seed)
+        std = rescale_latents(vae, args.seed)
+        print(f"VAE done in {(time.time() - t0) / 60:.1f} min; latent std was {std:.3f}, now rescaled to 1")
+    unet, text, tokenizer = train_unet(vae, args.minutes - (time.time() - t0) / 60, args.steps, args.batch, args.seed,
+                                       lr=args.lr)
     model = StableDiffusion(tokenizer, text, vae, unet, "SD 1.x", "epsilon")
     save_single_file(model, args.out, dtype=torch.float16)
     print(f"wrote {args.out} ({Path(args.out).stat().st_size / 2**20:.1f} MB) after {(time.time() - t0) / 60:.1f} min")
@@ -319,8 +324,10 @@ def main(argv=None):
     base.add_argument("--out", default=str(TOY_MODEL))
     base.add_argument("--minutes", type=float, default=55, help="time budget, VAE included (default: %(default)s)")
     base.add_argument("--steps", type=int, default=20000, help="UNet steps, if time allows (default: %(default)s)")
-    base.add_argument("--vae-steps", type=int, default=1500, help="(default: %(default)s)")
-    base.add_argument("--batch", type=int, default=64, help="(default: %(default)s)")
+    base.add_argument("--vae-steps", type=int, default=1000, help="(default: %(default)s)")
+    base.add_argument("--batch", type=int, default=32, help="UNet stage (default: %(default)s)")
+    base.add_argument("--lr", type=float, default=1.5e-3, help="UNet stage peak learning rate (default: %(default)s)")
+    base.add_argument("--vae-from", default=None, help="skip stage 1: take the VAE of a model trained earlier")
     base.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     pr = sub.add_parser("train-probe", help="train the measuring probe on the world")
     pr.add_argument("--model", default=str(TOY_MODEL), help="its VAE softens half the training pictures")
