@@ -1,7 +1,7 @@
 """The toy lab: train a small text-to-image model on the toy world, and measure DreamBooth in it.
 
     python -m minidb.lab examples             # render the subject's photos into examples/checkered-cup/
-    python -m minidb.lab train-base           # the base model -> weights/toy.safetensors (~50 min, 2 cores)
+    python -m minidb.lab train-base           # the base model -> weights/toy.safetensors (~58 min, 2 cores)
     python -m minidb.lab train-probe          # the measuring probe -> weights/toy-probe.safetensors
     python -m minidb.lab evaluate --model M   # the paper's metrics for a model, as a table
     python -m minidb.lab ablation             # DreamBooth with vs without the prior loss, several seeds
@@ -322,7 +322,7 @@ def main(argv=None):
     ex.add_argument("--out", default=str(EXAMPLES))
     base = sub.add_parser("train-base", help="train the toy base model from scratch")
     base.add_argument("--out", default=str(TOY_MODEL))
-    base.add_argument("--minutes", type=float, default=55, help="time budget, VAE included (default: %(default)s)")
+    base.add_argument("--minutes", type=float, default=56, help="time budget, VAE included (default: %(default)s)")
     base.add_argument("--steps", type=int, default=20000, help="UNet steps, if time allows (default: %(default)s)")
     base.add_argument("--vae-steps", type=int, default=1000, help="(default: %(default)s)")
     base.add_argument("--batch", type=int, default=32, help="UNet stage (default: %(default)s)")
