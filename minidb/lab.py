@@ -258,7 +258,8 @@ def run_train_probe(args):
     vae = load(args.model, dtype=torch.float32).vae
     probe = train_probe(to_tensor, vae=vae, steps=args.steps, seed=args.seed)
     write_safetensors(args.out, probe.state_dict())
-    scenes = [random_scene(random.Random(args.seed + 1), subject=i % 4 == 0) for i in range(256)]
+    rng = random.Random(args.seed + 1)  # one generator for all: 256 different pictures
+    scenes = [random_scene(rng, subject=i % 4 == 0) for i in range(256)]
     with torch.no_grad():
         _, seen = read(probe, to_tensor([render(s) for s in scenes]))
     truth = {"class": [s.cls for s in scenes], "colour": [s.colour for s in scenes],
