@@ -333,7 +333,7 @@ def main(argv=None):
     pr = sub.add_parser("train-probe", help="train the measuring probe on the world")
     pr.add_argument("--model", default=str(TOY_MODEL), help="its VAE softens half the training pictures")
     pr.add_argument("--out", default=str(TOY_PROBE))
-    pr.add_argument("--steps", type=int, default=1500, help="(default: %(default)s)")
+    pr.add_argument("--steps", type=int, default=800, help="(default: %(default)s)")
     pr.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     ev = sub.add_parser("evaluate", help="subject fidelity, prompt fidelity, PRES, DIV of models")
     ev.add_argument("--model", nargs="+", default=[str(TOY_MODEL)], help="one or more models, compared side by side")
