@@ -25,15 +25,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def rss_gb(field):
-    line = next(line for line in open("/proc/self/status") if line.startswith(field + ":"))
-    return int(line.split()[1]) / 2**20
-
-
 def worker(setting, device, size):
     import torch
     import torch.nn.functional as F
-    from bench.run import build
+    from bench.run import build, rss_gb
     from minidb.vae import LATENT_SCALE
     torch.set_num_threads(2)
     unet = build("unet", "minidb", device, torch.float32).train().requires_grad_(True)

@@ -55,7 +55,7 @@ def labels(scenes):
             for name, values in HEADS.items()}
 
 
-def train_probe(to_tensor, vae=None, steps=1500, batch=64, seed=0, subject_share=0.25):
+def train_probe(to_tensor, vae=None, steps=800, batch=64, seed=0, subject_share=0.25):
     """Train on fresh world pictures, a quarter of them the subject (in any colour). Half of each
     batch goes through the toy VAE first, so the probe also reads the VAE's softer pictures."""
     torch.manual_seed(seed)

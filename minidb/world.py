@@ -87,7 +87,7 @@ def _background(draw, name, s, rng):
             draw.line([0, y, s, y], fill=(108, 66, 34), width=max(s // 64, 1))
 
 
-def _paint(image, mask, scene, rng):
+def _paint(image, mask, scene):
     """Fill the object's mask with its colour, or, for the subject, a colour-and-white checkerboard."""
     colour = COLOURS[scene.colour]
     fill = Image.new("RGB", image.size, colour)
@@ -102,7 +102,7 @@ def _paint(image, mask, scene, rng):
 
 
 def _shape(cls, cx, cy, h, rng):
-    """Draw the object's silhouette into a mask (list of draw calls on a mask image)."""
+    """A function that draws the object's silhouette, in white, into a mask image."""
     def draw(mask):
         d = ImageDraw.Draw(mask)
         if cls == "ball":
@@ -133,7 +133,7 @@ def render(scene, size=64):
     cx, cy = scene.x * size, scene.y * size
     mask = Image.new("L", (size, size), 0)
     _shape(scene.cls, cx, cy, h, rng)(mask)
-    _paint(image, mask, scene, rng)
+    _paint(image, mask, scene)
     draw = ImageDraw.Draw(image)
     if scene.cls == "ball":  # a highlight, so a ball reads as round
         r = h / 8
