@@ -1,0 +1,86 @@
+"""What train.py and sample.py share at the command line: argument types that refuse a bad value
+before any work starts, the device check, and the way an error or a Ctrl-C reaches the user.
+
+A bad value ends the run with one sentence and exit code 2 (argparse's own convention); Ctrl-C
+ends it with exit code 130, the shell's code for SIGINT.
+"""
+
+import argparse
+import math
+import sys
+import warnings
+
+import torch
+
+SEED_MAX = 2**63 - 1  # torch.Generator takes 64 bits; batches use seed + i, which must still fit
+
+
+def number(kind=float, low=None, high=None, above=None):
+    """An argparse type: a finite `kind` with low <= x <= high and x > above (each bound optional).
+
+    NaN and infinity are refused everywhere: a NaN learning rate or guidance scale runs to the end
+    and writes a model or picture of NaNs.
+    """
+    def parse(text):
+        try:
+            x = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'a whole number' if kind is int else 'a number'}")
+        if isinstance(x, float) and not math.isfinite(x):
+            raise argparse.ArgumentTypeError(f"must be a finite number, not {text}")
+        if (low is not None and x < low) or (high is not None and x > high) or (above is not None and x <= above):
+            raise argparse.ArgumentTypeError(f"must be {_range(low, high, above)}, not {text}")
+        return x
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def _range(low, high, above):
+    if above is not None:
+        return f"above {above}" + (f" and at most {high}" if high is not None else "")
+    if low is not None and high is not None:
+        return f"between {low} and {high}"
+    return f"at least {low}" if low is not None else f"at most {high}"
+
+
+def text(value):
+    """An argparse type for prompts, class names and tokens: non-empty, valid UTF-8."""
+    try:
+        value.encode("utf-8")  # undecodable bytes in argv arrive as lone surrogates, which fail here
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError("is not valid UTF-8 text; check your terminal's encoding") from None
+    if not value.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return value
+
+
+def check_device(name):
+    """One sentence if `name` is not a device this machine has, else None."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return f"--device {name!r} is not a device name; use cpu, or cuda (cuda:N for the N-th GPU)."
+    if device.type == "cpu":
+        return None
+    if device.type != "cuda":
+        return f"--device {name} is not supported; use cpu, or cuda (cuda:N for the N-th GPU)."
+    if not torch.cuda.is_available():
+        return f"--device {name} was asked for, but PyTorch sees no CUDA GPU; use --device cpu."
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        return f"--device {name} names a GPU this machine lacks (it has {torch.cuda.device_count()}); use cuda:0."
+    return None
+
+
+def fail(message, code=2):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def run(main, interrupted="interrupted."):
+    """Run a script's main(): warnings as one 'warning:' line, Ctrl-C as a sentence and exit 130."""
+    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print(f"\n{interrupted}", file=sys.stderr)
+        sys.exit(130)
