@@ -89,3 +89,31 @@ def assert_close(a, b, rtol=1e-5, atol=1e-5):
     assert scale > 1e-3, "reference output is ~0: the comparison would prove nothing"
     err = (a - b).abs().max().item()
     assert err <= atol * scale + rtol * scale, f"max abs error {err:.3g} at output scale {scale:.3g}"
+
+
+def _global_state():
+    environment = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
+    return {"environment": environment, "default dtype": torch.get_default_dtype(),
+            "grad enabled": torch.is_grad_enabled(), "cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
+            "cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32}
+
+
+@pytest.fixture(autouse=True)
+def global_state_is_restored():
+    """Every test leaves the environment variables and torch's global switches as it found them, so
+    a test that leaks state (say MINIDB_ATTENTION=triton) fails itself instead of tests after it."""
+    before = _global_state()
+    yield
+    after = _global_state()
+    if after != before:  # put it back, so that only this test fails
+        os.environ.clear()
+        os.environ.update(before["environment"])
+        torch.set_default_dtype(before["default dtype"])
+        torch.set_grad_enabled(before["grad enabled"])
+        torch.backends.cudnn.allow_tf32 = before["cudnn.allow_tf32"]
+        torch.backends.cuda.matmul.allow_tf32 = before["cuda.matmul.allow_tf32"]
+    changed = {k: (before[k], after[k]) for k in before if before[k] != after[k]}
+    if "environment" in changed:
+        old, new = changed.pop("environment")
+        changed.update({f"${k}": (old.get(k), new.get(k)) for k in old.keys() | new.keys() if old.get(k) != new.get(k)})
+    assert not changed, f"the test changed global state and left it so (before, after): {changed}"

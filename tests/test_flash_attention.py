@@ -129,11 +129,22 @@ def test_bad_inputs_are_clear_errors():
 
 # ---- the dispatch (minidb.attention) ----
 
+@pytest.fixture
+def no_tf32():
+    """TF32 off, as on a GPU TF32 convs and matmuls would round the kernel's 1e-7 differences up.
+    Set and restored by hand: monkeypatch restores with delattr on pytest >= 9.2, which torch's
+    cuBLAS switch refuses, and a failed restore would leak into every later test."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @pytest.mark.parametrize("family", ["SD 1.x", "SD 2.x"])  # conv/linear projections, 2 heads/head dim 16, upcast
-def test_unet_through_the_kernel_matches_math(monkeypatch, kernel_calls, family):
+def test_unet_through_the_kernel_matches_math(monkeypatch, kernel_calls, no_tf32, family):
     # Forward and backward of a tiny UNet, every attention through the kernel, against the math backend.
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # on a GPU: TF32 convs would round
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # the kernel's 1e-7 differences up
     unet = randomize_(un.UNet(TINY_UNET[family])).to(DEVICE)
     g = torch.Generator().manual_seed(0)
     x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, TINY_UNET[family].context_dim, generator=g)
