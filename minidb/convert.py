@@ -12,6 +12,7 @@ as transformers names CLIP (text encoder). Two other layouts exist on users' dis
 Each map is computed from a config and used in both directions: loading and saving.
 """
 
+import json
 import re
 
 import torch
@@ -157,6 +158,30 @@ def native_to_openclip(native):
 
 # ---- diffusers / transformers config.json <-> minidb configs ----
 
+# What a config entry must hold: (test, the words for an error message).
+COUNT = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive whole number")
+COUNTS = (lambda v: isinstance(v, list) and len(v) > 0 and all(COUNT[0](x) for x in v),
+          "a list of positive whole numbers")
+COUNT_OR_COUNTS = (lambda v: COUNT[0](v) or COUNTS[0](v), "a positive whole number or a list of them")
+FLAG = (lambda v: isinstance(v, bool), "true or false")
+NAMES = (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of names")
+NUMBER = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number")
+TEXT_ACTIVATIONS = ("quick_gelu", "gelu")  # the two that minidb/text_encoder.py implements
+
+
+def entry(c, key, kind, default=KeyError):
+    """c[key], or `default` if absent; a wrong type raises a ValueError that names the entry.
+    Without a default a missing entry raises KeyError(key)."""
+    if key not in c and default is not KeyError:
+        return default
+    test, words = kind
+    if not test(c[key]):
+        shown = json.dumps(c[key])
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        raise ValueError(f'"{key}" is {shown} where {words} belongs; fix the entry or get the folder again')
+    return c[key]
+
+
 UNSUPPORTED_UNET_OPTIONS = {  # option: the value SD 1.x / 2.x use; anything else is another model
     "class_embed_type": None, "addition_embed_type": None, "num_class_embeds": None, "encoder_hid_dim": None,
     "transformer_layers_per_block": 1, "only_cross_attention": False, "dual_cross_attention": False,
@@ -167,22 +192,38 @@ UNSUPPORTED_UNET_OPTIONS = {  # option: the value SD 1.x / 2.x use; anything els
 
 def unet_config_from_diffusers(c):
     odd = {k: c[k] for k, v in UNSUPPORTED_UNET_OPTIONS.items() if c.get(k, v) != v}
-    if c.get("in_channels", 4) != 4:
+    if entry(c, "in_channels", COUNT, 4) != 4:
         odd["in_channels"] = c["in_channels"]  # 9: inpainting, 8: instruct-pix2pix, 5: depth
     if odd:
         raise ValueError(f"this UNet has options SD 1.x/2.x never use ({odd}), so it is another kind of model, "
                          "which minidb does not support yet")
-    chans = c["block_out_channels"]
-    heads = c.get("num_attention_heads") or c["attention_head_dim"]  # diffusers' "head_dim" counts heads
+    chans = _level_channels(c)
+    down = entry(c, "down_block_types", NAMES)
+    if len(down) != len(chans):
+        raise ValueError(f'"down_block_types" names {len(down)} blocks but "block_out_channels" {len(chans)}; '
+                         "fix the entries or get the folder again")
+    # diffusers' "attention_head_dim" counts heads; newer configs say so in "num_attention_heads" (null in most).
+    heads = entry(c, "attention_head_dim" if c.get("num_attention_heads") is None else "num_attention_heads",
+                  COUNT_OR_COUNTS)
     heads = [heads] * len(chans) if isinstance(heads, int) else list(heads)
     same_count = len(set(heads)) == 1
     return UNetConfig(
-        in_channels=c.get("in_channels", 4), out_channels=c.get("out_channels", 4), model_channels=chans[0],
-        channel_mult=tuple(ch // chans[0] for ch in chans), num_res_blocks=c["layers_per_block"],
-        attention_levels=tuple(i for i, t in enumerate(c["down_block_types"]) if t.startswith("CrossAttn")),
+        in_channels=entry(c, "in_channels", COUNT, 4), out_channels=entry(c, "out_channels", COUNT, 4),
+        model_channels=chans[0], channel_mult=tuple(ch // chans[0] for ch in chans),
+        num_res_blocks=entry(c, "layers_per_block", COUNT),
+        attention_levels=tuple(i for i, t in enumerate(down) if t.startswith("CrossAttn")),
         num_heads=heads[0] if same_count else 0, head_dim=0 if same_count else chans[0] // heads[0],
-        context_dim=c["cross_attention_dim"], linear_proj=c.get("use_linear_projection", False),
-        upcast_attention=c.get("upcast_attention", False), sample_size=c.get("sample_size", 64))
+        context_dim=entry(c, "cross_attention_dim", COUNT),
+        linear_proj=entry(c, "use_linear_projection", FLAG, False),
+        upcast_attention=entry(c, "upcast_attention", FLAG, False), sample_size=entry(c, "sample_size", COUNT, 64))
+
+
+def _level_channels(c):  # "block_out_channels": each level a multiple of the first
+    chans = entry(c, "block_out_channels", COUNTS)
+    if any(ch % chans[0] for ch in chans):
+        raise ValueError(f'"block_out_channels" {chans} are not all multiples of the first; '
+                         "fix the entry or get the folder again")
+    return chans
 
 
 def unet_config_to_diffusers(cfg):
@@ -200,12 +241,13 @@ def unet_config_to_diffusers(cfg):
 
 
 def vae_config_from_diffusers(c):
-    if c.get("scaling_factor", LATENT_SCALE) != LATENT_SCALE or c.get("latents_mean") is not None:
+    if entry(c, "scaling_factor", NUMBER, LATENT_SCALE) != LATENT_SCALE or c.get("latents_mean") is not None:
         raise ValueError(f"this VAE scales latents by {c.get('scaling_factor')}, not SD's {LATENT_SCALE}, so it "
                          "belongs to another kind of model, which minidb does not support yet")
-    chans = c["block_out_channels"]
-    return VAEConfig(ch=chans[0], ch_mult=tuple(ch // chans[0] for ch in chans), num_res_blocks=c["layers_per_block"],
-                     z_channels=c.get("latent_channels", 4), in_channels=c.get("in_channels", 3))
+    chans = _level_channels(c)
+    return VAEConfig(ch=chans[0], ch_mult=tuple(ch // chans[0] for ch in chans),
+                     num_res_blocks=entry(c, "layers_per_block", COUNT),
+                     z_channels=entry(c, "latent_channels", COUNT, 4), in_channels=entry(c, "in_channels", COUNT, 3))
 
 
 def vae_config_to_diffusers(cfg, sample_size):
@@ -218,9 +260,15 @@ def vae_config_to_diffusers(cfg, sample_size):
 
 
 def text_config_from_transformers(c):
-    return TextEncoderConfig(vocab_size=c["vocab_size"], max_length=c["max_position_embeddings"],
-                             width=c["hidden_size"], layers=c["num_hidden_layers"], heads=c["num_attention_heads"],
-                             mlp_width=c["intermediate_size"], activation=c["hidden_act"])
+    activation = c["hidden_act"]
+    if activation not in TEXT_ACTIVATIONS:
+        raise ValueError(f'"hidden_act" is {json.dumps(activation)}, but SD\'s text encoders use "quick_gelu" (SD 1.x) '
+                         'or "gelu" (SD 2.x); fix the entry or get the folder again')
+    return TextEncoderConfig(
+        vocab_size=entry(c, "vocab_size", COUNT), max_length=entry(c, "max_position_embeddings", COUNT),
+        width=entry(c, "hidden_size", COUNT), layers=entry(c, "num_hidden_layers", COUNT),
+        heads=entry(c, "num_attention_heads", COUNT), mlp_width=entry(c, "intermediate_size", COUNT),
+        activation=activation)
 
 
 def text_config_to_transformers(cfg):

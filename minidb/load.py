@@ -5,13 +5,15 @@
 
 How minidb decides what a file is:
 - Version. A single file with `cond_stage_model.transformer.*` (OpenAI CLIP) is SD 1.x, one with
-  `cond_stage_model.model.*` (OpenCLIP) is SD 2.x; the UNet's context width (768 or 1024) must agree.
-  A diffusers folder's configs say it directly.
+  `cond_stage_model.model.*` (OpenCLIP) is SD 2.x. A diffusers folder's configs say it directly.
+- Architecture. A diffusers folder's config.json files give it. A single file that minidb wrote
+  carries its exact configs in its metadata; any other single file is read from its tensor shapes,
+  so smaller or pruned SD-style models load too (minidb/detect.py).
 - Prediction type (ε or v). A diffusers folder says it in scheduler/scheduler_config.json. A single
   file does not record it: SD 1.x files are ε; SD 2.x files are taken as v-prediction (the 768 models)
   when the weights look like it (ComfyUI's test: the std of one LayerNorm bias in the last up block
   above 0.09), else ε (the 512 "base" models). Pass prediction_type= to override the guess.
-  Files that minidb wrote carry their exact configs and prediction type in their metadata.
+  Files that minidb wrote carry their prediction type in their metadata.
 
 Loading is strict: every parameter must be filled from the file with the right shape, and every
 tensor in the file must be used, apart from known extras (EMA copies, optimizer and trainer state,
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from minidb import text_encoder as te, unet as un, vae as va
+from minidb import detect, text_encoder as te, unet as un, vae as va
 from minidb.convert import (native_to_diffusers_names, openclip_to_native, text_config_from_transformers,
                             unet_blocks, unet_config_from_diffusers, vae_attention_shape, vae_blocks,
                             vae_config_from_diffusers)
@@ -74,10 +76,20 @@ def load(path, dtype=None, device="cpu", prediction_type=None):
 
 # ---- shared by both layouts ----
 
+def _build(cls, cfg, what):
+    """`cls(cfg)` on the meta device: shapes only, no memory, no random init."""
+    try:
+        with torch.device("meta"):
+            return cls(cfg)
+    except (ValueError, RuntimeError, ZeroDivisionError) as e:  # e.g. channels that GroupNorm(32) cannot split
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelFileError(f"The {what} has an architecture minidb cannot build ({reason}); "
+                             "the file or its config is damaged.") from None
+
+
 def _fill(cls, cfg, tensors, dtype, device, what):
     """Build `cls(cfg)` without allocating it and assign `tensors` (native names) to it, strictly."""
-    with torch.device("meta"):
-        module = cls(cfg)
+    module = _build(cls, cfg, what)
     expected = module.state_dict()
     missing = [k for k in expected if k not in tensors]
     unexpected = [k for k in tensors if k not in expected]
@@ -96,16 +108,11 @@ def _few(keys, n=3):
     return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
 
 
-def _from_diffusers_names(module_cls, cfg, blocks, tensors):
+def _from_diffusers_names(module_cls, cfg, blocks, tensors, what):
     """Rename diffusers keys to native ones using the map derived from the config."""
-    with torch.device("meta"):
-        native_keys = module_cls(cfg).state_dict().keys()
+    native_keys = _build(module_cls, cfg, what).state_dict().keys()
     to_native = {d: n for n, d in native_to_diffusers_names(native_keys, blocks).items()}
     return {to_native.get(k, k): t for k, t in tensors.items()}
-
-
-def _config(cls, d):  # dataclass from a JSON dict (JSON turns tuples into lists)
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 # ---- diffusers folders ----
@@ -124,34 +131,60 @@ def _weights(folder, part):
                          "the diffusers folder is incomplete.")
 
 
+def _settings(path):
+    """A config file's JSON object; any other JSON value is one sentence naming the file."""
+    c = read_json(path)
+    if not isinstance(c, dict):
+        raise ModelFileError(f"{path} holds a JSON {type(c).__name__} where an object of settings belongs; "
+                             "the folder is damaged, so download or export it again.")
+    return c
+
+
+def _config(path, translate):
+    """A config.json -> minidb config, with every problem told as one sentence naming the file."""
+    try:
+        return translate(_settings(path))
+    except KeyError as e:
+        raise ModelFileError(f"{path} lacks the entry {e}, so it is not an SD 1.x / 2.x config; "
+                             "download or export the folder again.") from None
+    except ModelFileError:
+        raise
+    except ValueError as e:
+        raise ModelFileError(f"{path}: {e}.") from None
+
+
+def _scheduler_prediction_type(path):
+    if not path.is_file():
+        return "epsilon"
+    pred = _settings(path).get("prediction_type", "epsilon")
+    if pred not in detect.PREDICTION_TYPES:
+        raise ModelFileError(f"{path}: prediction_type is {json.dumps(pred)}, but minidb knows only "
+                             f"{' and '.join(detect.PREDICTION_TYPES)}; fix the entry or pass --prediction-type.")
+    return pred
+
+
 def _load_diffusers(folder, dtype, device, prediction_type):
     if not all((folder / p / "config.json").is_file() for p in ("unet", "vae", "text_encoder")):
         raise ModelFileError(f"{folder} is not a diffusers model folder: it needs unet/, vae/ and text_encoder/ "
                              "subfolders with config.json files.")
-    try:
-        ucfg = unet_config_from_diffusers(read_json(folder / "unet" / "config.json"))
-        vcfg = vae_config_from_diffusers(read_json(folder / "vae" / "config.json"))
-        tcfg = text_config_from_transformers(read_json(folder / "text_encoder" / "config.json"))
-    except KeyError as e:
-        raise ModelFileError(f"{folder}: a config.json lacks the entry {e}, so it is not an SD 1.x / 2.x folder.") from None
-    except ModelFileError:
-        raise
-    except ValueError as e:
-        raise ModelFileError(f"{folder}: {e}.") from None
+    ucfg = _config(folder / "unet" / "config.json", unet_config_from_diffusers)
+    vcfg = _config(folder / "vae" / "config.json", vae_config_from_diffusers)
+    tcfg = _config(folder / "text_encoder" / "config.json", text_config_from_transformers)
     version = "SD 1.x" if tcfg.activation == "quick_gelu" else "SD 2.x"
 
-    unet = _fill(un.UNet, ucfg, _from_diffusers_names(un.UNet, ucfg, unet_blocks(ucfg), _weights(folder, "unet")),
-                 dtype, device, f"UNet in {folder}")
-    vae_tensors = _from_diffusers_names(va.AutoencoderKL, vcfg, vae_blocks(vcfg), _weights(folder, "vae"))
+    what = f"UNet in {folder}"
+    unet_tensors = _from_diffusers_names(un.UNet, ucfg, unet_blocks(ucfg), _weights(folder, "unet"), what)
+    unet = _fill(un.UNet, ucfg, unet_tensors, dtype, device, what)
+    what = f"VAE in {folder}"
+    vae_tensors = _from_diffusers_names(va.AutoencoderKL, vcfg, vae_blocks(vcfg), _weights(folder, "vae"), what)
     vae_tensors = {k: vae_attention_shape(k, t, to_diffusers=False) for k, t in vae_tensors.items()}
-    vae = _fill(va.AutoencoderKL, vcfg, vae_tensors, dtype, device, f"VAE in {folder}")
+    vae = _fill(va.AutoencoderKL, vcfg, vae_tensors, dtype, device, what)
     # transformers 4 wrote the text encoder with a `text_model.` prefix, transformers 5 without.
     text = {k.removeprefix("text_model."): t for k, t in _weights(folder, "text_encoder").items()
             if not k.endswith("position_ids")}
     text_encoder = _fill(te.TextEncoder, tcfg, text, dtype, device, f"text encoder in {folder}")
 
-    scheduler = folder / "scheduler" / "scheduler_config.json"
-    pred = prediction_type or (read_json(scheduler).get("prediction_type", "epsilon") if scheduler.is_file() else "epsilon")
+    pred = prediction_type or _scheduler_prediction_type(folder / "scheduler" / "scheduler_config.json")
     tok_dir = folder / "tokenizer"
     tokenizer = Tokenizer.from_folder(tok_dir) if tok_dir.is_dir() else Tokenizer.for_version(version)
     return StableDiffusion(tokenizer, text_encoder, vae, unet, version, pred)
@@ -207,31 +240,20 @@ def _load_single_file(path, dtype, device, prediction_type):
                              f"({_few(leftover)}); it is not a plain SD 1.x / 2.x checkpoint.")
 
     version = "SD 2.x" if parts[OPENCLIP] else "SD 1.x"
-    saved = json.loads(metadata["minidb"]) if "minidb" in metadata else None
-    if saved:  # written by minidb: exact configs
-        ucfg, vcfg = _config(un.UNetConfig, saved["unet"]), _config(va.VAEConfig, saved["vae"])
-        tcfg = _config(te.TextEncoderConfig, saved["text_encoder"])
-        pred = prediction_type or saved["prediction_type"]
-    else:
-        pred = prediction_type or _guess_prediction_type(version, parts[UNET])
-        base = un.SD1 if version == "SD 1.x" else un.SD2
-        ucfg = un.UNetConfig(**{**asdict(base), "sample_size": 96 if pred == "v_prediction" else 64})
-        vcfg, tcfg = va.SD, te.SD1 if version == "SD 1.x" else te.SD2
-
-    if version == "SD 1.x":
+    if version == "SD 1.x":  # the text tower as the file names it: transformers' names, or OpenCLIP's
         text = {k.removeprefix("text_model."): t for k, t in parts[CLIP].items() if not _is_known_extra(k)}
     else:
-        text, _unused = openclip_to_native(parts[OPENCLIP], tcfg.layers)
+        text = parts[OPENCLIP]
+    if "minidb" in metadata:  # written by minidb: exact configs
+        ucfg, vcfg, tcfg, pred = detect.configs_from_metadata(metadata["minidb"], version, path)
+        pred = prediction_type or pred
+    else:
+        pred = prediction_type or detect.guess_prediction_type(version, parts[UNET])
+        ucfg = detect.unet_config(parts[UNET], version, pred, path)
+        vcfg, tcfg = detect.vae_config(parts[VAE], path), detect.text_config(text, version, path)
+    if version == "SD 2.x":
+        text, _unused = openclip_to_native(text, tcfg.layers)
     unet = _fill(un.UNet, ucfg, parts[UNET], dtype, device, f"{version} UNet in {path}")
     vae = _fill(va.AutoencoderKL, vcfg, parts[VAE], dtype, device, f"VAE in {path}")
     text_encoder = _fill(te.TextEncoder, tcfg, text, dtype, device, f"{version} text encoder in {path}")
     return StableDiffusion(Tokenizer.for_version(version), text_encoder, vae, unet, version, pred)
-
-
-def _guess_prediction_type(version, unet_tensors):
-    if version == "SD 1.x":
-        return "epsilon"
-    # ComfyUI's heuristic (supported_models.py, SD20.model_type): v-prediction training leaves this
-    # LayerNorm bias with a visibly larger spread than ε training does.
-    bias = unet_tensors.get("output_blocks.11.1.transformer_blocks.0.norm1.bias")
-    return "v_prediction" if bias is not None and bias.float().std(unbiased=False) > 0.09 else "epsilon"

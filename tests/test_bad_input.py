@@ -1,5 +1,6 @@
 """Bad files get one clear sentence, never a traceback from deep inside torch, and never run code."""
 
+import json
 import os
 import pickle
 
@@ -178,7 +179,6 @@ def test_failed_write_leaves_the_old_file_and_no_debris(tiny, tmp_path, monkeypa
 
 
 def test_diffusers_config_of_another_kind(tiny, tmp_path):
-    import json
     save_diffusers(tiny[0], tmp_path / "m")
     path = tmp_path / "m" / "unet" / "config.json"
     config = json.loads(path.read_text())
@@ -191,3 +191,106 @@ def test_diffusers_config_of_another_kind(tiny, tmp_path):
     with pytest.raises(ModelFileError) as e:
         load(tmp_path / "m")
     assert "lacks the entry 'block_out_channels'" in one_sentence(e)
+
+
+# ---- config.json with valid JSON of the wrong shape (issue 11) ----
+
+@pytest.fixture
+def folder(tiny, tmp_path):
+    save_diffusers(tiny[0], tmp_path / "m")
+    return tmp_path / "m"
+
+
+def edit_json(path, change):
+    path.write_text(json.dumps(change(json.loads(path.read_text()))))
+
+
+@pytest.mark.parametrize("part,entries,words", [
+    ("unet", {"block_out_channels": "abc"}, '"block_out_channels" is "abc" where a list of positive whole numbers'),
+    ("unet", {"layers_per_block": None}, '"layers_per_block" is null where a positive whole number'),
+    ("unet", {"cross_attention_dim": [32]}, '"cross_attention_dim" is [32] where a positive whole number'),
+    ("unet", {"use_linear_projection": "yes"}, '"use_linear_projection" is "yes" where true or false'),
+    ("unet", {"attention_head_dim": [2, "x"]}, '"attention_head_dim" is [2, "x"] where a positive whole number or'),
+    ("unet", {"down_block_types": None}, '"down_block_types" is null where a list of names'),
+    ("unet", {"block_out_channels": [32, 48]}, "are not all multiples of the first"),
+    ("unet", {"block_out_channels": [48, 96, 96]}, "has an architecture minidb cannot build"),  # GroupNorm(32, 48)
+    ("vae", {"block_out_channels": [32, "64"]}, '"block_out_channels" is [32, "64"]'),
+    ("vae", {"scaling_factor": "0.18215"}, '"scaling_factor" is "0.18215" where a number'),
+    ("text_encoder", {"hidden_size": 32.5}, '"hidden_size" is 32.5 where a positive whole number'),
+    ("text_encoder", {"num_hidden_layers": True}, '"num_hidden_layers" is true where a positive whole number'),
+    ("text_encoder", {"hidden_act": "banana"}, '"hidden_act" is "banana", but SD\'s text encoders use'),
+])
+def test_diffusers_config_with_wrong_types(folder, part, entries, words):
+    edit_json(folder / part / "config.json", lambda c: {**c, **entries})
+    with pytest.raises(ModelFileError) as e:
+        load(folder)
+    message = one_sentence(e)
+    # the file is named; a config that no model can be built from names the part in the folder
+    where = f"The UNet in {folder}" if "cannot build" in words else str(folder / part / "config.json")
+    assert words in message and where in message, message
+
+
+@pytest.mark.parametrize("part", ["unet", "vae", "text_encoder"])
+def test_diffusers_config_that_is_a_list(folder, part):
+    edit_json(folder / part / "config.json", lambda c: [c])
+    with pytest.raises(ModelFileError) as e:
+        load(folder)
+    assert f"{folder / part / 'config.json'} holds a JSON list where an object of settings belongs" in one_sentence(e)
+
+
+@pytest.mark.parametrize("change,words", [
+    (lambda c: {**c, "prediction_type": "banana"}, 'prediction_type is "banana", but minidb knows only epsilon and'),
+    (lambda c: {**c, "prediction_type": "sample"}, 'prediction_type is "sample"'),  # diffusers' x0: not supported
+    (lambda c: {**c, "prediction_type": None}, "prediction_type is null"),
+    (lambda c: [c], "holds a JSON list where an object of settings belongs"),
+])
+def test_scheduler_config_with_unknown_prediction_type(folder, change, words):
+    path = folder / "scheduler" / "scheduler_config.json"
+    edit_json(path, change)
+    with pytest.raises(ModelFileError) as e:
+        load(folder)
+    message = one_sentence(e)
+    assert words in message and str(path) in message, message
+    assert load(folder, prediction_type="epsilon").prediction_type == "epsilon"  # the user's word is enough
+
+
+# ---- minidb's own metadata in a safetensors header, damaged or from elsewhere (issue 11) ----
+# minidb refuses such a file rather than reading the architecture from the tensors: they do not
+# record a minidb model's head count, training size or upcast switch (see minidb/detect.py).
+
+def edited(m, part, **fields):
+    return json.dumps({**m, part: {**m[part], **fields}})
+
+
+@pytest.mark.parametrize("edit,words", [
+    (lambda m: "{not json", "it is not JSON"),
+    (lambda m: json.dumps([m]), "the metadata is a JSON list, not an object"),
+    (lambda m: json.dumps({**m, "banana": 1}), "the metadata has unknown fields banana"),
+    (lambda m: json.dumps({k: v for k, v in m.items() if k != "vae"}), "the metadata has no fields vae"),
+    (lambda m: json.dumps({**m, "prediction_type": "banana"}), 'prediction_type "banana" is not one of'),
+    (lambda m: json.dumps({**m, "version": "SD 3"}), 'version "SD 3" is not one of'),
+    (lambda m: json.dumps({**m, "version": "SD 2.x"}), "it says SD 2.x, but the text encoder is SD 1.x's"),
+    (lambda m: json.dumps({**m, "unet": [1]}), '"unet" is a JSON list, not an object'),
+    (lambda m: edited(m, "unet", extra=1), '"unet" has unknown fields extra'),
+    (lambda m: edited(m, "unet", num_heads="2"), 'unet.num_heads is "2", not a whole number'),
+    (lambda m: edited(m, "unet", channel_mult=None), "unet.channel_mult is null, not a list of whole numbers"),
+    (lambda m: edited(m, "unet", linear_proj=0), "unet.linear_proj is 0, not true or false"),
+    (lambda m: edited(m, "vae", ch=-32), "vae.ch is -32, not a whole number"),
+    (lambda m: edited(m, "text_encoder", activation="banana"), 'text_encoder.activation is "banana", not one of'),
+])
+def test_unusable_minidb_metadata(tiny, tmp_path, edit, words):
+    metadata = {**tiny[2], "minidb": edit(json.loads(tiny[2]["minidb"]))}
+    save_file(tiny[1], tmp_path / "m.safetensors", metadata=metadata)
+    with pytest.raises(ModelFileError) as e:
+        load(tmp_path / "m.safetensors")
+    message = one_sentence(e)
+    assert "carries minidb metadata that this minidb cannot use" in message and words in message, message
+
+
+def test_metadata_that_builds_no_model(tiny, tmp_path):
+    # Well-typed, but neither a head count nor a head width: no attention can be built.
+    metadata = {**tiny[2], "minidb": edited(json.loads(tiny[2]["minidb"]), "unet", num_heads=0, head_dim=0)}
+    save_file(tiny[1], tmp_path / "m.safetensors", metadata=metadata)
+    with pytest.raises(ModelFileError) as e:
+        load(tmp_path / "m.safetensors")
+    assert "UNet in" in one_sentence(e) and "has an architecture minidb cannot build" in one_sentence(e)
