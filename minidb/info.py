@@ -1,7 +1,8 @@
 """Say what a checkpoint is and prove that minidb loads it: `python -m minidb.info MODEL`.
 
 Prints the version, the prediction type and how it was decided, the configs and the parameter
-counts; with --convert it also writes the model in the other layout.
+counts; with --convert it also writes the model in the other layout. An existing target (such as a
+trained model) is only replaced with --overwrite, and then atomically: a crash leaves the old one.
 """
 
 import argparse
@@ -10,14 +11,15 @@ from pathlib import Path
 
 import torch
 
-from minidb.files import ModelFileError
+from minidb.files import ModelFileError, replace_folder
 from minidb.load import load
 from minidb.save import save_diffusers, save_single_file
 
 HELP = """\
 MODEL is a diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)
 or an original single file (.safetensors, or .ckpt read safely with weights_only). SD 1.x and SD 2.x
-text-to-image models are supported; SDXL, inpainting and other kinds are recognized and refused.
+text-to-image models are supported, smaller or pruned ones too (a single file's architecture is read
+from its tensors); SDXL, inpainting and other kinds are recognized and refused.
 
 How the prediction type (epsilon or v) is chosen:
   diffusers folder   scheduler/scheduler_config.json's "prediction_type".
@@ -37,12 +39,15 @@ def main(argv=None):
     parser.add_argument("--convert", metavar="OUT", default=None,
                         help="also write the model to OUT: a .safetensors path gives a single file, "
                              "any other path a diffusers folder")
+    parser.add_argument("--overwrite", action="store_true", help="let --convert replace an existing OUT")
     args = parser.parse_args(argv)
+    problem = args.convert and target_problem(Path(args.convert), args.overwrite)  # before the slow load
+    if problem:
+        return fail(problem)
     try:
         model = load(args.model, prediction_type=args.prediction_type)
     except ModelFileError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(str(e))
 
     print(f"{args.model}: {model.version}, predicts {model.prediction_type}, trained at {model.resolution} px")
     for name in ("unet", "vae", "text_encoder"):
@@ -53,12 +58,34 @@ def main(argv=None):
     print(f"  tokenizer     pads with id {model.tokenizer.pad_id}")
     if args.convert:
         out = Path(args.convert)
-        if out.suffix == ".safetensors":
-            save_single_file(model, out)
-        else:
-            save_diffusers(model, out)
+        try:
+            if out.suffix == ".safetensors":
+                save_single_file(model, out)
+            else:
+                replace_folder(out, lambda tmp: save_diffusers(model, tmp))
+        except OSError as e:
+            return fail(f"cannot write {out} ({e.strerror or e}); choose a place you can write to.")
         print(f"wrote {out}")
     return 0
+
+
+def fail(message):  # one sentence for the user, exit status 2
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def target_problem(out, overwrite):
+    """Why --convert must not write to `out`, or None. Only --overwrite replaces an existing file or
+    non-empty folder (such as a trained model), and never a file by a folder or a folder by a file."""
+    single = out.suffix == ".safetensors"
+    if not out.exists() or out.is_dir() and not single and not any(out.iterdir()):
+        return None  # an empty folder holds nothing to lose
+    if not overwrite:
+        return f"{out} already exists; pass --overwrite to replace it, or choose another path."
+    if out.is_dir() == single:
+        kind, wanted = ("a folder", "a .safetensors file") if single else ("a file", "a diffusers folder")
+        return f"{out} is {kind} and would be replaced by {wanted}; remove it first or choose another path."
+    return None
 
 
 if __name__ == "__main__":

@@ -1,12 +1,17 @@
 """`python -m minidb.info`: describes a model, converts it, and fails with one line on bad input."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from minidb import text_encoder as te, unet as un, vae as va
+from minidb.info import main
 from minidb.load import StableDiffusion, load
 from minidb.save import save_single_file
 from minidb.tokenizer import Tokenizer
@@ -43,3 +48,79 @@ def test_bad_model_is_one_line_without_traceback(tmp_path):
     r = run(tmp_path / "m.safetensors")
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+
+
+# ---- --convert never destroys what is there unless asked (issue 11) ----
+
+@pytest.fixture(scope="module")
+def tiny_file(tmp_path_factory):
+    torch.manual_seed(0)
+    model = StableDiffusion(Tokenizer.for_version("SD 1.x"), te.TextEncoder(te.TINY), va.AutoencoderKL(va.TINY),
+                            un.UNet(un.TINY), "SD 1.x", "epsilon")
+    path = tmp_path_factory.mktemp("tiny") / "m.safetensors"
+    save_single_file(model, path)
+    return path
+
+
+def error_line(capsys):
+    """The one line main() printed on failure, checked to be one sentence."""
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and err.endswith(".\n"), err
+    return err
+
+
+def test_convert_refuses_an_existing_target(tiny_file, tmp_path, capsys):
+    trained = tmp_path / "trained"
+    (trained / "unet").mkdir(parents=True)
+    (trained / "unet" / "mine.txt").write_text("a week of training")
+    single = tmp_path / "trained.safetensors"
+    single.write_bytes(b"my model")
+    for target in (trained, single):
+        assert main([str(tiny_file), "--convert", str(target)]) == 2
+        assert "already exists; pass --overwrite to replace it" in error_line(capsys)
+    assert (trained / "unet" / "mine.txt").read_text() == "a week of training"
+    assert single.read_bytes() == b"my model"
+
+    (tmp_path / "empty").mkdir()  # an empty folder holds nothing to lose
+    assert main([str(tiny_file), "--convert", str(tmp_path / "empty")]) == 0
+    assert load(tmp_path / "empty").version == "SD 1.x"
+
+
+def test_overwrite_replaces_the_target_whole(tiny_file, tmp_path, capsys):
+    trained = tmp_path / "trained"
+    (trained / "unet").mkdir(parents=True)
+    (trained / "unet" / "mine.txt").write_text("old")
+    single = tmp_path / "out.safetensors"
+    single.write_bytes(b"old")
+    for target in (trained, single):
+        assert main([str(tiny_file), "--convert", str(target), "--overwrite"]) == 0
+        assert load(target).version == "SD 1.x"
+    assert not (trained / "unet" / "mine.txt").exists()  # replaced, not merged into
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors", "trained"]  # no temporary debris
+
+    # a folder is not replaced by a file, nor a file by a folder
+    (tmp_path / "dir.safetensors").mkdir()
+    (tmp_path / "dir.safetensors" / "x").write_text("x")
+    assert main([str(tiny_file), "--convert", str(tmp_path / "dir.safetensors"), "--overwrite"]) == 2
+    assert "is a folder and would be replaced by a .safetensors file" in error_line(capsys)
+    (tmp_path / "plain").write_text("x")
+    assert main([str(tiny_file), "--convert", str(tmp_path / "plain"), "--overwrite"]) == 2
+    assert "is a file and would be replaced by a diffusers folder" in error_line(capsys)
+
+
+def test_convert_into_an_unwritable_place(tiny_file, tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    for target in ("a-file/out", "a-file/out.safetensors"):  # a folder cannot be made inside a file
+        r = run(tiny_file, "--convert", tmp_path / target)
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: cannot write") and "Traceback" not in r.stderr
+
+
+def test_unusable_metadata_is_an_error_not_a_description(tiny_file, tmp_path, capsys):
+    with safe_open(str(tiny_file), "pt") as f:
+        saved = json.loads(f.metadata()["minidb"])
+    save_file(load_file(tiny_file), tmp_path / "m.safetensors",
+              metadata={"minidb": json.dumps({**saved, "prediction_type": "banana"})})
+    assert main([str(tmp_path / "m.safetensors")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and err.startswith("error: ") and 'prediction_type "banana"' in err
