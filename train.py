@@ -6,9 +6,10 @@ The subject is named by a rare token [V] (printed at start); afterwards "a photo
 the beach" draws *this* dog. To keep "a dog" meaning any dog, every step also trains on images the
 frozen model drew for "a photo of a dog" (the class-specific prior-preservation loss).
 
-The run writes into --out: checkpoints/ (resumable with --resume), validation/ grids, log.jsonl,
-loss.png, and at the end the personalized model as a diffusers folder (model/) and as one
-original-layout file (model.safetensors), for sample.py, diffusers, AUTOMATIC1111 and ComfyUI.
+The run writes into its folder (a new runs/dreambooth-N each time, linked as runs/latest, unless
+--out names one): checkpoints/ (resumable with --resume), validation/ grids, log.jsonl, loss.png,
+and at the end the personalized model as a diffusers folder (model/) and as one original-layout
+file (model.safetensors), for sample.py, diffusers, AUTOMATIC1111 and ComfyUI.
 """
 
 import argparse
@@ -18,21 +19,21 @@ import signal
 import sys
 import tempfile
 import time
-import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from minidb import runs
+from minidb.cli import SEED_MAX, check_device, fail, number, run, text
 from minidb.data import DataError, load_images
-from minidb.dreambooth import (class_prior, dreambooth_loss, latest_state, load_state, min_snr_weights,
-                               pick_identifier, plot_losses, save_state)
+from minidb.dreambooth import class_prior, dreambooth_loss, min_snr_weights, pick_identifier, plot_losses
 from minidb.fetch import DEFAULT_MODEL, default_model, how_to_get_weights
 from minidb.files import ModelFileError, atomic_write, replace_folder
 from minidb.info import HELP as MODEL_HELP
 from minidb.load import load
-from minidb.pipeline import SAMPLERS, decode, grid, sample_latents
+from minidb.pipeline import decode, grid, sample_latents
 from minidb.save import save_diffusers, save_single_file
 from minidb.schedulers import NUM_TRAIN_TIMESTEPS, NoiseSchedule
 from minidb.vae import LATENT_SCALE
@@ -43,55 +44,62 @@ def parse_args(argv=None):
                                 epilog=__doc__.split("\n\n", 2)[2] + "\n" + MODEL_HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
+    count, positive = number(int, low=0), number(float, above=0)
     a("--images", required=True, help="folder with 3-5 photos of the subject (JPEG, PNG or WebP)")
-    a("--class", dest="class_name", required=True, help="what the subject is, e.g. dog, backpack")
+    a("--class", dest="class_name", required=True, type=text, help="what the subject is, e.g. dog, backpack")
     a("--model", default=None, help="base model: a diffusers folder or a .safetensors/.ckpt file (default: SD 1.5 in "
       "weights/ once `python -m minidb.fetch` has downloaded it, else the toy model weights/toy.safetensors)")
-    a("--out", default="runs/dreambooth", help="output folder; must be new or empty unless --resume (default: %(default)s)")
-    a("--identifier", default=None, help="the subject's token [V] (default: a rare CLIP token of <= 3 letters)")
-    a("--instance-prompt", default=None, help="caption of the subject photos (default: 'a photo of a [V] CLASS')")
-    a("--class-prompt", default=None, help="prompt of the prior images (default: 'a photo of a CLASS')")
-    a("--steps", type=int, default=800, help="training steps (the paper's SD recipe: 800-1000) (default: %(default)s)")
-    a("--lr", type=float, default=5e-6, help="UNet learning rate, constant after warmup (default: %(default)s)")
-    a("--warmup-steps", type=int, default=0, help="linear learning-rate warmup (default: %(default)s)")
-    a("--resolution", type=int, default=None, help="training size in pixels (default: the model's, 512 or 768)")
+    a("--out", default=None, help="the run's folder (default: a new runs/dreambooth-N, linked as runs/latest)")
+    a("--overwrite", action="store_true", help="delete the run already in --out and start it over")
+    a("--resume", action="store_true", help="continue the run in --out (default: runs/latest) from its latest "
+      "checkpoint; only --steps, --save-every and --validate-every may differ from the run's settings")
+    a("--identifier", default=None, type=text, help="the subject's token [V] (default: a rare CLIP token of <= 3 letters)")
+    a("--instance-prompt", default=None, type=text, help="caption of the subject photos (default: 'a photo of a [V] CLASS')")
+    a("--class-prompt", default=None, type=text, help="prompt of the prior images (default: 'a photo of a CLASS')")
+    a("--steps", type=number(int, low=1), default=800, help="training steps (the paper's SD recipe: 800-1000) (default: %(default)s)")
+    a("--lr", type=number(float, above=0, high=1), default=5e-6, help="UNet learning rate, constant after warmup (default: %(default)s)")
+    a("--warmup-steps", type=count, default=0, help="linear learning-rate warmup (default: %(default)s)")
+    a("--resolution", type=number(int, low=8, high=2048), default=None,
+      help="training size in pixels, a multiple of 8 (default: the model's own: 512 for SD 1.5, 64 for the toy model)")
     a("--flip", action="store_true", help="also train on mirrored copies of the photos")
-    a("--prior-weight", type=float, default=1.0, help="λ, the weight of the prior-preservation loss; 0 turns it off (default: %(default)s)")
-    a("--class-images", type=int, default=200, help="how many prior images the frozen model draws (default: %(default)s)")
+    a("--prior-weight", type=number(float, low=0), default=1.0, help="λ, the weight of the prior-preservation loss; 0 turns it off (default: %(default)s)")
+    a("--class-images", type=count, default=200, help="how many prior images the frozen model draws (default: %(default)s)")
     a("--class-dir", default=None, help="use your own class photos from this folder instead of drawing them")
     a("--class-cache", default=str(Path.home() / ".cache" / "minidb" / "class-prior"),
       help="where drawn prior images are cached as latents, shared between runs (default: %(default)s)")
-    a("--sample-steps", type=int, default=50, help="DDIM steps for prior and validation images (default: %(default)s)")
+    a("--sample-steps", type=number(int, low=1, high=999), default=50, help="DDIM steps for prior and validation images (default: %(default)s)")
     a("--train-text-encoder", action="store_true", help="fine-tune the text encoder too")
-    a("--text-encoder-lr", type=float, default=None, help="text encoder learning rate (default: --lr)")
+    a("--text-encoder-lr", type=number(float, above=0, high=1), default=None, help="text encoder learning rate (default: --lr)")
     a("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
       help="autocast the UNet (default: bf16 on CUDA GPUs that support it, else fp16; no on the CPU)")
     a("--gradient-checkpointing", action="store_true", help="recompute activations: less memory, ~30%% slower")
     a("--use-8bit-adam", action="store_true", help="bitsandbytes' 8-bit AdamW (CUDA only), saves ~5 GB")
-    a("--snr-gamma", type=float, default=None, help="min-SNR loss weighting with this γ (5 is typical); off by default")
-    a("--offset-noise", type=float, default=0.0, help="add per-channel offset noise of this scale (0.1 is typical) (default: %(default)s)")
-    a("--save-every", type=int, default=0, help="write a resumable checkpoint every N steps (0: only at the end) (default: %(default)s)")
-    a("--validate-every", type=int, default=0, help="draw validation images every N steps (0: only at the end) (default: %(default)s)")
-    a("--save-dtype", choices=["fp16", "fp32"], default="fp16", help="dtype of the exported model (default: %(default)s)")
-    a("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    a("--seed", type=int, default=0, help="seed for everything random; same seed, same run (bitwise, on the CPU) (default: %(default)s)")
+    a("--snr-gamma", type=positive, default=None, help="min-SNR loss weighting with this γ (5 is typical); off by default")
+    a("--offset-noise", type=number(float, low=0, high=1), default=0.0, help="add per-channel offset noise of this scale (0.1 is typical) (default: %(default)s)")
+    a("--save-every", type=count, default=0, help="write a resumable checkpoint every N steps (0: only at the end) (default: %(default)s)")
+    a("--validate-every", type=count, default=0, help="draw validation images every N steps (0: only at the end) (default: %(default)s)")
+    a("--save-dtype", choices=["fp16", "bf16", "fp32"], default=None,
+      help="dtype of the exported model (default: the base model's own, so the frozen parts come out bit-identical)")
+    a("--seed", type=number(int, low=0, high=SEED_MAX), default=0, help="seed for everything random; same seed, same run (bitwise, on the CPU) (default: %(default)s)")
     a("--prediction-type", choices=["epsilon", "v_prediction"], default=None,
       help="override the base model's detected prediction type (see below)")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu (default: %(default)s)")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
     return p.parse_args(argv)
 
 
 def check(args):
-    """Problems found before any work starts, as one sentence; None if all is well."""
+    """Problems with the arguments found before any work starts, as one sentence; None if all is well."""
     if not Path(args.model).exists():
         return how_to_get_weights() if Path(args.model) == Path(DEFAULT_MODEL) else \
             f"No model at {args.model}: pass a diffusers folder or a .safetensors / .ckpt file to --model."
-    if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
-        return f"--resolution must be a positive multiple of 8, not {args.resolution}."
-    if args.steps < 1 or args.lr <= 0 or args.class_images < 0 or args.prior_weight < 0:
-        return "--steps and --lr must be positive, and --class-images and --prior-weight not negative."
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        return "--device cuda was asked for, but PyTorch sees no CUDA GPU; use --device cpu."
+    if args.resolution is not None and args.resolution % 8:
+        return f"--resolution must be a multiple of 8 (the VAE works in 8x8 pixel cells), not {args.resolution}."
+    if args.prior_weight > 0 and not args.class_dir and args.class_images == 0:
+        return ("--class-images 0 leaves the prior-preservation loss without images; draw at least 1 (the paper "
+                "draws about 200), or turn the prior off with --prior-weight 0.")
+    problem = check_device(args.device)
+    if problem:
+        return problem
     if args.mixed_precision == "fp16" and not args.device.startswith("cuda"):
         return "--mixed-precision fp16 needs a CUDA GPU; on the CPU use no or bf16."
     if args.use_8bit_adam:
@@ -99,22 +107,27 @@ def check(args):
             import bitsandbytes  # noqa: F401
         except ImportError:
             return "--use-8bit-adam needs bitsandbytes (pip install bitsandbytes, CUDA only); or leave the flag off."
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.resume:
-        return f"--out {out} already holds files; pass --resume to continue that run, or choose a new folder."
+    if args.resume and args.out is None and not (runs.RUNS / "latest").is_dir():
+        return f"--resume without --out continues {runs.RUNS / 'latest'}, which does not exist; pass the run's --out."
+    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+        return f"--out {args.out} is a file, not a folder; choose a folder."
+    return None
+
+
+def run_folder(args):
+    """The folder this run writes to: --out, runs/latest on --resume, or a new runs/dreambooth-N."""
+    if args.out is not None:
+        out = Path(args.out)
+    elif args.resume:
+        out = (runs.RUNS / "latest").resolve()
+    else:
+        out = runs.new_run_folder()
     try:
         out.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=out).close()
     except OSError as e:
-        return f"Cannot write to --out {out} ({e.strerror}); choose another folder."
-    if args.resume and latest_state(out / "checkpoints") is None:
-        return f"--resume found no checkpoint in {out / 'checkpoints'}; start without --resume."
-    return None
-
-
-def fail(message, code=2):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(code)
+        fail(f"Cannot write to --out {out} ({e.strerror}); choose another folder.")
+    return out
 
 
 def main(argv=None):
@@ -123,7 +136,18 @@ def main(argv=None):
     problem = check(args)
     if problem:
         fail(problem)
-    out, device = Path(args.out), torch.device(args.device)
+    out = run_folder(args)
+    try:
+        with runs.locked(out):
+            runs.check_folder(out, args.resume, args.overwrite)
+            train(args, out)
+    except runs.RunError as e:
+        fail(e)
+
+
+def train(args, out):
+    device = torch.device(args.device)
+    args.out = str(out)
     precision = args.mixed_precision or ("no" if device.type == "cpu" else
                                          "bf16" if torch.cuda.is_bf16_supported() else "fp16")
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
@@ -133,24 +157,30 @@ def main(argv=None):
 
     # ---- setup: model, identifier, data ----
     try:
-        # fp32 master weights; mixed precision autocasts the compute
-        model = load(args.model, dtype=torch.float32, device=device, prediction_type=args.prediction_type)
+        model = load(args.model, device=device, prediction_type=args.prediction_type)
         resolution = args.resolution or model.resolution
         images = load_images(args.images, resolution, flip=args.flip)[0]
         class_photos = load_images(args.class_dir, resolution)[0] if args.class_dir and args.prior_weight else None
     except (ModelFileError, DataError) as e:
         fail(e)
+    parts = {"unet": model.unet, "vae": model.vae, "text_encoder": model.text_encoder}
+    base_dtypes = {name: next(m.parameters()).dtype for name, m in parts.items()}  # the export keeps them
+    for module in parts.values():
+        module.float()  # fp32 master weights; mixed precision autocasts the compute
     identifier = args.identifier or pick_identifier(model.tokenizer, random.Random(args.seed))
     instance_prompt = args.instance_prompt or f"a photo of a {identifier} {args.class_name}"  # the paper: "a [V] dog"
     class_prompt = args.class_prompt or f"a photo of a {args.class_name}"
-    print(f"identifier: {identifier}\ninstance prompt: {instance_prompt!r}\nclass prompt: {class_prompt!r}\n"
-          f"{len(images)} subject images at {resolution}px, {model.version} ({model.prediction_type}), "
-          f"{device}, mixed precision {precision}")
+    new_scene = f"a photo of a {identifier} {args.class_name} on the beach"
+    print(f"run folder: {out}\nidentifier: {identifier}\ninstance prompt: {instance_prompt!r}\n"
+          f"class prompt: {class_prompt!r}\n{len(images)} subject images at {resolution}px, {model.version} "
+          f"({model.prediction_type}), {device}, mixed precision {precision}")
     settings = {**vars(args), "identifier": identifier, "instance_prompt": instance_prompt,
                 "class_prompt": class_prompt, "resolution": resolution, "mixed_precision": precision,
                 "base_version": model.version, "prediction_type": model.prediction_type}
+    if args.resume:
+        runs.check_resume_settings(out, settings)
 
-    for module in (model.vae, model.text_encoder, model.unet):
+    for module in parts.values():
         module.requires_grad_(False)  # frozen unless chosen below
 
     @torch.no_grad()
@@ -185,7 +215,7 @@ def main(argv=None):
         model.text_encoder.encoder.gradient_checkpointing = args.gradient_checkpointing
         groups.append({"params": list(model.text_encoder.parameters()), "lr": args.text_encoder_lr or args.lr})
     if args.use_8bit_adam:
-        import bitsandbytes
+        import bitsandbytes  # noqa: F811
         optimizer = bitsandbytes.optim.AdamW8bit(groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
     else:  # diffusers' DreamBooth defaults; on CUDA one fused kernel updates all parameters
         optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8,
@@ -194,11 +224,16 @@ def main(argv=None):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # fp16 gradients underflow unscaled
     schedule = NoiseSchedule(model.prediction_type)
+    # What a full disk would have to make room for: a checkpoint (weights and Adam's two moments,
+    # fp32) and the exported model, twice (the diffusers folder and the single file).
+    n_trained = sum(p.numel() for m in trained.values() for p in m.parameters())
+    n_all = sum(p.numel() for m in parts.values() for p in m.parameters())
+    needed_bytes = 12 * n_trained + 2 * n_all * (4 if args.save_dtype == "fp32" else 2)
 
     start, orders = 0, {"instance": torch.empty(0, dtype=torch.long), "prior": torch.empty(0, dtype=torch.long)}
     if args.resume:
-        path = latest_state(out / "checkpoints")
-        state = load_state(path, trained)
+        path = runs.latest_state(out / "checkpoints")
+        state = runs.load_state(path, trained)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
@@ -215,30 +250,48 @@ def main(argv=None):
             orders[name] = torch.randperm(n, generator=generator)
         return orders[name][step % n].item()
 
+    def stop_if_not_finite(step, loss=None):
+        """A NaN or infinite loss or weight poisons everything after it: stop before it is saved."""
+        if loss is not None and torch.isfinite(loss):
+            return
+        if loss is None and all(torch.isfinite(p).all() for m in trained.values() for p in m.parameters()):
+            return
+        bar.close()
+        kept = runs.latest_state(out / "checkpoints")
+        fail(f"The {'loss' if loss is not None else 'trained weights'} became NaN or infinite at step {step}, so "
+             f"training stopped: the learning rate ({args.lr:g}) is likely too high"
+             f"{' or fp16 overflowed (try --mixed-precision bf16)' if precision == 'fp16' else ''}; "
+             f"{f'the last good checkpoint {kept} is kept' if kept else 'no checkpoint was written'} and no model "
+             "was exported, so start over with --overwrite and a lower --lr.", code=1)
+
     def checkpoint(step):
+        stop_if_not_finite(step)
         extra = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "scaler": scaler.state_dict(), "generator": generator.get_state(), "orders": orders}
-        return save_state(out / "checkpoints", step, trained, extra)
+        with runs.disk_full_is_an_error(out, needed_bytes):
+            return runs.save_state(out / "checkpoints", step, trained, extra)
 
     def validate(step):
         """A fixed-seed grid: the subject, the subject in a new context, and the plain class prompt,
         whose drift away from the base model's class is what the prior loss should prevent."""
-        prompts = [instance_prompt, f"a {identifier} {args.class_name} on the beach", class_prompt]
+        prompts = [instance_prompt, new_scene, class_prompt]
         model.unet.eval()
         with autocast:
             images = [decode(model, sample_latents(model, p, steps=args.sample_steps, seed=args.seed, height=resolution,
                                                    width=resolution, progress=False))[0] for p in prompts]
         model.unet.train()
         path = out / "validation" / f"step-{step:06d}.png"
-        atomic_write(path, lambda tmp: grid(images, cols=len(images)).save(tmp, format="PNG"))
-        atomic_write(path.with_suffix(".txt"), lambda tmp: Path(tmp).write_text("\n".join(prompts) + "\n"))
+        with runs.disk_full_is_an_error(out, needed_bytes):
+            atomic_write(path, lambda tmp: grid(images, cols=len(images)).save(tmp, format="PNG"))
+            atomic_write(path.with_suffix(".txt"), lambda tmp: Path(tmp).write_text("\n".join(prompts) + "\n"))
 
     # ---- the training loop ----
     log_path = out / "log.jsonl"
-    if log_path.exists():  # keep the log in step with the checkpoint we resume from
-        rows = [line for line in open(log_path) if json.loads(line)["step"] <= start]
-        atomic_write(log_path, lambda tmp: Path(tmp).write_text("".join(rows)))
-    atomic_write(out / "settings.json", lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=2)))
+    with runs.disk_full_is_an_error(out, needed_bytes):
+        if log_path.exists():  # keep the log in step with the checkpoint we resume from
+            rows = [line for line in open(log_path) if json.loads(line)["step"] <= start]
+            atomic_write(log_path, lambda tmp: Path(tmp).write_text("".join(rows)))
+        atomic_write(out / "settings.json", lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=2)))
 
     # Ctrl-C finishes the current step, then saves a checkpoint, so a resumed run is exactly the
     # uninterrupted one. A second Ctrl-C quits at once.
@@ -276,6 +329,7 @@ def main(argv=None):
         weights = min_snr_weights(schedule, t, args.snr_gamma) if args.snr_gamma else None
         # instance loss + λ · prior loss (minidb/dreambooth.py, the paper's eq. 2)
         loss, instance_loss, prior_loss = dreambooth_loss(pred, target, 1, args.prior_weight, weights)
+        stop_if_not_finite(step + 1, loss.detach())
 
         lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (warmup changes it)
         scaler.scale(loss).backward()
@@ -289,7 +343,7 @@ def main(argv=None):
         row = {"step": step + 1, "loss": loss.item(), "instance_loss": instance_loss.item(),
                "prior_loss": prior_loss.item() if n_prior else None,
                "lr": lr, "step_time": time.time() - t0}
-        with open(log_path, "a") as f:
+        with runs.disk_full_is_an_error(out, needed_bytes), open(log_path, "a") as f:
             f.write(json.dumps(row) + "\n")
         bar.set_postfix(loss=f"{row['loss']:.4f}")
         bar.update(1)
@@ -307,24 +361,28 @@ def main(argv=None):
 
     # ---- save the result ----
     last = max(args.steps, start)
-    checkpoint(last)  # so --resume with a larger --steps can continue
+    checkpoint(last)  # so --resume with a larger --steps can continue; it also refuses NaN weights
     validate(last)
     rows = [json.loads(line) for line in open(log_path)] if log_path.exists() else []
-    plot_losses(rows, out / "loss.png")
     model.unet.eval()
     model.text_encoder.eval()
-    dtype = torch.float16 if args.save_dtype == "fp16" else torch.float32
-    replace_folder(out / "model", lambda tmp: save_diffusers(model, tmp, dtype=dtype))
-    save_single_file(model, out / "model.safetensors", dtype=dtype)
+    for name, module in parts.items():  # the chosen dtype, else the base's: frozen parts come out as they went in
+        module.to(DTYPES[args.save_dtype] if args.save_dtype else base_dtypes[name])
     readme = (f"# DreamBooth model\n\nSubject: `{identifier}` (a {args.class_name}). Prompt it as "
-              f"\"{instance_prompt}\" or in new contexts, e.g. \"a {identifier} {args.class_name} on the beach\".\n\n"
+              f"\"{instance_prompt}\" or in new contexts, e.g. \"{new_scene}\".\n\n"
               f"Base model: {args.model} ({model.version}, {model.prediction_type}).\n\n"
-              f"    python sample.py --model {out / 'model.safetensors'} --prompt \"a {identifier} {args.class_name} "
-              f"on the beach\"\n\nSettings:\n\n```json\n{json.dumps(settings, indent=2)}\n```\n")
-    atomic_write(out / "README.md", lambda tmp: Path(tmp).write_text(readme))
+              f"    python sample.py --model {out / 'model.safetensors'} --prompt \"{new_scene}\"\n\n"
+              f"Settings:\n\n```json\n{json.dumps(settings, indent=2)}\n```\n")
+    with runs.disk_full_is_an_error(out, needed_bytes):
+        plot_losses(rows, out / "loss.png")
+        replace_folder(out / "model", lambda tmp: save_diffusers(model, tmp))
+        save_single_file(model, out / "model.safetensors")
+        atomic_write(out / "README.md", lambda tmp: Path(tmp).write_text(readme))
     print(f"wrote {out / 'model'} (diffusers) and {out / 'model.safetensors'} (single file)")
 
 
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
 if __name__ == "__main__":
-    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
-    main()
+    run(main, interrupted="interrupted: the run keeps its last checkpoint, if it has one; continue it with "
+                          "--resume, or start over with --overwrite.")

@@ -3,21 +3,23 @@
 - the rare-token identifier [V] that names the subject;
 - the class prior: images of "a photo of [class]" drawn by the frozen model, cached as latents;
 - the loss: denoising on the subject plus λ times denoising on the class prior;
-- the resumable training state, and the loss curve drawn at the end.
+- the loss curve drawn at the end.
+
+The bookkeeping of a run (its folder, lock and checkpoints) is in minidb/runs.py.
 """
 
 import hashlib
 import json
-import os
+import math
 import re
-import shutil
+import warnings
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from minidb.files import atomic_write, read_tensors, write_safetensors
+from minidb.files import ModelFileError, atomic_write, read_tensors, write_safetensors
 from minidb.pipeline import sample_latents
 
 # ---- the identifier ----
@@ -100,7 +102,7 @@ def class_prior(model, model_path, prompt, count, resolution, sampler, steps, gu
     folder = Path(cache_root) / f"{re.sub(r'[^a-z0-9]+', '-', prompt.lower()).strip('-')[:40]}-{key}"
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write(folder / "settings.json", lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=2)))
-    have = len(list(folder.glob("[0-9]*.safetensors")))
+    have = _valid_prefix(folder, count)
     with tqdm(total=count, initial=min(have, count), desc=f"class prior '{prompt}'", disable=have >= count) as bar:
         for first in range(have, count, batch):
             n = min(batch, count - first)
@@ -112,66 +114,92 @@ def class_prior(model, model_path, prompt, count, resolution, sampler, steps, gu
     return torch.stack([read_tensors(folder / f"{i:05d}.safetensors")[0]["latent"] for i in range(count)])
 
 
-# ---- resumable training state ----
-
-
-def save_state(folder, step, modules, extra, keep=1):
-    """Write a checkpoint folder `step-NNNNNN` atomically: weights of the trained `modules` (fp32
-    safetensors) and `extra` (optimizer, scaler, RNG and data-order state: tensors and plain values
-    only, so it reloads with weights_only=True). Older checkpoints beyond `keep` are removed after
-    the new one is complete."""
-    folder = Path(folder)
-    final = folder / f"step-{step:06d}"
-    tmp = folder / f".step-{step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name, module in modules.items():
-        write_safetensors(tmp / f"{name}.safetensors", {k: v.float() for k, v in module.state_dict().items()})
-    torch.save({"step": step, **extra}, tmp / "state.pt")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in sorted(folder.glob("step-*"))[:-keep]:
-        shutil.rmtree(old)
-    return final
-
-
-def latest_state(folder):
-    states = sorted(Path(folder).glob("step-*"))
-    return states[-1] if states else None
-
-
-def load_state(path, modules):
-    """Restore the trained modules' weights from a checkpoint folder; return its extra state."""
-    for name, module in modules.items():
-        tensors, _ = read_tensors(Path(path) / f"{name}.safetensors")
-        module.load_state_dict({k: v.to(next(module.parameters()).dtype) for k, v in tensors.items()}, strict=True)
-    return torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=True)
+def _valid_prefix(folder, count):
+    """How many cached latents 0, 1, 2, ... are readable and finite. A damaged file (a crash, a full
+    disk, a bad sector) is a cache miss: it and every file after it are drawn again, exactly as a run
+    that had cached only the files before it would draw them."""
+    shapes = set()
+    for i in range(count):
+        path = folder / f"{i:05d}.safetensors"
+        if not path.exists():
+            return i
+        try:
+            latent = read_tensors(path)[0]["latent"]
+            ok = latent.ndim == 3 and bool(torch.isfinite(latent).all())
+        except (ModelFileError, KeyError):
+            ok = False
+        shapes.add(tuple(latent.shape) if ok else None)
+        if not ok or len(shapes) > 1:
+            warnings.warn(f"the class-prior cache file {path} is damaged; drawing it and the ones after it again")
+            for later in folder.glob("[0-9]*.safetensors"):
+                if int(later.stem) >= i:
+                    later.unlink()
+            return i
+    return count
 
 
 # ---- the loss curve ----
 
 
-def plot_losses(rows, path, size=(800, 400), margin=50):
-    """A small line chart of the loss per step (PIL only: no plotting dependency)."""
+def ema(values, span):
+    """Exponential moving average with weight 2 / (span + 1) per new value, bias-corrected so that
+    the first points are not pulled towards zero (as Adam corrects its moments)."""
+    alpha, avg, norm, out = 2 / (span + 1), 0.0, 0.0, []
+    for v in values:
+        avg, norm = (1 - alpha) * avg + alpha * v, (1 - alpha) * norm + alpha
+        out.append(avg / norm)
+    return out
+
+
+def nice_ticks(low, high, n=5):
+    """About n round tick values (1, 2 or 5 times a power of ten apart) covering [low, high]."""
+    raw = max(high - low, 1e-12) / n
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    first = math.ceil(low / step - 1e-9) * step
+    return [first + i * step for i in range(int((high - first) / step + 1e-9) + 1)]
+
+
+SERIES = {"instance loss": ("instance_loss", (200, 60, 40)), "prior loss": ("prior_loss", (40, 90, 200))}
+
+
+def plot_losses(rows, path, size=(800, 400)):
+    """The loss curve: faint raw per-step values and their moving average, one colour for the
+    subject (instance) loss and one for the prior loss, whose rise is the drift to watch.
+    (PIL only: no plotting dependency.) Raw values above the 98th percentile are drawn at the top
+    edge, so that a few spikes do not flatten the curves."""
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
-    w, h = size[0] - 2 * margin, size[1] - 2 * margin
-    draw.rectangle([margin, margin, margin + w, margin + h], outline="black")
-    series = {"instance": ("instance_loss", (200, 60, 40)), "prior": ("prior_loss", (40, 90, 200))}
-    values = [r[k] for r in rows for k, _ in series.values() if r.get(k) is not None]
+    left, top, right, bottom = 60, 30, size[0] - 20, size[1] - 40  # the plot area
+    values = sorted(r[k] for r in rows for k, _ in SERIES.values() if r.get(k) is not None)
     if rows and values:
-        top = max(values) or 1.0
+        y_max = values[min(len(values) - 1, int(0.98 * len(values)))] * 1.05 or 1.0
         steps = [r["step"] for r in rows]
-        span = max(steps[-1] - steps[0], 1)
-        for i, (label, (key, color)) in enumerate(series.items()):
-            points = [(margin + w * (r["step"] - steps[0]) / span, margin + h * (1 - r[key] / top))
-                      for r in rows if r.get(key) is not None]
-            if len(points) > 1:
-                draw.line(points, fill=color, width=2)
-            draw.text((margin + 10 + 120 * i, margin + 8), f"{label} loss", fill=color)
-        draw.text((margin, margin + h + 8), f"step {steps[0]}", fill="black")
-        draw.text((margin + w - 80, margin + h + 8), f"step {steps[-1]}", fill="black")
-        draw.text((4, margin - 14), f"{top:.3g}", fill="black")
-        draw.text((4, margin + h - 6), "0", fill="black")
+        x_lo, x_hi = steps[0], max(steps[-1], steps[0] + 1)
+        x = lambda step: left + (right - left) * (step - x_lo) / (x_hi - x_lo)
+        y = lambda v: bottom - (bottom - top) * min(v, y_max) / y_max
+        for tick in nice_ticks(0, y_max):
+            draw.line([(left, y(tick)), (right, y(tick))], fill=(235, 235, 235))
+            draw.text((left - 8, y(tick)), f"{tick:.3g}", fill="black", anchor="rm")
+        for tick in nice_ticks(x_lo, x_hi):
+            draw.line([(x(tick), bottom), (x(tick), bottom + 4)], fill="black")
+            draw.text((x(tick), bottom + 6), f"{tick:g}", fill="black", anchor="ma")
+        draw.text(((left + right) / 2, size[1] - 4), "step", fill="black", anchor="md")
+        draw.text((4, top - 20), "loss", fill="black")
+        span = max(2, len(rows) // 12)  # about 8% of the run: smooth, yet it follows a trend
+        legend_x = left + 10
+        for label, (key, color) in SERIES.items():
+            points = [(x(r["step"]), r[key]) for r in rows if r.get(key) is not None]
+            if not points:
+                continue
+            faint = tuple(c + (255 - c) // 2 for c in color)
+            for px, v in points:
+                draw.rectangle([px - 0.5, y(v) - 0.5, px + 0.5, y(v) + 0.5], fill=faint)
+            smooth = [(px, y(v)) for (px, _), v in zip(points, ema([v for _, v in points], span))]
+            if len(smooth) > 1:
+                draw.line(smooth, fill=color, width=2)
+            label = f"{label} (dots: each step; line: average of ~{span} steps)"
+            draw.text((legend_x, top - 20), label, fill=color)
+            legend_x += draw.textlength(label) + 20
+        draw.rectangle([left, top, right, bottom], outline="black")
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))

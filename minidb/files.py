@@ -92,7 +92,8 @@ def _first_line(error):
 
 def atomic_write(path, write):
     """Call write(tmp_path), then rename tmp_path to path. The tmp file lives in the same folder,
-    so the rename is atomic and never crosses file systems."""
+    so the rename is atomic and never crosses file systems. The file and then its folder are
+    fsynced, so after a power cut the path holds the old file or the new one, never a hole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -100,24 +101,43 @@ def atomic_write(path, write):
     try:
         write(tmp)
         os.chmod(tmp, 0o644)  # mkstemp makes files private (0600); saved models are ordinary files
+        fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    fsync(path.parent)
+
+
+def fsync(path):
+    """Flush a file's or a folder's contents to the disk (a folder's: the names in it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def replace_folder(path, write):
     """Call write(tmp_folder), then swap it in for the folder `path`. A crash leaves the old folder
-    (or, between the two renames, its copy `.NAME.old`), never a mix of old and new files."""
+    (or, between the two renames, its copy `.NAME.old`), never a mix of old and new files; a failed
+    write (a full disk, say) removes what it wrote and leaves the old folder as it was."""
     path = Path(path)
     tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
     for leftover in (tmp, old):
         shutil.rmtree(leftover, ignore_errors=True)
-    write(tmp)
+    try:
+        write(tmp)
+        for folder, _, _ in os.walk(tmp):  # the files fsynced themselves; now their names
+            fsync(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if path.exists():
         os.replace(path, old)
     os.replace(tmp, path)
+    fsync(path.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 

@@ -253,7 +253,8 @@ def test_bad_inputs(world, tmp_path, capsys):
     # an existing run is never overwritten by accident
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "model.safetensors").write_bytes(b"precious")
-    assert "already holds files" in expect_error(capsys, "--images", world / "photos", "--out", tmp_path / "used", *base)
+    assert "holds files that are not a minidb run (model.safetensors)" in expect_error(
+        capsys, "--images", world / "photos", "--out", tmp_path / "used", "--overwrite", *base)
     assert (tmp_path / "used" / "model.safetensors").read_bytes() == b"precious"
     with pytest.raises(SystemExit):  # argparse: --class is required
         train.main(["--images", str(world / "photos")])

@@ -1,0 +1,223 @@
+"""The run folder of train.py: where a run lives, who may write to it, and how it resumes.
+
+- Without --out, every run gets a fresh numbered folder (runs/dreambooth-1, -2, ...) and the link
+  runs/latest points at the newest one, so the same command works twice in a row.
+- A lock file: two runs never write into one folder.
+- What a folder holds decides what a new run may do with it: nothing (start), a run with a
+  checkpoint (--resume, or --overwrite), a run that died before its first checkpoint (--overwrite),
+  or files that are not a run (never touched).
+- --resume continues the run exactly as it started: a flag that would change the run is refused.
+- Checkpoints are written beside the previous one and swapped in by renames, so at every instant
+  one complete checkpoint exists.
+"""
+
+import errno
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from minidb.files import ModelFileError, fsync, read_tensors, write_safetensors
+
+RUNS = Path("runs")
+# Everything a run writes into its folder (hidden names are temporary files and the lock).
+RUN_FILES = {"checkpoints", "validation", "log.jsonl", "settings.json", "loss.png", "model", "model.safetensors",
+             "README.md"}
+# Flags that may change on --resume: how long to train, and how often to save and look.
+RESUMABLE_CHANGES = {"steps", "save_every", "validate_every", "resume", "overwrite", "out", "class_cache"}
+PATH_FLAGS = {"images", "model", "class_dir"}
+DERIVED = {"identifier", "instance_prompt", "class_prompt", "resolution", "mixed_precision", "base_version",
+           "prediction_type"}
+FLAG_NAMES = {"class_name": "--class"}
+
+
+class RunError(Exception):
+    """A run folder that cannot be used as asked. The message is one sentence for the user."""
+
+
+def flag(key):
+    return FLAG_NAMES.get(key, "--" + key.replace("_", "-"))
+
+
+# ---- where a run lives ----
+
+def new_run_folder(root=RUNS, name="dreambooth"):
+    """The first free root/name-N, and root/latest pointing at it."""
+    n = 1
+    while (root / f"{name}-{n}").exists():
+        n += 1
+    folder = root / f"{name}-{n}"
+    folder.mkdir(parents=True)
+    point_latest(root, folder)
+    return folder
+
+
+def point_latest(root, folder):
+    """Make root/latest a link to `folder`, replacing the old link atomically."""
+    tmp = root / ".latest.tmp"
+    try:
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(folder.name, target_is_directory=True)
+        os.replace(tmp, root / "latest")
+    except OSError:  # no symlinks here (e.g. Windows without developer mode): the folder is printed anyway
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def locked(folder):
+    """Hold an exclusive lock on folder/.lock while the run writes there. The operating system lets
+    go of it when the process ends, however it ends, so a killed run never leaves a stale lock."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; runs are not guarded there
+        yield
+        return
+    f = open(folder / ".lock", "a+")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            pid = f.read().strip() or "unknown"
+            raise RunError(f"Another train.py (process {pid}) is running in {folder}; wait for it to finish, "
+                           "or choose another --out.") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
+    finally:
+        f.close()
+
+
+def check_folder(folder, resume, overwrite):
+    """Refuse a folder the run may not use as asked, or clear it for --overwrite."""
+    if resume and overwrite:
+        raise RunError("--resume continues a run and --overwrite deletes it; pass one of them.")
+    entries = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+    # A run writes settings.json before its first step; without it, even familiar names are not ours.
+    foreign = [name for name in entries if name not in RUN_FILES or "settings.json" not in entries]
+    if foreign:
+        raise RunError(f"--out {folder} holds files that are not a minidb run ({', '.join(foreign[:3])}"
+                       f"{', ...' if len(foreign) > 3 else ''}); choose a new or empty folder.")
+    state = latest_state(folder / "checkpoints")
+    if overwrite:
+        for name in entries:
+            path = folder / name
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    elif resume and state is None:
+        raise RunError(f"--resume found no checkpoint in {folder}; to start over there, run without --resume "
+                       "and with --overwrite.")
+    elif not resume and state is not None:
+        raise RunError(f"--out {folder} holds a run with a checkpoint at step {int(state.name[5:])}; pass --resume "
+                       "to continue it, --overwrite to delete it and start over, or choose another --out.")
+    elif not resume and entries:
+        raise RunError(f"--out {folder} holds a run that stopped before its first checkpoint; pass --overwrite "
+                       "to delete it and start over, or choose another --out.")
+
+
+def check_resume_settings(folder, settings):
+    """On --resume, every setting that shapes the run must equal the one the run started with."""
+    try:
+        saved = json.loads((folder / "settings.json").read_text())
+        assert isinstance(saved, dict)
+    except (OSError, ValueError, AssertionError):
+        raise RunError(f"--resume cannot read {folder / 'settings.json'}, so it cannot check that this command "
+                       "continues the same run; start over with --overwrite.") from None
+    # Settings that follow from others (the identifier from --seed, the resolution from --model)
+    # come last, so that a change is named by the flag the user changed.
+    for key in sorted(settings, key=lambda k: k in DERIVED):
+        value = settings[key]
+        if key in RESUMABLE_CHANGES or key not in saved:
+            continue
+        old = saved[key]
+        if key in PATH_FLAGS and value is not None and old is not None:
+            same = Path(value).resolve() == Path(old).resolve()
+        else:
+            same = value == old
+        if not same:
+            raise RunError(f"{flag(key)} is {value!r} now but the run in {folder} started with {old!r}, and "
+                           f"changing it would not continue the same run; resume with {old!r}, or start a new run.")
+
+
+# ---- checkpoints ----
+
+def save_state(folder, step, modules, extra, keep=1):
+    """Write a checkpoint folder `step-NNNNNN`: weights of the trained `modules` (fp32 safetensors)
+    and `extra` (optimizer, scaler, RNG and data-order state: tensors and plain values only, so it
+    reloads with weights_only=True). It is written as `.step-NNNNNN.tmp` and renamed into place; an
+    older checkpoint is removed only once the new one is complete."""
+    folder = Path(folder)
+    final, tmp, old = folder / f"step-{step:06d}", folder / f".step-{step:06d}.tmp", folder / f".step-{step:06d}.old"
+    latest_state(folder)  # puts back a checkpoint that a crash left half-swapped
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        for name, module in modules.items():
+            write_safetensors(tmp / f"{name}.safetensors", {k: v.float() for k, v in module.state_dict().items()})
+        torch.save({"step": step, **extra}, tmp / "state.pt")
+        fsync(tmp / "state.pt")
+        fsync(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk must not keep the partial copy
+        raise
+    if final.exists():  # re-saving a step: the old copy steps aside until the new one is in place
+        os.replace(final, old)
+    os.replace(tmp, final)
+    fsync(folder)
+    shutil.rmtree(old, ignore_errors=True)
+    for stale in sorted(folder.glob("step-*"))[:-keep]:
+        shutil.rmtree(stale)
+    return final
+
+
+def latest_state(folder):
+    """The newest checkpoint folder, or None. A `.step-N.old` whose `step-N` is missing is a
+    checkpoint that a crash caught in the middle of a swap: it is complete, so it is put back."""
+    folder = Path(folder)
+    for old in folder.glob(".step-*.old"):
+        final = folder / old.name[1:-4]
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, final)
+    states = sorted(folder.glob("step-*"))
+    return states[-1] if states else None
+
+
+def load_state(path, modules):
+    """Restore the trained modules' weights from a checkpoint folder; return its extra state."""
+    try:
+        for name, module in modules.items():
+            tensors, _ = read_tensors(Path(path) / f"{name}.safetensors")
+            module.load_state_dict({k: v.to(next(module.parameters()).dtype) for k, v in tensors.items()}, strict=True)
+        state = read_tensors(Path(path) / "state.pt")[0]  # weights_only: a planted pickle never runs
+        for key in ("step", "optimizer", "scheduler", "scaler", "generator", "orders"):
+            if key not in state:
+                raise ModelFileError(f"it has no {key!r} entry")
+    except (ModelFileError, RuntimeError) as e:
+        reason = ("it holds pickled objects besides tensors, which minidb never loads" if "pickled" in str(e) else
+                  str(e) if str(e).startswith("it has no") else "a file in it is truncated or does not fit the model")
+        raise RunError(f"The checkpoint {path} cannot be resumed ({reason}); start the run over with "
+                       "--overwrite.") from None
+    return state
+
+
+# ---- a full disk ----
+
+@contextmanager
+def disk_full_is_an_error(folder, needed_bytes):
+    """Turn 'No space left on device' into a sentence. The writers have already removed their
+    partial files (minidb/files.py), and the previous checkpoint is untouched."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        free = shutil.disk_usage(folder).free
+        raise RunError(f"The disk holding {folder} is full: the run needs about {needed_bytes / 1e6:,.0f} MB for its "
+                       f"checkpoint and model and {free / 1e6:,.0f} MB are free; free some space, then continue with "
+                       "--resume (the last checkpoint is kept).") from None

@@ -1,0 +1,361 @@
+"""train.py's runs are never lost, locked or poisoned: bad numbers are refused before any work, a NaN
+stops the run before it is saved, checkpoints survive a kill at any instant and a full disk, a run
+folder always names its way out, --resume continues only the same run, and one folder holds one run.
+(The table of bad inputs and their messages is docs/bad-input.md.)"""
+
+import errno
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import train
+from minidb import dreambooth, files, runs
+from minidb.load import load
+from test_train import ROOT, run, world  # noqa: F401  (world is a fixture)
+
+
+def refused(capsys, argv, code=2):
+    """Run train.py in-process; return its stderr, after checking the exit code and that no
+    traceback reached the user."""
+    with pytest.raises(SystemExit) as e:
+        train.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert e.value.code == code, err
+    assert "Traceback" not in err
+    return err
+
+
+def base_args(world, out):
+    return ["--images", world / "photos", "--class", "ball", "--model", world / "base", "--out", out,
+            "--resolution", 32, "--sample-steps", 2, "--class-cache", world / "cache", "--class-images", 2]
+
+
+# ---- numbers and strings that would poison a run ----
+
+@pytest.mark.parametrize("args,message", [
+    (["--lr", "nan"], "argument --lr: must be a finite number, not nan"),
+    (["--lr", "inf"], "argument --lr: must be a finite number, not inf"),
+    (["--lr", "0"], "argument --lr: must be above 0"),
+    (["--offset-noise", "nan"], "argument --offset-noise: must be a finite number"),
+    (["--snr-gamma", "nan"], "argument --snr-gamma: must be a finite number"),
+    (["--snr-gamma", "-5"], "argument --snr-gamma: must be above 0"),
+    (["--prior-weight", "nan"], "argument --prior-weight: must be a finite number"),
+    (["--prior-weight", "-1"], "argument --prior-weight: must be at least 0"),
+    (["--warmup-steps", "-10"], "argument --warmup-steps: must be at least 0"),
+    (["--text-encoder-lr", "-1"], "argument --text-encoder-lr: must be above 0"),
+    (["--steps", "0"], "argument --steps: must be at least 1"),
+    (["--steps", "1.5"], "argument --steps: '1.5' is not a whole number"),
+    (["--sample-steps", "0"], "argument --sample-steps: must be between 1 and 999"),
+    (["--class-images", "-1"], "argument --class-images: must be at least 0"),
+    (["--seed", str(2**64)], "argument --seed: must be between 0 and"),
+    (["--resolution", "30"], "--resolution must be a multiple of 8"),
+    (["--class-images", "0"], "--class-images 0 leaves the prior-preservation loss without images"),
+    (["--class", ""], "argument --class: must not be empty"),
+    (["--identifier", ""], "argument --identifier: must not be empty"),
+    (["--instance-prompt", "  "], "argument --instance-prompt: must not be empty"),
+    (["--class-prompt", "a photo of a \udcff"], "argument --class-prompt: is not valid UTF-8 text"),
+    (["--device", "tpu"], "--device 'tpu' is not a device name"),
+    (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "cuda:99"], "--device cuda"),
+])
+def test_bad_values_are_refused_before_any_work(world, tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    err = refused(capsys, base_args(world, out) + args)
+    assert message in err and err.count("error:") == 1
+    assert not out.exists()  # nothing was started
+
+
+def test_out_naming_a_file(world, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    err = refused(capsys, base_args(world, tmp_path / "file"))
+    assert f"--out {tmp_path / 'file'} is a file, not a folder" in err
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def poison(monkeypatch, at_call, how):
+    """Make train.py's loss (how="loss") or its gradient (how="gradient") NaN from the at_call-th step on."""
+    calls, real = [], train.dreambooth_loss
+
+    def loss(pred, *args, **kwargs):
+        calls.append(1)
+        if len(calls) >= at_call and how == "gradient":
+            pred.register_hook(lambda g: torch.full_like(g, float("nan")))
+        out = real(pred, *args, **kwargs)
+        if len(calls) >= at_call and how == "loss":
+            return (out[0] * float("nan"),) + out[1:]
+        return out
+
+    monkeypatch.setattr(train, "dreambooth_loss", loss)
+
+
+def test_a_nan_loss_stops_the_run_keeps_the_last_checkpoint_and_exports_nothing(world, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    poison(monkeypatch, 3, "loss")
+    err = refused(capsys, base_args(world, out) + ["--steps", 4, "--save-every", 2], code=1)
+    assert "The loss became NaN or infinite at step 3" in err and "learning rate" in err
+    assert f"the last good checkpoint {out / 'checkpoints' / 'step-000002'} is kept" in err
+    assert not (out / "model.safetensors").exists() and not (out / "model").exists()
+    kept, _ = files.read_tensors(out / "checkpoints" / "step-000002" / "unet.safetensors")
+    assert all(torch.isfinite(t).all() for t in kept.values())
+
+
+def test_nan_weights_are_never_checkpointed(world, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    poison(monkeypatch, 2, "gradient")  # the loss of step 2 is finite; the update it makes is not
+    err = refused(capsys, base_args(world, out) + ["--steps", 4, "--save-every", 2], code=1)
+    assert "The trained weights became NaN or infinite at step 2" in err and "no checkpoint was written" in err
+    assert runs.latest_state(out / "checkpoints") is None and not (out / "model.safetensors").exists()
+
+
+# ---- checkpoints survive a kill at any instant, and a full disk ----
+
+class Killed(BaseException):
+    pass
+
+
+def test_a_kill_at_any_instant_of_a_resave_leaves_one_complete_checkpoint(tmp_path, monkeypatch):
+    """save_state re-saving the step it already has (as a resumed run's final save does): kill it at
+    each file-system call in turn, and the folder must still hold a complete, loadable checkpoint."""
+    module = torch.nn.Linear(3, 2)
+    folder = tmp_path / "checkpoints"
+    calls = {"n": 0, "kill_at": None}
+    real = {"replace": os.replace, "rmtree": runs.shutil.rmtree, "write": runs.write_safetensors, "save": torch.save}
+
+    def counted(name):
+        def call(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == calls["kill_at"]:
+                raise Killed
+            return real[name](*args, **kwargs)
+        return call
+
+    for name, target in (("replace", runs.os), ("rmtree", runs.shutil), ("write", runs), ("save", runs.torch)):
+        monkeypatch.setattr(target, {"replace": "replace", "rmtree": "rmtree", "write": "write_safetensors",
+                                     "save": "save"}[name], counted(name))
+    runs.save_state(folder, 5, {"unet": module}, {"step_marker": torch.tensor(5)})
+    n_calls = calls["n"]
+    for kill_at in range(1, n_calls + 1):
+        calls.update(n=0, kill_at=kill_at)
+        with torch.no_grad():
+            module.weight.add_(1.0)
+        try:
+            runs.save_state(folder, 5, {"unet": module}, {"step_marker": torch.tensor(5)})
+        except Killed:
+            pass
+        calls.update(n=0, kill_at=None)
+        state = runs.latest_state(folder)
+        assert state is not None and state.name == "step-000005", f"killed at call {kill_at}: no checkpoint"
+        weights, _ = files.read_tensors(state / "unet.safetensors")
+        assert set(weights) == {"weight", "bias"} and (state / "state.pt").is_file(), kill_at
+
+
+def test_writes_are_fsynced_file_then_folder(tmp_path, monkeypatch):
+    synced, real = [], os.fsync
+    monkeypatch.setattr(files.os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real(fd))
+    files.atomic_write(tmp_path / "a.txt", lambda tmp: Path(tmp).write_text("hello"))
+    assert len(synced) == 2 and synced[0].startswith(str(tmp_path / ".a.txt.")) and synced[1] == str(tmp_path)
+
+
+def fill_disk_on(monkeypatch, name):
+    """The next write of a file called `name` writes half of it, then finds the disk full."""
+    real = files.save_file
+
+    def save_file(tensors, filename, metadata=None):
+        if Path(filename).name.startswith(f".{name}."):
+            Path(filename).write_bytes(b"half a file")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(files, "save_file", save_file)
+
+
+def test_a_full_disk_keeps_the_last_checkpoint_leaves_no_debris_and_resumes(world, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    run(world, out, "--save-every", 2, steps=2)  # a finished 2-step run, then train it on to 4
+    before = (out / "checkpoints" / "step-000002" / "unet.safetensors").read_bytes()
+    fill_disk_on(monkeypatch, "unet.safetensors")
+    err = refused(capsys, base_args(world, out) + ["--steps", 4, "--resume", "--save-dtype", "fp32"])
+    assert f"The disk holding {out} is full" in err and "MB are free" in err and "--resume" in err
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000002"]  # no half-written temp folder
+    assert (out / "checkpoints" / "step-000002" / "unet.safetensors").read_bytes() == before
+    monkeypatch.undo()  # space was freed
+    train.main([str(a) for a in base_args(world, out) + ["--steps", 4, "--resume", "--save-dtype", "fp32"]])
+    assert runs.latest_state(out / "checkpoints").name == "step-000004" and (out / "model.safetensors").is_file()
+
+
+def test_a_full_disk_during_the_export_leaves_no_temp_folder(world, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    fill_disk_on(monkeypatch, "diffusion_pytorch_model.safetensors")
+    err = refused(capsys, base_args(world, out) + ["--steps", 1])
+    assert "is full" in err
+    assert sorted(p.name for p in out.iterdir() if p.name != ".lock") == \
+        ["checkpoints", "log.jsonl", "loss.png", "settings.json", "validation"]
+
+
+# ---- a run folder always names its way out ----
+
+def test_a_folder_without_checkpoint_offers_overwrite(world, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "settings.json").write_text("{}")  # a run killed before its first checkpoint
+    (out / "log.jsonl").write_text("")
+    assert "stopped before its first checkpoint; pass --overwrite" in refused(capsys, base_args(world, out))
+    assert "--resume found no checkpoint" in refused(capsys, base_args(world, out) + ["--resume"])
+    assert "pass one of them" in refused(capsys, base_args(world, out) + ["--resume", "--overwrite"])
+    train.main([str(a) for a in base_args(world, out) + ["--steps", 1, "--overwrite"]])
+    assert runs.latest_state(out / "checkpoints").name == "step-000001"
+    assert "holds a run with a checkpoint at step 1; pass --resume" in refused(capsys, base_args(world, out))
+
+
+def test_overwrite_never_deletes_files_that_are_not_a_run(world, tmp_path, capsys):
+    out = tmp_path / "home"
+    out.mkdir()
+    (out / "thesis.pdf").write_bytes(b"precious")
+    assert "holds files that are not a minidb run (thesis.pdf)" in refused(capsys, base_args(world, out) + ["--overwrite"])
+    assert (out / "thesis.pdf").read_bytes() == b"precious"
+
+
+def test_a_second_run_on_the_same_folder_is_refused(world, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    with runs.locked(out):  # another train.py holds the folder
+        err = refused(capsys, base_args(world, out))
+    assert f"Another train.py (process {os.getpid()}) is running in {out}" in err
+    assert not (out / "log.jsonl").exists()
+
+
+@pytest.mark.parametrize("flag,value", [("--seed", 1), ("--lr", 1e-4), ("--class", "cup"), ("--resolution", 48),
+                                        ("--images", "copy"), ("--model", "copy")])
+def test_resume_refuses_a_change_that_would_not_continue_the_run(world, tmp_path, capsys, flag, value):
+    out = tmp_path / "out"
+    run(world, out, steps=1)
+    args = base_args(world, out)
+    if value == "copy":  # the same photos or model in another place may have changed since: another run
+        value = tmp_path / "copy"
+        shutil.copytree(args[args.index(flag) + 1], value)
+    if flag in args:
+        args[args.index(flag) + 1] = value
+    else:
+        args += [flag, value]
+    err = refused(capsys, args + ["--resume", "--steps", 2, "--save-dtype", "fp32"])
+    assert f"{flag} is " in err and "started with" in err
+    assert runs.latest_state(out / "checkpoints").name == "step-000001"
+
+
+def test_resume_allows_more_steps_and_other_save_intervals_and_equal_paths(world, tmp_path):
+    out = tmp_path / "out"
+    run(world, out, steps=1)
+    args = base_args(world, out)
+    args[args.index("--images") + 1] = Path(os.path.relpath(world / "photos"))  # the same folder, written differently
+    train.main([str(a) for a in args + ["--resume", "--steps", 2, "--save-every", 5, "--save-dtype", "fp32"]])
+    assert runs.latest_state(out / "checkpoints").name == "step-000002"
+
+
+@pytest.mark.parametrize("damage", ["truncated state", "truncated weights", "planted pickle", "missing entry"])
+def test_a_damaged_checkpoint_is_one_sentence(world, tmp_path, capsys, damage):
+    out = tmp_path / "out"
+    run(world, out, steps=1)
+    ckpt = out / "checkpoints" / "step-000001"
+    marker = tmp_path / "pwned"
+    if damage == "truncated state":
+        (ckpt / "state.pt").write_bytes((ckpt / "state.pt").read_bytes()[:500])
+    elif damage == "truncated weights":
+        data = (ckpt / "unet.safetensors").read_bytes()
+        (ckpt / "unet.safetensors").write_bytes(data[: len(data) // 2])
+    elif damage == "planted pickle":
+        torch.save({"step": 1, "x": Payload(str(marker))}, ckpt / "state.pt")
+    else:
+        torch.save({"step": 1}, ckpt / "state.pt")
+    err = refused(capsys, base_args(world, out) + ["--resume", "--steps", 2, "--save-dtype", "fp32"])
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert line.startswith(f"error: The checkpoint {ckpt} cannot be resumed (") and line.endswith("--overwrite.")
+    assert not marker.exists()
+
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_a_damaged_class_prior_cache_file_is_drawn_again(world, tmp_path):
+    cache = tmp_path / "cache"
+    run(world, tmp_path / "a", "--class-cache", cache, steps=1)
+    (folder,) = cache.iterdir()
+    good = (folder / "00001.safetensors").read_bytes()
+    (folder / "00001.safetensors").write_bytes(good[:40])
+    first = (folder / "00000.safetensors").stat().st_mtime_ns
+    with pytest.warns(UserWarning, match="class-prior cache file .*00001.safetensors is damaged"):
+        run(world, tmp_path / "b", "--class-cache", cache, steps=1)
+    latent = files.read_tensors(folder / "00001.safetensors")[0]["latent"]  # drawn again
+    kept = files.read_tensors(folder / "00000.safetensors")[0]["latent"]
+    assert latent.shape == kept.shape and torch.isfinite(latent).all()
+    assert (folder / "00000.safetensors").stat().st_mtime_ns == first  # the good one is kept
+
+
+# ---- the README's command, twice; Ctrl-C before training ----
+
+def test_default_runs_get_fresh_numbered_folders_and_runs_latest(world, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = base_args(world, "X")
+    del args[args.index("--out"):args.index("--out") + 2]
+    for n in (1, 2):
+        train.main([str(a) for a in args + ["--steps", 1, "--save-dtype", "fp32"]])
+        assert (tmp_path / "runs" / f"dreambooth-{n}" / "model.safetensors").is_file()
+        assert (tmp_path / "runs" / "latest").resolve() == (tmp_path / "runs" / f"dreambooth-{n}").resolve()
+    train.main([str(a) for a in args + ["--steps", 2, "--resume", "--save-dtype", "fp32"]])  # continues runs/latest
+    assert runs.latest_state(tmp_path / "runs" / "dreambooth-2" / "checkpoints").name == "step-000002"
+    assert not (tmp_path / "runs" / "dreambooth-3").exists()
+
+
+def test_ctrl_c_during_setup_is_one_sentence(world, tmp_path):
+    args = base_args(world, tmp_path / "out") + ["--class-images", 400, "--class-cache", tmp_path / "cache"]
+    proc = subprocess.Popen([sys.executable, "-u", str(ROOT / "train.py"), *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((tmp_path / "cache").glob("*/00000.safetensors")):
+        time.sleep(0.05)  # drawing the class prior: before the first training step
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+
+
+# ---- what the run writes ----
+
+def test_frozen_parts_are_exported_bit_identical_in_the_base_dtype(world, tmp_path):
+    out = tmp_path / "out"
+    train.main([str(a) for a in base_args(world, out) + ["--steps", 1]])  # no --save-dtype
+    base, trained = load(world / "base"), load(out / "model.safetensors")
+    for part in ("vae", "text_encoder"):
+        a, b = getattr(base, part).state_dict(), getattr(trained, part).state_dict()
+        assert all(a[k].dtype == b[k].dtype == torch.float32 and torch.equal(a[k], b[k]) for k in a), part
+
+
+def test_loss_plot_pieces():
+    assert dreambooth.ema([4.0, 4.0, 4.0], span=9) == [4.0, 4.0, 4.0]  # bias-corrected: no pull towards 0
+    a = 2 / (3 + 1)
+    assert dreambooth.ema([0.0, 1.0], span=3)[1] == pytest.approx(a / (1 - (1 - a) ** 2))
+    assert dreambooth.nice_ticks(0, 0.23) == pytest.approx([0, 0.05, 0.1, 0.15, 0.2])
+    assert dreambooth.nice_ticks(1, 800) == pytest.approx([200, 400, 600, 800])
+
+
+def test_loss_plot_draws_both_smoothed_curves(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    rows = [{"step": s + 1, "instance_loss": 0.3 + 0.2 * torch.rand(1, generator=g).item() * (s % 7 == 0),
+             "prior_loss": 0.1 + 0.001 * s} for s in range(200)]
+    dreambooth.plot_losses(rows, tmp_path / "loss.png")
+    image = Image.open(tmp_path / "loss.png").convert("RGB")
+    pixels = {image.getpixel((x, y)) for x in range(image.width) for y in range(image.height)}
+    for _, color in dreambooth.SERIES.values():
+        assert color in pixels  # the moving average
+        assert tuple(c + (255 - c) // 2 for c in color) in pixels  # the raw points, faint
