@@ -111,6 +111,8 @@ def check(args):
         return f"--resume without --out continues {runs.RUNS / 'latest'}, which does not exist; pass the run's --out."
     if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
         return f"--out {args.out} is a file, not a folder; choose a folder."
+    if args.resume and args.out is not None and not Path(args.out).is_dir():
+        return f"--resume found no run in {args.out}, which does not exist; check the path, or start without --resume."
     return None
 
 

@@ -201,6 +201,12 @@ def test_a_full_disk_during_the_export_leaves_no_temp_folder(world, tmp_path, ca
 
 # ---- a run folder always names its way out ----
 
+def test_resume_of_a_folder_that_does_not_exist_creates_nothing(world, tmp_path, capsys):
+    out = tmp_path / "typo"
+    assert f"--resume found no run in {out}, which does not exist" in refused(capsys, base_args(world, out) + ["--resume"])
+    assert not out.exists()
+
+
 def test_a_folder_without_checkpoint_offers_overwrite(world, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
