@@ -102,6 +102,12 @@ def check(args):
         return problem
     if args.mixed_precision == "fp16" and not args.device.startswith("cuda"):
         return "--mixed-precision fp16 needs a CUDA GPU; on the CPU use no or bf16."
+    if args.prior_weight > 0 and not args.class_dir:
+        try:
+            Path(args.class_cache).mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=args.class_cache).close()
+        except OSError as e:
+            return f"Cannot write the class-prior cache to --class-cache {args.class_cache} ({e.strerror}); choose another folder."
     if args.use_8bit_adam:
         try:
             import bitsandbytes  # noqa: F401

@@ -70,6 +70,9 @@ def _read_pickle(path):
         with torch.serialization.safe_globals(_ALLOWED_GLOBALS):
             data = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
+        if "GLOBAL" not in str(e):  # not a refused object: bytes that are no pickle at all
+            raise ModelFileError(f"{path} is not a PyTorch checkpoint or safetensors file ({_pickle_problem(e)}); "
+                                 "check the path, or download or export it again.") from None
         raise ModelFileError(f"{path} holds pickled Python objects besides tensors ({_unsafe_global(e)}), and "
                              "loading them could run code; convert it to .safetensors with a tool you trust.") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as e:
@@ -84,6 +87,12 @@ def _unsafe_global(error):
     # torch names the refused object as "GLOBAL module.name"; show the user just that.
     m = re.search(r"GLOBAL ([\w.]+)", str(error))
     return m[1] if m else "an object torch refuses to load safely"
+
+
+def _pickle_problem(error):
+    # torch wraps the unpickler's complaint ("Unsupported operand 120") in a long paragraph
+    m = re.search(r"WeightsUnpickler error:\s*(.+)", str(error))
+    return m[1].strip().splitlines()[0][:120] if m else _first_line(error)
 
 
 def _first_line(error):

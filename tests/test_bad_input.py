@@ -294,3 +294,11 @@ def test_metadata_that_builds_no_model(tiny, tmp_path):
     with pytest.raises(ModelFileError) as e:
         load(tmp_path / "m.safetensors")
     assert "UNet in" in one_sentence(e) and "has an architecture minidb cannot build" in one_sentence(e)
+
+
+def test_a_file_that_is_no_checkpoint_at_all(tmp_path):
+    (tmp_path / "notes.ckpt").write_text("my prompts for tomorrow")
+    with pytest.raises(ModelFileError) as e:
+        load(tmp_path / "notes.ckpt")
+    message = one_sentence(e)
+    assert "is not a PyTorch checkpoint or safetensors file" in message and "pickled" not in message

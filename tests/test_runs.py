@@ -72,6 +72,12 @@ def test_bad_values_are_refused_before_any_work(world, tmp_path, capsys, args, m
     assert not out.exists()  # nothing was started
 
 
+def test_an_unwritable_class_cache(world, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    err = refused(capsys, base_args(world, tmp_path / "out") + ["--class-cache", tmp_path / "file" / "cache"])
+    assert "Cannot write the class-prior cache to --class-cache" in err and not (tmp_path / "out").exists()
+
+
 def test_out_naming_a_file(world, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     err = refused(capsys, base_args(world, tmp_path / "file"))
