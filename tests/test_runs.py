@@ -57,6 +57,7 @@ def base_args(world, out):
     (["--class-images", "-1"], "argument --class-images: must be at least 0"),
     (["--seed", str(2**64)], "argument --seed: must be between 0 and"),
     (["--resolution", "30"], "--resolution must be a multiple of 8"),
+    (["--resolution", "100000"], "argument --resolution: must be between 8 and 2048"),
     (["--class-images", "0"], "--class-images 0 leaves the prior-preservation loss without images"),
     (["--class", ""], "argument --class: must not be empty"),
     (["--identifier", ""], "argument --identifier: must not be empty"),
