@@ -234,9 +234,9 @@ def train(args, out):
     schedule = NoiseSchedule(model.prediction_type)
     # What a full disk would have to make room for: a checkpoint (weights and Adam's two moments,
     # fp32) and the exported model, twice (the diffusers folder and the single file).
-    n_trained = sum(p.numel() for m in trained.values() for p in m.parameters())
-    n_all = sum(p.numel() for m in parts.values() for p in m.parameters())
-    needed_bytes = 12 * n_trained + 2 * n_all * (4 if args.save_dtype == "fp32" else 2)
+    export_dtype = lambda name: DTYPES[args.save_dtype] if args.save_dtype else base_dtypes[name]
+    needed_bytes = sum(12 * p.numel() for m in trained.values() for p in m.parameters()) + \
+        sum(2 * p.numel() * export_dtype(name).itemsize for name, m in parts.items() for p in m.parameters())
 
     start, orders = 0, {"instance": torch.empty(0, dtype=torch.long), "prior": torch.empty(0, dtype=torch.long)}
     if args.resume:
@@ -375,7 +375,7 @@ def train(args, out):
     model.unet.eval()
     model.text_encoder.eval()
     for name, module in parts.items():  # the chosen dtype, else the base's: frozen parts come out as they went in
-        module.to(DTYPES[args.save_dtype] if args.save_dtype else base_dtypes[name])
+        module.to(export_dtype(name))
     readme = (f"# DreamBooth model\n\nSubject: `{identifier}` (a {args.class_name}). Prompt it as "
               f"\"{instance_prompt}\" or in new contexts, e.g. \"{new_scene}\".\n\n"
               f"Base model: {args.model} ({model.version}, {model.prediction_type}).\n\n"
