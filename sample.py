@@ -2,23 +2,31 @@
 
     python sample.py --prompt "a photo of sks dog on the beach" --n 4
 
-Writes one PNG per image into --out, with the settings stored in the PNG the way AUTOMATIC1111
-does (so its "PNG Info" tab reads them), plus a grid when --n > 1. The same seed and settings give
-the same picture as diffusers' StableDiffusionPipeline with the matching scheduler.
+Writes one PNG per image into --out, plus a grid when --n > 1. Each PNG carries its settings the way
+AUTOMATIC1111 writes them, in one text chunk named "parameters" (its "PNG Info" tab reads it, and so
+do ComfyUI and civitai), and minidb's own settings as JSON in a chunk named "minidb".
+
+Seeds: image i of a run is drawn on its own from seed + i, the way AUTOMATIC1111 numbers the images
+of a batch, so the seed recorded in each PNG redraws that very image with --n 1. With the same seed
+and settings an image is the one diffusers' StableDiffusionPipeline draws with the matching scheduler
+and generator=torch.Generator("cpu").manual_seed(seed) (for several images at once, diffusers needs a
+list of such generators, one per image, to agree: its single generator draws a whole batch from one
+stream). Drawing one image at a time also keeps the memory a run needs independent of --n.
 """
 
 import argparse
+import hashlib
+import json
+import os
 import re
 import secrets
-import sys
-import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import torch
 from PIL.PngImagePlugin import PngInfo
 
+from minidb.cli import SEED_MAX, check_device, fail, number, run, text
 from minidb.fetch import DEFAULT_MODEL, default_model, how_to_get_weights
 from minidb.files import ModelFileError, atomic_write
 from minidb.info import HELP as MODEL_HELP
@@ -26,30 +34,53 @@ from minidb.load import load
 from minidb.pipeline import SAMPLER_NAMES, SAMPLERS, decode, grid, sample_latents
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SIZE_MAX = 8192  # 16x SD 1.x's own side: a guard against typos; the memory estimate decides what fits
+N_MAX = 1000  # the grid of 1000 512-px images is already 16384 x 16384 pixels
+GUIDANCE_MAX = 30  # A1111's own slider stops at 30; SD's pictures are burnt long before (1e30 draws black)
+STEPS_MAX = 999  # DDIM's "leading" timesteps k * (1000 // n) + 1 would reach t = 1000 at n = 1000
+SAMPLER_HELP = """samplers (--sampler):
+  ddim      DDIM with eta 0: deterministic, SD's own; fine in 20-50 steps
+  ddpm      DDPM (DDIM with eta 1): fresh noise at every step; wants more steps than the others
+  euler     Euler: deterministic, first order; fine in 20-50 steps
+  euler-a   Euler ancestral: fresh noise at every step, so the picture changes with --steps
+  dpmpp-2m  DPM-Solver++ 2M: deterministic, second order; good in 20-25 steps
+"""
+
+
+def optional_text(value):
+    """An argparse type for the negative prompt: may be empty, but must be valid UTF-8 when it is not."""
+    return text(value) if value.strip() else value
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=MODEL_HELP,
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=SAMPLER_HELP + "\n" + MODEL_HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None,
                    help="a diffusers folder or a .safetensors/.ckpt file, base or trained (default: SD 1.5 in "
-                        "weights/ once `python -m minidb.fetch` has downloaded it, else the toy model weights/toy.safetensors)")
-    p.add_argument("--prompt", required=True, help="what to draw; at most 75 CLIP tokens are read")
-    p.add_argument("--negative-prompt", default="", help="what to steer away from (default: empty)")
-    p.add_argument("--n", type=int, default=1, help="number of images, drawn as one batch (default: 1)")
-    p.add_argument("--steps", type=int, default=50, help="denoising steps (default: 50)")
-    p.add_argument("--guidance", type=float, default=7.5,
-                   help="classifier-free guidance scale; 1 turns guidance off (default: 7.5)")
-    p.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, printed)")
-    p.add_argument("--height", type=int, default=None, help="image height in pixels, a multiple of 8 "
-                   "(default: the model's training size, 512 for SD 1.x and 2.x base, 768 for 2.x v models)")
-    p.add_argument("--width", type=int, default=None, help="image width in pixels, a multiple of 8 (default: as height)")
-    p.add_argument("--sampler", default="ddim", choices=list(SAMPLERS), help="(default: ddim, with eta 0)")
+                        "weights/ once `python -m minidb.fetch` has downloaded it, else the toy model "
+                        "weights/toy.safetensors)")
+    p.add_argument("--prompt", required=True, type=text, help="what to draw; at most 75 CLIP tokens are read")
+    p.add_argument("--negative-prompt", default="", type=optional_text,
+                   help="what to steer away from (default: empty)")
+    p.add_argument("--n", type=number(int, 1, N_MAX), default=1,
+                   help=f"number of images, drawn one after another from seed, seed + 1, ... "
+                        f"(default: 1, at most {N_MAX})")
+    p.add_argument("--steps", type=number(int, 1, STEPS_MAX), default=50, help="denoising steps (default: 50)")
+    p.add_argument("--guidance", type=number(float, 1, GUIDANCE_MAX), default=7.5,
+                   help=f"classifier-free guidance scale, 1 to {GUIDANCE_MAX}; 1 turns guidance off (default: 7.5)")
+    p.add_argument("--seed", type=number(int, 0, SEED_MAX), default=None,
+                   help="random seed of the first image (default: a random one, printed)")
+    p.add_argument("--height", type=number(int, 8, SIZE_MAX), default=None,
+                   help="image height in pixels, a multiple of 8 (default: the model's own training size)")
+    p.add_argument("--width", type=number(int, 8, SIZE_MAX), default=None,
+                   help="image width in pixels, a multiple of 8 (default: as height)")
+    p.add_argument("--sampler", default="ddim", choices=list(SAMPLERS),
+                   help="how to step from noise to image; each is described below (default: %(default)s)")
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None,
                    help="override the detected prediction type of the model (see below)")
-    p.add_argument("--out", default="out", help="folder for the images (default: %(default)s)")
+    p.add_argument("--out", default="out", help="folder for the images, made if missing (default: %(default)s)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cuda or cpu (default: cuda when available)")
+                   help="cpu, or cuda (cuda:N for the N-th GPU) (default: cuda when available)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help="weights and activations (default: fp16 on CUDA, fp32 on the CPU)")
     return p.parse_args(argv)
@@ -59,46 +90,132 @@ def check(args):
     """Every problem with the arguments that can be found before loading anything, as one sentence."""
     for name in ("height", "width"):
         value = getattr(args, name)
-        if value is not None and (value < 8 or value % 8):
-            return f"--{name} must be a positive multiple of 8 (the VAE works in 8x8 pixel cells), not {value}."
-    if args.steps < 1 or args.steps > 999:
-        return f"--steps must be between 1 and 999, not {args.steps}."
-    if args.n < 1:
-        return f"--n must be at least 1, not {args.n}."
-    if args.dtype == "fp16" and args.device == "cpu":
+        if value is not None and value % 8:
+            return f"--{name} must be a multiple of 8 (the VAE works in 8x8 pixel cells), not {value}."
+    if args.seed is not None and args.seed + args.n - 1 > SEED_MAX:
+        return f"--seed plus --n must stay within the largest seed, {SEED_MAX}; choose a smaller --seed."
+    problem = check_device(args.device)
+    if problem:
+        return problem
+    if args.dtype == "fp16" and torch.device(args.device).type == "cpu":
         return "--dtype fp16 is not supported on the CPU; use fp32 (the default) or bf16."
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        return "--device cuda was asked for, but PyTorch sees no CUDA GPU; use --device cpu."
     if not Path(args.model).exists():
         if Path(args.model) == Path(DEFAULT_MODEL):
             return how_to_get_weights()
         return f"No model at {args.model}: pass a diffusers folder or a .safetensors / .ckpt file to --model."
-    try:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=args.out).close()
-    except OSError as e:
-        return f"Cannot write to --out {args.out} ({e.strerror}); choose another folder."
+    out = Path(args.out)
+    nearest = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())  # the folder is made later
+    if not nearest.is_dir():
+        return f"--out {args.out} cannot be a folder: {nearest} is a file; choose another --out."
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        return f"Cannot write to --out {args.out} ({nearest} is not writable); choose another folder."
     return None
 
 
-def a1111_parameters(args, seed, size, index):
-    """The "parameters" text AUTOMATIC1111 writes into its PNGs."""
+def memory_needed(model, n, height, width, guide, device):
+    """A rough estimate of the memory drawing needs beyond the loaded weights: (bytes on the device, bytes of RAM).
+
+    A simple rule calibrated on the CPU (fp32, peak RSS over the loaded model) and rounded down, so that it
+    refuses only what cannot fit; a run close to the limit may still run out. Measured for SD 1.5's shapes
+    at 512 px: UNet step 0.17 GB, VAE decode 0.93 GB (the rule says 0.17 and 0.67); for the toy model at
+    512 px: 0.20 and 2.47 GB (0.13 and 2.28). Only one of the two networks holds activations at a time:
+    - the UNet about 16 feature maps the size of its first level's, (b, C, H/f, W/f), b = 2 with guidance;
+    - the VAE decoder, in fp32, about 4 maps of its full-resolution level (128 x H x W for SD) and its
+      single-head attention's (L, L) scores and probabilities over the L = H/f * W/f latent pixels. On the
+      CPU that attention runs as PyTorch's math fallback and holds both in float32 (its q, k, v are
+      views that are not contiguous); on CUDA SDPA's fused kernels are assumed not to (not measured).
+    - MINIDB_ATTENTION=math holds the UNet's (b, heads, L, L) scores too, at its first attention level.
+    The finished images and the grid stay in RAM, 3 bytes a pixel each.
+    """
+    f = 2 ** (len(model.vae.cfg.ch_mult) - 1)  # latent pixels are f x f image pixels
+    latent = (height // f) * (width // f)
+    b = 2 if guide else 1
+    ucfg, vcfg = model.unet.cfg, model.vae.cfg
+    unet = 16 * b * ucfg.model_channels * latent * next(model.unet.parameters()).element_size()
+    vae = 4 * vcfg.ch * vcfg.ch_mult[0] * height * width * 4
+    math_backend = os.environ.get("MINIDB_ATTENTION", "").lower() == "math"
+    if device.type == "cpu" or math_backend:
+        vae += 2 * latent**2 * 4
+    if math_backend and ucfg.attention_levels:
+        level = ucfg.attention_levels[0]
+        heads = ucfg.num_heads or ucfg.model_channels * ucfg.channel_mult[level] // ucfg.head_dim
+        unet += 2 * b * heads * (latent // 4**level) ** 2 * 4
+    images = (2 if n > 1 else 1) * n * height * width * 3
+    return max(unet, vae), images
+
+
+def available_ram():
+    """Linux's MemAvailable in bytes (memory that can be had without swapping), or None elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def memory_problem(model, n, height, width, guide, device):
+    """One sentence if the estimate of memory_needed is beyond what this machine has free, else None."""
+    on_device, in_ram = memory_needed(model, n, height, width, guide, device)
+    what = f"{n} image{'s' if n > 1 else ''} of {width}x{height}"
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        if on_device > free:
+            return (f"drawing {what} needs about {on_device / 1e9:,.1f} GB of GPU memory beyond the model's weights "
+                    f"(a rough estimate), but {device} has {free / 1e9:,.1f} GB free; choose a smaller size.")
+    else:
+        in_ram += on_device
+    ram = available_ram()
+    if ram is not None and in_ram > ram:
+        return (f"drawing {what} needs about {in_ram / 1e9:,.1f} GB of memory beyond the model's weights "
+                f"(a rough estimate), but this machine has {ram / 1e9:,.1f} GB available; choose a smaller "
+                "size or fewer images.")
+    return None
+
+
+def short_hash(path):
+    """AUTOMATIC1111's "Model hash": the first 10 hex digits of the file's sha256 (modules/hashes.py)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()[:10]
+
+
+def quote(value):
+    """A1111's infotext_utils.quote: a value holding a comma, colon or newline is written as a JSON string."""
+    value = str(value)
+    return json.dumps(value, ensure_ascii=False) if any(c in value for c in ",:\n") else value
+
+
+def a1111_parameters(args, seed, width, height, model_name, model_hash):
+    """The "parameters" text AUTOMATIC1111 writes, its fields in its order (modules/processing.py create_infotext).
+
+    "RNG: CPU": the noise is drawn from a CPU generator seeded with the image's seed, as A1111 does with
+    that setting. "Model hash" is left out for a diffusers folder, which has no single file to hash.
+    """
+    sampler, schedule, extra = SAMPLER_NAMES[args.sampler]
+    fields = {"Steps": args.steps, "Sampler": sampler, "Schedule type": schedule,
+              "CFG scale": str(args.guidance).removesuffix(".0"), "Seed": seed, "Size": f"{width}x{height}",
+              "Model hash": model_hash, "Model": model_name, "RNG": "CPU", **extra}
     lines = [args.prompt]
     if args.negative_prompt:
         lines.append(f"Negative prompt: {args.negative_prompt}")
-    fields = {"Steps": args.steps, "Sampler": SAMPLER_NAMES[args.sampler], "CFG scale": args.guidance, "Seed": seed,
-              "Size": f"{size[0]}x{size[1]}", "Model": Path(args.model).stem}
-    if args.n > 1:
-        fields.update({"Batch size": args.n, "Batch pos": index})
-    lines.append(", ".join(f"{k}: {v}" for k, v in fields.items()))
+    lines.append(", ".join(f"{k}: {quote(v)}" for k, v in fields.items() if v is not None))
     return "\n".join(lines)
 
 
-def save_png(image, path, text):
+def save_png(image, path, parameters, settings):
+    """Write the PNG with A1111's one text chunk and minidb's, nothing else. ComfyUI reads a chunk named
+    "prompt" as its own JSON workflow before it looks at "parameters", so no chunk may be called that.
+    add_text writes tEXt when the text is Latin-1 and iTXt (UTF-8) otherwise, as A1111 does."""
     info = PngInfo()
-    for key, value in text.items():
-        info.add_itxt(key, str(value))  # iTXt: UTF-8, so prompts in any language survive
+    info.add_text("parameters", parameters)
+    info.add_text("minidb", json.dumps(settings))
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+
+
+def out_of_memory(e):
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(e)  # the CPU's message
 
 
 def main(argv=None):
@@ -106,46 +223,60 @@ def main(argv=None):
     args.model = args.model or str(default_model())  # SD 1.5 once fetched, else the toy model
     problem = check(args)
     if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
-    dtype = DTYPES[args.dtype or ("fp16" if args.device.startswith("cuda") else "fp32")]
+        fail(problem)
+    device = torch.device(args.device)
+    dtype_name = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
+    dtype = DTYPES[dtype_name]
     seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
 
     t0 = time.time()
     try:
-        model = load(args.model, dtype=dtype, device=args.device, prediction_type=args.prediction_type)
+        model = load(args.model, dtype=dtype, device=device, prediction_type=args.prediction_type)
     except ModelFileError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        fail(str(e))
     model.vae.float()  # decode in fp32: SD's VAE can overflow in fp16, and it runs once per image
     height = args.height or model.resolution
     width = args.width or height
+    problem = memory_problem(model, args.n, height, width, args.guidance > 1, device)
+    if problem:
+        fail(problem)
+    model_path = Path(args.model)
+    model_name = model_path.name if model_path.is_dir() else model_path.stem  # A1111's Model: no folders, no suffix
+    model_hash = None if model_path.is_dir() else short_hash(model_path)
     print(f"loaded {args.model} ({model.version}, {model.prediction_type}) in {time.time() - t0:.1f}s; "
           f"{args.n} x {width}x{height}, {args.steps} {args.sampler} steps, seed {seed}")
-
-    latents = sample_latents(model, args.prompt, args.negative_prompt, n=args.n, steps=args.steps,
-                             guidance=args.guidance, seed=seed, height=height, width=width, sampler=args.sampler)
-    images = decode(model, latents)
 
     out = Path(args.out)
     taken = [int(m[1]) for f in out.glob("*.png") if (m := re.match(r"(\d{5})-", f.name))]
     first = max(taken, default=-1) + 1  # continue numbering; never overwrite earlier images
-    for i, image in enumerate(images):
-        text = {"parameters": a1111_parameters(args, seed, image.size, i), "prompt": args.prompt,
-                "negative_prompt": args.negative_prompt, "seed": seed, "steps": args.steps,
-                "guidance": args.guidance, "sampler": args.sampler, "size": f"{image.size[0]}x{image.size[1]}",
-                "model": args.model}
-        path = out / f"{first + i:05d}-{seed}.png"
-        save_png(image, path, text)
+    images = []
+    for i in range(args.n):
+        try:
+            latents = sample_latents(model, args.prompt, args.negative_prompt, n=1, steps=args.steps,
+                                     guidance=args.guidance, seed=seed + i, height=height, width=width,
+                                     sampler=args.sampler)
+            image = decode(model, latents)[0]
+        except RuntimeError as e:
+            if not out_of_memory(e):
+                raise
+            fail(f"ran out of memory drawing a {width}x{height} image on {device}; choose a smaller size.")
+        settings = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": seed + i,
+                    "steps": args.steps, "guidance": args.guidance, "sampler": args.sampler, "width": width,
+                    "height": height, "model": model_path.name, "model_version": model.version,
+                    "prediction_type": model.prediction_type, "dtype": dtype_name,
+                    "device": device.type}
+        path = out / f"{first + i:05d}-{seed + i}.png"
+        save_png(image, path, a1111_parameters(args, seed + i, width, height, model_name, model_hash), settings)
         print(f"wrote {path}")
+        images.append(image)
     if len(images) > 1:
         path = out / f"grid-{first:05d}-{seed}.png"
-        save_png(grid(images), path, {"parameters": a1111_parameters(args, seed, images[0].size, 0)})
+        save_png(grid(images), path, a1111_parameters(args, seed, width, height, model_name, model_hash),
+                 {**settings, "seed": seed, "n": args.n})
         print(f"wrote {path}")
     return 0
 
 
 if __name__ == "__main__":
-    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
     torch.set_grad_enabled(False)
-    sys.exit(main())
+    run(main)

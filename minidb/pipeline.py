@@ -25,8 +25,24 @@ from minidb.vae import LATENT_SCALE
 
 SAMPLERS = {"ddim": DDIMSampler, "ddpm": DDPMSampler, "euler": EulerSampler, "euler-a": EulerAncestralSampler,
             "dpmpp-2m": DPMSolverPP2MSampler}
-# The names AUTOMATIC1111 shows, for the PNG metadata.
-SAMPLER_NAMES = {"ddim": "DDIM", "ddpm": "DDPM", "euler": "Euler", "euler-a": "Euler a", "dpmpp-2m": "DPM++ 2M"}
+# Each sampler as AUTOMATIC1111 (1.9 and later) records it in a PNG's "parameters": its Sampler and
+# Schedule type fields, and any extra field. A1111 names the timestep schedule apart from the method,
+# and its "DPM++ 2M" on its own means the Karras schedule (sd_samplers_kdiffusion.py). minidb's samplers
+# space their timesteps as diffusers does with SD's scheduler config, which in A1111's terms
+# (sd_schedulers.py) is:
+# - Euler, Euler a: "linspace", n timesteps from 999 to 0, then σ = 0: A1111's "Uniform" (k-diffusion's
+#   get_sigmas(n)). Between integer timesteps diffusers interpolates σ linearly, A1111 log σ: a small difference.
+# - DPM++ 2M: "linspace" over n + 1 points from 999 to 0, the last dropped, then σ = 0: A1111's
+#   "SGM Uniform" (diffusers rounds those timesteps to integers, A1111 does not).
+# - DDIM: "leading" spacing with offset 1 (853, 711, ..., 1 at 7 steps). A1111's DDIM takes
+#   range(0, 1000, 1000 // n) + 1 (sd_samplers_timesteps.py): the same timesteps when n divides 1000
+#   (20, 25, 50, ...), else one more near 999 (31 at 30 steps). It takes no schedule type; A1111 writes
+#   its default, "Automatic".
+# - DDPM: A1111 has no DDPM. Ancestral DDPM on a subsequence of timesteps is DDIM with η = 1 (Song et al.
+#   2020, eq. 16), which A1111 records as "Eta DDIM: 1". Only the last jump differs: to ᾱ = 1 here, to ᾱ_0 in DDIM.
+SAMPLER_NAMES = {"ddim": ("DDIM", "Automatic", {}), "ddpm": ("DDIM", "Automatic", {"Eta DDIM": 1}),
+                 "euler": ("Euler", "Uniform", {}), "euler-a": ("Euler a", "Uniform", {}),
+                 "dpmpp-2m": ("DPM++ 2M", "SGM Uniform", {})}
 
 
 @torch.no_grad()
