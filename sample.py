@@ -117,14 +117,12 @@ def memory_needed(model, n, height, width, guide, device):
 
     A simple rule calibrated on the CPU (fp32, peak RSS over the loaded model) and rounded down, so that it
     refuses only what cannot fit; a run close to the limit may still run out. Measured for SD 1.5's shapes
-    at 512 px: UNet step 0.17 GB, VAE decode 0.93 GB (the rule says 0.17 and 0.67); for the toy model at
-    512 px: 0.20 and 2.47 GB (0.13 and 2.28). Only one of the two networks holds activations at a time:
+    at 512 px: UNet step 0.17 GB, VAE decode 0.98 GB (the rule says 0.17 and 0.54); for the toy model at
+    512 px: 0.20 and 0.26 GB (0.13 and 0.13). Only one of the two networks holds activations at a time:
     - the UNet about 16 feature maps the size of its first level's, (b, C, H/f, W/f), b = 2 with guidance;
-    - the VAE decoder, in fp32, about 4 maps of its full-resolution level (128 x H x W for SD) and its
-      single-head attention's (L, L) scores and probabilities over the L = H/f * W/f latent pixels. On the
-      CPU that attention runs as PyTorch's math fallback and holds both in float32 (its q, k, v are
-      views that are not contiguous); on CUDA SDPA's fused kernels are assumed not to (not measured).
-    - MINIDB_ATTENTION=math holds the UNet's (b, heads, L, L) scores too, at its first attention level.
+    - the VAE decoder, in fp32, about 4 maps of its full-resolution level (128 x H x W for SD);
+    - MINIDB_ATTENTION=math holds (L, L) attention scores and probabilities, L = H/f * W/f latent pixels:
+      the VAE's single head, and the UNet's (b, heads, L, L) at its first attention level.
     The finished images and the grid stay in RAM, 3 bytes a pixel each.
     """
     f = 2 ** (len(model.vae.cfg.ch_mult) - 1)  # latent pixels are f x f image pixels
@@ -134,7 +132,7 @@ def memory_needed(model, n, height, width, guide, device):
     unet = 16 * b * ucfg.model_channels * latent * next(model.unet.parameters()).element_size()
     vae = 4 * vcfg.ch * vcfg.ch_mult[0] * height * width * 4
     math_backend = os.environ.get("MINIDB_ATTENTION", "").lower() == "math"
-    if device.type == "cpu" or math_backend:
+    if math_backend:
         vae += 2 * latent**2 * 4
     if math_backend and ucfg.attention_levels:
         level = ucfg.attention_levels[0]

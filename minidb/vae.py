@@ -74,7 +74,8 @@ class AttnBlock(nn.Module):
     def forward(self, x):
         b, c, h, w = x.shape
         n = self.norm(x)
-        q, k, v = (rearrange(p(n), "b c h w -> b 1 (h w) c") for p in (self.q, self.k, self.v))  # one head
+        # one head; contiguous, or PyTorch's CPU attention falls back to materializing the (L, L) scores
+        q, k, v = (rearrange(p(n), "b c h w -> b 1 (h w) c").contiguous() for p in (self.q, self.k, self.v))
         out = rearrange(attention(q, k, v), "b 1 (h w) c -> b c h w", h=h, w=w)
         return x + self.proj_out(out)
 
