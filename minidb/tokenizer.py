@@ -181,7 +181,7 @@ class Tokenizer:
             if len(ids) > room:
                 warnings.warn(
                     f"The prompt starting {prompt[:40]!r} is longer than CLIP's {CONTEXT_LENGTH} tokens; "
-                    f"dropped its last {len(ids) - room} tokens: {self.decode(ids[room:])!r}.",
+                    f"dropped its last {len(ids) - room} tokens: {_shorten(self.decode(ids[room:]))!r}.",
                     stacklevel=2,
                 )
                 ids = ids[:room]
@@ -205,3 +205,8 @@ def _pad_token(folder: Path) -> str:
         special = {}
     pad = special.get("pad_token") or config.get("pad_token") or EOS_TOKEN
     return pad["content"] if isinstance(pad, dict) else pad
+
+
+def _shorten(text, limit=120):
+    """A long dropped tail is shown by its two ends, so the warning stays one readable line."""
+    return text if len(text) <= limit else f"{text[:limit // 2]} ... {text[-limit // 2:]}"

@@ -224,8 +224,13 @@ def test_truncation_keeps_bos_and_eos_and_warns(minidb_tok):
     assert dropped > 0
     with pytest.warns(UserWarning, match=f"dropped its last {dropped} tokens") as caught:
         row = tok(LONG + " " + LONG)[0]
-    assert tok.decode(ids[room:]) in str(caught[0].message)  # the user sees what was cut
+    cut = tok.decode(ids[room:])
+    shown = cut if len(cut) <= 120 else f"{cut[:60]} ... {cut[-60:]}"
+    assert shown in str(caught[0].message)  # the user sees what was cut, by its two ends when it is long
     assert row.tolist() == [BOS, *ids[:room], EOS]
+    with pytest.warns(UserWarning) as caught:  # a pasted essay still gives a one-line warning
+        tok("a very good dog " * 5000)
+    assert len(str(caught[0].message)) < 300
 
 
 def test_no_warning_at_exactly_75_tokens(minidb_tok):
