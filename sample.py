@@ -14,10 +14,16 @@ list of such generators, one per image, to agree: its single generator draws a w
 stream). Drawing one image at a time also keeps the memory a run needs independent of --n.
 """
 
+import os
+import signal
+import sys
+
+if __name__ == "__main__":  # Ctrl-C in the seconds torch takes to import: a sentence, not a traceback
+    signal.signal(signal.SIGINT, lambda *_: (print("\ninterrupted.", file=sys.stderr), os._exit(130)))
+
 import argparse
 import hashlib
 import json
-import os
 import re
 import secrets
 import time

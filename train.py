@@ -12,11 +12,16 @@ and at the end the personalized model as a diffusers folder (model/) and as one 
 file (model.safetensors), for sample.py, diffusers, AUTOMATIC1111 and ComfyUI.
 """
 
+import os
+import signal
+import sys
+
+if __name__ == "__main__":  # Ctrl-C in the seconds torch takes to import: a sentence, not a traceback
+    signal.signal(signal.SIGINT, lambda *_: (print("\ninterrupted.", file=sys.stderr), os._exit(130)))
+
 import argparse
 import json
 import random
-import signal
-import sys
 import tempfile
 import time
 from contextlib import nullcontext

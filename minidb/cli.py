@@ -7,6 +7,7 @@ ends it with exit code 130, the shell's code for SIGINT.
 
 import argparse
 import math
+import signal
 import sys
 import warnings
 
@@ -79,6 +80,7 @@ def fail(message, code=2):
 def run(main, interrupted="interrupted."):
     """Run a script's main(): warnings as one 'warning:' line, Ctrl-C as a sentence and exit 130."""
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # the scripts quit quietly while importing
     try:
         sys.exit(main())
     except KeyboardInterrupt:

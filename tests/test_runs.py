@@ -343,6 +343,18 @@ def test_ctrl_c_during_setup_is_one_sentence(world, tmp_path):
     assert "interrupted" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("script", ["train.py", "sample.py"])
+def test_ctrl_c_while_torch_imports_is_quiet(tmp_path, script):
+    # Half a second in, the script is importing torch (or already setting up): either way a sentence.
+    proc = subprocess.Popen([sys.executable, str(ROOT / script), "--help"], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode in (130, 0), err  # 0: --help had already finished
+    assert "Traceback" not in err
+
+
 # ---- what the run writes ----
 
 def test_frozen_parts_are_exported_bit_identical_in_the_base_dtype(world, tmp_path):
