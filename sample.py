@@ -149,12 +149,20 @@ def memory_needed(model, n, height, width, guide, device):
 
 
 def available_ram():
-    """Linux's MemAvailable in bytes (memory that can be had without swapping), or None elsewhere."""
+    """Memory that can be had without swapping, in bytes: Linux's MemAvailable, or less when a container's
+    limit (cgroup v2's memory.max) leaves less; None where neither can be read."""
     try:
         with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     except (OSError, StopIteration, ValueError):
         return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            free = min(free, int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return free
 
 
 def memory_problem(model, n, height, width, guide, device):
