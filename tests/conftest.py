@@ -28,6 +28,16 @@ TINY_UNET = {"SD 1.x": un.TINY,
 TINY_TEXT = {"SD 1.x": te.TINY, "SD 2.x": dataclasses.replace(te.TINY, activation="gelu")}
 
 
+def tiny_model():
+    """A tiny SD 1.x-style minidb model with PyTorch's default random init (seeded), for the tests of
+    files and command lines, where what matters is that the numbers are not all zero."""
+    from minidb.load import StableDiffusion
+    from minidb.tokenizer import Tokenizer
+    torch.manual_seed(0)
+    return StableDiffusion(Tokenizer.for_version("SD 1.x"), te.TextEncoder(te.TINY), va.AutoencoderKL(va.TINY),
+                           un.UNet(un.TINY), "SD 1.x", "epsilon")
+
+
 def randomize_(module, seed=0):
     """Random weights everywhere, including layers the reference initializes to zero or one, so
     that a wrong wire cannot hide behind a zero. Uniform in ±1/√fan_in (PyTorch's default scale)

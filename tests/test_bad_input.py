@@ -8,19 +8,17 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from minidb import files, text_encoder as te, unet as un, vae as va
+from minidb import files
 from minidb.files import ModelFileError
-from minidb.load import StableDiffusion, load
+from minidb.load import load
 from minidb.save import save_diffusers, save_single_file
-from minidb.tokenizer import Tokenizer
+from conftest import tiny_model
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny SD 1.x-style model saved as a single file; returns (model, its tensors, metadata)."""
-    torch.manual_seed(0)
-    model = StableDiffusion(Tokenizer.for_version("SD 1.x"), te.TextEncoder(te.TINY), va.AutoencoderKL(va.TINY),
-                            un.UNet(un.TINY), "SD 1.x", "epsilon")
+    model = tiny_model()
     path = tmp_path_factory.mktemp("tiny") / "model.safetensors"
     save_single_file(model, path)
     from safetensors import safe_open

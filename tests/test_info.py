@@ -15,6 +15,7 @@ from minidb.info import main
 from minidb.load import StableDiffusion, load
 from minidb.save import save_single_file
 from minidb.tokenizer import Tokenizer
+from conftest import tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,11 +55,8 @@ def test_bad_model_is_one_line_without_traceback(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_file(tmp_path_factory):
-    torch.manual_seed(0)
-    model = StableDiffusion(Tokenizer.for_version("SD 1.x"), te.TextEncoder(te.TINY), va.AutoencoderKL(va.TINY),
-                            un.UNet(un.TINY), "SD 1.x", "epsilon")
     path = tmp_path_factory.mktemp("tiny") / "m.safetensors"
-    save_single_file(model, path)
+    save_single_file(tiny_model(), path)
     return path
 
 

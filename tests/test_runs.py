@@ -19,6 +19,7 @@ from PIL import Image
 import train
 from minidb import dreambooth, files, runs
 from minidb.load import load
+from test_bad_input import Payload
 from test_train import ROOT, run, world  # noqa: F401  (world is a fixture)
 
 
@@ -290,14 +291,6 @@ def test_a_damaged_checkpoint_is_one_sentence(world, tmp_path, capsys, damage):
     (line,) = [line for line in err.splitlines() if line.startswith("error:")]
     assert line.startswith(f"error: The checkpoint {ckpt} cannot be resumed (") and line.endswith("--overwrite.")
     assert not marker.exists()
-
-
-class Payload:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.mkdir, (self.marker,))
 
 
 def test_a_damaged_class_prior_cache_file_is_drawn_again(world, tmp_path):

@@ -19,11 +19,9 @@ import pytest
 import torch
 from PIL import Image
 
-from minidb import text_encoder as te, unet as un, vae as va
 from minidb.cli import SEED_MAX
-from minidb.load import StableDiffusion
 from minidb.save import save_diffusers, save_single_file
-from minidb.tokenizer import Tokenizer
+from conftest import tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,9 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def models(tmp_path_factory):
     """The same tiny model as a diffusers folder and as a single file."""
     tmp = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
-    model = StableDiffusion(Tokenizer.for_version("SD 1.x"), te.TextEncoder(te.TINY), va.AutoencoderKL(va.TINY),
-                            un.UNet(un.TINY), "SD 1.x", "epsilon")
+    model = tiny_model()
     save_diffusers(model, tmp / "folder")
     save_single_file(model, tmp / "model.safetensors")
     return tmp / "folder", tmp / "model.safetensors"
