@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from PIL.PngImagePlugin import PngInfo
 
+from minidb import memory
 from minidb.cli import SEED_MAX, check_device, fail, number, run, text
 from minidb.fetch import DEFAULT_MODEL, default_model, how_to_get_weights
 from minidb.files import ModelFileError, atomic_write
@@ -118,72 +119,6 @@ def check(args):
     return None
 
 
-def memory_needed(model, n, height, width, guide, device):
-    """A rough estimate of the memory drawing needs beyond the loaded weights: (bytes on the device, bytes of RAM).
-
-    A simple rule calibrated on the CPU (fp32, peak RSS over the loaded model) and rounded down, so that it
-    refuses only what cannot fit; a run close to the limit may still run out. Measured for SD 1.5's shapes
-    at 512 px: UNet step 0.17 GB, VAE decode 0.98 GB (the rule says 0.17 and 0.54); for the toy model at
-    512 px: 0.20 and 0.26 GB (0.13 and 0.13). Only one of the two networks holds activations at a time:
-    - the UNet about 16 feature maps the size of its first level's, (b, C, H/f, W/f), b = 2 with guidance;
-    - the VAE decoder, in fp32, about 4 maps of its full-resolution level (128 x H x W for SD);
-    - MINIDB_ATTENTION=math holds (L, L) attention scores and probabilities, L = H/f * W/f latent pixels:
-      the VAE's single head, and the UNet's (b, heads, L, L) at its first attention level.
-    The finished images and the grid stay in RAM, 3 bytes a pixel each.
-    """
-    f = 2 ** (len(model.vae.cfg.ch_mult) - 1)  # latent pixels are f x f image pixels
-    latent = (height // f) * (width // f)
-    b = 2 if guide else 1
-    ucfg, vcfg = model.unet.cfg, model.vae.cfg
-    unet = 16 * b * ucfg.model_channels * latent * next(model.unet.parameters()).element_size()
-    vae = 4 * vcfg.ch * vcfg.ch_mult[0] * height * width * 4
-    math_backend = os.environ.get("MINIDB_ATTENTION", "").lower() == "math"
-    if math_backend:
-        vae += 2 * latent**2 * 4
-    if math_backend and ucfg.attention_levels:
-        level = ucfg.attention_levels[0]
-        heads = ucfg.num_heads or ucfg.model_channels * ucfg.channel_mult[level] // ucfg.head_dim
-        unet += 2 * b * heads * (latent // 4**level) ** 2 * 4
-    images = (2 if n > 1 else 1) * n * height * width * 3
-    return max(unet, vae), images
-
-
-def available_ram():
-    """Memory that can be had without swapping, in bytes: Linux's MemAvailable, or less when a container's
-    limit (cgroup v2's memory.max) leaves less; None where neither can be read."""
-    try:
-        with open("/proc/meminfo") as f:
-            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return None
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit != "max":
-            free = min(free, int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
-    except (OSError, ValueError):
-        pass
-    return free
-
-
-def memory_problem(model, n, height, width, guide, device):
-    """One sentence if the estimate of memory_needed is beyond what this machine has free, else None."""
-    on_device, in_ram = memory_needed(model, n, height, width, guide, device)
-    what = f"{n} image{'s' if n > 1 else ''} of {width}x{height}"
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-        if on_device > free:
-            return (f"drawing {what} needs about {on_device / 1e9:,.1f} GB of GPU memory beyond the model's weights "
-                    f"(a rough estimate), but {device} has {free / 1e9:,.1f} GB free; choose a smaller size.")
-    else:
-        in_ram += on_device
-    ram = available_ram()
-    if ram is not None and in_ram > ram:
-        return (f"drawing {what} needs about {in_ram / 1e9:,.1f} GB of memory beyond the model's weights "
-                f"(a rough estimate), but this machine has {ram / 1e9:,.1f} GB available; choose a smaller "
-                "size or fewer images.")
-    return None
-
-
 def short_hash(path):
     """AUTOMATIC1111's "Model hash": the first 10 hex digits of the file's sha256 (modules/hashes.py)."""
     h = hashlib.sha256()
@@ -249,7 +184,10 @@ def main(argv=None):
     model.vae.float()  # decode in fp32: SD's VAE can overflow in fp16, and it runs once per image
     height = args.height or model.resolution
     width = args.width or height
-    problem = memory_problem(model, args.n, height, width, args.guidance > 1, device)
+    images_bytes = (2 if args.n > 1 else 1) * args.n * height * width * 3  # the finished images and the grid, in RAM
+    problem = memory.problem(f"drawing {args.n} image{'s' if args.n > 1 else ''} of {width}x{height}",
+                             memory.drawing_bytes(model, height, width, guide=args.guidance > 1), images_bytes,
+                             device, "choose a smaller size" + (" or fewer images" if args.n > 1 else ""))
     if problem:
         fail(problem)
     model_path = Path(args.model)

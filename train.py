@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from minidb import runs
+from minidb import memory, runs
 from minidb.cli import SEED_MAX, check_device, fail, number, run, text
 from minidb.data import DataError, load_images
 from minidb.dreambooth import class_prior, dreambooth_loss, min_snr_weights, pick_identifier, plot_losses
@@ -177,6 +177,15 @@ def train(args, out):
     except (ModelFileError, DataError) as e:
         fail(e)
     parts = {"unet": model.unet, "vae": model.vae, "text_encoder": model.text_encoder}
+    # Will it fit? Drawing the class prior 4 images at a time, or a step: the trained parameters'
+    # fp32 gradients and AdamW's two moments (8-bit: one byte each), plus a forward's activations.
+    n_trained = sum(p.numel() for name in (("unet", "text_encoder") if args.train_text_encoder else ("unet",))
+                    for p in parts[name].parameters())
+    step_bytes = (4 + (2 if args.use_8bit_adam else 8)) * n_trained + memory.drawing_bytes(model, resolution, resolution)
+    problem = memory.problem(f"training at {resolution} px", max(step_bytes, memory.drawing_bytes(
+        model, resolution, resolution, batch=4)), 0, device, "choose a smaller --resolution (or --use-8bit-adam on a GPU)")
+    if problem:
+        fail(problem)
     base_dtypes = {name: next(m.parameters()).dtype for name, m in parts.items()}  # the export keeps them
     for module in parts.values():
         module.float()  # fp32 master weights; mixed precision autocasts the compute

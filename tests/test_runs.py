@@ -80,6 +80,13 @@ def test_an_unwritable_class_cache(world, tmp_path, capsys):
     assert "Cannot write the class-prior cache to --class-cache" in err and not (tmp_path / "out").exists()
 
 
+def test_far_more_memory_than_the_machine_has_is_refused_before_work(world, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train.memory, "available_ram", lambda: 10**6)  # a machine with 1 MB free
+    err = refused(capsys, base_args(world, tmp_path / "out"))
+    assert "training at 32 px needs about" in err and "1 MB" not in err and "0.0 GB available" in err
+    assert not (tmp_path / "out" / "settings.json").exists()
+
+
 def test_out_naming_a_file(world, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     err = refused(capsys, base_args(world, tmp_path / "file"))
