@@ -35,7 +35,7 @@ from PIL.PngImagePlugin import PngInfo
 from minidb import memory
 from minidb.cli import SEED_MAX, check_device, fail, number, run, text
 from minidb.fetch import DEFAULT_MODEL, default_model, how_to_get_weights
-from minidb.files import ModelFileError, atomic_write
+from minidb.files import DiskFull, ModelFileError, atomic_write, disk_full_is_an_error
 from minidb.info import HELP as MODEL_HELP
 from minidb.load import load
 from minidb.pipeline import SAMPLER_NAMES, SAMPLERS, decode, grid, sample_latents
@@ -158,7 +158,12 @@ def save_png(image, path, parameters, settings):
     info = PngInfo()
     info.add_text("parameters", parameters)
     info.add_text("minidb", json.dumps(settings))
-    atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+    try:
+        with disk_full_is_an_error(path.parent, 3 * image.width * image.height, "the next image",
+                                   "draw again (the images written so far are kept)"):
+            atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+    except DiskFull as e:
+        fail(e)
 
 
 def out_of_memory(e):

@@ -35,7 +35,7 @@ from minidb.cli import SEED_MAX, check_device, fail, number, run, text
 from minidb.data import DataError, load_images
 from minidb.dreambooth import class_prior, dreambooth_loss, min_snr_weights, pick_identifier, plot_losses
 from minidb.fetch import DEFAULT_MODEL, default_model, how_to_get_weights
-from minidb.files import ModelFileError, atomic_write, replace_folder
+from minidb.files import DiskFull, ModelFileError, atomic_write, disk_full_is_an_error, replace_folder
 from minidb.info import HELP as MODEL_HELP
 from minidb.load import load
 from minidb.pipeline import decode, grid, sample_latents
@@ -154,7 +154,7 @@ def main(argv=None):
         with runs.locked(out):
             runs.check_folder(out, args.resume, args.overwrite)
             train(args, out)
-    except runs.RunError as e:
+    except (runs.RunError, DiskFull) as e:
         fail(e)
 
 
@@ -216,7 +216,9 @@ def train(args, out):
         if class_photos is not None:
             prior_mean, prior_std = encode(class_photos)
         else:
-            with autocast:
+            latent_bytes = 4 * model.unet.cfg.in_channels * (resolution // 2 ** (len(model.vae.cfg.ch_mult) - 1)) ** 2
+            with autocast, disk_full_is_an_error(args.class_cache, args.class_images * latent_bytes,
+                                                 "the class-prior cache", "run again (what is drawn is kept)"):
                 prior_mean = class_prior(model, args.model, class_prompt, args.class_images, resolution, "ddim",
                                          args.sample_steps, 7.5, args.seed, args.class_cache).cpu().float()
             prior_mean, prior_std = prior_mean / LATENT_SCALE, torch.zeros_like(prior_mean)  # drawn latents are exact
@@ -251,6 +253,8 @@ def train(args, out):
     export_dtype = lambda name: DTYPES[args.save_dtype] if args.save_dtype else base_dtypes[name]
     needed_bytes = sum(12 * p.numel() for m in trained.values() for p in m.parameters()) + \
         sum(2 * p.numel() * export_dtype(name).itemsize for name, m in parts.items() for p in m.parameters())
+    disk_full = lambda: disk_full_is_an_error(out, needed_bytes, "the run (its checkpoint and model)",
+                                              "continue with --resume (the last checkpoint is kept)")
 
     start, orders = 0, {"instance": torch.empty(0, dtype=torch.long), "prior": torch.empty(0, dtype=torch.long)}
     if args.resume:
@@ -290,7 +294,7 @@ def train(args, out):
         stop_if_not_finite(step)
         extra = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "scaler": scaler.state_dict(), "generator": generator.get_state(), "orders": orders}
-        with runs.disk_full_is_an_error(out, needed_bytes):
+        with disk_full():
             return runs.save_state(out / "checkpoints", step, trained, extra)
 
     def validate(step):
@@ -303,13 +307,13 @@ def train(args, out):
                                                    width=resolution, progress=False))[0] for p in prompts]
         model.unet.train()
         path = out / "validation" / f"step-{step:06d}.png"
-        with runs.disk_full_is_an_error(out, needed_bytes):
+        with disk_full():
             atomic_write(path, lambda tmp: grid(images, cols=len(images)).save(tmp, format="PNG"))
             atomic_write(path.with_suffix(".txt"), lambda tmp: Path(tmp).write_text("\n".join(prompts) + "\n"))
 
     # ---- the training loop ----
     log_path = out / "log.jsonl"
-    with runs.disk_full_is_an_error(out, needed_bytes):
+    with disk_full():
         if log_path.exists():  # keep the log in step with the checkpoint we resume from
             rows = [line for line in open(log_path) if json.loads(line)["step"] <= start]
             atomic_write(log_path, lambda tmp: Path(tmp).write_text("".join(rows)))
@@ -365,7 +369,7 @@ def train(args, out):
         row = {"step": step + 1, "loss": loss.item(), "instance_loss": instance_loss.item(),
                "prior_loss": prior_loss.item() if n_prior else None,
                "lr": lr, "step_time": time.time() - t0}
-        with runs.disk_full_is_an_error(out, needed_bytes), open(log_path, "a") as f:
+        with disk_full(), open(log_path, "a") as f:
             f.write(json.dumps(row) + "\n")
         bar.set_postfix(loss=f"{row['loss']:.4f}")
         bar.update(1)
@@ -395,7 +399,7 @@ def train(args, out):
               f"Base model: {args.model} ({model.version}, {model.prediction_type}).\n\n"
               f"    python sample.py --model {out / 'model.safetensors'} --prompt \"{new_scene}\"\n\n"
               f"Settings:\n\n```json\n{json.dumps(settings, indent=2)}\n```\n")
-    with runs.disk_full_is_an_error(out, needed_bytes):
+    with disk_full():
         plot_losses(rows, out / "loss.png")
         replace_folder(out / "model", lambda tmp: save_diffusers(model, tmp))
         save_single_file(model, out / "model.safetensors")

@@ -8,6 +8,7 @@
   an interrupted save never leaves a half-written file under the real name.
 """
 
+import errno
 import json
 import os
 import pickle
@@ -15,6 +16,7 @@ import re
 import shutil
 import tempfile
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -148,6 +150,24 @@ def replace_folder(path, write):
     os.replace(tmp, path)
     fsync(path.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+class DiskFull(Exception):
+    """A write that found the disk full. The message is one sentence for the user."""
+
+
+@contextmanager
+def disk_full_is_an_error(folder, needed_bytes, what, advice):
+    """Turn 'No space left on device' inside the block into a DiskFull sentence saying how much `what`
+    needs and how much is free. The writers here have already removed their partial files."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        free = shutil.disk_usage(next(p for p in (Path(folder), *Path(folder).parents) if p.exists())).free
+        raise DiskFull(f"The disk holding {folder} is full: {what} needs about {needed_bytes / 1e6:,.0f} MB and "
+                       f"{free / 1e6:,.0f} MB are free; free some space, then {advice}.") from None
 
 
 def write_safetensors(path, tensors, metadata=None):

@@ -11,7 +11,6 @@
   one complete checkpoint exists.
 """
 
-import errno
 import json
 import os
 import shutil
@@ -204,20 +203,3 @@ def load_state(path, modules):
         raise RunError(f"The checkpoint {path} cannot be resumed ({reason}); start the run over with "
                        "--overwrite.") from None
     return state
-
-
-# ---- a full disk ----
-
-@contextmanager
-def disk_full_is_an_error(folder, needed_bytes):
-    """Turn 'No space left on device' into a sentence. The writers have already removed their
-    partial files (minidb/files.py), and the previous checkpoint is untouched."""
-    try:
-        yield
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        free = shutil.disk_usage(folder).free
-        raise RunError(f"The disk holding {folder} is full: the run needs about {needed_bytes / 1e6:,.0f} MB for its "
-                       f"checkpoint and model and {free / 1e6:,.0f} MB are free; free some space, then continue with "
-                       "--resume (the last checkpoint is kept).") from None

@@ -214,6 +214,15 @@ def test_a_full_disk_during_the_export_leaves_no_temp_folder(world, tmp_path, ca
         ["checkpoints", "log.jsonl", "loss.png", "settings.json", "validation"]
 
 
+def test_a_full_disk_while_drawing_the_class_prior(world, tmp_path, capsys, monkeypatch):
+    cache = tmp_path / "cache"
+    fill_disk_on(monkeypatch, "00001.safetensors")
+    err = refused(capsys, base_args(world, tmp_path / "out") + ["--class-cache", cache])
+    assert f"The disk holding {cache} is full: the class-prior cache needs about" in err and "run again" in err
+    (folder,) = cache.iterdir()
+    assert sorted(p.name for p in folder.iterdir()) == ["00000.safetensors", "settings.json"]  # no debris
+
+
 # ---- a run folder always names its way out ----
 
 def test_resume_of_a_folder_that_does_not_exist_creates_nothing(world, tmp_path, capsys):

@@ -348,3 +348,26 @@ def test_missing_sd_weights_say_how_to_get_them(tmp_path):
         pytest.skip("this clone has the SD 1.5 weights")
     r = sample("--model", DEFAULT_MODEL, "--prompt", "x", "--out", tmp_path)
     assert r.returncode == 2 and "python -m minidb.fetch" in r.stderr
+
+
+def test_a_full_disk_keeps_the_images_written_so_far(models, tmp_path, capsys, monkeypatch):
+    import errno
+    import sample
+    from PIL import Image as PILImage
+    real, saved = PILImage.Image.save, []
+
+    def save(self, fp, *args, **kwargs):
+        if saved:  # the second PNG finds the disk full, half written
+            Path(fp).write_bytes(b"half a png")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        saved.append(fp)
+        return real(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(PILImage.Image, "save", save)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--model", str(models[0]), "--prompt", "x", "--n", "2", "--steps", "1", "--height", "32",
+                     "--seed", "5", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"The disk holding {out} is full: the next image needs about" in err
+    assert sorted(p.name for p in out.iterdir()) == ["00000-5.png"]  # the first image kept, no half file
