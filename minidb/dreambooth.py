@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
@@ -46,6 +47,89 @@ def rare_tokens(tokenizer, max_chars=3, rarest_fraction=0.2):
 def pick_identifier(tokenizer, rng):
     """One rare token, drawn with `rng` (a random.Random) so a seed always gives the same one."""
     return rng.choice(rare_tokens(tokenizer))
+
+
+def pick_new_word(tokenizer, rng):
+    """A rare token's spelling that is no token by itself (only with '</w>'), so that it can become
+    a new word: diffusers' load_textual_inversion refuses a name already in the vocabulary."""
+    return rng.choice([w for w in rare_tokens(tokenizer) if w not in tokenizer.vocab])
+
+
+# ---- a new word: textual inversion (Gal et al. 2022, arXiv 2208.01618) ----
+
+
+class NewWord(nn.Module):
+    """A word the model did not know, learned as n embedding vectors while all else stays as it was.
+
+    Its one parameter is named `emb_params`, as AUTOMATIC1111's embedding files name it, so the state
+    dict is the file. The text encoder's embedding table is not touched (nor the model files written
+    from it): hooks on it read the new word's ids from `emb_params` instead of the table.
+    """
+
+    def __init__(self, model, word, vectors):  # vectors (n, C)
+        super().__init__()
+        self.word, self.ids = word, model.tokenizer.add_word(word, len(vectors))
+        assert self.ids == list(range(self.ids[0], self.ids[0] + len(vectors)))  # one id range
+        self.emb_params = nn.Parameter(vectors.detach().clone().float())
+        self._hooks = []
+
+    @classmethod
+    def starting_as(cls, model, word, text, n=1):
+        """The paper's start: every vector is the embedding of a coarse description ("cup"), averaged
+        over its tokens when it has several."""
+        table = model.text_encoder.embeddings.token_embedding.weight
+        return cls(model, word, table[model.tokenizer.encode(text)].mean(0, keepdim=True).repeat(n, 1))
+
+    @classmethod
+    def from_file(cls, model, path):
+        """An embedding file: AUTOMATIC1111's (`emb_params`, or `string_to_param` in a .pt), or any file
+        of one tensor (diffusers'). The word is the file's name, as in AUTOMATIC1111."""
+        tensors = read_tensors(path)[0]
+        if isinstance(tensors.get("string_to_param"), dict):
+            tensors = tensors["string_to_param"]
+        found = [t for t in tensors.values() if isinstance(t, torch.Tensor)]
+        vectors = tensors.get("emb_params", found[0] if len(found) == 1 else None)
+        if vectors is None or vectors.ndim not in (1, 2):
+            raise ModelFileError(f"{path} is not a textual-inversion embedding (one tensor of vectors, e.g. "
+                                 f"emb_params); it holds {', '.join(list(tensors)[:3]) or 'nothing'}.")
+        vectors = vectors.reshape(-1, vectors.shape[-1])
+        width = model.text_encoder.cfg.width
+        if vectors.shape[1] != width:
+            made_for = {768: " (made for SD 1.x)", 1024: " (made for SD 2.x)"}.get(vectors.shape[1], "")
+            raise ModelFileError(f"{path} holds {vectors.shape[1]}-wide vectors{made_for}, but this {model.version} "
+                                 f"model's words are {width} wide; use an embedding made for it.")
+        word = Path(path).stem.lower()
+        try:
+            return cls(model, word, vectors.to(next(model.text_encoder.parameters()).device))
+        except ValueError as e:
+            raise ModelFileError(f"{path} cannot be used as the word {word!r}: {str(e).rstrip('.')}; rename the file.") \
+                from None
+
+    def save(self, path, metadata=None):
+        """The embedding file: `emb_params` (n, C), which AUTOMATIC1111 (word = file name), ComfyUI and
+        diffusers' load_textual_inversion (word = its token argument) all read."""
+        write_safetensors(path, {"emb_params": self.emb_params.float()}, metadata={"format": "pt", **(metadata or {})})
+
+    def attach(self, text_encoder):
+        """Look the word's ids up in emb_params: ids (B, L) -> table rows, replaced where the id is ours."""
+        table, first, n = text_encoder.embeddings.token_embedding, self.ids[0], len(self.ids)
+        seen = {}
+
+        def before(module, args):
+            ids = args[0]
+            seen["ours"], seen["row"] = (ids >= first) & (ids < first + n), (ids - first).clamp(0, n - 1)
+            return (ids.masked_fill(seen["ours"], 0),)  # any id the table has; its row is replaced below
+
+        def after(module, args, out):  # out (B, L, C)
+            return torch.where(seen["ours"][..., None], self.emb_params.to(out.dtype)[seen["row"]], out)
+
+        self._hooks = [table.register_forward_pre_hook(before), table.register_forward_hook(after)]
+        return self
+
+    def detach(self):
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
 
 
 # ---- the loss ----

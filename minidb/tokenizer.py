@@ -78,6 +78,7 @@ class Tokenizer:
             raise ModelFileError("This vocabulary is not CLIP's (49,408 ids ending in <|startoftext|>, <|endoftext|>).")
         self.vocab, self.merges, self.pad_id = vocab, merges, pad_id
         self.id_to_token = {i: t for t, i in vocab.items()}
+        self.new_words = {}  # word -> its ids after the vocabulary (textual inversion), see add_word
 
         # The same pipeline transformers builds for CLIPTokenizer (models/clip/tokenization_clip.py).
         tok = tokenizers.Tokenizer(BPE(vocab=vocab, merges=merges, end_of_word_suffix="</w>"))
@@ -160,6 +161,21 @@ class Tokenizer:
         for name, text in files.items():  # each file is written whole or not at all
             atomic_write(folder / name, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
+    def add_word(self, word: str, n: int = 1) -> list[int]:
+        """Give `word` n ids of its own after the vocabulary (textual inversion: their embeddings are
+        learned, see minidb/dreambooth.py). As diffusers' load_textual_inversion does, the extra ids are
+        named word_1, word_2, ... and a prompt's `word` stands for all n of them. The vocabulary files
+        that save() writes stay CLIP's own: a new word travels in its embedding file, not in the model."""
+        if word != word.lower() or not word.strip() or any(c.isspace() for c in word):
+            raise ValueError(f"A new word must be one lower-case word, not {word!r}.")
+        if word in self.vocab or word in self.new_words:
+            raise ValueError(f"{word!r} is already a token; a new word needs a name of its own.")
+        names = [word] + [f"{word}_{i}" for i in range(1, n)]
+        # single_word: 'nrf' inside 'unrfold' stays BPE; normalized: matched after lower-casing, as prompts are
+        self._tokenizer.add_tokens([AddedToken(name, single_word=True, normalized=True) for name in names])
+        self.new_words[word] = [self._tokenizer.token_to_id(name) for name in names]
+        return self.new_words[word]
+
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, without <|startoftext|>, <|endoftext|> or padding."""
         return self._tokenizer.encode(text, add_special_tokens=False).ids
@@ -176,8 +192,9 @@ class Tokenizer:
             prompts = [prompts]
         room = CONTEXT_LENGTH - 2  # BOS and EOS always stay
         rows = []
+        expand = {ids[0]: ids for ids in self.new_words.values()}  # a new word's first id -> all its ids
         for prompt, encoding in zip(prompts, self._tokenizer.encode_batch(prompts, add_special_tokens=False)):
-            ids = encoding.ids
+            ids = [j for i in encoding.ids for j in expand.get(i, [i])]
             if len(ids) > room:
                 warnings.warn(
                     f"The prompt starting {prompt[:40]!r} is longer than CLIP's {CONTEXT_LENGTH} tokens; "
