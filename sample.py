@@ -22,22 +22,21 @@ if __name__ == "__main__":  # Ctrl-C in the seconds torch takes to import: a sen
     signal.signal(signal.SIGINT, lambda *_: (print("\ninterrupted.", file=sys.stderr), os._exit(130)))
 
 import argparse
-import hashlib
-import json
 import re
 import secrets
 import time
 from pathlib import Path
 
 import torch
-from PIL.PngImagePlugin import PngInfo
 
-from minidb import memory
-from minidb.cli import SEED_MAX, check_device, fail, number, run, text
+from minidb import memory, pnginfo
+from minidb.cli import SEED_MAX, check_device, fail, number, path_and_scale, run, text
+from minidb.dreambooth import NewWord
 from minidb.fetch import DEFAULT_MODEL, default_model, how_to_get_weights
-from minidb.files import DiskFull, ModelFileError, atomic_write, disk_full_is_an_error
+from minidb.files import DiskFull, ModelFileError, disk_full_is_an_error
 from minidb.info import HELP as MODEL_HELP
 from minidb.load import load
+from minidb.lora import merge_lora
 from minidb.pipeline import SAMPLER_NAMES, SAMPLERS, decode, grid, sample_latents
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -81,6 +80,12 @@ def parse_args(argv=None):
                    help="image height in pixels, a multiple of 8 (default: the model's own training size)")
     p.add_argument("--width", type=number(int, 8, SIZE_MAX), default=None,
                    help="image width in pixels, a multiple of 8 (default: as height)")
+    p.add_argument("--lora", type=path_and_scale, action="append", default=[], metavar="PATH[:SCALE]",
+                   help="merge a LoRA (kohya, diffusers or PEFT file) into the model, at SCALE (default 1); "
+                        "repeat for several")
+    p.add_argument("--embedding", action="append", default=[], metavar="PATH",
+                   help="a textual-inversion embedding; its file name is the word to write in the prompt; "
+                        "repeat for several")
     p.add_argument("--sampler", default="ddim", choices=list(SAMPLERS),
                    help="how to step from noise to image; each is described below (default: %(default)s)")
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None,
@@ -119,49 +124,11 @@ def check(args):
     return None
 
 
-def short_hash(path):
-    """AUTOMATIC1111's "Model hash": the first 10 hex digits of the file's sha256 (modules/hashes.py)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()[:10]
-
-
-def quote(value):
-    """A1111's infotext_utils.quote: a value holding a comma, colon or newline is written as a JSON string."""
-    value = str(value)
-    return json.dumps(value, ensure_ascii=False) if any(c in value for c in ",:\n") else value
-
-
-def a1111_parameters(args, seed, width, height, model_name, model_hash):
-    """The "parameters" text AUTOMATIC1111 writes, its fields in its order (modules/processing.py create_infotext).
-
-    "RNG: CPU": the noise is drawn from a CPU generator seeded with the image's seed, as A1111 does with
-    that setting. "Model hash" is left out for a diffusers folder, which has no single file to hash.
-    """
-    sampler, schedule, extra = SAMPLER_NAMES[args.sampler]
-    fields = {"Steps": args.steps, "Sampler": sampler, "Schedule type": schedule,
-              "CFG scale": str(args.guidance).removesuffix(".0"), "Seed": seed, "Size": f"{width}x{height}",
-              "Model hash": model_hash, "Model": model_name, "RNG": "CPU", **extra}
-    lines = [args.prompt]
-    if args.negative_prompt:
-        lines.append(f"Negative prompt: {args.negative_prompt}")
-    lines.append(", ".join(f"{k}: {quote(v)}" for k, v in fields.items() if v is not None))
-    return "\n".join(lines)
-
-
 def save_png(image, path, parameters, settings):
-    """Write the PNG with A1111's one text chunk and minidb's, nothing else. ComfyUI reads a chunk named
-    "prompt" as its own JSON workflow before it looks at "parameters", so no chunk may be called that.
-    add_text writes tEXt when the text is Latin-1 and iTXt (UTF-8) otherwise, as A1111 does."""
-    info = PngInfo()
-    info.add_text("parameters", parameters)
-    info.add_text("minidb", json.dumps(settings))
     try:
         with disk_full_is_an_error(path.parent, 3 * image.width * image.height, "the next image",
                                    "draw again (the images written so far are kept)"):
-            atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+            pnginfo.save_png(image, path, parameters, settings)
     except DiskFull as e:
         fail(e)
 
@@ -186,6 +153,11 @@ def main(argv=None):
         model = load(args.model, dtype=dtype, device=device, prediction_type=args.prediction_type)
     except ModelFileError as e:
         fail(str(e))
+    try:  # adapters are merged into the weights, so drawing is exactly as fast as without them
+        loras = [(Path(path).stem, scale, merge_lora(model, path, scale)) for path, scale in args.lora]
+        words = [NewWord.from_file(model, path).attach(model.text_encoder) for path in args.embedding]
+    except ModelFileError as e:
+        fail(str(e))
     model.vae.float()  # decode in fp32: SD's VAE can overflow in fp16, and it runs once per image
     height = args.height or model.resolution
     width = args.width or height
@@ -197,7 +169,20 @@ def main(argv=None):
         fail(problem)
     model_path = Path(args.model)
     model_name = model_path.name if model_path.is_dir() else model_path.stem  # A1111's Model: no folders, no suffix
-    model_hash = None if model_path.is_dir() else short_hash(model_path)
+    model_hash = None if model_path.is_dir() else pnginfo.sha256(model_path)[:10]
+    # as A1111 records them: each LoRA as a <lora:name:scale> tag in the prompt, and the files' short hashes
+    recorded_prompt = args.prompt + "".join(f" <lora:{name}:{scale:g}>" for name, scale, _ in loras)
+    extras = {"Lora hashes": ", ".join(f"{name}: {pnginfo.sha256(path, skip_header=True)[:12]}"
+                                       for (name, _, _), (path, _) in zip(loras, args.lora)) or None,
+              "TI hashes": ", ".join(f"{w.word}: {pnginfo.sha256(path)[:12]}"
+                                     for w, path in zip(words, args.embedding)) or None}
+
+    def parameters(seed):  # A1111's fields, in its order
+        sampler, schedule, sampler_extra = SAMPLER_NAMES[args.sampler]
+        return pnginfo.parameters(recorded_prompt, args.negative_prompt, {
+            "Steps": args.steps, "Sampler": sampler, "Schedule type": schedule,
+            "CFG scale": str(args.guidance).removesuffix(".0"), "Seed": seed, "Size": f"{width}x{height}",
+            "Model hash": model_hash, "Model": model_name, "RNG": "CPU", **sampler_extra, **extras})
     print(f"loaded {args.model} ({model.version}, {model.prediction_type}) in {time.time() - t0:.1f}s; "
           f"{args.n} x {width}x{height}, {args.steps} {args.sampler} steps, seed {seed}")
 
@@ -219,15 +204,15 @@ def main(argv=None):
                     "steps": args.steps, "guidance": args.guidance, "sampler": args.sampler, "width": width,
                     "height": height, "model": model_path.name, "model_version": model.version,
                     "prediction_type": model.prediction_type, "dtype": dtype_name,
-                    "device": device.type}
+                    "device": device.type, "loras": [[name, scale] for name, scale, _ in loras],
+                    "embeddings": [w.word for w in words]}
         path = out / f"{first + i:05d}-{seed + i}.png"
-        save_png(image, path, a1111_parameters(args, seed + i, width, height, model_name, model_hash), settings)
+        save_png(image, path, parameters(seed + i), settings)
         print(f"wrote {path}")
         images.append(image)
     if len(images) > 1:
         path = out / f"grid-{first:05d}-{seed}.png"
-        save_png(grid(images), path, a1111_parameters(args, seed, width, height, model_name, model_hash),
-                 {**settings, "seed": seed, "n": args.n})
+        save_png(grid(images), path, parameters(seed), {**settings, "seed": seed, "n": args.n})
         print(f"wrote {path}")
     return 0
 

@@ -33,7 +33,9 @@ from tqdm import tqdm
 from minidb import memory, runs
 from minidb.cli import SEED_MAX, check_device, fail, number, run, text
 from minidb.data import DataError, load_images
-from minidb.dreambooth import class_prior, dreambooth_loss, min_snr_weights, pick_identifier, plot_losses
+from minidb.dreambooth import (NewWord, class_prior, dreambooth_loss, min_snr_weights, pick_identifier,
+                               pick_new_word, plot_losses)
+from minidb.lora import LoRA, save_kohya
 from minidb.fetch import DEFAULT_MODEL, default_model, how_to_get_weights
 from minidb.files import DiskFull, ModelFileError, atomic_write, disk_full_is_an_error, replace_folder
 from minidb.info import HELP as MODEL_HELP
@@ -51,6 +53,9 @@ def parse_args(argv=None):
     a = p.add_argument
     count, positive = number(int, low=0), number(float, above=0)
     a("--images", required=True, help="folder with 3-5 photos of the subject (JPEG, PNG or WebP)")
+    a("--method", choices=list(METHOD_LR), default="full", help="what trains: full, the whole UNet (the paper); "
+      "lora, low-rank adapters on it (a small file any UI loads); textual-inversion, only a new word's embedding "
+      "(default: %(default)s)")
     a("--class", dest="class_name", required=True, type=text, help="what the subject is, e.g. dog, backpack")
     a("--model", default=None, help="base model: a diffusers folder or a .safetensors/.ckpt file (default: SD 1.5 in "
       "weights/ once `python -m minidb.fetch` has downloaded it, else the toy model weights/toy.safetensors)")
@@ -58,23 +63,33 @@ def parse_args(argv=None):
     a("--overwrite", action="store_true", help="delete the run already in --out and start it over")
     a("--resume", action="store_true", help="continue the run in --out (default: runs/latest) from its latest "
       "checkpoint; only --steps, --save-every and --validate-every may differ from the run's settings")
-    a("--identifier", default=None, type=text, help="the subject's token [V] (default: a rare CLIP token of <= 3 letters)")
+    a("--identifier", default=None, type=text, help="the subject's token [V] (default: a rare CLIP token of <= 3 "
+      "letters; with a new word, its spelling, which must not be a token yet)")
+    a("--new-token", action="store_true", help="with full or lora: [V] becomes a new word whose embedding trains "
+      "too (pivotal tuning); textual-inversion always does this")
+    a("--num-vectors", type=number(int, low=1, high=16), default=None, help="embedding vectors of the new word (default: 1)")
+    a("--lora-rank", type=number(int, low=1, high=1024), default=None, help="rank of the LoRA adapters (default: 16)")
+    a("--lora-alpha", type=number(float, above=0), default=None, help="LoRA alpha; updates are scaled by "
+      "alpha/rank (default: the rank)")
     a("--instance-prompt", default=None, type=text, help="caption of the subject photos (default: 'a photo of a [V] CLASS')")
     a("--class-prompt", default=None, type=text, help="prompt of the prior images (default: 'a photo of a CLASS')")
     a("--steps", type=number(int, low=1), default=800, help="training steps (the paper's SD recipe: 800-1000) (default: %(default)s)")
-    a("--lr", type=number(float, above=0, high=1), default=5e-6, help="UNet learning rate, constant after warmup (default: %(default)s)")
+    a("--lr", type=number(float, above=0, high=1), default=None, help="learning rate of what trains, constant after "
+      "warmup (default: 5e-6 full, 1e-4 lora, 5e-3 textual-inversion)")
     a("--warmup-steps", type=count, default=0, help="linear learning-rate warmup (default: %(default)s)")
     a("--resolution", type=number(int, low=8, high=2048), default=None,
       help="training size in pixels, a multiple of 8 (default: the model's own: 512 for SD 1.5, 64 for the toy model)")
     a("--flip", action="store_true", help="also train on mirrored copies of the photos")
-    a("--prior-weight", type=number(float, low=0), default=1.0, help="λ, the weight of the prior-preservation loss; 0 turns it off (default: %(default)s)")
+    a("--prior-weight", type=number(float, low=0), default=None, help="λ, the weight of the prior-preservation loss; "
+      "0 turns it off (default: 1; 0 for textual-inversion, whose frozen model cannot drift)")
     a("--class-images", type=count, default=200, help="how many prior images the frozen model draws (default: %(default)s)")
     a("--class-dir", default=None, help="use your own class photos from this folder instead of drawing them")
     a("--class-cache", default=str(Path.home() / ".cache" / "minidb" / "class-prior"),
       help="where drawn prior images are cached as latents, shared between runs (default: %(default)s)")
     a("--sample-steps", type=number(int, low=1, high=999), default=50, help="DDIM steps for prior and validation images (default: %(default)s)")
-    a("--train-text-encoder", action="store_true", help="fine-tune the text encoder too")
-    a("--text-encoder-lr", type=number(float, above=0, high=1), default=None, help="text encoder learning rate (default: --lr)")
+    a("--train-text-encoder", action="store_true", help="train the text encoder too (full), or adapters on it (lora)")
+    a("--text-encoder-lr", type=number(float, above=0, high=1), default=None, help="learning rate of the text "
+      "encoder or its adapters, and of a new word with full or lora (default: --lr; 5e-3 for a new word)")
     a("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
       help="autocast the UNet (default: bf16 on CUDA GPUs that support it, else fp16; no on the CPU)")
     a("--gradient-checkpointing", action="store_true", help="recompute activations: less memory, ~30%% slower")
@@ -83,13 +98,39 @@ def parse_args(argv=None):
     a("--offset-noise", type=number(float, low=0, high=1), default=0.0, help="add per-channel offset noise of this scale (0.1 is typical) (default: %(default)s)")
     a("--save-every", type=count, default=0, help="write a resumable checkpoint every N steps (0: only at the end) (default: %(default)s)")
     a("--validate-every", type=count, default=0, help="draw validation images every N steps (0: only at the end) (default: %(default)s)")
-    a("--save-dtype", choices=["fp16", "bf16", "fp32"], default=None,
-      help="dtype of the exported model (default: the base model's own, so the frozen parts come out bit-identical)")
+    a("--save-dtype", choices=["fp16", "bf16", "fp32"], default=None, help="full only: dtype of the exported "
+      "model (default: the base model's own, so the frozen parts come out bit-identical)")
     a("--seed", type=number(int, low=0, high=SEED_MAX), default=0, help="seed for everything random; same seed, same run (bitwise, on the CPU) (default: %(default)s)")
     a("--prediction-type", choices=["epsilon", "v_prediction"], default=None,
       help="override the base model's detected prediction type (see below)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
     return p.parse_args(argv)
+
+
+METHOD_LR = {"full": 5e-6, "lora": 1e-4, "textual-inversion": 5e-3}  # the paper; kohya's and diffusers' LoRA
+# and textual-inversion defaults
+METHOD_FLAGS = {"lora_rank": ("lora",), "lora_alpha": ("lora",), "train_text_encoder": ("full", "lora"),
+                "new_token": ("full", "lora"), "save_dtype": ("full",)}  # flags that mean nothing to other methods
+
+
+def with_method_defaults(args):
+    """Refuse a flag that means nothing to --method, then fill in the method's own defaults (they are
+    written into the run's settings). Returns a problem as one sentence, or None."""
+    for key, methods in METHOD_FLAGS.items():
+        if getattr(args, key) not in (None, False) and args.method not in methods:
+            what = "--method " + " or ".join(methods)
+            return f"{runs.flag(key)} applies to {what} only, not to --method {args.method}; leave it out."
+    if args.num_vectors is not None and args.method != "textual-inversion" and not args.new_token:
+        return "--num-vectors sets the vectors of a new word; add --new-token, or use --method textual-inversion."
+    args.lr = args.lr or METHOD_LR[args.method]
+    if args.prior_weight is None:
+        args.prior_weight = 0.0 if args.method == "textual-inversion" else 1.0
+    if args.method == "lora":
+        args.lora_rank = args.lora_rank or 16
+        args.lora_alpha = args.lora_alpha or float(args.lora_rank)
+    if args.method == "textual-inversion" or args.new_token:
+        args.new_token, args.num_vectors = True, args.num_vectors or 1
+    return None
 
 
 def check(args):
@@ -146,7 +187,7 @@ def run_folder(args):
 def main(argv=None):
     args = parse_args(argv)
     args.model = args.model or str(default_model())  # SD 1.5 once fetched, else the toy model
-    problem = check(args)
+    problem = with_method_defaults(args) or check(args)
     if problem:
         fail(problem)
     out = run_folder(args)
@@ -179,8 +220,9 @@ def train(args, out):
     parts = {"unet": model.unet, "vae": model.vae, "text_encoder": model.text_encoder}
     # Will it fit? Drawing the class prior 4 images at a time, or a step: the trained parameters'
     # fp32 gradients and AdamW's two moments (8-bit: one byte each), plus a forward's activations.
-    n_trained = sum(p.numel() for name in (("unet", "text_encoder") if args.train_text_encoder else ("unet",))
-                    for p in parts[name].parameters())
+    n_trained = 0 if args.method != "full" else sum(  # adapters and a new word are megabytes at most
+        p.numel() for name in (("unet", "text_encoder") if args.train_text_encoder else ("unet",))
+        for p in parts[name].parameters())
     step_bytes = (4 + (2 if args.use_8bit_adam else 8)) * n_trained + memory.drawing_bytes(model, resolution, resolution)
     problem = memory.problem(f"training at {resolution} px", max(step_bytes, memory.drawing_bytes(
         model, resolution, resolution, batch=4)), 0, device, "choose a smaller --resolution (or --use-8bit-adam on a GPU)")
@@ -189,7 +231,11 @@ def train(args, out):
     base_dtypes = {name: next(m.parameters()).dtype for name, m in parts.items()}  # the export keeps them
     for module in parts.values():
         module.float()  # fp32 master weights; mixed precision autocasts the compute
-    identifier = args.identifier or pick_identifier(model.tokenizer, random.Random(args.seed))
+    if args.new_token and args.identifier in model.tokenizer.vocab:
+        fail(f"--identifier {args.identifier} is already a token, and a new word needs a spelling of its own "
+             "(diffusers refuses it too); choose another, or leave --identifier out.")
+    pick = pick_new_word if args.new_token else pick_identifier
+    identifier = args.identifier or pick(model.tokenizer, random.Random(args.seed))
     instance_prompt = args.instance_prompt or f"a photo of a {identifier} {args.class_name}"  # the paper: "a [V] dog"
     class_prompt = args.class_prompt or f"a photo of a {args.class_name}"
     new_scene = f"a photo of a {identifier} {args.class_name} on the beach"
@@ -223,21 +269,34 @@ def train(args, out):
                                          args.sample_steps, 7.5, args.seed, args.class_cache).cpu().float()
             prior_mean, prior_std = prior_mean / LATENT_SCALE, torch.zeros_like(prior_mean)  # drawn latents are exact
         n_prior = len(prior_mean)
+    # ---- what trains, and how: the method chooses; the loop below is the same for all ----
+    trained = {}  # name -> module: what the optimizer updates and a checkpoint holds
+    if args.method == "full":  # the paper: every weight of the UNet (and of the text encoder if asked)
+        trained["unet"] = model.unet.requires_grad_(True).train()
+        if args.train_text_encoder:
+            trained["text_encoder"] = model.text_encoder.requires_grad_(True).train()
+    elif args.method == "lora":  # the base stays frozen; adapters W + (alpha/rank) B A learn
+        trained["lora"] = LoRA(model, args.lora_rank, args.lora_alpha, text_encoder=args.train_text_encoder)
+        trained["lora"].attach()
+    if args.new_token:  # textual inversion, or pivotal tuning with full / lora: a new word learns its vectors
+        trained["new_word"] = NewWord.starting_as(model, identifier, args.class_name, args.num_vectors)
+        trained["new_word"].attach(model.text_encoder)
+    text_trains = args.train_text_encoder or args.new_token
+    model.unet.gradient_checkpointing = args.gradient_checkpointing
+    model.text_encoder.encoder.gradient_checkpointing = args.gradient_checkpointing and text_trains
     ids = model.tokenizer([instance_prompt, class_prompt]).to(device)
-    if not args.train_text_encoder:
+    if not text_trains:
         with torch.no_grad():
             cached_context = model.text_encoder(ids)  # (2, 77, C): instance, class
 
-    # ---- what trains, and how ----
-    trained = {"unet": model.unet}
-    model.unet.requires_grad_(True).train()
-    model.unet.gradient_checkpointing = args.gradient_checkpointing
-    groups = [{"params": list(model.unet.parameters()), "lr": args.lr}]
-    if args.train_text_encoder:
-        trained["text_encoder"] = model.text_encoder
-        model.text_encoder.requires_grad_(True).train()
-        model.text_encoder.encoder.gradient_checkpointing = args.gradient_checkpointing
-        groups.append({"params": list(model.text_encoder.parameters()), "lr": args.text_encoder_lr or args.lr})
+    # one learning rate for the UNet side, one for the text side, one for a new word
+    word_lr = args.lr if args.method == "textual-inversion" else args.text_encoder_lr or METHOD_LR["textual-inversion"]
+    rates, params = {"unet": args.lr, "text": args.text_encoder_lr or args.lr, "word": word_lr}, {}
+    for name, module in trained.items():
+        for key, p in module.named_parameters():
+            side = "word" if name == "new_word" else "text" if name == "text_encoder" or key.startswith("lora_te") else "unet"
+            params.setdefault(side, []).append(p)
+    groups = [{"params": ps, "lr": rates[side]} for side, ps in params.items()]
     if args.use_8bit_adam:
         import bitsandbytes  # noqa: F811
         optimizer = bitsandbytes.optim.AdamW8bit(groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
@@ -251,7 +310,7 @@ def train(args, out):
     # What a full disk would have to make room for: a checkpoint (weights and Adam's two moments,
     # fp32) and the exported model, twice (the diffusers folder and the single file).
     export_dtype = lambda name: DTYPES[args.save_dtype] if args.save_dtype else base_dtypes[name]
-    needed_bytes = sum(12 * p.numel() for m in trained.values() for p in m.parameters()) + \
+    needed_bytes = sum(12 * p.numel() for m in trained.values() for p in m.parameters()) + (args.method == "full") * \
         sum(2 * p.numel() * export_dtype(name).itemsize for name, m in parts.items() for p in m.parameters())
     disk_full = lambda: disk_full_is_an_error(out, needed_bytes, "the run (its checkpoint and model)",
                                               "continue with --resume (the last checkpoint is kept)")
@@ -350,7 +409,7 @@ def train(args, out):
         target = schedule.target(x0, noise, t)  # ε, or v for v-prediction models
 
         with autocast:
-            context = model.text_encoder(ids) if args.train_text_encoder else cached_context
+            context = model.text_encoder(ids) if text_trains else cached_context
             pred = model.unet(x_t, t, context[: len(x0)])
         weights = min_snr_weights(schedule, t, args.snr_gamma) if args.snr_gamma else None
         # instance loss + λ · prior loss (minidb/dreambooth.py, the paper's eq. 2)
@@ -385,26 +444,46 @@ def train(args, out):
     bar.close()
     signal.signal(signal.SIGINT, previous_handler)
 
-    # ---- save the result ----
+    # ---- save the result: the files each method gives ----
     last = max(args.steps, start)
     checkpoint(last)  # so --resume with a larger --steps can continue; it also refuses NaN weights
     validate(last)
     rows = [json.loads(line) for line in open(log_path)] if log_path.exists() else []
     model.unet.eval()
     model.text_encoder.eval()
-    for name, module in parts.items():  # the chosen dtype, else the base's: frozen parts come out as they went in
-        module.to(export_dtype(name))
-    readme = (f"# DreamBooth model\n\nSubject: `{identifier}` (a {args.class_name}). Prompt it as "
+    lora_file, word_file = out / "lora.safetensors", out / f"{identifier}.safetensors"
+    about = {"ss_output_name": "lora", "ss_sd_model_name": Path(args.model).name, "ss_steps": str(last),
+             "ss_learning_rate": str(args.lr), "minidb": json.dumps({"identifier": identifier,
+                                                                      "class": args.class_name, "method": args.method})}
+    sample = (f"python sample.py --model {out / 'model.safetensors' if args.method == 'full' else args.model}"
+              + (f" --lora {lora_file}" if "lora" in trained else "")
+              + (f" --embedding {word_file}" if "new_word" in trained else "") + f' --prompt "{new_scene}"')
+    elsewhere = (["AUTOMATIC1111 / Forge: copy `lora.safetensors` into `models/Lora` and add `<lora:lora:1>` to the "
+                  "prompt; ComfyUI: copy it into `models/loras` and use a LoraLoader node; diffusers: "
+                  f"`pipe.load_lora_weights(\"{out}\", weight_name=\"lora.safetensors\")`."] if "lora" in trained else []) + \
+                ([f"AUTOMATIC1111: copy `{word_file.name}` into `embeddings/` and write `{identifier}` in the prompt; "
+                  f"ComfyUI: copy it into `models/embeddings` and write `embedding:{identifier}`; diffusers: "
+                  f"`pipe.load_textual_inversion(\"{word_file}\", token=\"{identifier}\")`."] if "new_word" in trained else [])
+    readme = (f"# DreamBooth ({args.method})\n\nSubject: `{identifier}` (a {args.class_name}). Prompt it as "
               f"\"{instance_prompt}\" or in new contexts, e.g. \"{new_scene}\".\n\n"
-              f"Base model: {args.model} ({model.version}, {model.prediction_type}).\n\n"
-              f"    python sample.py --model {out / 'model.safetensors'} --prompt \"{new_scene}\"\n\n"
-              f"Settings:\n\n```json\n{json.dumps(settings, indent=2)}\n```\n")
+              f"Base model: {args.model} ({model.version}, {model.prediction_type}).\n\n    {sample}\n\n"
+              + "".join(f"{line}\n\n" for line in elsewhere)
+              + f"Settings:\n\n```json\n{json.dumps(settings, indent=2)}\n```\n")
     with disk_full():
         plot_losses(rows, out / "loss.png")
-        replace_folder(out / "model", lambda tmp: save_diffusers(model, tmp))
-        save_single_file(model, out / "model.safetensors")
+        if args.method == "full":
+            for name, module in parts.items():  # the chosen dtype, else the base's: frozen parts come out as they went in
+                module.to(export_dtype(name))
+            replace_folder(out / "model", lambda tmp: save_diffusers(model, tmp))
+            save_single_file(model, out / "model.safetensors")
+        if "lora" in trained:  # kohya's format, in fp16 as LoRAs are shared
+            save_kohya(trained["lora"], lora_file, metadata=about)
+        if "new_word" in trained:
+            trained["new_word"].save(word_file, metadata={"minidb": about["minidb"]})
         atomic_write(out / "README.md", lambda tmp: Path(tmp).write_text(readme))
-    print(f"wrote {out / 'model'} (diffusers) and {out / 'model.safetensors'} (single file)")
+    written = ([out / "model", out / "model.safetensors"] if args.method == "full" else []) + \
+        ([lora_file] if "lora" in trained else []) + ([word_file] if "new_word" in trained else [])
+    print(f"wrote {', '.join(map(str, written))}\ndraw with: {sample}")
 
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}

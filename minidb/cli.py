@@ -7,6 +7,7 @@ ends it with exit code 130, the shell's code for SIGINT.
 
 import argparse
 import math
+import re
 import signal
 import sys
 import warnings
@@ -53,6 +54,15 @@ def text(value):
     if not value.strip():
         raise argparse.ArgumentTypeError("must not be empty")
     return value
+
+
+def path_and_scale(value):
+    """An argparse type for LoRAs: PATH or PATH:SCALE, SCALE a finite number from -10 to 10 (default 1).
+    A colon that is not followed by a number is part of the path (C:\\loras\\x.safetensors)."""
+    path, _, scale = value.rpartition(":")
+    if path and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)(e[-+]?\d+)?|[-+]?(nan|inf)", scale.lower()):
+        return path, number(float, low=-10, high=10)(scale)
+    return value, 1.0
 
 
 def check_device(name):

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import torch
 
+from minidb.cli import path_and_scale
 from minidb.files import ModelFileError, replace_folder
 from minidb.load import load
+from minidb.lora import merge_lora
 from minidb.save import save_diffusers, save_single_file
 
 HELP = """\
@@ -40,12 +42,19 @@ def main(argv=None):
                         help="also write the model to OUT: a .safetensors path gives a single file, "
                              "any other path a diffusers folder")
     parser.add_argument("--overwrite", action="store_true", help="let --convert replace an existing OUT")
+    parser.add_argument("--merge-lora", type=path_and_scale, action="append", default=[], metavar="LORA[:SCALE]",
+                        help="merge a LoRA into the model first, at SCALE (default 1), so that --convert writes "
+                             "one model file with it built in; repeat for several")
     args = parser.parse_args(argv)
+    if args.merge_lora and not args.convert:
+        return fail("--merge-lora changes the model only in memory; add --convert OUT to write the merged model.")
     problem = args.convert and target_problem(Path(args.convert), args.overwrite)  # before the slow load
     if problem:
         return fail(problem)
     try:
         model = load(args.model, prediction_type=args.prediction_type)
+        for path, scale in args.merge_lora:
+            print(f"merged {path} at scale {scale:g} into {merge_lora(model, path, scale)} modules")
     except ModelFileError as e:
         return fail(str(e))
 

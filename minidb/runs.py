@@ -24,7 +24,7 @@ from minidb.files import ModelFileError, fsync, read_tensors, write_safetensors
 RUNS = Path("runs")
 # Everything a run writes into its folder (hidden names are temporary files and the lock).
 RUN_FILES = {"checkpoints", "validation", "log.jsonl", "settings.json", "loss.png", "model", "model.safetensors",
-             "README.md"}
+             "lora.safetensors", "README.md"}  # and the new word's embedding, IDENTIFIER.safetensors
 # Flags that may change on --resume: how long to train, and how often to save and look.
 RESUMABLE_CHANGES = {"steps", "save_every", "validate_every", "resume", "overwrite", "out", "class_cache"}
 PATH_FLAGS = {"images", "model", "class_dir"}
@@ -98,7 +98,8 @@ def check_folder(folder, resume, overwrite):
         raise RunError("--resume continues a run and --overwrite deletes it; pass one of them.")
     entries = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
     # A run writes settings.json before its first step; without it, even familiar names are not ours.
-    foreign = [name for name in entries if name not in RUN_FILES or "settings.json" not in entries]
+    ours = RUN_FILES | {f"{_saved(folder).get('identifier')}.safetensors"}
+    foreign = [name for name in entries if name not in ours or "settings.json" not in entries]
     if foreign:
         raise RunError(f"--out {folder} holds files that are not a minidb run ({', '.join(foreign[:3])}"
                        f"{', ...' if len(foreign) > 3 else ''}); choose a new or empty folder.")
@@ -118,14 +119,21 @@ def check_folder(folder, resume, overwrite):
                        "to delete it and start over, or choose another --out.")
 
 
-def check_resume_settings(folder, settings):
-    """On --resume, every setting that shapes the run must equal the one the run started with."""
+def _saved(folder):
+    """The run's settings.json as a dict, or {} when it is missing or unreadable."""
     try:
         saved = json.loads((folder / "settings.json").read_text())
-        assert isinstance(saved, dict)
-    except (OSError, ValueError, AssertionError):
+        return saved if isinstance(saved, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def check_resume_settings(folder, settings):
+    """On --resume, every setting that shapes the run must equal the one the run started with."""
+    saved = _saved(folder)
+    if not saved:
         raise RunError(f"--resume cannot read {folder / 'settings.json'}, so it cannot check that this command "
-                       "continues the same run; start over with --overwrite.") from None
+                       "continues the same run; start over with --overwrite.")
     # Settings that follow from others (the identifier from --seed, the resolution from --model)
     # come last, so that a change is named by the flag the user changed.
     for key in sorted(settings, key=lambda k: k in DERIVED):

@@ -122,3 +122,24 @@ def test_unusable_metadata_is_an_error_not_a_description(tiny_file, tmp_path, ca
     assert main([str(tmp_path / "m.safetensors")]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1 and err.startswith("error: ") and 'prediction_type "banana"' in err
+
+
+def test_merge_lora_writes_the_base_plus_the_lora(tiny_file, tmp_path, capsys):
+    from minidb.lora import LoRA, merge_lora, save_kohya
+    model = load(tiny_file)
+    lora = LoRA(model, rank=2)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_up" in name:
+                p.normal_()
+    save_kohya(lora, tmp_path / "l.safetensors", dtype=torch.float32)
+    assert main([str(tiny_file), "--merge-lora", f"{tmp_path / 'l.safetensors'}:0.5",
+                 "--convert", str(tmp_path / "merged.safetensors")]) == 0
+    expected = load(tiny_file)
+    merge_lora(expected, tmp_path / "l.safetensors", 0.5)
+    merged = load(tmp_path / "merged.safetensors")
+    a, b = merged.unet.state_dict(), expected.unet.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], v) for k, v in load(tiny_file).unet.state_dict().items())
+    assert main([str(tiny_file), "--merge-lora", str(tmp_path / "l.safetensors")]) == 2
+    assert "add --convert OUT" in capsys.readouterr().err

@@ -133,7 +133,7 @@ def test_writes_images_grid_and_a1111_metadata(models, tmp_path):
     assert settings.pop("device") in ("cpu", "cuda") and settings.pop("dtype") in ("fp32", "fp16")
     assert settings == {"prompt": "a photo of sks dog", "negative_prompt": "blurry", "seed": 43, "steps": 3,
                         "guidance": 7.5, "sampler": "ddim", "width": 48, "height": 32, "model": "folder",
-                        "model_version": "SD 1.x", "prediction_type": "epsilon"}
+                        "model_version": "SD 1.x", "prediction_type": "epsilon", "loras": [], "embeddings": []}
     assert Image.open(out / "grid-00000-42.png").size == (96, 32)  # 2 images side by side
 
     # the single file gives the very same pixels, and numbering continues instead of overwriting
@@ -371,3 +371,80 @@ def test_a_full_disk_keeps_the_images_written_so_far(models, tmp_path, capsys, m
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"The disk holding {out} is full: the next image needs about" in err
     assert sorted(p.name for p in out.iterdir()) == ["00000-5.png"]  # the first image kept, no half file
+
+
+# ---- LoRAs and embeddings ----
+
+@pytest.fixture(scope="module")
+def adapters(models, tmp_path_factory):
+    """A LoRA with nonzero up weights and a 2-vector embedding for the tiny model, as files."""
+    from minidb.dreambooth import NewWord
+    from minidb.load import load
+    from minidb.lora import LoRA, save_kohya
+    tmp = tmp_path_factory.mktemp("adapters")
+    model = load(models[1])
+    lora = LoRA(model, rank=2, text_encoder=True)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_up" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    save_kohya(lora, tmp / "style.safetensors")
+    NewWord(model, "abz", torch.randn(2, model.text_encoder.cfg.width, generator=g)).save(tmp / "abz.safetensors")
+    return tmp / "style.safetensors", tmp / "abz.safetensors"
+
+
+def addnet_hash(path):
+    """A1111's LoRA hash, written out here independently: sha256 of what follows the safetensors header."""
+    import hashlib
+    data = Path(path).read_bytes()
+    return hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()[:12]
+
+
+def test_lora_is_merged_and_recorded_as_a1111_does(models, adapters, tmp_path):
+    from minidb.load import load
+    from minidb.lora import merge_lora
+    from minidb.pipeline import decode, sample_latents
+    lora, _ = adapters
+    r = sample("--model", models[1], "--prompt", "a red ball", "--lora", f"{lora}:0.5", "--steps", "3", "--seed", "9",
+               "--height", "32", "--out", tmp_path)
+    assert r.returncode == 0, r.stderr
+    (png,) = tmp_path.glob("*.png")
+    model = load(models[1])
+    merge_lora(model, lora, 0.5)
+    with torch.no_grad():
+        expected = decode(model, sample_latents(model, "a red ball", steps=3, seed=9, height=32, width=32,
+                                                progress=False))[0]
+    assert pixels(png) == expected.tobytes()  # sample.py drew with the LoRA merged at 0.5
+    fields = parse_a1111(Image.open(png).text["parameters"])
+    assert fields["Prompt"] == "a red ball <lora:style:0.5>"
+    assert fields["Lora hashes"] == f"style: {addnet_hash(lora)}"
+    r = sample("--model", models[1], "--prompt", "a red ball", "--steps", "3", "--seed", "9", "--height", "32",
+               "--out", tmp_path / "plain")
+    assert pixels(next((tmp_path / "plain").glob("*.png"))) != expected.tobytes()  # the LoRA did something
+
+
+def test_embedding_is_a_word_and_recorded_as_a1111_does(models, adapters, tmp_path):
+    import hashlib
+    _, emb = adapters
+    runs = {}
+    for name, extra in (("with", ["--embedding", emb]), ("without", [])):
+        r = sample("--model", models[1], "--prompt", "a photo of abz", *extra, "--steps", "3", "--seed", "9",
+                   "--height", "32", "--out", tmp_path / name)
+        assert r.returncode == 0, r.stderr
+        runs[name] = next((tmp_path / name).glob("*.png"))
+    assert pixels(runs["with"]) != pixels(runs["without"])
+    fields = parse_a1111(Image.open(runs["with"]).text["parameters"])
+    assert fields["TI hashes"] == f"abz: {hashlib.sha256(emb.read_bytes()).hexdigest()[:12]}"
+    assert "TI hashes" not in parse_a1111(Image.open(runs["without"]).text["parameters"])
+
+
+@pytest.mark.parametrize("flag,make,message", [
+    ("--lora", lambda tmp, models: models[1], "is a full model checkpoint, not a LoRA"),
+    ("--lora", lambda tmp, models: f"{models[1]}:20", "argument --lora: must be between -10 and 10, not 20"),
+    ("--embedding", lambda tmp, models: models[1], "is not a textual-inversion embedding"),
+])
+def test_adapters_that_do_not_fit_are_one_sentence(models, tmp_path, flag, make, message):
+    r = sample("--model", models[1], "--prompt", "x", flag, make(tmp_path, models), "--out", tmp_path / "out")
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()

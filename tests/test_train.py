@@ -46,9 +46,10 @@ def world(tmp_path_factory):
 
 
 def run(world, out, *extra, steps=4, prior=True):
+    full = "--method" not in extra or "full" in extra  # --save-dtype is full's alone
     args = ["--images", world / "photos", "--class", "ball", "--model", world / "base", "--out", out,
             "--steps", steps, "--resolution", 32, "--sample-steps", 2, "--class-cache", world / "cache",
-            "--save-dtype", "fp32", *extra]
+            *(["--save-dtype", "fp32"] if full else []), *extra]
     if prior and "--class-images" not in extra:
         args += ["--class-images", 2]
     if not prior:

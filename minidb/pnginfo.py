@@ -1,0 +1,53 @@
+"""What a PNG says about how it was drawn, written as AUTOMATIC1111 writes it.
+
+A1111 stores a picture's settings as one text chunk named "parameters": the prompt, a line
+"Negative prompt: ...", and a last line of "Key: value" fields (modules/processing.py create_infotext).
+Its "PNG Info" tab, ComfyUI and civitai read that chunk back. ComfyUI reads a chunk named "prompt" as
+its own JSON workflow before it looks at "parameters", so no other chunk may be called that; minidb's
+own settings go into one chunk named "minidb" (JSON), with no paths of the user's machine.
+
+Hashes are A1111's short ones: a model's first 10 hex digits of the file's sha256; a LoRA's first 12
+of the sha256 of the bytes after a safetensors file's header (the "addnet" hash, modules/hashes.py);
+an embedding's first 12 of the file's sha256.
+"""
+
+import hashlib
+import json
+
+from PIL.PngImagePlugin import PngInfo
+
+from minidb.files import atomic_write
+
+
+def sha256(path, skip_header=False):
+    """The file's sha256 in hex; with skip_header, of what follows a safetensors header (A1111's addnet hash)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if skip_header:  # 8 bytes of header length (little-endian), then the JSON header
+            f.seek(8 + int.from_bytes(f.read(8), "little"))
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def quote(value):
+    """A1111's infotext_utils.quote: a value holding a comma, colon or newline is written as a JSON string."""
+    value = str(value)
+    return json.dumps(value, ensure_ascii=False) if any(c in value for c in ",:\n") else value
+
+
+def parameters(prompt, negative_prompt, fields):
+    """The "parameters" text. `fields` in A1111's order (None values left out): Steps, Sampler, Schedule type,
+    CFG scale, Seed, Size, Model hash, Model, RNG, then extras such as Lora hashes and TI hashes."""
+    lines = [prompt] + ([f"Negative prompt: {negative_prompt}"] if negative_prompt else [])
+    lines.append(", ".join(f"{k}: {quote(v)}" for k, v in fields.items() if v is not None))
+    return "\n".join(lines)
+
+
+def save_png(image, path, parameters_text, settings):
+    """Write the PNG with A1111's one text chunk and minidb's, nothing else. add_text writes tEXt when the
+    text is Latin-1 and iTXt (UTF-8) otherwise, as A1111 does."""
+    info = PngInfo()
+    info.add_text("parameters", parameters_text)
+    info.add_text("minidb", json.dumps(settings))
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))

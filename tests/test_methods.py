@@ -1,0 +1,127 @@
+"""train.py --method lora and textual-inversion (and --new-token): one loop for every method, only what
+trains in the optimizer and the checkpoints, each method's files, and exact resume for each."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from minidb import runs
+from minidb.files import read_tensors
+from minidb.load import load
+from minidb.lora import LoRA
+from test_runs import base_args, refused
+from test_train import run, world  # noqa: F401  (world is a fixture)
+
+
+def settings(out):
+    return json.loads((out / "settings.json").read_text())
+
+
+def test_lora_trains_adapters_only_and_writes_a_kohya_file(world, tmp_path):
+    out = run(world, tmp_path / "out", "--method", "lora", "--lora-rank", 4, "--save-every", 1, steps=2)
+    assert not (out / "model.safetensors").exists() and not (out / "model").exists()  # the base is not copied
+    with safe_open(str(out / "lora.safetensors"), "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+        assert f.get_tensor(next(k for k in keys if k.endswith(".lora_up.weight"))).dtype == torch.float16
+    assert all(k.startswith("lora_unet_") for k in keys) and any(k.endswith(".alpha") for k in keys)
+    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "4.0" and meta["ss_steps"] == "2"
+    # the checkpoint holds the adapters, not the UNet: kilobytes here, megabytes for SD 1.5
+    (ckpt,) = (out / "checkpoints").iterdir()
+    assert sorted(p.name for p in ckpt.iterdir()) == ["lora.safetensors", "state.pt"]
+    weights, _ = read_tensors(ckpt / "lora.safetensors")
+    unet_numel = sum(p.numel() for p in load(world / "base").unet.parameters())
+    assert sum(t.numel() for t in weights.values()) < unet_numel / 10
+    state = read_tensors(ckpt / "state.pt")[0]
+    moments = [s["exp_avg"] for s in state["optimizer"]["state"].values()]
+    assert sum(m.numel() for m in moments) == sum(t.numel() for k, t in weights.items() if not k.endswith(".alpha"))
+    assert settings(out)["lr"] == 1e-4 and settings(out)["lora_alpha"] == 4.0  # lora's own defaults
+
+
+def test_lora_at_step_zero_is_the_base_model(world):
+    base = load(world / "base")
+    x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500])
+    ids = base.tokenizer(["a photo of a ball"])
+    with torch.no_grad():
+        before_text, before = base.text_encoder(ids), base.unet(x, t, base.text_encoder(ids))
+        LoRA(base, rank=4, text_encoder=True).attach()  # B starts at zero
+        assert torch.equal(base.text_encoder(ids), before_text) and torch.equal(base.unet(x, t, before_text), before)
+
+
+def test_textual_inversion_trains_one_word(world, tmp_path):
+    out = run(world, tmp_path / "out", "--method", "textual-inversion", "--num-vectors", 2, steps=3, prior=False)
+    s = settings(out)
+    word = s["identifier"]
+    assert s["lr"] == 5e-3 and s["new_token"] and word not in load(world / "base").tokenizer.vocab
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".safetensors") == [f"{word}.safetensors"]
+    vectors, _ = read_tensors(out / f"{word}.safetensors")
+    assert list(vectors) == ["emb_params"] and vectors["emb_params"].shape == (2, 32)
+    (ckpt,) = (out / "checkpoints").iterdir()
+    assert sorted(p.name for p in ckpt.iterdir()) == ["new_word.safetensors", "state.pt"]
+    # it moved away from its start, the class word's embedding
+    model = load(world / "base")
+    (ball,) = model.tokenizer.encode("ball")
+    start = model.text_encoder.embeddings.token_embedding.weight[ball]
+    assert not torch.allclose(vectors["emb_params"][0], start)
+    assert "--embedding" in (out / "README.md").read_text()
+
+
+def test_textual_inversion_leaves_the_prior_off_by_default(world, tmp_path):
+    out = run(world, tmp_path / "out", "--method", "textual-inversion", steps=1, prior=False)
+    assert settings(out)["prior_weight"] == 0.0
+    assert all(json.loads(line)["prior_loss"] is None for line in open(out / "log.jsonl"))
+
+
+def test_pivotal_tuning_writes_the_lora_and_the_word(world, tmp_path):
+    out = run(world, tmp_path / "out", "--method", "lora", "--new-token", "--train-text-encoder", "--lora-rank", 2,
+              steps=2)
+    word = settings(out)["identifier"]
+    assert (out / "lora.safetensors").is_file() and (out / f"{word}.safetensors").is_file()
+    with safe_open(str(out / "lora.safetensors"), "pt") as f:
+        assert any(k.startswith("lora_te_text_model_encoder_layers_") for k in f.keys())
+    (ckpt,) = (out / "checkpoints").iterdir()
+    assert sorted(p.name for p in ckpt.iterdir()) == ["lora.safetensors", "new_word.safetensors", "state.pt"]
+
+
+@pytest.mark.parametrize("method", ["lora", "textual-inversion"])
+def test_resume_is_bitwise_equal_for_every_method(world, tmp_path, method):
+    extra = ["--method", method] + (["--lora-rank", 2, "--train-text-encoder"] if method == "lora" else [])
+    straight = run(world, tmp_path / "straight", *extra, steps=4)
+    split = run(world, tmp_path / "split", *extra, steps=2)
+    run(world, split, *extra, "--resume", steps=4)
+    name = "lora.safetensors" if method == "lora" else f"{settings(straight)['identifier']}.safetensors"
+    a, b = read_tensors(straight / name)[0], read_tensors(split / name)[0]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [json.loads(x)["loss"] for x in open(straight / "log.jsonl")] == \
+           [json.loads(x)["loss"] for x in open(split / "log.jsonl")]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--method", "lora", "--lora-rank", "0"], "argument --lora-rank: must be between 1 and 1024, not 0"),
+    (["--method", "lora", "--lora-rank", "-4"], "argument --lora-rank: must be between 1 and 1024"),
+    (["--method", "lora", "--lora-alpha", "nan"], "argument --lora-alpha: must be a finite number"),
+    (["--lora-rank", "8"], "--lora-rank applies to --method lora only, not to --method full"),
+    (["--method", "lora", "--save-dtype", "fp32"], "--save-dtype applies to --method full only, not to --method lora"),
+    (["--method", "textual-inversion", "--train-text-encoder"],
+     "--train-text-encoder applies to --method full or lora only, not to --method textual-inversion"),
+    (["--method", "lora", "--num-vectors", "2"], "--num-vectors sets the vectors of a new word; add --new-token"),
+    (["--method", "textual-inversion", "--num-vectors", "0"], "argument --num-vectors: must be between 1 and 16"),
+    (["--method", "dreambooth"], "argument --method: invalid choice: 'dreambooth'"),
+])
+def test_method_flags_that_do_not_fit_are_refused(world, tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    assert message in refused(capsys, base_args(world, out) + args)
+    assert not out.exists()
+
+
+def test_a_new_word_must_be_new(world, tmp_path, capsys):
+    err = refused(capsys, base_args(world, tmp_path / "out") + ["--method", "textual-inversion", "--identifier", "a"])
+    assert "--identifier a is already a token" in err
+
+
+def test_resume_refuses_another_method(world, tmp_path, capsys):
+    out = run(world, tmp_path / "out", steps=1)
+    assert "--method is 'lora' now but the run" in refused(capsys, base_args(world, out) + [
+        "--method", "lora", "--resume", "--steps", 2])
+    assert runs.latest_state(out / "checkpoints").name == "step-000001"
