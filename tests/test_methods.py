@@ -3,6 +3,8 @@ trains in the optimizer and the checkpoints, each method's files, and exact resu
 
 import json
 
+import numpy as np
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -125,3 +127,62 @@ def test_resume_refuses_another_method(world, tmp_path, capsys):
     assert "--method is 'lora' now but the run" in refused(capsys, base_args(world, out) + [
         "--method", "lora", "--resume", "--steps", 2])
     assert runs.latest_state(out / "checkpoints").name == "step-000001"
+
+
+# ---- the files a run writes draw the same picture in diffusers as in sample.py ----
+
+def draw_with_sample_py(world, tmp_path, prompt, *extra):
+    import subprocess
+    import sys
+
+    from PIL import Image
+    from test_train import ROOT
+    out = tmp_path / "drawn"
+    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--model", str(world / "base"), "--prompt", prompt,
+                        "--steps", "4", "--seed", "5", "--height", "32", "--out", str(out), *map(str, extra)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    (png,) = out.glob("*.png")
+    return np.asarray(Image.open(png)).astype(np.float64)
+
+
+def draw_with_diffusers(pipe, prompt, **kwargs):
+    return pipe(prompt, num_inference_steps=4, height=32, width=32, generator=torch.Generator("cpu").manual_seed(5),
+                output_type="np", **kwargs).images[0] * 255
+
+
+@pytest.fixture(scope="module")
+def lora_run(world, tmp_path_factory):
+    # a large learning rate, so that three steps change the picture visibly
+    return run(world, tmp_path_factory.mktemp("lora") / "out", "--method", "lora", "--train-text-encoder",
+               "--lora-rank", 4, "--lr", 3e-2, steps=3)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_a_trained_lora_draws_the_same_in_diffusers(world, lora_run, tmp_path, scale):
+    from test_lora import complaints, pipeline
+    prompt = f"a photo of a {settings(lora_run)['identifier']} ball"
+    ours = draw_with_sample_py(world, tmp_path, prompt, "--lora", f"{lora_run / 'lora.safetensors'}:{scale}")
+    pipe = pipeline(world / "base")
+    base = draw_with_diffusers(pipe, prompt)
+    with complaints() as left_out:
+        pipe.load_lora_weights(str(lora_run), weight_name="lora.safetensors")
+    assert not left_out, left_out  # diffusers took every key of the file
+    theirs = draw_with_diffusers(pipe, prompt, cross_attention_kwargs={"scale": scale})
+    assert np.abs(ours - theirs.round()).mean() < 0.1  # in 8-bit levels: far below 1/255
+    assert np.abs(theirs - base).mean() > 1.0  # and the LoRA does change the picture
+
+
+def test_a_trained_word_draws_the_same_in_diffusers(world, tmp_path):
+    from test_lora import pipeline
+    out = run(world, tmp_path / "out", "--method", "textual-inversion", "--num-vectors", 2, "--lr", 0.5, steps=3,
+              prior=False)
+    word = settings(out)["identifier"]
+    prompt = f"a photo of a {word} ball"
+    ours = draw_with_sample_py(world, tmp_path, prompt, "--embedding", out / f"{word}.safetensors")
+    pipe = pipeline(world / "base")
+    base = draw_with_diffusers(pipe, f"a photo of a {word} ball")  # the plain rare token, before loading
+    pipe.load_textual_inversion(str(out / f"{word}.safetensors"), token=word)
+    theirs = draw_with_diffusers(pipe, prompt)
+    assert np.abs(ours - theirs.round()).mean() < 0.1
+    assert np.abs(theirs - base).mean() > 1.0
