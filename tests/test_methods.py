@@ -4,7 +4,6 @@ trains in the optimizer and the checkpoints, each method's files, and exact resu
 import json
 
 import numpy as np
-
 import pytest
 import torch
 from safetensors import safe_open
@@ -134,7 +133,6 @@ def test_resume_refuses_another_method(world, tmp_path, capsys):
 def draw_with_sample_py(world, tmp_path, prompt, *extra):
     import subprocess
     import sys
-
     from PIL import Image
     from test_train import ROOT
     out = tmp_path / "drawn"
