@@ -9,16 +9,22 @@ Three settings, each in a fresh process, with SD 1.5-shaped random weights:
   cached     latents and text embeddings computed once before training (train.py does this
              whenever the VAE / text encoder are frozen), so a step is UNet + AdamW only
   cached+gc  the same with --gradient-checkpointing
+  lora       cached, but the UNet frozen and rank-16 LoRA adapters on it trained (train.py --method lora),
+             lr 1e-4; the adapters' kohya file is written and its size reported
+  lora+gc    the same with --gradient-checkpointing
 The figure is the peak memory training adds on top of the loaded weights, over two steps: gradients
-(3.4 GB in fp32 for SD 1.5's UNet), AdamW state (6.9 GB) and activations; the settings differ only
-in activations and in the VAE / text encoder work. The time is that of the second step.
+(3.4 GB in fp32 for SD 1.5's UNet), AdamW state (6.9 GB) and activations for full fine-tuning; for
+LoRA, the adapters' few megabytes of gradients and state, and activations. The time is that of the
+second step.
 """
 
 import argparse
 import json
 import subprocess
 import sys
+import tempfile
 import time
+import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,10 +37,22 @@ def worker(setting, device, size):
     from bench.run import build, rss_gb
     from minidb.vae import LATENT_SCALE
     torch.set_num_threads(2)
-    unet = build("unet", "minidb", device, torch.float32).train().requires_grad_(True)
+    from minidb.lora import LoRA, save_kohya
+    lora = setting.startswith("lora")
+    unet = build("unet", "minidb", device, torch.float32).train().requires_grad_(not lora)
     vae, text = build("vae", "minidb", device, torch.float32), build("text", "minidb", device, torch.float32)
-    unet.gradient_checkpointing = setting == "cached+gc"
-    opt = torch.optim.AdamW(unet.parameters(), lr=5e-6, weight_decay=1e-2)
+    unet.gradient_checkpointing = setting.endswith("+gc")
+    file_mb = None
+    if lora:
+        model = types.SimpleNamespace(unet=unet, text_encoder=text, version="SD 1.x", prediction_type="epsilon")
+        adapters = LoRA(model, rank=16).attach()
+        with tempfile.TemporaryDirectory() as tmp:
+            save_kohya(adapters, Path(tmp) / "lora.safetensors")
+            file_mb = (Path(tmp) / "lora.safetensors").stat().st_size / 1e6
+        trained = list(adapters.parameters())
+    else:
+        trained = list(unet.parameters())
+    opt = torch.optim.AdamW(trained, lr=1e-4 if lora else 5e-6, weight_decay=1e-2)
     amp = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
     images = torch.rand(2, 3, size, size, device=device) * 2 - 1
     ids = torch.randint(0, 49407, (2, 77), device=device)
@@ -68,7 +86,8 @@ def worker(setting, device, size):
         extra = (torch.cuda.max_memory_allocated() - before) / 2**30
     else:  # the process's peak: the C allocator keeps freed pages, so a later baseline would hide them
         extra = rss_gb("VmHWM") - before
-    return {"setting": setting, "step_gb": extra, "seconds": seconds}
+    return {"setting": setting, "step_gb": extra, "seconds": seconds, "file_mb": file_mb,
+            "trained_params": sum(p.numel() for p in trained)}
 
 
 def main():
@@ -81,16 +100,21 @@ def main():
         print(json.dumps(worker(args.worker, args.device, size)))
         return
     rows = []
-    for setting in ("plain", "cached", "cached+gc"):
+    for setting in ("plain", "cached", "cached+gc", "lora", "lora+gc"):
         r = subprocess.run([sys.executable, __file__, "--device", args.device, "--worker", setting],
                            capture_output=True, text=True)
         if r.returncode:
             sys.exit(f"error: {setting} failed:\n{r.stderr[-2000:]}")
         rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
         print(f"{setting:10s} training adds {rows[-1]['step_gb']:.2f} GB, {rows[-1]['seconds']:.1f} s", flush=True)
-    print(f"\n| setting ({size} px, {args.device}) | peak memory training adds, GB | step s |\n|---|---|---|")
+    print(f"\n| setting ({size} px, {args.device}) | trained params | peak memory training adds, GB | step s |"
+          "\n|---|---|---|---|")
     for r in rows:
-        print(f"| {r['setting']} | {r['step_gb']:.2f} | {r['seconds']:.1f} |")
+        print(f"| {r['setting']} | {r['trained_params'] / 1e6:.1f} M | {r['step_gb']:.2f} | {r['seconds']:.1f} |")
+    full, lora = next(r for r in rows if r["setting"] == "cached"), next(r for r in rows if r["setting"] == "lora")
+    print(f"\nLoRA adds {lora['step_gb'] / full['step_gb']:.1%} of what full fine-tuning adds (target <= 25%); "
+          f"its step takes {lora['seconds'] / full['seconds']:.2f}x the time; a rank-16 SD 1.5 UNet LoRA file "
+          f"(fp16, kohya) is {lora['file_mb']:.1f} MB")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
     python -m minidb.lab train-probe          # the measuring probe -> weights/toy-probe.safetensors
     python -m minidb.lab evaluate --model M   # the paper's metrics for a model, as a table
     python -m minidb.lab ablation             # DreamBooth with vs without the prior loss, several seeds
+    python -m minidb.lab methods              # DreamBooth full vs LoRA vs textual inversion, several seeds
 
 The base model is Stable Diffusion in miniature: the same tokenizer, text encoder, VAE, UNet and
 noise schedule, at small configs, trained from scratch in two stages (as SD was):
@@ -269,44 +270,73 @@ def run_train_probe(args):
     print(f"wrote {args.out}")
 
 
-def run_ablation(args):
-    """The paper's Table 3 in miniature: DreamBooth on the subject with and without the prior loss,
-    for several seeds, each run exactly as a user would type it, then measured."""
+VARIANTS = {  # what each comparison trains, as train.py arguments
+    "ablation": {"with prior": [], "without prior": ["--prior-weight", "0"]},  # the paper's Table 3
+    "methods": {"DreamBooth": [], "DreamBooth LoRA": ["--method", "lora"],  # its Table 1, with LoRA
+                "Textual Inversion": ["--method", "textual-inversion"]},
+}
+
+
+def load_run(folder):
+    """(model, identifier) of a train.py run, whatever its method: its exported model, or the base model
+    with the run's LoRA merged and its new word attached."""
+    from minidb.dreambooth import NewWord
+    from minidb.lora import merge_lora
+    folder = Path(folder)
+    settings = json.loads((folder / "settings.json").read_text())
+    full = settings.get("method", "full") == "full"
+    model = load(folder / "model.safetensors" if full else settings["model"], dtype=torch.float32)
+    if (folder / "lora.safetensors").exists():
+        merge_lora(model, folder / "lora.safetensors")
+    word = folder / f"{settings['identifier']}.safetensors"
+    if word.exists():
+        NewWord.from_file(model, word).attach(model.text_encoder)
+    return model, settings["identifier"]
+
+
+def run_compare(args):
+    """A table of the paper in miniature: each variant trained on the subject for several seeds, each
+    run exactly as a user would type it, then measured. Finished runs (README.md written) are reused."""
     import subprocess
     import sys
     from minidb.pipeline import grid
     torch.set_grad_enabled(False)
-    probe, runs = load_probe(args.probe), {"with prior": [], "without prior": []}
+    variants = VARIANTS[args.command]
+    probe, runs, seconds = load_probe(args.probe), {name: [] for name in variants}, {name: [] for name in variants}
     for seed in args.seeds:
-        for name, extra in (("with prior", []), ("without prior", ["--prior-weight", "0"])):
-            out = Path(args.out) / f"{name.replace(' ', '-')}-seed{seed}"
-            if not (out / "model.safetensors").exists():
+        for name, extra in variants.items():
+            out = Path(args.out) / f"{name.lower().replace(' ', '-')}-seed{seed}"
+            if not (out / "README.md").exists():
                 cmd = [sys.executable, str(ROOT / "train.py"), "--images", str(EXAMPLES), "--class", SUBJECT,
                        "--model", str(args.model), "--out", str(out), "--seed", str(seed), *args.train_args.split(), *extra,
                        *(["--overwrite"] if out.exists() else [])]  # an unfinished run starts over
                 print(" ".join(cmd))
                 subprocess.run(cmd, check=True)
-            runs[name].append(out / "model.safetensors")
+            runs[name].append(out)
+            seconds[name].append(sum(json.loads(line)["step_time"] for line in open(out / "log.jsonl")))
     base = load(args.model, dtype=torch.float32)
-    identifier = identifier_of(runs["with prior"][0])
+    identifier = load_run(runs[next(iter(variants))][0])[1]
     columns = {"base model": evaluate(base, identifier, probe, n=args.n, steps=args.steps)}
-    per_seed = {name: [evaluate(load(p, dtype=torch.float32), identifier_of(p), probe, n=args.n, steps=args.steps)
-                       for p in paths] for name, paths in runs.items()}
+    per_seed = {name: [evaluate(*load_run(folder), probe, n=args.n, steps=args.steps) for folder in folders]
+                for name, folders in runs.items()}
     for name, results in per_seed.items():  # mean over seeds, spread = std of the per-seed means
         columns[name] = {m: mean_spread([r[m][0] for r in results]) for m in results[0]}
+        columns[name]["training loop, s"] = mean_spread(seconds[name])
+    columns["base model"]["training loop, s"] = (0.0, 0.0)
     print(f"\n{len(args.seeds)} seeds, {args.n} images per prompt; spread = std over seeds (base: over images)\n")
     print_table(columns)
     Path(args.json).write_text(json.dumps({"columns": columns, "per_seed": per_seed, "seeds": args.seeds,
-                                           "train_args": args.train_args}, indent=2) + "\n")
-    # a picture: base, with prior, without prior (seed of the first run), on a few prompts
+                                           "train_args": args.train_args, "variants": variants}, indent=2) + "\n")
+    # a picture: the base, then each variant (seed of the first run), on a few prompts
     prompts = [f"a photo of a {identifier} {SUBJECT} on the beach", f"a photo of a {identifier} {SUBJECT} on the snow",
                f"a photo of a red {identifier} {SUBJECT}", f"a photo of a {SUBJECT}", f"a photo of a {SUBJECT} on the grass"]
-    rows = [base, load(runs["with prior"][0], dtype=torch.float32), load(runs["without prior"][0], dtype=torch.float32)]
-    tiles = [decode(m, sample_latents(m, prompt, steps=args.steps, seed=1, height=SIZE, width=SIZE, progress=False))[0]
-             for m in rows for prompt in prompts]
+    models = [base] + [load_run(folders[0])[0] for folders in runs.values()]
+    tiles = [decode(m, sample_latents(m, prompt.replace(identifier, ident), steps=args.steps, seed=1, height=SIZE,
+                                      width=SIZE, progress=False))[0]
+             for m, ident in zip(models, [identifier] + [load_run(f[0])[1] for f in runs.values()]) for prompt in prompts]
     Path(args.picture).parent.mkdir(parents=True, exist_ok=True)
-    grid(tiles, cols=len(prompts)).resize((len(prompts) * 128, len(rows) * 128), 0).save(args.picture)
-    print(f"wrote {args.json} and {args.picture} (rows: base, with prior, without prior; columns: {prompts})")
+    grid(tiles, cols=len(prompts)).resize((len(prompts) * 128, len(models) * 128), 0).save(args.picture)
+    print(f"wrote {args.json} and {args.picture} (rows: base, {', '.join(variants)}; columns: {prompts})")
 
 
 def write_examples(args):
@@ -343,20 +373,25 @@ def main(argv=None):
     ev.add_argument("--n", type=int, default=4, help="images per prompt (default: %(default)s)")
     ev.add_argument("--steps", type=int, default=25, help="DDIM steps (default: %(default)s)")
     ev.add_argument("--seed", type=int, default=0, help="seed of the sampling noise; each prompt uses its own offset from it (default: %(default)s)")
-    ab = sub.add_parser("ablation", help="DreamBooth with vs without the prior loss, several seeds, measured")
-    ab.add_argument("--model", default=str(TOY_MODEL), help="the base model (default: %(default)s)")
-    ab.add_argument("--probe", default=str(TOY_PROBE), help="the measuring probe (default: %(default)s)")
-    ab.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
-                    help="train.py --seed of each pair of runs (default: %(default)s)")
-    ab.add_argument("--train-args", default="", help="extra train.py arguments, e.g. '--steps 400 --lr 1e-4'")
-    ab.add_argument("--out", default="runs/ablation", help="folder for the runs; finished ones are reused (default: %(default)s)")
-    ab.add_argument("--n", type=int, default=4, help="images per prompt (default: %(default)s)")
-    ab.add_argument("--steps", type=int, default=25, help="DDIM steps (default: %(default)s)")
-    ab.add_argument("--json", default=str(ROOT / "bench" / "toy-ablation.json"), help="where to write the measurements (default: %(default)s)")
-    ab.add_argument("--picture", default=str(ROOT / "docs" / "toy-ablation.png"), help="where to write the picture (default: %(default)s)")
+    helps = {"ablation": "DreamBooth with vs without the prior loss, several seeds, measured (the paper's Table 3)",
+             "methods": "DreamBooth full, LoRA and textual inversion, several seeds, measured (its Table 1)"}
+    for name, about in helps.items():
+        ab = sub.add_parser(name, help=about)
+        ab.add_argument("--model", default=str(TOY_MODEL), help="the base model (default: %(default)s)")
+        ab.add_argument("--probe", default=str(TOY_PROBE), help="the measuring probe (default: %(default)s)")
+        ab.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="train.py --seed of each set of runs (default: %(default)s)")
+        ab.add_argument("--train-args", default="", help="extra train.py arguments, e.g. '--steps 400'")
+        ab.add_argument("--out", default=f"runs/{name}", help="folder for the runs; finished ones are reused (default: %(default)s)")
+        ab.add_argument("--n", type=int, default=4, help="images per prompt (default: %(default)s)")
+        ab.add_argument("--steps", type=int, default=25, help="DDIM steps (default: %(default)s)")
+        ab.add_argument("--json", default=str(ROOT / "bench" / f"toy-{name}.json"),
+                        help="where to write the measurements (default: %(default)s)")
+        ab.add_argument("--picture", default=str(ROOT / "docs" / f"toy-{name}.png"),
+                        help="where to write the picture (default: %(default)s)")
     args = p.parse_args(argv)
     {"examples": write_examples, "train-base": train_base, "train-probe": run_train_probe,
-     "evaluate": run_evaluate, "ablation": run_ablation}[args.command](args)
+     "evaluate": run_evaluate, "ablation": run_compare, "methods": run_compare}[args.command](args)
 
 
 if __name__ == "__main__":
