@@ -54,7 +54,8 @@ def main(argv=None):
     try:
         model = load(args.model, prediction_type=args.prediction_type)
         for path, scale in args.merge_lora:
-            print(f"merged {path} at scale {scale:g} into {merge_lora(model, path, scale)} modules")
+            n = merge_lora(model, path, scale)
+            print(f"merged {path} at scale {scale:g}: {n['unet']} UNet and {n['text_encoder']} text-encoder layers")
     except ModelFileError as e:
         return fail(str(e))
 
