@@ -453,7 +453,8 @@ def train(args, out):
     model.text_encoder.eval()
     lora_file, word_file = out / "lora.safetensors", out / f"{identifier}.safetensors"
     about = {"ss_output_name": "lora", "ss_sd_model_name": Path(args.model).name, "ss_steps": str(last),
-             "ss_learning_rate": str(args.lr), "minidb": json.dumps({"identifier": identifier,
+             "ss_learning_rate": str(args.lr), "ss_training_comment": f"minidb DreamBooth: {instance_prompt}",
+             "minidb": json.dumps({"identifier": identifier,
                                                                       "class": args.class_name, "method": args.method})}
     sample = (f"python sample.py --model {out / 'model.safetensors' if args.method == 'full' else args.model}"
               + (f" --lora {lora_file}" if "lora" in trained else "")

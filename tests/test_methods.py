@@ -28,6 +28,7 @@ def test_lora_trains_adapters_only_and_writes_a_kohya_file(world, tmp_path):
         assert f.get_tensor(next(k for k in keys if k.endswith(".lora_up.weight"))).dtype == torch.float16
     assert all(k.startswith("lora_unet_") for k in keys) and any(k.endswith(".alpha") for k in keys)
     assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "4.0" and meta["ss_steps"] == "2"
+    assert meta["ss_sd_model_name"] == "base" and settings(out)["identifier"] in meta["ss_training_comment"]
     # the checkpoint holds the adapters, not the UNet: kilobytes here, megabytes for SD 1.5
     (ckpt,) = (out / "checkpoints").iterdir()
     assert sorted(p.name for p in ckpt.iterdir()) == ["lora.safetensors", "state.pt"]
@@ -83,6 +84,22 @@ def test_pivotal_tuning_writes_the_lora_and_the_word(world, tmp_path):
         assert any(k.startswith("lora_te_text_model_encoder_layers_") for k in f.keys())
     (ckpt,) = (out / "checkpoints").iterdir()
     assert sorted(p.name for p in ckpt.iterdir()) == ["lora.safetensors", "new_word.safetensors", "state.pt"]
+
+
+def test_full_with_a_new_word_writes_the_model_and_the_word(world, tmp_path):
+    out = run(world, tmp_path / "out", "--new-token", steps=1)
+    word = settings(out)["identifier"]
+    assert (out / "model.safetensors").is_file() and (out / f"{word}.safetensors").is_file()
+    (ckpt,) = (out / "checkpoints").iterdir()
+    assert sorted(p.name for p in ckpt.iterdir()) == ["new_word.safetensors", "state.pt", "unet.safetensors"]
+
+
+def test_lora_trains_under_bf16_autocast_and_checkpointing(world, tmp_path):
+    out = run(world, tmp_path / "out", "--method", "lora", "--lora-rank", 2, "--mixed-precision", "bf16",
+              "--gradient-checkpointing", "--lr", 1e-2, steps=2)
+    weights, _ = read_tensors(out / "lora.safetensors")
+    ups = [t for k, t in weights.items() if k.endswith("lora_up.weight")]
+    assert all(torch.isfinite(t).all() for t in ups) and any(t.abs().sum() > 0 for t in ups)  # it learned
 
 
 @pytest.mark.parametrize("method", ["lora", "textual-inversion"])
