@@ -1,0 +1,136 @@
+"""train.py's options: every flag, each method's own defaults, and the checks that refuse a bad value or
+a combination that means nothing, in one sentence, before any work starts."""
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+
+from minidb import runs
+from minidb.cli import SEED_MAX, check_device, number, text
+from minidb.fetch import DEFAULT_MODEL, how_to_get_weights
+from minidb.info import HELP as MODEL_HELP
+
+
+def parse_args(argv, doc):
+    """train.py's arguments; `doc` is its docstring, whose first paragraph --help shows, the rest below."""
+    p = argparse.ArgumentParser(prog="train.py", description=doc.split("\n\n")[0],
+                                epilog=doc.split("\n\n", 2)[2] + "\n" + MODEL_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    count, positive = number(int, low=0), number(float, above=0)
+    a("--images", required=True, help="folder with 3-5 photos of the subject (JPEG, PNG or WebP)")
+    a("--method", choices=list(METHOD_LR), default="full", help="what trains: full, the whole UNet (the paper); "
+      "lora, low-rank adapters on it (a small file any UI loads); textual-inversion, only a new word's embedding "
+      "(default: %(default)s)")
+    a("--class", dest="class_name", required=True, type=text, help="what the subject is, e.g. dog, backpack")
+    a("--model", default=None, help="base model: a diffusers folder or a .safetensors/.ckpt file (default: SD 1.5 in "
+      "weights/ once `python -m minidb.fetch` has downloaded it, else the toy model weights/toy.safetensors)")
+    a("--out", default=None, help="the run's folder (default: a new runs/dreambooth-N, linked as runs/latest)")
+    a("--overwrite", action="store_true", help="delete the run already in --out and start it over")
+    a("--resume", action="store_true", help="continue the run in --out (default: runs/latest) from its latest "
+      "checkpoint; only --steps, --save-every and --validate-every may differ from the run's settings")
+    a("--identifier", default=None, type=text, help="the subject's token [V] (default: a rare CLIP token of <= 3 "
+      "letters; with a new word, its spelling, which must not be a token yet)")
+    a("--new-token", action="store_true", help="with full or lora: [V] becomes a new word whose embedding trains "
+      "too (pivotal tuning); textual-inversion always does this")
+    a("--num-vectors", type=number(int, low=1, high=16), default=None, help="embedding vectors of the new word (default: 1)")
+    a("--lora-rank", type=number(int, low=1, high=1024), default=None, help="rank of the LoRA adapters (default: 16)")
+    a("--lora-alpha", type=number(float, above=0), default=None, help="LoRA alpha; updates are scaled by "
+      "alpha/rank (default: the rank)")
+    a("--instance-prompt", default=None, type=text, help="caption of the subject photos (default: 'a photo of a [V] CLASS')")
+    a("--class-prompt", default=None, type=text, help="prompt of the prior images (default: 'a photo of a CLASS')")
+    a("--steps", type=number(int, low=1), default=800, help="training steps (the paper's SD recipe: 800-1000) (default: %(default)s)")
+    a("--lr", type=number(float, above=0, high=1), default=None, help="learning rate of what trains, constant after "
+      "warmup (default: 5e-6 full, 1e-4 lora, 5e-3 textual-inversion)")
+    a("--warmup-steps", type=count, default=0, help="linear learning-rate warmup (default: %(default)s)")
+    a("--resolution", type=number(int, low=8, high=2048), default=None,
+      help="training size in pixels, a multiple of 8 (default: the model's own: 512 for SD 1.5, 64 for the toy model)")
+    a("--flip", action="store_true", help="also train on mirrored copies of the photos")
+    a("--prior-weight", type=number(float, low=0), default=None, help="λ, the weight of the prior-preservation loss; "
+      "0 turns it off (default: 1; 0 for textual-inversion, whose frozen model cannot drift)")
+    a("--class-images", type=count, default=200, help="how many prior images the frozen model draws (default: %(default)s)")
+    a("--class-dir", default=None, help="use your own class photos from this folder instead of drawing them")
+    a("--class-cache", default=str(Path.home() / ".cache" / "minidb" / "class-prior"),
+      help="where drawn prior images are cached as latents, shared between runs (default: %(default)s)")
+    a("--sample-steps", type=number(int, low=1, high=999), default=50, help="DDIM steps for prior and validation images (default: %(default)s)")
+    a("--train-text-encoder", action="store_true", help="train the text encoder too (full), or adapters on it (lora)")
+    a("--text-encoder-lr", type=number(float, above=0, high=1), default=None, help="learning rate of the text "
+      "encoder or its adapters, and of a new word with full or lora (default: --lr; 5e-3 for a new word)")
+    a("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
+      help="autocast the UNet (default: bf16 on CUDA GPUs that support it, else fp16; no on the CPU)")
+    a("--gradient-checkpointing", action="store_true", help="recompute activations: less memory, ~30%% slower")
+    a("--use-8bit-adam", action="store_true", help="bitsandbytes' 8-bit AdamW (CUDA only), saves ~5 GB")
+    a("--snr-gamma", type=positive, default=None, help="min-SNR loss weighting with this γ (5 is typical); off by default")
+    a("--offset-noise", type=number(float, low=0, high=1), default=0.0, help="add per-channel offset noise of this scale (0.1 is typical) (default: %(default)s)")
+    a("--save-every", type=count, default=0, help="write a resumable checkpoint every N steps (0: only at the end) (default: %(default)s)")
+    a("--validate-every", type=count, default=0, help="draw validation images every N steps (0: only at the end) (default: %(default)s)")
+    a("--save-dtype", choices=["fp16", "bf16", "fp32"], default=None, help="full only: dtype of the exported "
+      "model (default: the base model's own, so the frozen parts come out bit-identical)")
+    a("--seed", type=number(int, low=0, high=SEED_MAX), default=0, help="seed for everything random; same seed, same run (bitwise, on the CPU) (default: %(default)s)")
+    a("--prediction-type", choices=["epsilon", "v_prediction"], default=None,
+      help="override the base model's detected prediction type (see below)")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
+    return p.parse_args(argv)
+
+
+METHOD_LR = {"full": 5e-6, "lora": 1e-4, "textual-inversion": 5e-3}  # the paper; kohya's and diffusers' LoRA
+# and textual-inversion defaults
+METHOD_FLAGS = {"lora_rank": ("lora",), "lora_alpha": ("lora",), "train_text_encoder": ("full", "lora"),
+                "new_token": ("full", "lora"), "save_dtype": ("full",)}  # flags that mean nothing to other methods
+
+
+def with_method_defaults(args):
+    """Refuse a flag that means nothing to --method, then fill in the method's own defaults (they are
+    written into the run's settings). Returns a problem as one sentence, or None."""
+    for key, methods in METHOD_FLAGS.items():
+        if getattr(args, key) not in (None, False) and args.method not in methods:
+            what = "--method " + " or ".join(methods)
+            return f"{runs.flag(key)} applies to {what} only, not to --method {args.method}; leave it out."
+    if args.num_vectors is not None and args.method != "textual-inversion" and not args.new_token:
+        return "--num-vectors sets the vectors of a new word; add --new-token, or use --method textual-inversion."
+    args.lr = args.lr or METHOD_LR[args.method]
+    if args.prior_weight is None:
+        args.prior_weight = 0.0 if args.method == "textual-inversion" else 1.0
+    if args.method == "lora":
+        args.lora_rank = args.lora_rank or 16
+        args.lora_alpha = args.lora_alpha or float(args.lora_rank)
+    if args.method == "textual-inversion" or args.new_token:
+        args.new_token, args.num_vectors = True, args.num_vectors or 1
+    return None
+
+
+def check(args):
+    """Problems with the arguments found before any work starts, as one sentence; None if all is well."""
+    if not Path(args.model).exists():
+        return how_to_get_weights() if Path(args.model) == Path(DEFAULT_MODEL) else \
+            f"No model at {args.model}: pass a diffusers folder or a .safetensors / .ckpt file to --model."
+    if args.resolution is not None and args.resolution % 8:
+        return f"--resolution must be a multiple of 8 (the VAE works in 8x8 pixel cells), not {args.resolution}."
+    if args.prior_weight > 0 and not args.class_dir and args.class_images == 0:
+        return ("--class-images 0 leaves the prior-preservation loss without images; draw at least 1 (the paper "
+                "draws about 200), or turn the prior off with --prior-weight 0.")
+    problem = check_device(args.device)
+    if problem:
+        return problem
+    if args.mixed_precision == "fp16" and not args.device.startswith("cuda"):
+        return "--mixed-precision fp16 needs a CUDA GPU; on the CPU use no or bf16."
+    if args.prior_weight > 0 and not args.class_dir:
+        try:
+            Path(args.class_cache).mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=args.class_cache).close()
+        except OSError as e:
+            return f"Cannot write the class-prior cache to --class-cache {args.class_cache} ({e.strerror}); choose another folder."
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            return "--use-8bit-adam needs bitsandbytes (pip install bitsandbytes, CUDA only); or leave the flag off."
+    if args.resume and args.out is None and not (runs.RUNS / "latest").is_dir():
+        return f"--resume without --out continues {runs.RUNS / 'latest'}, which does not exist; pass the run's --out."
+    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+        return f"--out {args.out} is a file, not a folder; choose a folder."
+    if args.resume and args.out is not None and not Path(args.out).is_dir():
+        return f"--resume found no run in {args.out}, which does not exist; check the path, or start without --resume."
+    return None
