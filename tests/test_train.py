@@ -1,7 +1,6 @@
 """DreamBooth training on a tiny model, on photos the tests draw themselves (CPU, offline)."""
 
 import json
-import os
 import random
 import signal
 import subprocess
@@ -16,6 +15,7 @@ from PIL import Image, ImageDraw
 import train
 from conftest import assert_close, diffusers
 from minidb.dreambooth import dreambooth_loss, min_snr_weights, pick_identifier, rare_tokens
+from minidb.files import read_tensors
 from minidb.load import load
 from minidb.schedulers import NoiseSchedule
 from minidb.tokenizer import Tokenizer
@@ -207,10 +207,12 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(world, tmp_path):
            [json.loads(x)["loss"] for x in open(split / "log.jsonl")]
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_same_run(world, tmp_path):
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_same_run(world, tmp_path, method):
     args = ["--images", world / "photos", "--class", "ball", "--model", world / "base", "--steps", 40,
             "--resolution", 32, "--sample-steps", 2, "--class-cache", world / "cache", "--class-images", 2,
-            "--save-dtype", "fp32"]
+            "--method", method, *(["--save-dtype", "fp32"] if method == "full" else ["--lora-rank", 2])]
+    result = "model.safetensors" if method == "full" else "lora.safetensors"
     out = tmp_path / "interrupted"
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, args), "--out", str(out)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -220,12 +222,12 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_same_run(world, tmp_p
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
-    assert "interrupted: saved" in err and not (out / "model.safetensors").exists()
+    assert "interrupted: saved" in err and not (out / result).exists()
     train.main([str(a) for a in args] + ["--out", str(out), "--resume"])
     straight = tmp_path / "straight"
     train.main([str(a) for a in args] + ["--out", str(straight)])
-    a, b = state(straight / "model.safetensors", "unet"), state(out / "model.safetensors", "unet")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    a, b = read_tensors(straight / result)[0], read_tensors(out / result)[0]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ---- bad input ----
