@@ -11,9 +11,11 @@ There is one computation, softmax(q kᵀ / √D) v, with several implementations
 - "triton": minidb/flash_attention.py, our own fused FlashAttention kernel, forward and backward.
   It has no causal mask and handles head dims up to 256, so the text encoder's causal attention
   and the VAE's single 512-wide head always go to SDPA; the UNet's attention goes to the kernel.
-"auto" (the default) uses the Triton kernel where it applies (a CUDA tensor in fp16 or bf16, triton
-installed) and SDPA everywhere else; fp32 stays on SDPA. Should the kernel fail to compile or launch
-on some GPU, "auto" warns once and goes on with SDPA.
+"auto" (the default) would use the Triton kernel where it applies (a CUDA tensor in fp16 or bf16,
+triton installed) and SDPA everywhere else, and warn once and go on with SDPA should the kernel fail
+to compile or launch on some GPU. It does so only while KERNEL_IS_FASTER: measured on an H200
+(bench/RESULTS.md, 2026-11-26), the kernel is correct but slower than SDPA's flash backend at every
+SD shape, so today "auto" is SDPA and the kernel runs only when asked for.
 
 Set MINIDB_ATTENTION=math, sdpa or triton to force a backend, e.g. to compare or bisect a bug.
 "triton" also runs on the CPU under TRITON_INTERPRET=1 (slowly; that is how the tests check it).
@@ -57,8 +59,11 @@ def _has_triton():
     return importlib.util.find_spec("triton") is not None
 
 
+KERNEL_IS_FASTER = False  # H200, 2026-11-26: forward 0.12x-0.85x, forward+backward 0.24x-0.96x SDPA-flash
+
+
 def _auto_picks_kernel(q):
-    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _has_triton() and not _kernel_failed
+    return KERNEL_IS_FASTER and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _has_triton() and not _kernel_failed
 
 
 def attention(q, k, v, causal=False, upcast=False):

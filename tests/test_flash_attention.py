@@ -173,7 +173,11 @@ def test_causal_and_wide_heads_never_reach_the_kernel(monkeypatch, kernel_calls)
     assert kernel_calls == []
 
 
-def test_auto_uses_the_kernel_only_for_half_precision_on_cuda(monkeypatch, kernel_calls):
+@pytest.mark.parametrize("faster", [False, True])
+def test_auto_uses_the_kernel_only_for_half_precision_on_cuda_and_only_while_it_is_faster(monkeypatch, kernel_calls,
+                                                                                           faster):
+    import minidb.attention as dispatch
+    monkeypatch.setattr(dispatch, "KERNEL_IS_FASTER", faster)
     monkeypatch.setenv("MINIDB_ATTENTION", "auto")
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         attention(*(torch.randn(1, 2, 16, 40).to(dtype),) * 3)  # on the CPU: SDPA, interpreter or not
@@ -181,7 +185,7 @@ def test_auto_uses_the_kernel_only_for_half_precision_on_cuda(monkeypatch, kerne
     if torch.cuda.is_available() and not INTERPRET:
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             attention(*(torch.randn(1, 2, 16, 40, device="cuda").to(dtype),) * 3)
-        assert len(kernel_calls) == 2  # fp16 and bf16; fp32 stays on SDPA
+        assert len(kernel_calls) == (2 if faster else 0)  # fp16 and bf16; fp32 stays on SDPA
 
 
 def test_forcing_triton_without_a_gpu_is_a_clear_error(monkeypatch):
