@@ -32,6 +32,7 @@ ROWS = {
     "unet-32": ("UNet forward, batch 2 (guidance), latent 32x32", 32, 32, 3, 10),
     "unet-64": ("UNet forward, batch 2 (guidance), latent 64x64", 64, 64, 2, 10),
     "train-step": ("DreamBooth step: UNet fwd+bwd+AdamW, 1 instance + 1 class", 256, 512, 3, 10),
+    "lora-step": ("DreamBooth LoRA step, rank 16 (diffusers: PEFT, same layers), 1 instance + 1 class", 256, 512, 3, 10),
     "vae-encode-256": ("VAE encode, 1 image", 256, 256, 3, 10),
     "vae-decode-256": ("VAE decode, 1 image", 256, 256, 3, 10),
     "vae-encode-512": ("VAE encode, 1 image", 512, 512, 2, 10),
@@ -106,9 +107,25 @@ def task(row, impl, device, size, tmp):
         x, t = torch.randn(2, 4, size, size, generator=g).to(device, dtype), torch.tensor([500, 500], device=device)
         ctx = torch.randn(2, 77, 768, generator=g).to(device, dtype)
         return torch.no_grad()(lambda: out(unet(x, t, ctx)))
-    if row == "train-step":
+    if row in ("train-step", "lora-step"):
         unet = build("unet", impl, device, torch.float32).train()  # fp32 master weights, autocast on GPU
-        opt = torch.optim.AdamW(unet.parameters(), lr=5e-6, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+        if row == "train-step":
+            params, lr = list(unet.parameters()), 5e-6
+        else:  # the base frozen, rank-16 adapters on kohya's default layers; diffusers' through PEFT
+            unet.requires_grad_(False)
+            if impl == "minidb":
+                import types
+                from minidb.lora import LoRA
+                model = types.SimpleNamespace(unet=unet, text_encoder=torch.nn.Module(), version="SD 1.x",
+                                              prediction_type="epsilon")  # adapters on the UNet only
+                params = list(LoRA(model, rank=16).attach().parameters())
+            else:
+                from peft import LoraConfig
+                unet.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian", target_modules=[
+                    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]))
+                params = [p for p in unet.parameters() if p.requires_grad]
+            lr = 1e-4
+        opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
         lat = size // 8
         x, target = torch.randn(2, 4, lat, lat, generator=g).to(device), torch.randn(2, 4, lat, lat, generator=g).to(device)
         t, ctx = torch.tensor([100, 700], device=device), torch.randn(2, 77, 768, generator=g).to(device)
@@ -194,7 +211,7 @@ def worker(row, impl, device, threads, tmp):
     import torch
     import diffusers  # noqa: F401  both implementations pay for the same imports
     torch.set_num_threads(threads)
-    torch.set_grad_enabled(row == "train-step")
+    torch.set_grad_enabled(row in ("train-step", "lora-step"))
     _, cpu_size, gpu_size, cpu_runs, gpu_runs = ROWS[row]
     size, runs = (gpu_size, gpu_runs) if device == "cuda" else (cpu_size, cpu_runs)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
