@@ -18,7 +18,7 @@ import re
 import torch
 
 from minidb.text_encoder import TextEncoderConfig
-from minidb.unet import UNetConfig
+from minidb.unet import SIZE_FEATURES, UNetConfig
 from minidb.vae import LATENT_SCALE, VAEConfig
 
 # Inside a UNet ResBlock: (native, diffusers). Native indices skip the parameterless SiLU/Dropout.
@@ -31,7 +31,8 @@ VAE_ATTENTION_LEAVES = [("norm", "group_norm"), ("q", "to_q"), ("k", "to_k"), ("
 def unet_blocks(cfg):
     """[(native prefix, diffusers prefix, leaf renames)] for every block of the UNet table."""
     blocks = [("time_embed.0", "time_embedding.linear_1", []), ("time_embed.2", "time_embedding.linear_2", []),
-              ("input_blocks.0.0", "conv_in", []), ("out.0", "conv_norm_out", []), ("out.2", "conv_out", [])]
+              ("input_blocks.0.0", "conv_in", []), ("out.0", "conv_norm_out", []), ("out.2", "conv_out", []),
+              ("label_emb.0.0", "add_embedding.linear_1", []), ("label_emb.0.2", "add_embedding.linear_2", [])]
     levels = len(cfg.channel_mult)
     n = 1  # input_blocks.0 is conv_in
     for level in range(levels):
@@ -170,9 +171,9 @@ TEXT_ACTIVATIONS = ("quick_gelu", "gelu")  # the two that minidb/text_encoder.py
 
 
 def entry(c, key, kind, default=KeyError):
-    """c[key], or `default` if absent; a wrong type raises a ValueError that names the entry.
-    Without a default a missing entry raises KeyError(key)."""
-    if key not in c and default is not KeyError:
+    """c[key], or `default` if absent or null (diffusers reads null as "the default"); a wrong type raises
+    a ValueError that names the entry. Without a default a missing entry raises KeyError(key)."""
+    if c.get(key) is None and default is not KeyError:
         return default
     test, words = kind
     if not test(c[key]):
@@ -182,9 +183,9 @@ def entry(c, key, kind, default=KeyError):
     return c[key]
 
 
-UNSUPPORTED_UNET_OPTIONS = {  # option: the value SD 1.x / 2.x use; anything else is another model
-    "class_embed_type": None, "addition_embed_type": None, "num_class_embeds": None, "encoder_hid_dim": None,
-    "transformer_layers_per_block": 1, "only_cross_attention": False, "dual_cross_attention": False,
+UNSUPPORTED_UNET_OPTIONS = {  # option: the value SD 1.x / 2.x / SDXL use; anything else is another model
+    "class_embed_type": None, "num_class_embeds": None, "encoder_hid_dim": None,
+    "only_cross_attention": False, "dual_cross_attention": False,
     "time_embedding_type": "positional", "resnet_time_scale_shift": "default", "conv_in_kernel": 3,
     "mid_block_type": "UNetMidBlock2DCrossAttn", "norm_num_groups": 32, "flip_sin_to_cos": True, "freq_shift": 0,
 }
@@ -194,9 +195,12 @@ def unet_config_from_diffusers(c):
     odd = {k: c[k] for k, v in UNSUPPORTED_UNET_OPTIONS.items() if c.get(k, v) != v}
     if entry(c, "in_channels", COUNT, 4) != 4:
         odd["in_channels"] = c["in_channels"]  # 9: inpainting, 8: instruct-pix2pix, 5: depth
+    added = c.get("addition_embed_type")  # SDXL: "text_time", pooled text + size features of 256
+    if added is not None and (added != "text_time" or c.get("addition_time_embed_dim") != SIZE_FEATURES):
+        odd.update(addition_embed_type=added, addition_time_embed_dim=c.get("addition_time_embed_dim"))
     if odd:
-        raise ValueError(f"this UNet has options SD 1.x/2.x never use ({odd}), so it is another kind of model, "
-                         "which minidb does not support yet")
+        raise ValueError(f"this UNet has options SD 1.x/2.x and SDXL never use ({odd}), so it is another kind of "
+                         "model, which minidb does not support yet")
     chans = _level_channels(c)
     down = entry(c, "down_block_types", NAMES)
     if len(down) != len(chans):
@@ -207,11 +211,17 @@ def unet_config_from_diffusers(c):
                   COUNT_OR_COUNTS)
     heads = [heads] * len(chans) if isinstance(heads, int) else list(heads)
     same_count = len(set(heads)) == 1
+    depth = entry(c, "transformer_layers_per_block", COUNT_OR_COUNTS, 1)  # the middle block takes the last level's
+    depth = [depth] * len(chans) if isinstance(depth, int) else list(depth)
+    attention_levels = tuple(i for i, t in enumerate(down) if t.startswith("CrossAttn"))
     return UNetConfig(
+        transformer_depth=() if set(depth) == {1} else tuple(d if i in attention_levels else 0 for i, d in enumerate(depth)),
+        transformer_depth_middle=depth[-1],
+        adm_in_channels=entry(c, "projection_class_embeddings_input_dim", COUNT) if added else 0,
         in_channels=entry(c, "in_channels", COUNT, 4), out_channels=entry(c, "out_channels", COUNT, 4),
         model_channels=chans[0], channel_mult=tuple(ch // chans[0] for ch in chans),
         num_res_blocks=entry(c, "layers_per_block", COUNT),
-        attention_levels=tuple(i for i, t in enumerate(down) if t.startswith("CrossAttn")),
+        attention_levels=attention_levels,
         num_heads=heads[0] if same_count else 0, head_dim=0 if same_count else chans[0] // heads[0],
         context_dim=entry(c, "cross_attention_dim", COUNT),
         linear_proj=entry(c, "use_linear_projection", FLAG, False),
@@ -237,7 +247,11 @@ def unet_config_to_diffusers(cfg):
             "attention_head_dim": heads if cfg.head_dim else cfg.num_heads,
             "use_linear_projection": cfg.linear_proj, "upcast_attention": cfg.upcast_attention,
             "norm_num_groups": 32, "norm_eps": 1e-5, "flip_sin_to_cos": True, "freq_shift": 0, "act_fn": "silu",
-            "downsample_padding": 1, "mid_block_scale_factor": 1, "center_input_sample": False}
+            "downsample_padding": 1, "mid_block_scale_factor": 1, "center_input_sample": False,
+            **({"transformer_layers_per_block": [cfg.depth_at(i) or 1 for i in range(len(chans))]}
+               if cfg.transformer_depth else {}),
+            **({"addition_embed_type": "text_time", "addition_time_embed_dim": SIZE_FEATURES,
+                "projection_class_embeddings_input_dim": cfg.adm_in_channels} if cfg.adm_in_channels else {})}
 
 
 def vae_config_from_diffusers(c):

@@ -56,11 +56,21 @@ def configs_from_metadata(text, version, path):
     configs = []
     for name, cls in parts.items():
         d = saved[name]
+        if isinstance(d, dict):  # a file from before a field existed means that field's default
+            d = {**{f.name: _json(f.default) for f in fields(cls) if f.name in ADDED_SINCE}, **d}
         problem = _fields_problem(d, [f.name for f in fields(cls)], f'"{name}"') or _types_problem(cls, d, name)
         if problem:
             raise unusable(problem)
         configs.append(cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}))
     return (*configs, saved["prediction_type"])
+
+
+# Config fields added after minidb first wrote metadata (for SDXL); older files lack them.
+ADDED_SINCE = {"transformer_depth", "transformer_depth_middle", "adm_in_channels"}
+
+
+def _json(value):  # a default as JSON would hold it
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _fields_problem(d, names, what):

@@ -43,22 +43,43 @@ class UNetConfig:
     context_dim: int = 768  # width of the text encoder's output
     linear_proj: bool = False  # SD 2 uses Linear proj_in/proj_out; SD 1 uses 1x1 convs
     upcast_attention: bool = False  # SD 2.1: attention in fp32 (fp16 overflows)
-    sample_size: int = 64  # latent side it was trained at: 64 -> 512 px; SD 2 768-v models: 96
+    sample_size: int = 64  # latent side it was trained at: 64 -> 512 px; SD 2 768-v models: 96; SDXL: 128
+    transformer_depth: tuple = ()  # transformer blocks per level's SpatialTransformer (SDXL: 2, 10); (): 1 each
+    transformer_depth_middle: int = 1  # the same in the middle block (SDXL: 10)
+    adm_in_channels: int = 0  # SDXL's added conditioning `y`: pooled text + 6 size features (1280 + 6 x 256); 0: none
 
     def heads_for(self, ch):  # -> (heads, head dim) at a level with `ch` channels
         if self.head_dim:
             return ch // self.head_dim, self.head_dim
         return self.num_heads, ch // self.num_heads
 
+    def depth_at(self, level):
+        return self.transformer_depth[level] if self.transformer_depth else 1
+
 
 SD1 = UNetConfig()
 SD2 = UNetConfig(num_heads=0, head_dim=64, context_dim=1024, linear_proj=True, upcast_attention=True)
+# SDXL base 1.0 (sgm's sd_xl_base.yaml): three levels, no attention in the first, deep transformers below;
+# context = CLIP-L's 768 + OpenCLIP-bigG's 1280 features side by side.
+SDXL = UNetConfig(channel_mult=(1, 2, 4), attention_levels=(1, 2), num_heads=0, head_dim=64, context_dim=2048,
+                  linear_proj=True, sample_size=128, transformer_depth=(0, 2, 10), transformer_depth_middle=10,
+                  adm_in_channels=2816)
 TINY = UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(0, 1),
                   num_heads=2, context_dim=32)
 
 
 def Norm(c):
     return nn.GroupNorm(32, c, eps=1e-5)  # GroupNorm32 in ldm's openaimodel.py
+
+
+SIZE_FEATURES = 256  # per size number: sgm's ConcatTimestepEmbedderND outdim, diffusers' addition_time_embed_dim
+
+
+def size_features(time_ids):
+    """SDXL's micro-conditioning, the image's original size, crop offset and target size (B, 6), as
+    sinusoidal features like the timestep's (sgm's ConcatTimestepEmbedderND, diffusers' add_time_proj):
+    (B, 6) -> (B, 6 * 256)."""
+    return timestep_embedding(time_ids.flatten(), SIZE_FEATURES).reshape(len(time_ids), -1)
 
 
 def timestep_embedding(t, dim, max_period=10000):
@@ -153,14 +174,14 @@ class BasicTransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """Treats each pixel of a feature map as a token and runs a transformer block over them."""
 
-    def __init__(self, ch, cfg: UNetConfig):
+    def __init__(self, ch, cfg: UNetConfig, depth=1):
         super().__init__()
         heads, head_dim = cfg.heads_for(ch)
         self.linear_proj = cfg.linear_proj
         self.norm = nn.GroupNorm(32, ch, eps=1e-6)  # eps 1e-6 here, unlike the ResBlocks
         self.proj_in = nn.Linear(ch, ch) if cfg.linear_proj else nn.Conv2d(ch, ch, 1)
         self.transformer_blocks = nn.ModuleList(
-            [BasicTransformerBlock(ch, cfg.context_dim, heads, head_dim, cfg.upcast_attention)]
+            [BasicTransformerBlock(ch, cfg.context_dim, heads, head_dim, cfg.upcast_attention) for _ in range(depth)]
         )
         self.proj_out = nn.Linear(ch, ch) if cfg.linear_proj else nn.Conv2d(ch, ch, 1)
 
@@ -225,6 +246,9 @@ class UNet(nn.Module):
         self.cfg = cfg
         mc, emb_dim = cfg.model_channels, 4 * cfg.model_channels
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if cfg.adm_in_channels:  # SDXL: the added conditioning joins the time embedding (sgm: label_emb)
+            self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(),
+                                                         nn.Linear(emb_dim, emb_dim)))
 
         # Down: remember each block's output channels; the up path consumes them as skips.
         self.input_blocks = nn.ModuleList([Block(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
@@ -234,14 +258,15 @@ class UNet(nn.Module):
                 layers = [ResBlock(ch, mc * mult, emb_dim)]
                 ch = mc * mult
                 if level in cfg.attention_levels:
-                    layers.append(SpatialTransformer(ch, cfg))
+                    layers.append(SpatialTransformer(ch, cfg, cfg.depth_at(level)))
                 self.input_blocks.append(Block(*layers))
                 skips.append(ch)
             if level != len(cfg.channel_mult) - 1:
                 self.input_blocks.append(Block(Downsample(ch)))
                 skips.append(ch)
 
-        self.middle_block = Block(ResBlock(ch, ch, emb_dim), SpatialTransformer(ch, cfg), ResBlock(ch, ch, emb_dim))
+        self.middle_block = Block(ResBlock(ch, ch, emb_dim), SpatialTransformer(ch, cfg, cfg.transformer_depth_middle),
+                                  ResBlock(ch, ch, emb_dim))
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
@@ -249,7 +274,7 @@ class UNet(nn.Module):
                 layers = [ResBlock(ch + skips.pop(), mc * mult, emb_dim)]
                 ch = mc * mult
                 if level in cfg.attention_levels:
-                    layers.append(SpatialTransformer(ch, cfg))
+                    layers.append(SpatialTransformer(ch, cfg, cfg.depth_at(level)))
                 if level != 0 and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(Block(*layers))
@@ -264,10 +289,13 @@ class UNet(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    def forward(self, x, t, context):
-        """x (B, 4, H, W) noisy latents; t (B,) or scalar timesteps; context (B, T, C_ctx) -> (B, 4, H, W)."""
+    def forward(self, x, t, context, y=None):
+        """x (B, 4, H, W) noisy latents; t (B,) or scalar timesteps; context (B, T, C_ctx); SDXL's y
+        (B, adm_in_channels): pooled text + size_features -> (B, 4, H, W)."""
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])  # a scalar serves the batch
         emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(x.dtype))  # (B, E)
+        if self.cfg.adm_in_channels:
+            emb = emb + self.label_emb(y.to(emb.dtype))
 
         h, skips = x, []
         for block in self.input_blocks:

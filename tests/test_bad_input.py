@@ -300,3 +300,13 @@ def test_a_file_that_is_no_checkpoint_at_all(tmp_path):
         load(tmp_path / "notes.ckpt")
     message = one_sentence(e)
     assert "is not a PyTorch checkpoint or safetensors file" in message and "pickled" not in message
+
+
+def test_metadata_written_before_sdxl_fields_existed_still_loads(tiny, tmp_path):
+    # weights/toy.safetensors is such a file: its UNet config has no transformer_depth, ... at all
+    saved = json.loads(tiny[2]["minidb"])
+    old = {k: v for k, v in saved["unet"].items() if k not in ("transformer_depth", "transformer_depth_middle",
+                                                                  "adm_in_channels")}
+    assert len(old) == len(saved["unet"]) - 3
+    save_file(tiny[1], tmp_path / "m.safetensors", metadata={**tiny[2], "minidb": json.dumps({**saved, "unet": old})})
+    assert load(tmp_path / "m.safetensors").unet.cfg == tiny[0].unet.cfg
