@@ -278,17 +278,21 @@ def text_config_from_transformers(c):
     if activation not in TEXT_ACTIVATIONS:
         raise ValueError(f'"hidden_act" is {json.dumps(activation)}, but SD\'s text encoders use "quick_gelu" (SD 1.x) '
                          'or "gelu" (SD 2.x); fix the entry or get the folder again')
+    projected = "CLIPTextModelWithProjection" in (entry(c, "architectures", NAMES, None) or [])  # SDXL's bigG
     return TextEncoderConfig(
         vocab_size=entry(c, "vocab_size", COUNT), max_length=entry(c, "max_position_embeddings", COUNT),
         width=entry(c, "hidden_size", COUNT), layers=entry(c, "num_hidden_layers", COUNT),
         heads=entry(c, "num_attention_heads", COUNT), mlp_width=entry(c, "intermediate_size", COUNT),
-        activation=activation)
+        activation=activation, projection=entry(c, "projection_dim", COUNT) if projected else 0)
 
 
 def text_config_to_transformers(cfg):
-    return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "vocab_size": cfg.vocab_size,
+    """(Which layer SDXL reads is the pipeline's choice, not the text model's: skip_last and
+    final_norm are not in transformers' config.)"""
+    architecture = "CLIPTextModelWithProjection" if cfg.projection else "CLIPTextModel"
+    return {"architectures": [architecture], "model_type": "clip_text_model", "vocab_size": cfg.vocab_size,
             "max_position_embeddings": cfg.max_length, "hidden_size": cfg.width, "num_hidden_layers": cfg.layers,
             "num_attention_heads": cfg.heads, "intermediate_size": cfg.mlp_width, "hidden_act": cfg.activation,
             "layer_norm_eps": 1e-5, "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 1,
-            "projection_dim": cfg.width, "attention_dropout": 0.0, "dropout": 0.0, "initializer_factor": 1.0,
+            "projection_dim": cfg.projection or cfg.width, "attention_dropout": 0.0, "dropout": 0.0, "initializer_factor": 1.0,
             "initializer_range": 0.02}

@@ -6,6 +6,12 @@ in which layer SD reads: SD 1 takes the last layer, SD 2 the penultimate one. We
 with 23 of its 24 layers, so "the last layer we have, then the final LayerNorm" is right for both
 (diffusers' SD 2 text encoder config also says 23 layers).
 
+SDXL uses two towers, CLIP ViT-L/14 (as SD 1) and OpenCLIP ViT-bigG/14, and reads both at their
+penultimate layer without the final LayerNorm; their features are concatenated into the UNet's
+context. bigG also gives a pooled vector for the UNet's added conditioning: its last layer, final
+LayerNorm, at the end-of-text token, times `text_projection`. Both towers are built whole, as their
+files hold them; `skip_last` says how many last layers the context leaves out.
+
 Module names equal the keys of transformers' CLIPTextModel (`embeddings.token_embedding.weight`,
 `encoder.layers.0.self_attn.q_proj.weight`, ...), the layout of SD 1 single files and of every
 diffusers folder. OpenCLIP's names (SD 2 single files) are renamed in minidb/convert.py.
@@ -33,11 +39,18 @@ class TextEncoderConfig:
     heads: int = 12
     mlp_width: int = 3072
     activation: str = "quick_gelu"  # OpenAI CLIP: quick_gelu; OpenCLIP ViT-H: gelu
+    skip_last: int = 0  # SDXL: 1, the context is the penultimate layer's output ...
+    final_norm: bool = True  # ... without the final LayerNorm (SD 1.x and 2.x apply it)
+    projection: int = 0  # SDXL's bigG: width of the pooled output's text_projection; 0: no pooled output
 
 
 SD1 = TextEncoderConfig()
 # ViT-H/14 text tower has 24 layers; SD 2 reads the 23rd ("penultimate"), so we build 23.
 SD2 = TextEncoderConfig(width=1024, layers=23, heads=16, mlp_width=4096, activation="gelu")
+# SDXL's two (sgm's sd_xl_base.yaml: FrozenCLIPEmbedder and FrozenOpenCLIPEmbedder2, layer "penultimate")
+SDXL_L = TextEncoderConfig(skip_last=1, final_norm=False)
+SDXL_G = TextEncoderConfig(width=1280, layers=32, heads=20, mlp_width=5120, activation="gelu", skip_last=1,
+                           final_norm=False, projection=1280)
 TINY = TextEncoderConfig(width=32, layers=2, heads=4, mlp_width=37)
 
 
@@ -101,8 +114,8 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.layers))
         self.gradient_checkpointing = False  # training switch: recompute activations in backward
 
-    def forward(self, x):
-        for layer in self.layers:
+    def forward(self, x, start=0, stop=None):  # layers start..stop-1 (all by default)
+        for layer in self.layers[start:stop]:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(layer, x, use_reentrant=False)
             else:
@@ -117,6 +130,19 @@ class TextEncoder(nn.Module):
         self.embeddings = Embeddings(cfg)
         self.encoder = Encoder(cfg)
         self.final_layer_norm = nn.LayerNorm(cfg.width)
+        if cfg.projection:
+            self.text_projection = nn.Linear(cfg.width, cfg.projection, bias=False)
 
-    def forward(self, ids):  # (B, 77) token ids -> (B, 77, C) context for the UNet's cross-attention
-        return self.final_layer_norm(self.encoder(self.embeddings(ids)))
+    def forward(self, ids, pooled=False):
+        """(B, 77) token ids -> (B, 77, C) context for the UNet's cross-attention; with pooled=True
+        also the (B, projection) pooled vector (SDXL's bigG)."""
+        stop = self.cfg.layers - self.cfg.skip_last
+        h = self.encoder(self.embeddings(ids), stop=stop)
+        context = self.final_layer_norm(h) if self.cfg.final_norm else h
+        if not pooled:
+            return context
+        last = self.final_layer_norm(self.encoder(h, start=stop))
+        # the end-of-text token's vector: the highest id in CLIP's vocabulary (49407), found by argmax as
+        # OpenAI's and OpenCLIP's code and transformers do; a new word's larger id wins instead, as there
+        eos = ids.argmax(dim=-1)
+        return context, self.text_projection(last[torch.arange(len(ids), device=ids.device), eos])

@@ -7,9 +7,11 @@ import dataclasses
 import pytest
 import torch
 
-from conftest import assert_close, diffusers, diffusers_unet, unet_twin
-from minidb import unet as un
-from minidb.convert import native_to_diffusers_names, unet_blocks, unet_config_from_diffusers
+from conftest import assert_close, diffusers, diffusers_unet, randomize_, text_twin, transformers, twin, unet_twin
+from minidb import text_encoder as te, unet as un
+from minidb.convert import (native_to_diffusers_names, text_config_from_transformers, text_config_to_transformers,
+                            unet_blocks, unet_config_from_diffusers)
+from minidb.tokenizer import Tokenizer
 
 # huggingface.co/stabilityai/stable-diffusion-xl-base-1.0, unet/config.json (JSON true/false/null ->
 # True/False/None); checked against copies quoted in public code (diffusers' single-file test fixtures,
@@ -69,3 +71,40 @@ def test_tiny_sdxl_unet_matches_diffusers_and_its_added_conditioning_matters():
         other = ours(x, t, ctx, torch.cat([pooled, un.size_features(time_ids.flip(0))], dim=1))
     assert_close(a, b)
     assert (a - other).abs().max() > 1e-3 * a.abs().max()  # the sizes change the prediction
+
+
+# ---- the two text encoders ----
+
+TINY_L = dataclasses.replace(te.TINY, skip_last=1, final_norm=False)  # CLIP-L's role: penultimate layer, no LN
+TINY_G = dataclasses.replace(te.TINY, width=16, heads=2, layers=3, mlp_width=40, activation="gelu", skip_last=1,
+                             final_norm=False, projection=16)  # bigG's: the same, plus the pooled vector
+
+
+def reference_text(cfg, seed):
+    kwargs = {k: v for k, v in text_config_to_transformers(cfg).items() if k not in ("architectures", "model_type")}
+    cls = transformers.CLIPTextModelWithProjection if cfg.projection else transformers.CLIPTextModel
+    return randomize_(cls(transformers.CLIPTextConfig(**kwargs)), seed)
+
+
+@pytest.mark.parametrize("cfg,pad", [(TINY_L, 49407), (TINY_G, 0)], ids=["CLIP-L", "OpenCLIP-bigG"])
+def test_text_encoders_match_transformers_at_the_penultimate_layer(cfg, pad):
+    ref = reference_text(cfg, seed=3)
+    ours = text_twin(ref, cfg) if not cfg.projection else twin(
+        te.TextEncoder, cfg, {k.removeprefix("text_model."): v for k, v in ref.state_dict().items()})
+    tok = Tokenizer.for_version("SD 1.x" if pad else "SD 2.x")  # SDXL's second tokenizer pads with "!" (id 0)
+    ids = tok(["a photo of sks dog", "wow! a cat on the beach"])
+    assert (ids[:, -1] == pad).all()
+    with torch.no_grad():
+        out = ref(ids, output_hidden_states=True)
+        context = ours(ids, pooled=bool(cfg.projection))
+    if cfg.projection:
+        context, pooled = context
+        assert_close(pooled, out.text_embeds)
+    assert_close(context, out.hidden_states[-2])
+    assert not torch.allclose(context, out.last_hidden_state)  # not the last layer, nor its LayerNorm
+
+
+def test_text_configs_round_trip_through_transformers():
+    for cfg in (te.SDXL_L, te.SDXL_G, te.SD1, te.SD2):
+        back = text_config_from_transformers(text_config_to_transformers(cfg))
+        assert back == dataclasses.replace(cfg, skip_last=0, final_norm=True)  # those are the pipeline's choice
