@@ -46,7 +46,6 @@ from minidb.options import METHOD_LR, check, parse_args, with_method_defaults
 from minidb.pipeline import decode, grid, sample_latents
 from minidb.save import save_diffusers, save_single_file
 from minidb.schedulers import NUM_TRAIN_TIMESTEPS, NoiseSchedule
-from minidb.vae import LATENT_SCALE
 
 
 def run_folder(args):
@@ -138,6 +137,7 @@ def train(args, out):
         return torch.cat([q.mean for q in posts]).cpu(), torch.cat([q.std for q in posts]).cpu()
 
     instance_mean, instance_std = encode(images)
+    scale = model.vae.cfg.scale_factor  # latents x this have about unit variance
     n_prior = 0
     if args.prior_weight > 0:
         if class_photos is not None:
@@ -148,7 +148,7 @@ def train(args, out):
                                                  "the class-prior cache", "run again (what is drawn is kept)"):
                 prior_mean = class_prior(model, args.model, class_prompt, args.class_images, resolution, "ddim",
                                          args.sample_steps, 7.5, args.seed, args.class_cache).cpu().float()
-            prior_mean, prior_std = prior_mean / LATENT_SCALE, torch.zeros_like(prior_mean)  # drawn latents are exact
+            prior_mean, prior_std = prior_mean / scale, torch.zeros_like(prior_mean)  # drawn latents are exact
         n_prior = len(prior_mean)
     # ---- what trains, and how: the method chooses; the loop below is the same for all ----
     trained = {}  # name -> module: what the optimizer updates and a checkpoint holds
@@ -280,7 +280,7 @@ def train(args, out):
             j = next_index("prior", n_prior, step)
             means, stds = means + [prior_mean[j]], stds + [prior_std[j]]
         mean, std = torch.stack(means), torch.stack(stds)
-        x0 = (mean + std * torch.randn(mean.shape, generator=generator)) * LATENT_SCALE  # a VAE sample, scaled
+        x0 = (mean + std * torch.randn(mean.shape, generator=generator)) * scale  # a VAE sample, scaled
         noise = torch.randn(x0.shape, generator=generator)
         if args.offset_noise:  # shifts whole channels, so the model learns to change overall brightness
             noise = noise + args.offset_noise * torch.randn(x0.shape[:2] + (1, 1), generator=generator)

@@ -19,7 +19,7 @@ import torch
 
 from minidb.text_encoder import TextEncoderConfig
 from minidb.unet import SIZE_FEATURES, UNetConfig
-from minidb.vae import LATENT_SCALE, VAEConfig
+from minidb.vae import LATENT_SCALE, LATENT_SCALE_XL, VAEConfig
 
 # Inside a UNet ResBlock: (native, diffusers). Native indices skip the parameterless SiLU/Dropout.
 UNET_RESNET_LEAVES = [("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("emb_layers.1", "time_emb_proj"),
@@ -255,13 +255,15 @@ def unet_config_to_diffusers(cfg):
 
 
 def vae_config_from_diffusers(c):
-    if entry(c, "scaling_factor", NUMBER, LATENT_SCALE) != LATENT_SCALE or c.get("latents_mean") is not None:
-        raise ValueError(f"this VAE scales latents by {c.get('scaling_factor')}, not SD's {LATENT_SCALE}, so it "
-                         "belongs to another kind of model, which minidb does not support yet")
+    scale = entry(c, "scaling_factor", NUMBER, LATENT_SCALE)
+    if scale not in (LATENT_SCALE, LATENT_SCALE_XL) or c.get("latents_mean") is not None:
+        raise ValueError(f"this VAE scales latents by {scale}, not SD's {LATENT_SCALE} or SDXL's {LATENT_SCALE_XL}, "
+                         "so it belongs to another kind of model, which minidb does not support yet")
     chans = _level_channels(c)
     return VAEConfig(ch=chans[0], ch_mult=tuple(ch // chans[0] for ch in chans),
                      num_res_blocks=entry(c, "layers_per_block", COUNT),
-                     z_channels=entry(c, "latent_channels", COUNT, 4), in_channels=entry(c, "in_channels", COUNT, 3))
+                     z_channels=entry(c, "latent_channels", COUNT, 4), in_channels=entry(c, "in_channels", COUNT, 3),
+                     scale_factor=scale)
 
 
 def vae_config_to_diffusers(cfg, sample_size):
@@ -270,7 +272,7 @@ def vae_config_to_diffusers(cfg, sample_size):
             "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
             "block_out_channels": [cfg.ch * m for m in cfg.ch_mult], "layers_per_block": cfg.num_res_blocks,
             "latent_channels": cfg.z_channels, "norm_num_groups": 32, "act_fn": "silu",
-            "sample_size": sample_size, "scaling_factor": LATENT_SCALE}
+            "sample_size": sample_size, "scaling_factor": cfg.scale_factor}
 
 
 def text_config_from_transformers(c):

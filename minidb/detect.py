@@ -66,7 +66,8 @@ def configs_from_metadata(text, version, path):
 
 
 # Config fields added after minidb first wrote metadata (for SDXL); older files lack them.
-ADDED_SINCE = {"transformer_depth", "transformer_depth_middle", "adm_in_channels"}
+ADDED_SINCE = {"transformer_depth", "transformer_depth_middle", "adm_in_channels", "scale_factor", "skip_last",
+               "final_norm", "projection"}
 
 
 def _json(value):  # a default as JSON would hold it
@@ -89,6 +90,7 @@ def _whole(v):
 
 # A config field's type -> (test of its JSON value, the words for an error message).
 FIELD_TYPES = {int: (_whole, "a whole number"), bool: (lambda v: isinstance(v, bool), "true or false"),
+               float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "a positive number"),
                str: (lambda v: isinstance(v, str), "a string"),
                tuple: (lambda v: isinstance(v, list) and all(_whole(x) for x in v), "a list of whole numbers")}
 

@@ -101,7 +101,7 @@ def rescale_latents(vae, seed, n=512):
     """Rescale the latent space so that latents * 0.18215 have unit std, by folding a factor into
     quant_conv (mean and log-variance) and post_quant_conv: the same autoencoder, new units."""
     images, _ = world_batch(random.Random(seed), n)
-    std = (vae.encode(images).mean * va.LATENT_SCALE).std().item()
+    std = (vae.encode(images).mean * vae.cfg.scale_factor).std().item()
     c = 1 / std  # latents become c times larger
     z = TOY_VAE.z_channels
     vae.quant_conv.weight[:z] *= c
@@ -135,7 +135,7 @@ def train_unet(vae, minutes, steps, batch, seed, lr=5e-4, dataset=20000, ema_dec
     for step in range(steps):
         progress = max(step / steps, (time.time() - start) / budget)  # whichever limit comes first
         idx = torch.randint(0, len(scenes), (batch,))
-        x0 = (means[idx] + stds[idx] * torch.randn_like(means[idx])) * va.LATENT_SCALE
+        x0 = (means[idx] + stds[idx] * torch.randn_like(means[idx])) * va.LATENT_SCALE  # the toy VAE's own
         ids = tokenizer([varied_caption(scenes[i], rng) for i in idx.tolist()])
         noise = torch.randn_like(x0)
         t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (batch,))

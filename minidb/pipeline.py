@@ -21,7 +21,6 @@ from tqdm import tqdm
 
 from minidb.samplers import DPMSolverPP2MSampler, EulerAncestralSampler, EulerSampler
 from minidb.schedulers import DDIMSampler, DDPMSampler
-from minidb.vae import LATENT_SCALE
 
 SAMPLERS = {"ddim": DDIMSampler, "ddpm": DDPMSampler, "euler": EulerSampler, "euler-a": EulerAncestralSampler,
             "dpmpp-2m": DPMSolverPP2MSampler}
@@ -93,7 +92,7 @@ def decode(model, latents):
     p = next(model.vae.parameters())
     images = []
     for z in latents:
-        image = model.vae.decode((z[None] / LATENT_SCALE).to(p.device, p.dtype))[0]  # (3, H, W) in ~[-1, 1]
+        image = model.vae.decode((z[None] / model.vae.cfg.scale_factor).to(p.device, p.dtype))[0]  # (3, H, W), ~[-1, 1]
         image = (image.float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 0).cpu().numpy()
         images.append(Image.fromarray((image * 255).round().astype(np.uint8)))
     return images

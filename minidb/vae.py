@@ -21,8 +21,10 @@ from einops import rearrange
 from minidb.attention import attention
 
 # The factor that gives SD's latents about unit variance: `scale_factor: 0.18215` in the
-# CompVis v1 / Stability v2 inference configs (diffusers: vae.config.scaling_factor).
+# CompVis v1 / Stability v2 inference configs (diffusers: vae.config.scaling_factor). SDXL's VAE,
+# the same architecture retrained, uses 0.13025 (sgm's sd_xl_base.yaml).
 LATENT_SCALE = 0.18215
+LATENT_SCALE_XL = 0.13025
 
 
 @dataclass
@@ -32,9 +34,11 @@ class VAEConfig:
     num_res_blocks: int = 2
     z_channels: int = 4
     in_channels: int = 3
+    scale_factor: float = LATENT_SCALE  # latents x this have about unit variance (SDXL: LATENT_SCALE_XL)
 
 
 SD = VAEConfig()  # SD 1.x and 2.x share the same VAE architecture
+SDXL = VAEConfig(scale_factor=LATENT_SCALE_XL)  # SDXL's: the same again, differently trained
 TINY = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)
 
 

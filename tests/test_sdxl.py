@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from conftest import assert_close, diffusers, diffusers_unet, randomize_, text_twin, transformers, twin, unet_twin
-from minidb import text_encoder as te, unet as un
+from minidb import text_encoder as te, unet as un, vae as va
 from minidb.convert import (native_to_diffusers_names, text_config_from_transformers, text_config_to_transformers,
-                            unet_blocks, unet_config_from_diffusers)
+                            unet_blocks, unet_config_from_diffusers, vae_config_from_diffusers,
+                            vae_config_to_diffusers)
 from minidb.tokenizer import Tokenizer
 
 # huggingface.co/stabilityai/stable-diffusion-xl-base-1.0, unet/config.json (JSON true/false/null ->
@@ -108,3 +109,12 @@ def test_text_configs_round_trip_through_transformers():
     for cfg in (te.SDXL_L, te.SDXL_G, te.SD1, te.SD2):
         back = text_config_from_transformers(text_config_to_transformers(cfg))
         assert back == dataclasses.replace(cfg, skip_last=0, final_norm=True)  # those are the pipeline's choice
+
+
+def test_sdxl_vae_config_round_trips_with_its_own_latent_scale():
+    assert va.SDXL.scale_factor == 0.13025 and va.SD.scale_factor == 0.18215
+    exported = vae_config_to_diffusers(va.SDXL, 1024)
+    assert exported["scaling_factor"] == 0.13025
+    assert vae_config_from_diffusers({**exported, "force_upcast": True}) == va.SDXL
+    ref = diffusers.AutoencoderKL(**{k: v for k, v in vae_config_to_diffusers(va.TINY, 64).items() if k != "_class_name"})
+    assert ref.config.scaling_factor == va.TINY.scale_factor

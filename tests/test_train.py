@@ -19,7 +19,6 @@ from minidb.files import read_tensors
 from minidb.load import load
 from minidb.schedulers import NoiseSchedule
 from minidb.tokenizer import Tokenizer
-from minidb.vae import LATENT_SCALE
 from test_load_save import reference_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -173,7 +172,7 @@ def test_instance_loss_falls_when_overfitting_one_image(world, tmp_path):
     ids = base.tokenizer([json.load(open(tmp_path / "out" / "settings.json"))["instance_prompt"]])
     from minidb.data import load_images
     with torch.no_grad():
-        latents = base.vae.encode(load_images(photos, 32)[0]).mean * LATENT_SCALE
+        latents = base.vae.encode(load_images(photos, 32)[0]).mean * base.vae.cfg.scale_factor
     before, after = probe_loss(base, latents, ids), probe_loss(trained, latents, ids)
     assert after < 0.5 * before, (before, after)
 
