@@ -51,16 +51,21 @@ class StableDiffusion:
     text_encoder: te.TextEncoder
     vae: va.AutoencoderKL
     unet: un.UNet
-    version: str  # "SD 1.x" or "SD 2.x"
+    version: str  # "SD 1.x", "SD 2.x" or "SDXL"
     prediction_type: str  # "epsilon" or "v_prediction"
+    tokenizer_2: Tokenizer | None = None  # SDXL's second text tower (OpenCLIP-bigG) and its tokenizer,
+    text_encoder_2: te.TextEncoder | None = None  # which pads with "!" (id 0)
 
     @property
     def resolution(self):  # the image side the model was trained at
         return self.unet.cfg.sample_size * 2 ** (len(self.vae.cfg.ch_mult) - 1)
 
     def configs(self):  # everything needed to rebuild the modules; stored in the files we write
-        return {"version": self.version, "prediction_type": self.prediction_type, "unet": asdict(self.unet.cfg),
-                "vae": asdict(self.vae.cfg), "text_encoder": asdict(self.text_encoder.cfg)}
+        configs = {"version": self.version, "prediction_type": self.prediction_type, "unet": asdict(self.unet.cfg),
+                   "vae": asdict(self.vae.cfg), "text_encoder": asdict(self.text_encoder.cfg)}
+        if self.text_encoder_2 is not None:
+            configs["text_encoder_2"] = asdict(self.text_encoder_2.cfg)
+        return configs
 
 
 def load(path, dtype=None, device="cpu", prediction_type=None):
