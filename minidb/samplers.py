@@ -32,10 +32,15 @@ DPMSolverMultistepScheduler built with XScheduler.from_config(SD's scheduler con
                                                  the 1000 trained levels (numpy.interp)
     DPM++, n = 7:  t = 999, 856, 714, ..., 143   round(999·k/n) for k = n..1; the last step goes to σ = 0
 diffusers quirk kept: Euler with n = 1 gives t = [0] (numpy.linspace(0, 999, 1) is [0]), one step from σ = 0.029.
+
+SDXL's scheduler config does name a spacing, "leading" with steps_offset 1, and every diffusers sampler built
+from it uses that (spacing="leading" here):
+    Euler, n = 7:  t = 853, 711, ..., 1          DDIM's timesteps; and the first noise is √(σ_max² + 1), not σ_max
+    DPM++, n = 7:  t = 876, 751, ..., 126        k·(1000 // (n+1)) + 1 for k = n..1
 """
 import torch
 
-from minidb.schedulers import NUM_TRAIN_TIMESTEPS, Sampler, noise_like
+from minidb.schedulers import NUM_TRAIN_TIMESTEPS, STEPS_OFFSET, Sampler, leading_timesteps, noise_like
 
 
 def linspace_timesteps(num_points: int) -> torch.Tensor:
@@ -73,22 +78,24 @@ def check_num_steps(num_steps: int) -> None:
 class EulerSampler(Sampler):
     """Euler's method on the ODE in σ (Karras et al. 2022, Algorithm 1 without its second-order correction).
 
-    Equals diffusers' EulerDiscreteScheduler.from_config(SD's scheduler config): "linspace" spacing,
-    linear σ interpolation, final σ 0, no churn (s_churn = 0).
+    Equals diffusers' EulerDiscreteScheduler.from_config(SD's or SDXL's scheduler config): "linspace" or
+    "leading" spacing, linear σ interpolation, final σ 0, no churn (s_churn = 0).
     """
 
-    def __init__(self, prediction_type: str = "epsilon"):
-        super().__init__(prediction_type)
+    def __init__(self, prediction_type: str = "epsilon", spacing: str = "linspace"):
+        super().__init__(prediction_type, spacing)
         # σ at the 1000 trained timesteps, float32 as diffusers computes it
         self.train_sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
 
     def set_timesteps(self, num_steps: int) -> None:
         check_num_steps(num_steps)
-        # (n,) float32, descending, fed to the UNet as they are (fractional)
-        self.timesteps = linspace_timesteps(num_steps).flip(0).float()
+        # (n,) float32, descending, fed to the UNet as they are (fractional with "linspace")
+        linspace = self.spacing == "linspace"
+        self.timesteps = (linspace_timesteps(num_steps).flip(0) if linspace else leading_timesteps(num_steps)).float()
         # (n + 1,) σ at each timestep, then 0: the last step lands on x̂_0
         self.sigmas = torch.cat([interpolate(self.train_sigmas, self.timesteps), torch.zeros(1)])
-        self.init_noise_sigma = self.sigmas.max()  # 0-d float32, σ of the first step
+        # 0-d float32: σ of the first step; diffusers takes √(σ²+1) for "leading" (its x̃ then starts as x_t's scale)
+        self.init_noise_sigma = self.sigmas.max() if linspace else (self.sigmas.max() ** 2 + 1) ** 0.5
 
     def scale_model_input(self, x: torch.Tensor, t) -> torch.Tensor:
         """x̃ -> x_t = x̃ / √(σ²+1), the input the UNet was trained on."""
@@ -139,15 +146,19 @@ class DPMSolverPP2MSampler(Sampler):
     every step count), no thresholding. Works on x_t, so init_noise_sigma = 1 and scale_model_input is the identity.
     """
 
-    def __init__(self, prediction_type: str = "epsilon"):
-        super().__init__(prediction_type)
+    def __init__(self, prediction_type: str = "epsilon", spacing: str = "linspace"):
+        super().__init__(prediction_type, spacing)
         self.train_sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
 
     def set_timesteps(self, num_steps: int) -> None:
         check_num_steps(num_steps)
-        # n + 1 points from 999 down to 0, rounded (half to even, as numpy); the 0 is dropped: (n,) int64
-        self.timesteps = linspace_timesteps(num_steps + 1).round().flip(0)[:-1].long()
-        self.sigmas = torch.cat([self.train_sigmas[self.timesteps], torch.zeros(1)])  # (n + 1,) float32
+        if self.spacing == "linspace":  # n + 1 points from 999 down to 0, rounded (half to even, as numpy); the 0 dropped
+            self.timesteps = linspace_timesteps(num_steps + 1).round().flip(0)[:-1].long()  # (n,) int64
+        else:  # "leading": k · (1000 // (n + 1)) + 1 for k = n..1
+            ratio = NUM_TRAIN_TIMESTEPS // (num_steps + 1)
+            self.timesteps = torch.arange(num_steps, 0, -1, dtype=torch.int64) * ratio + STEPS_OFFSET
+        # (n + 1,) float32; "leading" at n = 999 reaches t = 1000, read as the last level (numpy.interp clamps)
+        self.sigmas = torch.cat([self.train_sigmas[self.timesteps.clamp(max=NUM_TRAIN_TIMESTEPS - 1)], torch.zeros(1)])
         self.prev_x0 = None  # the multistep memory: x̂_0 of the previous step
 
     def alpha_sigma_lambda(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -112,6 +112,14 @@ class Sampler(NoiseSchedule):
 
     init_noise_sigma = 1.0
 
+    def __init__(self, prediction_type: str = "epsilon", spacing: str = "leading"):
+        # "leading" (DDPM and DDIM always; every sampler with SDXL's config) or "linspace" (the Euler and
+        # DPM-Solver samplers with SD 1.x/2.x's config, which names none: minidb/samplers.py)
+        if spacing not in ("leading", "linspace"):
+            raise ValueError(f"spacing must be 'leading' or 'linspace', not {spacing!r}.")
+        super().__init__(prediction_type)
+        self.spacing = spacing
+
     def set_timesteps(self, num_steps: int) -> None:
         self.timesteps = leading_timesteps(num_steps)  # (num_steps,) int64, descending
         self.step_ratio = NUM_TRAIN_TIMESTEPS // num_steps
@@ -153,8 +161,8 @@ class DDIMSampler(Sampler):
     set_alpha_to_one False. eta is fixed here so that every sampler steps with the same call.
     """
 
-    def __init__(self, prediction_type: str = "epsilon", eta: float = 0.0):
-        super().__init__(prediction_type)
+    def __init__(self, prediction_type: str = "epsilon", eta: float = 0.0, spacing: str = "leading"):
+        super().__init__(prediction_type, spacing)
         if eta < 0:
             raise ValueError(f"eta must be 0 (deterministic DDIM) or positive, not {eta}.")
         self.eta = eta

@@ -21,8 +21,24 @@ PAIRS = {
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 
-def reference(cls, prediction_type="epsilon"):
-    return cls.from_config(SD_SCHEDULER_CONFIG, prediction_type=prediction_type)
+# huggingface.co/stabilityai/stable-diffusion-xl-base-1.0, scheduler/scheduler_config.json: it names its
+# spacing, "leading", so every scheduler built from it uses that, and minidb's samplers with spacing="leading".
+SDXL_SCHEDULER_CONFIG = {
+    "_class_name": "EulerDiscreteScheduler", "_diffusers_version": "0.19.0.dev0", "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False, "interpolation_type": "linear",
+    "num_train_timesteps": 1000, "prediction_type": "epsilon", "sample_max_value": 1.0, "set_alpha_to_one": False,
+    "skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": None,
+    "use_karras_sigmas": False,
+}
+CONFIGS = {"SD": (SD_SCHEDULER_CONFIG, "linspace"), "SDXL": (SDXL_SCHEDULER_CONFIG, "leading")}
+
+
+def reference(cls, prediction_type="epsilon", family="SD"):
+    return cls.from_config(CONFIGS[family][0], prediction_type=prediction_type)
+
+
+def ours_for(cls, prediction_type="epsilon", family="SD"):
+    return cls(prediction_type, spacing=CONFIGS[family][1])
 
 
 def test_reference_config_is_what_sd_users_get():
@@ -51,11 +67,12 @@ def test_reference_config_is_what_sd_users_get():
     assert euler.timesteps.tolist() == [0]
 
 
+@pytest.mark.parametrize("family", list(CONFIGS))
 @pytest.mark.parametrize("name", list(PAIRS))
-def test_timesteps_sigmas_and_initial_noise_at_every_step_count(name):
+def test_timesteps_sigmas_and_initial_noise_at_every_step_count(name, family):
     # Every step count, since rounding (DPM++: half to even) and interpolation go wrong at particular n.
     sampler_cls, reference_cls = PAIRS[name]
-    ours, ref = sampler_cls(), reference(reference_cls)
+    ours, ref = ours_for(sampler_cls, family=family), reference(reference_cls, family=family)
     for num_steps in range(1, 1000):
         ours.set_timesteps(num_steps)
         ref.set_timesteps(num_steps)
@@ -92,10 +109,21 @@ def run_both(ours, ref, num_steps, dtype=torch.float32, seed=42, size=8):
 
 @pytest.mark.parametrize("num_steps", [1, 2, 3, 7, 25, 50])
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+@pytest.mark.parametrize("family", list(CONFIGS))
 @pytest.mark.parametrize("name", list(PAIRS))
-def test_sampling_loop_matches_diffusers(name, prediction_type, num_steps):
+def test_sampling_loop_matches_diffusers(name, family, prediction_type, num_steps):
     sampler_cls, reference_cls = PAIRS[name]
-    run_both(sampler_cls(prediction_type), reference(reference_cls, prediction_type), num_steps)
+    run_both(ours_for(sampler_cls, prediction_type, family), reference(reference_cls, prediction_type, family), num_steps)
+
+
+def test_sdxl_spacing_examples():
+    # The module docstring's examples, by hand: "leading" timesteps and Euler's larger first noise.
+    euler, dpm = EulerSampler(spacing="leading"), DPMSolverPP2MSampler(spacing="leading")
+    euler.set_timesteps(7)
+    dpm.set_timesteps(7)
+    assert euler.timesteps.tolist() == [853, 711, 569, 427, 285, 143, 1]
+    assert dpm.timesteps.tolist() == [876, 751, 626, 501, 376, 251, 126]
+    assert euler.init_noise_sigma == (euler.sigmas.max() ** 2 + 1) ** 0.5
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
