@@ -8,10 +8,15 @@
         z_{t-1} = sampler.step(ε, t, z_t)
     image = VAE.decode(z_0 / 0.18215)
 
-Every choice that changes the pixels follows diffusers' StableDiffusionPipeline, so that the same
-seed and settings give the same picture: the noise is drawn on the CPU in float32 for the whole batch
-at once, the unconditional half comes first, guidance is skipped when g <= 1, and samplers draw their
-own noise from the same generator.
+SDXL (Podell et al. 2023, arXiv 2307.01952) differs in three places: two text encoders whose features
+are concatenated (context 2048 wide), an added conditioning y of the pooled text and the image's sizes
+that the UNet adds to its time embedding, and a VAE scale of 0.13025 instead of 0.18215.
+
+Every choice that changes the pixels follows diffusers' StableDiffusionPipeline (and for SDXL its
+StableDiffusionXLPipeline), so that the same seed and settings give the same picture: the noise is
+drawn on the CPU in float32 for the whole batch at once, the unconditional half comes first, guidance
+is skipped when g <= 1, samplers draw their own noise from the same generator, and SDXL's missing
+negative prompt is zeros (force_zeros_for_empty_prompt).
 """
 
 import numpy as np
@@ -21,6 +26,7 @@ from tqdm import tqdm
 
 from minidb.samplers import DPMSolverPP2MSampler, EulerAncestralSampler, EulerSampler
 from minidb.schedulers import DDIMSampler, DDPMSampler
+from minidb.unet import size_features
 
 SAMPLERS = {"ddim": DDIMSampler, "ddpm": DDPMSampler, "euler": EulerSampler, "euler-a": EulerAncestralSampler,
             "dpmpp-2m": DPMSolverPP2MSampler}
@@ -46,9 +52,24 @@ SAMPLER_NAMES = {"ddim": ("DDIM", "Automatic", {}), "ddpm": ("DDIM", "Automatic"
 
 @torch.no_grad()
 def encode_prompt(model, prompts):
-    """Prompts -> (B, 77, C) context on the text encoder's device and dtype."""
+    """Prompts -> (context (B, 77, C), pooled (B, P) or None) on the text encoder's device and dtype.
+    SD has one text encoder. SDXL has two, whose features are put side by side (768 + 1280 = 2048),
+    and the second's pooled vector goes to the UNet's added conditioning."""
     p = next(model.text_encoder.parameters())
-    return model.text_encoder(model.tokenizer(prompts).to(p.device))
+    context = model.text_encoder(model.tokenizer(prompts).to(p.device))
+    if model.text_encoder_2 is None:
+        return context, None
+    context_2, pooled = model.text_encoder_2(model.tokenizer_2(prompts).to(p.device), pooled=True)
+    return torch.cat([context, context_2], dim=-1), pooled
+
+
+def added_conditioning(pooled, original_size, crop=(0, 0), target_size=None):
+    """SDXL's `y` (B, 2816): the pooled text, and the image's micro-conditioning (SDXL paper, 2.2): the
+    size it had before resizing, its crop's top-left corner, the size asked for, each as (height, width)
+    and turned into sinusoidal features. Drawing asks for an uncropped picture of its own size."""
+    target_size = target_size or original_size
+    time_ids = torch.tensor([[*original_size, *crop, *target_size]], dtype=torch.float32, device=pooled.device)
+    return torch.cat([pooled.float(), size_features(time_ids.expand(len(pooled), 6))], dim=1)
 
 
 def initial_noise(n, height, width, seed, channels=4, factor=8):
@@ -64,13 +85,22 @@ def sample_latents(model, prompt, negative_prompt="", n=1, steps=50, guidance=7.
                    sampler="ddim", progress=True):
     """Run the denoising loop; returns the final latents (n, 4, H/8, W/8), still scaled by 0.18215."""
     p = next(model.unet.parameters())
-    context = encode_prompt(model, [prompt]).repeat(n, 1, 1)  # one encoding serves every image
+    context, pooled = encode_prompt(model, [prompt])  # one encoding serves every image
+    y = added_conditioning(pooled, (height, width)) if pooled is not None else None  # SDXL
     guide = guidance > 1  # as diffusers: at g <= 1 the unconditional pass would change nothing
     if guide:
-        context = torch.cat([encode_prompt(model, [negative_prompt]).repeat(n, 1, 1), context])  # (2n, 77, C)
-    context = context.to(p.dtype)
+        if y is not None and not negative_prompt:  # SDXL: no negative prompt means zeros, not "" encoded
+            negative, negative_y = torch.zeros_like(context), added_conditioning(torch.zeros_like(pooled), (height, width))
+        else:
+            negative, negative_pooled = encode_prompt(model, [negative_prompt])
+            negative_y = added_conditioning(negative_pooled, (height, width)) if y is not None else None
+        context = torch.cat([negative, context])  # (2, 77, C)
+        y = torch.cat([negative_y, y]) if y is not None else None
+    context = context.to(p.dtype).repeat_interleave(n, dim=0)  # (2n, 77, C): n unconditional, then n conditional
+    y = y.to(p.dtype).repeat_interleave(n, dim=0) if y is not None else None
 
-    solver = SAMPLERS[sampler](model.prediction_type)
+    # SDXL's scheduler config names "leading" spacing, which then holds for every sampler (minidb/samplers.py)
+    solver = SAMPLERS[sampler](model.prediction_type, **({"spacing": "leading"} if model.version == "SDXL" else {}))
     solver.set_timesteps(steps)
     factor = 2 ** (len(model.vae.cfg.ch_mult) - 1)
     noise, generator = initial_noise(n, height, width, seed, model.unet.cfg.in_channels, factor)
@@ -78,7 +108,7 @@ def sample_latents(model, prompt, negative_prompt="", n=1, steps=50, guidance=7.
 
     for t in tqdm(solver.timesteps, desc="denoising", disable=not progress, leave=False):
         x_in = solver.scale_model_input(torch.cat([x, x]) if guide else x, t)
-        out = model.unet(x_in, t, context)
+        out = model.unet(x_in, t, context, y)
         if guide:
             uncond, cond = out.chunk(2)
             out = uncond + guidance * (cond - uncond)
