@@ -6,8 +6,8 @@ as transformers names CLIP (text encoder). Two other layouts exist on users' dis
 - diffusers folders name the UNet and VAE blocks by role (down_blocks.1.resnets.0) instead of by
   position (input_blocks.4.0). The map is a short table of block prefixes, derived from the config
   with the same loops that build the model, plus a few renames inside a res block or attention block.
-- SD 2 single files store the text encoder in OpenCLIP's names, with q, k and v stacked in one
-  `in_proj_weight`.
+- SD 2 single files store the text encoder, and SDXL single files their second one (bigG), in
+  OpenCLIP's names, with q, k and v stacked in one `in_proj_weight`.
 
 Each map is computed from a config and used in both directions: loading and saving.
 """
@@ -107,28 +107,34 @@ def vae_attention_shape(key, tensor, to_diffusers):
     return tensor[:, :, 0, 0] if to_diffusers else tensor[:, :, None, None]  # (C, C, 1, 1) <-> (C, C)
 
 
-# ---- OpenCLIP (SD 2 single files, under `cond_stage_model.model.`) ----
+# ---- OpenCLIP (SD 2 single files, under `cond_stage_model.model.`; SDXL's bigG, `conditioner.embedders.1.model.`) ----
 
 OPENCLIP_TOP = {"token_embedding.weight": "embeddings.token_embedding.weight",
                 "positional_embedding": "embeddings.position_embedding.weight",
                 "ln_final.weight": "final_layer_norm.weight", "ln_final.bias": "final_layer_norm.bias"}
 OPENCLIP_LAYER = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
                   "attn.out_proj": "self_attn.out_proj"}
-# Parts of the OpenCLIP text tower that SD does not use: the CLIP projection head and temperature.
-OPENCLIP_UNUSED = {"text_projection", "logit_scale"}
+# OpenCLIP's projection head (text_projection, used as x @ P) and its temperature (logit_scale). SD 2
+# uses neither; SDXL uses the projection for bigG's pooled vector, stored as a (width, projection)
+# matrix where a Linear layer holds its transpose (diffusers: convert_open_clip_checkpoint, `.T`).
+OPENCLIP_HEAD = ("text_projection", "logit_scale")
 
 
-def openclip_to_native(tensors, layers):
+def openclip_to_native(tensors, layers=None, projection=False):
     """OpenCLIP text-tower tensors -> (native tensors, names of unused tensors).
 
-    Layers past `layers` are unused: SD 2 reads the penultimate layer, so the 24th never runs.
+    Layers past `layers` are unused: SD 2 reads the penultimate layer, so the 24th never runs (None:
+    all are used, as in SDXL's bigG, whose extra layers the strict loader would then report).
+    With `projection` (SDXL's bigG) text_projection becomes the Linear `text_projection.weight`.
     """
     native, unused = {}, []
     for key, t in tensors.items():
         m = re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+)[._](weight|bias)", key)
         if key in OPENCLIP_TOP:
             native[OPENCLIP_TOP[key]] = t
-        elif m and int(m[1]) >= layers or key in OPENCLIP_UNUSED:
+        elif key == "text_projection" and projection:
+            native["text_projection.weight"] = t.t().contiguous()  # x @ P == Linear with weight P^T
+        elif m and layers is not None and int(m[1]) >= layers or key in OPENCLIP_HEAD:
             unused.append(key)
         elif m and m[2] == "attn.in_proj":  # (3C, C) stacked as q, k, v
             for name, part in zip(("q_proj", "k_proj", "v_proj"), t.chunk(3, dim=0)):
@@ -141,7 +147,7 @@ def openclip_to_native(tensors, layers):
 
 
 def native_to_openclip(native):
-    """Inverse of openclip_to_native, for writing SD 2 single files."""
+    """Inverse of openclip_to_native, for writing SD 2 and SDXL single files."""
     top = {v: k for k, v in OPENCLIP_TOP.items()}
     layer = {v: k for k, v in OPENCLIP_LAYER.items()}
     out = {}
@@ -149,6 +155,8 @@ def native_to_openclip(native):
         m = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", key)
         if key in top:
             out[top[key]] = t
+        elif key == "text_projection.weight":
+            out["text_projection"] = t.t().contiguous()
         elif m and m[2] == "self_attn.q_proj":
             qkv = [native[f"encoder.layers.{m[1]}.self_attn.{p}_proj.{m[3]}"] for p in "qkv"]
             out[f"transformer.resblocks.{m[1]}.attn.in_proj_{m[3]}"] = torch.cat(qkv, dim=0)

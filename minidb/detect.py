@@ -7,17 +7,19 @@
   switch, so a fallback could quietly load a different model.
 - Every other file (the CompVis/Stability originals, and pruned, merged or smaller models made from
   them) is read from its tensor shapes, as ComfyUI does (comfy/model_detection.py, detect_unet_config):
-    UNet   base channels from time_embed.0.weight; levels, res blocks per level, channel multipliers
-           and the levels with attention by walking input_blocks; context width from attn2.to_k;
-           Linear (SD 2) or 1x1-conv (SD 1) proj_in from its rank.
+    UNet   base channels from time_embed.0.weight; levels, res blocks per level, channel multipliers,
+           the levels with attention and their transformer depth by walking input_blocks (SDXL: 0, 2,
+           10), the middle block's depth; context width from attn2.to_k; Linear (SD 2, SDXL) or
+           1x1-conv (SD 1) proj_in from its rank; SDXL's added-conditioning width from label_emb.0.0.
     VAE    channels, multipliers and res blocks by walking the encoder's levels; latent channels
            from decoder.conv_in.
     text   width and vocabulary from the token embedding, length from the position embedding,
-           layers counted, MLP width from the first layer.
-  What shapes cannot say follows the version's convention: SD 1.x attention has 8 heads, SD 2.x
-  64-wide heads; CLIP text towers have 64-wide heads (ViT-L 768/12, ViT-H 1024/16); SD 2.x computes
-  attention in fp32 as 2.1 needs; the training size is 512 px (latent 64), or 768 px (latent 96) for
-  v-prediction.
+           layers counted, MLP width from the first layer; SDXL's bigG projection from text_projection.
+  What shapes cannot say follows the version's convention: SD 1.x attention has 8 heads, SD 2.x and
+  SDXL 64-wide heads; CLIP text towers have 64-wide heads (ViT-L 768/12, ViT-H 1024/16, bigG
+  1280/20); SD 2.x computes attention in fp32 as 2.1 needs; the training size is 512 px (latent 64),
+  768 px (latent 96) for SD 2 v-prediction, 1024 px (latent 128) for SDXL; SDXL's latent scale is
+  0.13025; SDXL reads both text towers at the penultimate layer without the final LayerNorm.
 """
 
 import json
@@ -28,14 +30,14 @@ from minidb import text_encoder as te, unet as un, vae as va
 from minidb.convert import TEXT_ACTIVATIONS
 from minidb.files import ModelFileError
 
-VERSIONS = ("SD 1.x", "SD 2.x")
+VERSIONS = ("SD 1.x", "SD 2.x", "SDXL")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 # ---- files minidb wrote ----
 
 def configs_from_metadata(text, version, path):
-    """The "minidb" metadata entry -> (UNet, VAE, text encoder configs, prediction type)."""
+    """The "minidb" metadata entry -> ({part: config}, prediction type); SDXL's parts include "text_encoder_2"."""
     def unusable(problem):
         return ModelFileError(f"{path} carries minidb metadata that this minidb cannot use ({problem}); the file "
                               "is damaged or from another minidb version, so export the model again or update minidb.")
@@ -44,6 +46,8 @@ def configs_from_metadata(text, version, path):
     except json.JSONDecodeError:
         raise unusable("it is not JSON") from None
     parts = {"unet": un.UNetConfig, "vae": va.VAEConfig, "text_encoder": te.TextEncoderConfig}
+    if isinstance(saved, dict) and saved.get("version") == "SDXL":
+        parts["text_encoder_2"] = te.TextEncoderConfig
     problem = _fields_problem(saved, ["version", "prediction_type", *parts], "the metadata")
     if problem:
         raise unusable(problem)
@@ -53,7 +57,7 @@ def configs_from_metadata(text, version, path):
         raise unusable(f"it says {saved['version']}, but the text encoder is {version}'s")
     if saved["prediction_type"] not in PREDICTION_TYPES:
         raise unusable(f"prediction_type {json.dumps(saved['prediction_type'])} is not one of {PREDICTION_TYPES}")
-    configs = []
+    configs = {}
     for name, cls in parts.items():
         d = saved[name]
         if isinstance(d, dict):  # a file from before a field existed means that field's default
@@ -61,8 +65,8 @@ def configs_from_metadata(text, version, path):
         problem = _fields_problem(d, [f.name for f in fields(cls)], f'"{name}"') or _types_problem(cls, d, name)
         if problem:
             raise unusable(problem)
-        configs.append(cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}))
-    return (*configs, saved["prediction_type"])
+        configs[name] = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    return configs, saved["prediction_type"]
 
 
 # Config fields added after minidb first wrote metadata (for SDXL); older files lack them.
@@ -117,7 +121,7 @@ def _shape(tensors, key, ndim, part, path):
 
 def _unreadable(path, part, problem):
     return ModelFileError(f"{path}: the {part}'s architecture cannot be read from its tensors ({problem}); the file "
-                          "is damaged or not an SD 1.x / 2.x-style model, which is what minidb can load.")
+                          "is damaged or not an SD 1.x / 2.x / XL-style model, which is what minidb can load.")
 
 
 def _levels(widths, base, part, path):
@@ -131,29 +135,41 @@ def _levels(widths, base, part, path):
     return len(widths[0]), tuple(ch // base for ch in chans)
 
 
+def _depth(tensors, block):
+    """How many transformer blocks the SpatialTransformer at `block` holds (0: none there)."""
+    n = 0
+    while f"{block}.transformer_blocks.{n}.norm1.weight" in tensors:
+        n += 1
+    return n
+
+
 def unet_config(tensors, version, prediction_type, path):
     """UNet tensors (no `model.diffusion_model.` prefix) -> UNetConfig."""
     part = "UNet"
     mc = _shape(tensors, "time_embed.0.weight", 2, part, path)[1]  # (4 mc, mc)
-    # input_blocks.0 is conv_in; then per level N res blocks, each maybe with attention (`.1`),
-    # and a Downsample (`.0.op`) after every level but the last.
-    widths, attention, n = [[]], [[]], 1
+    # input_blocks.0 is conv_in; then per level N res blocks, each maybe with a SpatialTransformer
+    # (`.1`) of some depth, and a Downsample (`.0.op`) after every level but the last.
+    widths, depths, n = [[]], [[]], 1
     while True:
         if f"input_blocks.{n}.0.op.weight" in tensors:
             widths.append([])
-            attention.append([])
+            depths.append([])
         elif f"input_blocks.{n}.0.in_layers.2.weight" in tensors:
             widths[-1].append(_shape(tensors, f"input_blocks.{n}.0.in_layers.2.weight", 4, part, path)[0])
-            attention[-1].append(f"input_blocks.{n}.1.proj_in.weight" in tensors)
+            depths[-1].append(_depth(tensors, f"input_blocks.{n}.1"))
         else:
             break
         n += 1
     num_res_blocks, channel_mult = _levels(widths, mc, part, path)
-    if any(len(set(level)) != 1 for level in attention):
+    if any(len({d > 0 for d in level}) != 1 for level in depths):
         raise _unreadable(path, part, "some of its levels have attention in some res blocks only")
-    attention_levels = tuple(i for i, level in enumerate(attention) if level[0])
+    if any(len(set(level)) != 1 for level in depths):  # e.g. SSD-1B, a distilled SDXL
+        raise _unreadable(path, part, f"some of its levels have transformers of different depths ({depths})")
+    depth = [level[0] for level in depths]
+    attention_levels = tuple(i for i, d in enumerate(depth) if d)
+    middle = _depth(tensors, "middle_block.1")
 
-    # The head layout is not in the tensors: SD 1.x has 8 heads at every level, SD 2.x 64-wide heads.
+    # The head layout is not in the tensors: SD 1.x has 8 heads at every level, SD 2.x and SDXL 64-wide heads.
     if version == "SD 1.x":
         heads, split, convention = {"num_heads": 8, "head_dim": 0}, 8, "8 heads"
     else:
@@ -169,11 +185,20 @@ def unet_config(tensors, version, prediction_type, path):
         channel_mult=channel_mult, num_res_blocks=num_res_blocks, attention_levels=attention_levels, **heads,
         context_dim=_shape(tensors, "middle_block.1.transformer_blocks.0.attn2.to_k.weight", 2, part, path)[1],
         linear_proj=proj_in is not None and proj_in.ndim == 2, upcast_attention=version == "SD 2.x",
-        sample_size=96 if prediction_type == "v_prediction" else 64)
+        sample_size=SAMPLE_SIZES.get(version, 96 if prediction_type == "v_prediction" else 64),
+        # one transformer block everywhere is SD 1/2's layout, written () (UNetConfig's default)
+        transformer_depth=() if set(depth) <= {0, 1} and middle == 1 else tuple(depth), transformer_depth_middle=middle,
+        # SDXL's added conditioning: pooled text + size features (label_emb.0.0 is (4 mc, adm_in_channels))
+        adm_in_channels=_shape(tensors, "label_emb.0.0.weight", 2, part, path)[1] if version == "SDXL" else 0)
+
+
+# The latent side a version was trained at when the tensors cannot say: SDXL 1024 px; SD 1.x/2.x 512
+# px, or 768 px for SD 2 v-prediction (the 768-v models).
+SAMPLE_SIZES = {"SDXL": 128}
 
 
 def guess_prediction_type(version, tensors):
-    if version == "SD 1.x":
+    if version != "SD 2.x":  # SD 1.x and SDXL base are ε (a v-prediction SDXL file says so: load.py)
         return "epsilon"
     # ComfyUI's heuristic (supported_models.py, SD20.model_type): v-prediction training leaves the
     # first LayerNorm bias of the last up block (SD 2: output_blocks.11) with a visibly larger
@@ -183,8 +208,8 @@ def guess_prediction_type(version, tensors):
     return "v_prediction" if bias is not None and bias.float().std(unbiased=False) > 0.09 else "epsilon"
 
 
-def vae_config(tensors, path):
-    """VAE tensors (no `first_stage_model.` prefix) -> VAEConfig."""
+def vae_config(tensors, path, version="SD 1.x"):
+    """VAE tensors (no `first_stage_model.` prefix) -> VAEConfig, with the version's latent scale."""
     part = "VAE"
     ch, in_channels = _shape(tensors, "encoder.conv_in.weight", 4, part, path)[:2]  # (ch, 3, 3, 3)
     widths = []  # encoder.down.{level}.block.{j}: the res blocks of each level
@@ -196,21 +221,23 @@ def vae_config(tensors, path):
     num_res_blocks, ch_mult = _levels(widths or [[]], ch, part, path)
     return va.VAEConfig(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
                         z_channels=_shape(tensors, "decoder.conv_in.weight", 4, part, path)[1],
-                        in_channels=in_channels)
+                        in_channels=in_channels, scale_factor=va.LATENT_SCALE_XL if version == "SDXL" else va.LATENT_SCALE)
 
 
-# Where each text tower keeps what we read: CLIP (SD 1, transformers' names after `text_model.`)
-# and OpenCLIP (SD 2).
-TEXT_KEYS = {"SD 1.x": ("embeddings.token_embedding.weight", "embeddings.position_embedding.weight",
-                        "encoder.layers.{}.layer_norm1.weight", "encoder.layers.0.mlp.fc1.weight"),
-             "SD 2.x": ("token_embedding.weight", "positional_embedding",
-                        "transformer.resblocks.{}.ln_1.weight", "transformer.resblocks.0.mlp.c_fc.weight")}
+# Where each text tower keeps what we read: CLIP (SD 1, SDXL's first; transformers' names after
+# `text_model.`) and OpenCLIP (SD 2, SDXL's second).
+TEXT_KEYS = {"CLIP": ("embeddings.token_embedding.weight", "embeddings.position_embedding.weight",
+                      "encoder.layers.{}.layer_norm1.weight", "encoder.layers.0.mlp.fc1.weight"),
+             "OpenCLIP": ("token_embedding.weight", "positional_embedding",
+                          "transformer.resblocks.{}.ln_1.weight", "transformer.resblocks.0.mlp.c_fc.weight")}
 
 
-def text_config(tensors, version, path):
-    """Text-tower tensors (CLIP names for SD 1.x, OpenCLIP names for SD 2.x) -> TextEncoderConfig."""
-    part = "text encoder"
-    token, position, layer, fc1 = TEXT_KEYS[version]
+def text_config(tensors, version, path, second=False):
+    """Text-tower tensors -> TextEncoderConfig: CLIP names for SD 1.x and SDXL's first tower, OpenCLIP
+    names for SD 2.x and SDXL's second (`second`), OpenCLIP-bigG with its projection."""
+    part = "second text encoder" if second else "text encoder"
+    openclip = version == "SD 2.x" or second
+    token, position, layer, fc1 = TEXT_KEYS["OpenCLIP" if openclip else "CLIP"]
     vocab, width = _shape(tensors, token, 2, part, path)
     layers = 0
     while layer.format(layers) in tensors:
@@ -220,6 +247,11 @@ def text_config(tensors, version, path):
     if layers < 1 or width % 64:
         problem = f"{layers} layers" if layers < 1 else f"width {width} does not split into 64-wide heads"
         raise _unreadable(path, part, problem)
+    # SDXL reads both towers at the penultimate layer without the final LayerNorm, and bigG's pooled
+    # vector through text_projection, stored as (width, projection) (minidb/convert.py).
+    xl = {"skip_last": 1, "final_norm": False} if version == "SDXL" else {}
+    if second:
+        xl["projection"] = _shape(tensors, "text_projection", 2, part, path)[1]
     return te.TextEncoderConfig(vocab_size=vocab, max_length=_shape(tensors, position, 2, part, path)[0], width=width,
                                 layers=layers, heads=width // 64, mlp_width=_shape(tensors, fc1, 2, part, path)[0],
-                                activation="quick_gelu" if version == "SD 1.x" else "gelu")
+                                activation="gelu" if openclip else "quick_gelu", **xl)

@@ -18,16 +18,18 @@ from minidb.lora import merge_lora
 from minidb.save import save_diffusers, save_single_file
 
 HELP = """\
-MODEL is a diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)
-or an original single file (.safetensors, or .ckpt read safely with weights_only). SD 1.x and SD 2.x
-text-to-image models are supported, smaller or pruned ones too (a single file's architecture is read
-from its tensors); SDXL, inpainting and other kinds are recognized and refused.
+MODEL is a diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/;
+SDXL also text_encoder_2/, tokenizer_2/) or an original single file (.safetensors, or .ckpt read
+safely with weights_only). SD 1.x, SD 2.x and SDXL (base) text-to-image models are supported, smaller
+or pruned ones too (a single file's architecture is read from its tensors); the SDXL refiner,
+inpainting and other kinds are recognized and refused.
 
 How the prediction type (epsilon or v) is chosen:
   diffusers folder   scheduler/scheduler_config.json's "prediction_type".
-  single file        files written by minidb record it. Otherwise SD 1.x is epsilon; SD 2.x is
-                     v_prediction if one LayerNorm bias of the last up block has a spread above 0.09
-                     (ComfyUI's test; true of the 768 models), else epsilon (the 512 "base" models).
+  single file        files written by minidb record it. Otherwise SD 1.x and SDXL are epsilon (a file
+                     with ComfyUI's "v_pred" marker: v_prediction); SD 2.x is v_prediction if one
+                     LayerNorm bias of the last up block has a spread above 0.09 (ComfyUI's test; true
+                     of the 768 models), else epsilon (the 512 "base" models).
   --prediction-type  overrides both.
 """
 
@@ -60,12 +62,16 @@ def main(argv=None):
         return fail(str(e))
 
     print(f"{args.model}: {model.version}, predicts {model.prediction_type}, trained at {model.resolution} px")
-    for name in ("unet", "vae", "text_encoder"):
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
         module = getattr(model, name)
+        if module is None:  # text_encoder_2: SDXL only
+            continue
         n = sum(p.numel() for p in module.parameters())
         dtype = next(module.parameters()).dtype
-        print(f"  {name:13s} {n / 1e6:8.1f} M params, {str(dtype).removeprefix('torch.'):8s} {module.cfg}")
-    print(f"  tokenizer     pads with id {model.tokenizer.pad_id}")
+        print(f"  {name:14s} {n / 1e6:8.1f} M params, {str(dtype).removeprefix('torch.'):8s} {module.cfg}")
+    for name in ("tokenizer", "tokenizer_2"):
+        if getattr(model, name) is not None:
+            print(f"  {name:14s} pads with id {getattr(model, name).pad_id}")
     if args.convert:
         out = Path(args.convert)
         try:

@@ -1,48 +1,48 @@
-"""Load Stable Diffusion 1.x / 2.x weights from the two layouts people have on disk.
+"""Load Stable Diffusion 1.x / 2.x / XL weights from the two layouts people have on disk.
 
     model = load("path/to/stable-diffusion-v1-5")            # a diffusers folder
     model = load("v1-5-pruned-emaonly.safetensors")          # an original single file (.safetensors / .ckpt)
 
 How minidb decides what a file is:
-- Version. A single file with `cond_stage_model.transformer.*` (OpenAI CLIP) is SD 1.x, one with
-  `cond_stage_model.model.*` (OpenCLIP) is SD 2.x. A diffusers folder's configs say it directly.
+- Version. A single file's text-encoder prefixes say it (minidb/single_file.py): OpenAI CLIP is
+  SD 1.x, OpenCLIP SD 2.x, the two `conditioner.embedders` towers SDXL. A diffusers folder's configs
+  say it directly (SDXL: text_encoder_2/ and a UNet with added conditioning).
 - Architecture. A diffusers folder's config.json files give it. A single file that minidb wrote
   carries its exact configs in its metadata; any other single file is read from its tensor shapes,
   so smaller or pruned SD-style models load too (minidb/detect.py).
 - Prediction type (ε or v). A diffusers folder says it in scheduler/scheduler_config.json. A single
-  file does not record it: SD 1.x files are ε; SD 2.x files are taken as v-prediction (the 768 models)
-  when the weights look like it (ComfyUI's test: the std of one LayerNorm bias in the last up block
-  above 0.09), else ε (the 512 "base" models). Pass prediction_type= to override the guess.
-  Files that minidb wrote carry their prediction type in their metadata.
+  file does not record it: SD 1.x and SDXL files are ε, unless they carry ComfyUI's `v_pred` marker;
+  SD 2.x files are taken as v-prediction (the 768 models) when the weights look like it (ComfyUI's
+  test: the std of one LayerNorm bias in the last up block above 0.09), else ε (the 512 "base"
+  models). Pass prediction_type= to override the guess. Files that minidb wrote carry their
+  prediction type in their metadata.
 
 Loading is strict: every parameter must be filled from the file with the right shape, and every
 tensor in the file must be used, apart from known extras (EMA copies, optimizer and trainer state,
-DDPM schedule buffers, CLIP's position_ids, the OpenCLIP projection head SD does not use). Modules are
-built on the "meta" device and the file's tensors are assigned to them, so no random weights are
-ever materialized and no second copy of the model is made.
+schedule buffers, CLIP's position_ids, the OpenCLIP head SD 2 does not use). Modules are built on the
+"meta" device and the file's tensors are assigned to them, so no random weights are ever
+materialized and no second copy of the model is made.
 """
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from minidb import detect, text_encoder as te, unet as un, vae as va
+from minidb import detect, single_file, text_encoder as te, unet as un, vae as va
 from minidb.convert import (native_to_diffusers_names, openclip_to_native, text_config_from_transformers,
                             unet_blocks, unet_config_from_diffusers, vae_attention_shape, vae_blocks,
                             vae_config_from_diffusers)
 from minidb.files import ModelFileError, read_json, read_tensors
+from minidb.single_file import CLIP, OPENCLIP, UNET, VAE  # noqa: F401  (where other modules look for them)
 from minidb.tokenizer import Tokenizer
+from minidb.unet import SIZE_FEATURES
 
-UNET, VAE = "model.diffusion_model.", "first_stage_model."
-CLIP, OPENCLIP = "cond_stage_model.transformer.", "cond_stage_model.model."
-# Buffers of the original training code's DDPM class, stored next to the weights (unused: minidb
-# computes its schedule in minidb/schedulers.py).
-DDPM_BUFFERS = {"betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
-                "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
-                "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
-                "posterior_mean_coef1", "posterior_mean_coef2", "logvar", "lvlb_weights"}
+# What SDXL's pipeline changes in its two text towers: both give the penultimate layer's output
+# without the final LayerNorm (diffusers' StableDiffusionXLPipeline: hidden_states[-2]).
+SDXL_TEXT = {"skip_last": 1, "final_norm": False}
 
 
 @dataclass
@@ -120,12 +120,46 @@ def _from_diffusers_names(module_cls, cfg, blocks, tensors, what):
     return {to_native.get(k, k): t for k, t in tensors.items()}
 
 
+def _check_sdxl(cfgs, where):
+    """SDXL's parts must fit together: the UNet attends to both towers' features side by side, and
+    its added conditioning takes bigG's pooled vector plus six size features."""
+    unet, one, two = cfgs["unet"], cfgs["text_encoder"], cfgs["text_encoder_2"]
+    pooled = unet.adm_in_channels - 6 * SIZE_FEATURES
+    if unet.context_dim != one.width + two.width:
+        problem = f"its UNet attends to {unet.context_dim}-wide text, its text encoders give {one.width} + {two.width}"
+    elif pooled != two.projection:
+        problem = (f"its UNet's added conditioning takes {unet.adm_in_channels} features, which leaves {pooled} for "
+                   f"the pooled text, but the second text encoder's pooled vector is {two.projection} wide")
+    else:
+        return
+    raise ModelFileError(f"The SDXL model in {where} does not fit together ({problem}); it is damaged or another "
+                         "kind of model.")
+
+
+MODULES = {"unet": un.UNet, "vae": va.AutoencoderKL, "text_encoder": te.TextEncoder, "text_encoder_2": te.TextEncoder}
+
+
+def _model(modules, version, pred, tokenizers):
+    return StableDiffusion(tokenizers[0], modules["text_encoder"], modules["vae"], modules["unet"], version, pred,
+                           tokenizers[1], modules.get("text_encoder_2"))
+
+
+def _tokenizers(version, folder=None):
+    """A diffusers folder's tokenizer/ (and SDXL's tokenizer_2/), or else minidb's shipped ones, which
+    differ in their pad id: EOS for SD 1.x and SDXL's first, "!" (id 0) for SD 2.x and SDXL's second."""
+    shipped = {"SD 1.x": ["SD 1.x"], "SD 2.x": ["SD 2.x"], "SDXL": ["SD 1.x", "SD 2.x"]}[version]
+    found = [folder / sub if folder and (folder / sub).is_dir() else None for sub in ("tokenizer", "tokenizer_2")]
+    tokenizers = [Tokenizer.from_folder(sub) if sub else Tokenizer.for_version(v) for sub, v in zip(found, shipped)]
+    return tokenizers + [None] * (2 - len(tokenizers))
+
+
 # ---- diffusers folders ----
 
 _DIFFUSERS = ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
               "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin"]
+_TRANSFORMERS = ["model.safetensors", "model.fp16.safetensors", "pytorch_model.bin", "pytorch_model.fp16.bin"]
 WEIGHT_FILES = {"unet": _DIFFUSERS, "vae": _DIFFUSERS,  # in order of preference
-                "text_encoder": ["model.safetensors", "model.fp16.safetensors", "pytorch_model.bin", "pytorch_model.fp16.bin"]}
+                "text_encoder": _TRANSFORMERS, "text_encoder_2": _TRANSFORMERS}
 
 
 def _weights(folder, part):
@@ -150,7 +184,7 @@ def _config(path, translate):
     try:
         return translate(_settings(path))
     except KeyError as e:
-        raise ModelFileError(f"{path} lacks the entry {e}, so it is not an SD 1.x / 2.x config; "
+        raise ModelFileError(f"{path} lacks the entry {e}, so it is not an SD 1.x / 2.x / XL config; "
                              "download or export the folder again.") from None
     except ModelFileError:
         raise
@@ -169,96 +203,89 @@ def _scheduler_prediction_type(path):
 
 
 def _load_diffusers(folder, dtype, device, prediction_type):
-    if not all((folder / p / "config.json").is_file() for p in ("unet", "vae", "text_encoder")):
+    has = {p: (folder / p / "config.json").is_file() for p in ("unet", "vae", "text_encoder", "text_encoder_2")}
+    if has["text_encoder_2"] and not has["text_encoder"]:
+        raise ModelFileError(f"{folder} is the SDXL refiner (its only text encoder is text_encoder_2/); minidb "
+                             "supports SD 1.x, 2.x and SDXL text-to-image models only, not this kind yet.")
+    if not (has["unet"] and has["vae"] and has["text_encoder"]):
         raise ModelFileError(f"{folder} is not a diffusers model folder: it needs unet/, vae/ and text_encoder/ "
                              "subfolders with config.json files.")
-    ucfg = _config(folder / "unet" / "config.json", unet_config_from_diffusers)
-    vcfg = _config(folder / "vae" / "config.json", vae_config_from_diffusers)
-    tcfg = _config(folder / "text_encoder" / "config.json", text_config_from_transformers)
-    version = "SD 1.x" if tcfg.activation == "quick_gelu" else "SD 2.x"
+    cfgs = {"unet": _config(folder / "unet" / "config.json", unet_config_from_diffusers),
+            "vae": _config(folder / "vae" / "config.json", vae_config_from_diffusers),
+            "text_encoder": _config(folder / "text_encoder" / "config.json", text_config_from_transformers)}
+    if has["text_encoder_2"] != bool(cfgs["unet"].adm_in_channels):
+        half = ("it has text_encoder_2/, but its UNet lacks SDXL's added conditioning" if has["text_encoder_2"] else
+                "its UNet has SDXL's added conditioning, but the folder has no text_encoder_2/")
+        raise ModelFileError(f"{folder} is half an SDXL model ({half}); download or export the folder again.")
+    if has["text_encoder_2"]:
+        version = "SDXL"
+        cfgs["text_encoder_2"] = _config(folder / "text_encoder_2" / "config.json", text_config_from_transformers)
+        for name in ("text_encoder", "text_encoder_2"):  # the pipeline's choice, not in transformers' config
+            cfgs[name] = dataclasses.replace(cfgs[name], **SDXL_TEXT)
+        _check_sdxl(cfgs, folder)
+    else:
+        version = "SD 1.x" if cfgs["text_encoder"].activation == "quick_gelu" else "SD 2.x"
 
-    what = f"UNet in {folder}"
-    unet_tensors = _from_diffusers_names(un.UNet, ucfg, unet_blocks(ucfg), _weights(folder, "unet"), what)
-    unet = _fill(un.UNet, ucfg, unet_tensors, dtype, device, what)
-    what = f"VAE in {folder}"
-    vae_tensors = _from_diffusers_names(va.AutoencoderKL, vcfg, vae_blocks(vcfg), _weights(folder, "vae"), what)
-    vae_tensors = {k: vae_attention_shape(k, t, to_diffusers=False) for k, t in vae_tensors.items()}
-    vae = _fill(va.AutoencoderKL, vcfg, vae_tensors, dtype, device, what)
-    # transformers 4 wrote the text encoder with a `text_model.` prefix, transformers 5 without.
-    text = {k.removeprefix("text_model."): t for k, t in _weights(folder, "text_encoder").items()
-            if not k.endswith("position_ids")}
-    text_encoder = _fill(te.TextEncoder, tcfg, text, dtype, device, f"text encoder in {folder}")
+    modules = {}
+    for name, blocks in (("unet", unet_blocks), ("vae", vae_blocks)):
+        what = f"{'UNet' if name == 'unet' else 'VAE'} in {folder}"
+        tensors = _from_diffusers_names(MODULES[name], cfgs[name], blocks(cfgs[name]), _weights(folder, name), what)
+        if name == "vae":
+            tensors = {k: vae_attention_shape(k, t, to_diffusers=False) for k, t in tensors.items()}
+        modules[name] = _fill(MODULES[name], cfgs[name], tensors, dtype, device, what)
+    for name in [p for p in ("text_encoder", "text_encoder_2") if p in cfgs]:
+        # transformers 4 wrote the text encoder with a `text_model.` prefix, transformers 5 without
+        # (CLIPTextModelWithProjection keeps it, with `text_projection.weight` beside it).
+        text = {k.removeprefix("text_model."): t for k, t in _weights(folder, name).items()
+                if not k.endswith("position_ids")}
+        modules[name] = _fill(te.TextEncoder, cfgs[name], text, dtype, device, f"{name.replace('_', ' ')} in {folder}")
 
     pred = prediction_type or _scheduler_prediction_type(folder / "scheduler" / "scheduler_config.json")
-    tok_dir = folder / "tokenizer"
-    tokenizer = Tokenizer.from_folder(tok_dir) if tok_dir.is_dir() else Tokenizer.for_version(version)
-    return StableDiffusion(tokenizer, text_encoder, vae, unet, version, pred)
+    return _model(modules, version, pred, _tokenizers(version, folder))
 
 
 # ---- single files ----
-
-def _unsupported(keys, tensors):
-    """What kind of unsupported file this is, or None if it looks like SD 1.x / 2.x."""
-    if any(k.startswith("conditioner.embedders.") for k in keys):
-        return "an SDXL checkpoint"
-    if any(k.startswith("control_model.") for k in keys):
-        return "a ControlNet"
-    if any("lora_" in k for k in keys):
-        return "a LoRA, not a full model"
-    if UNET + "input_blocks.0.0.weight" not in tensors:
-        if "encoder.conv_in.weight" in tensors or VAE + "encoder.conv_in.weight" in tensors:
-            return "a standalone VAE, not a full model"
-        if "conv_in.weight" in tensors:
-            return "a bare diffusers UNet file (pass the whole diffusers folder instead)"
-        return "not a Stable Diffusion checkpoint (it has no model.diffusion_model.* tensors)"
-    in_ch = tensors[UNET + "input_blocks.0.0.weight"].shape[1]
-    special = {9: "an inpainting model", 8: "an InstructPix2Pix model", 7: "an x4 upscaler", 5: "a depth-to-image model"}
-    if in_ch != 4:
-        return special.get(in_ch, f"a UNet with {in_ch} input channels")
-    if UNET + "label_emb.0.0.weight" in tensors:
-        return "an unCLIP (image variation) model"
-    if not any(k.startswith(VAE) for k in keys):
-        return "a UNet without a VAE (no first_stage_model.* tensors)"
-    if not any(k.startswith((CLIP, OPENCLIP)) for k in keys):
-        return "a UNet without a text encoder (no cond_stage_model.* tensors)"
-    return None
-
-
-def _is_known_extra(key):
-    return key.startswith("model_ema.") or key in DDPM_BUFFERS or key.endswith("embeddings.position_ids")
-
 
 def _load_single_file(path, dtype, device, prediction_type):
     tensors, metadata = read_tensors(path)
     if isinstance(tensors.get("state_dict"), dict):  # a training checkpoint: the rest is trainer state
         tensors = tensors["state_dict"]
     tensors = {k: t for k, t in tensors.items() if isinstance(t, torch.Tensor)}
-    keys = list(tensors)
-    kind = _unsupported(keys, tensors)
-    if kind:
-        raise ModelFileError(f"{path} is {kind}; minidb supports SD 1.x and 2.x text-to-image models only, "
-                             "not this kind yet.")
-    parts = {p: {k[len(p):]: t for k, t in tensors.items() if k.startswith(p)} for p in (UNET, VAE, CLIP, OPENCLIP)}
-    leftover = [k for k in keys if not k.startswith((UNET, VAE, CLIP, OPENCLIP)) and not _is_known_extra(k)]
-    if leftover:
-        raise ModelFileError(f"{path} holds {len(leftover)} tensors that belong to no part of SD "
-                             f"({_few(leftover)}); it is not a plain SD 1.x / 2.x checkpoint.")
+    return from_original(tensors, metadata, path, dtype, device, prediction_type)
 
-    version = "SD 2.x" if parts[OPENCLIP] else "SD 1.x"
-    if version == "SD 1.x":  # the text tower as the file names it: transformers' names, or OpenCLIP's
-        text = {k.removeprefix("text_model."): t for k, t in parts[CLIP].items() if not _is_known_extra(k)}
-    else:
-        text = parts[OPENCLIP]
+
+def from_original(tensors, metadata, path, dtype=None, device=torch.device("cpu"), prediction_type=None):
+    """A model from a single file's tensors in the original layout (on the meta device they give the
+    shapes of a real-size model without its memory: tests/test_sdxl_files.py)."""
+    kind = single_file.unsupported(tensors)
+    if kind:
+        raise ModelFileError(f"{path} is {kind}; minidb supports SD 1.x, 2.x and SDXL text-to-image models only, "
+                             "not this kind yet.")
+    version = single_file.version(tensors)
+    parts, leftover = single_file.split(tensors, version)
+    if leftover:
+        raise ModelFileError(f"{path} holds {len(leftover)} tensors that belong to no part of {version} "
+                             f"({_few(leftover)}); it is not a plain {version} checkpoint.")
     if "minidb" in metadata:  # written by minidb: exact configs
-        ucfg, vcfg, tcfg, pred = detect.configs_from_metadata(metadata["minidb"], version, path)
+        cfgs, pred = detect.configs_from_metadata(metadata["minidb"], version, path)
         pred = prediction_type or pred
     else:
-        pred = prediction_type or detect.guess_prediction_type(version, parts[UNET])
-        ucfg = detect.unet_config(parts[UNET], version, pred, path)
-        vcfg, tcfg = detect.vae_config(parts[VAE], path), detect.text_config(text, version, path)
+        marked = "v_prediction" if single_file.V_PRED_MARKER in tensors else None
+        pred = prediction_type or marked or detect.guess_prediction_type(version, parts["unet"])
+        cfgs = {"unet": detect.unet_config(parts["unet"], version, pred, path),
+                "vae": detect.vae_config(parts["vae"], path, version),
+                "text_encoder": detect.text_config(parts["text_encoder"], version, path)}
+        if version == "SDXL":
+            cfgs["text_encoder_2"] = detect.text_config(parts["text_encoder_2"], version, path, second=True)
+    if version == "SDXL":
+        _check_sdxl(cfgs, path)
+    # OpenCLIP's names -> minidb's: SD 2 leaves out its last layer, SDXL's bigG uses all and its projection.
     if version == "SD 2.x":
-        text, _unused = openclip_to_native(text, tcfg.layers)
-    unet = _fill(un.UNet, ucfg, parts[UNET], dtype, device, f"{version} UNet in {path}")
-    vae = _fill(va.AutoencoderKL, vcfg, parts[VAE], dtype, device, f"VAE in {path}")
-    text_encoder = _fill(te.TextEncoder, tcfg, text, dtype, device, f"{version} text encoder in {path}")
-    return StableDiffusion(Tokenizer.for_version(version), text_encoder, vae, unet, version, pred)
+        parts["text_encoder"], _unused = openclip_to_native(parts["text_encoder"], cfgs["text_encoder"].layers)
+    if version == "SDXL":
+        parts["text_encoder_2"], _unused = openclip_to_native(parts["text_encoder_2"], None, projection=True)
+    what = {"unet": f"{version} UNet", "vae": "VAE", "text_encoder": f"{version} text encoder",
+            "text_encoder_2": "SDXL second text encoder (OpenCLIP-bigG)"}
+    modules = {name: _fill(MODULES[name], cfg, parts[name], dtype, device, f"{what[name]} in {path}")
+               for name, cfg in cfgs.items()}
+    return _model(modules, version, pred, _tokenizers(version))

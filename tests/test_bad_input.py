@@ -118,7 +118,8 @@ def with_unet_input(tensors, channels):
 
 
 @pytest.mark.parametrize("kind,make", [
-    ("an SDXL checkpoint", lambda t: {**t, "conditioner.embedders.1.model.ln_final.weight": torch.ones(4)}),
+    ("a partial SDXL checkpoint (it lacks the CLIP-L text encoder",  # more SDXL kinds: test_sdxl_files.py
+     lambda t: {**t, "conditioner.embedders.1.model.ln_final.weight": torch.ones(4)}),
     ("an inpainting model", lambda t: with_unet_input(t, 9)),
     ("an InstructPix2Pix model", lambda t: with_unet_input(t, 8)),
     ("a LoRA, not a full model", lambda t: {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.ones(4, 4)}),
