@@ -10,6 +10,10 @@ hundred photos of its class. Both folders are read here the same way:
     -> short side resized to R, the centre R×R kept   (one Lanczos resize, so it is antialiased)
     -> channels first, scaled from [0, 255] to [-1, 1], the range the VAE encoder was trained on
 
+SDXL also wants to know what each photo looked like before that: its size as taken, (height, width)
+upright, and the top-left corner of the crop in the resized photo (Podell et al. 2023, section 2.2:
+micro-conditioning). Those two come back beside the pixels.
+
 Files that are not readable images are skipped with one warning that names them all, and so are
 photos smaller than R, which are upscaled and come out blurry. One file is decoded at a time, so
 memory holds full-size pixels of a single photo only.
@@ -17,10 +21,11 @@ memory holds full-size pixels of a single photo only.
 
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 # Formats we accept ("JPEG" also opens MPO, the multi-picture JPEG that many phone cameras write).
 # Naming them also stops PIL from guessing that a random file is, say, a headerless TGA image.
@@ -31,24 +36,34 @@ class DataError(ValueError):
     """A photo folder that minidb cannot use. The message is one sentence for the user."""
 
 
-def load_images(folder, resolution, flip=False):
-    """Read every photo in `folder` -> (images (N, 3, R, R) float32 in [-1, 1], names).
+class Photos(NamedTuple):
+    pixels: torch.Tensor  # (N, 3, R, R) float32 in [-1, 1]
+    names: list  # the file each row came from
+    original_sizes: list  # (height, width) of each photo as taken, upright, before resizing
+    crops: list  # (top, left) of the R x R crop in the photo resized to a short side of R
 
-    `names[i]` is the file that row i came from. With `flip=True` a mirrored copy of every photo is
-    appended (rows N..2N-1, named "<file> (mirrored)"), a cheap way to double a small data set."""
+
+def load_images(folder, resolution, flip=False):
+    """Read every photo in `folder` -> Photos(pixels, names, original_sizes, crops), row by row.
+
+    With `flip=True` a mirrored copy of every photo is appended (rows N..2N-1, named "<file>
+    (mirrored)"), a cheap way to double a small data set; a centred crop is mirrored onto itself, so
+    the copies keep their photo's size and crop."""
     folder = Path(folder)
     if not folder.exists():
         raise DataError(f"{folder} does not exist; check the path to your photos.")
     if not folder.is_dir():
         raise DataError(f"{folder} is a file, not a folder; pass the folder that holds your photos.")
 
-    images, names, unreadable, small = [], [], [], []
+    images, names, sizes, unreadable, small = [], [], [], [], []
     for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
         try:
             with Image.open(path, formats=FORMATS) as im:
                 w, h = im.size  # as stored, before draft() shrinks it; turning it does not change the short side
+                turned = im.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)  # a quarter turn
                 images.append(_to_tensor(_square(_to_rgb(_upright(im, resolution)), resolution)))
             names.append(path.name)
+            sizes.append((w, h) if turned else (h, w))  # (height, width) upright
             if min(w, h) < resolution:
                 small.append(f"{path.name} ({w}×{h})")
         except UnidentifiedImageError:
@@ -71,8 +86,18 @@ def load_images(folder, resolution, flip=False):
         # Appended in a fixed order, not flipped at random per step: each row must stay the same
         # picture, because train.py encodes every row to a latent once and reuses it.
         images = torch.cat([images, images.flip(3)])  # (2N, 3, R, R); dim 3 is the width
-        names = names + [f"{n} (mirrored)" for n in names]
-    return images, names
+        names, sizes = names + [f"{n} (mirrored)" for n in names], sizes + sizes
+    return Photos(images, names, sizes, [crop_top_left(size, resolution) for size in sizes])
+
+
+def crop_top_left(size, resolution):
+    """(top, left) of the centred R x R crop, in the photo resized to a short side of R: what SDXL's
+    crop conditioning means. Computed as diffusers' train_dreambooth_lora_sdxl.py does (torchvision's
+    Resize truncates the long side, the offset is rounded), so that its runs and ours agree."""
+    h, w = size
+    short = min(h, w)
+    h, w = (resolution, int(resolution * w / short)) if h == short else (int(resolution * h / short), resolution)
+    return round((h - resolution) / 2), round((w - resolution) / 2)
 
 
 def _upright(im, resolution):

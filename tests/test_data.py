@@ -36,7 +36,7 @@ def one_sentence(error):
 
 def test_flat_colour_exact_values(tmp_path):
     Image.new("RGB", (40, 30), RED).save(tmp_path / "red.png")
-    images, names = load_quietly(tmp_path, 16)
+    images, names, *_ = load_quietly(tmp_path, 16)
     assert images.shape == (1, 3, 16, 16) and images.dtype == torch.float32 and names == ["red.png"]
     assert torch.equal(images[0], torch.tensor([1.0, -1.0, -1.0])[:, None, None].expand(3, 16, 16))
 
@@ -45,7 +45,7 @@ def test_value_range_of_a_noisy_photo(tmp_path):
     # Lanczos overshoots at sharp edges; the result must still stay inside [-1, 1].
     noise = np.random.default_rng(0).integers(0, 256, (90, 70, 3), dtype=np.uint8)
     Image.fromarray(noise).save(tmp_path / "noise.png")
-    images, _ = load_quietly(tmp_path, 32)
+    images, *_ = load_quietly(tmp_path, 32)
     assert images.min() >= -1 and images.max() <= 1 and images.std() > 0.2  # really varied, in range
 
 
@@ -92,7 +92,7 @@ def test_small_image_is_upscaled_with_one_warning(tmp_path):
     Image.new("RGB", (10, 20), RED).save(tmp_path / "small2.png")
     Image.new("RGB", (64, 64), RED).save(tmp_path / "big.png")
     with pytest.warns(UserWarning) as record:
-        images, names = load_images(tmp_path, 32)
+        images, names, *_ = load_images(tmp_path, 32)
     assert len(record) == 1
     message = str(record[0].message)
     assert "small.png (12×10)" in message and "small2.png (10×20)" in message and "big.png" not in message
@@ -103,7 +103,7 @@ def test_small_image_is_upscaled_with_one_warning(tmp_path):
 def test_files_are_sorted_by_name(tmp_path):
     for name, colour in [("b.png", GREEN), ("c.png", BLUE), ("a.png", RED)]:
         Image.new("RGB", (8, 8), colour).save(tmp_path / name)
-    images, names = load_quietly(tmp_path, 8)
+    images, names, *_ = load_quietly(tmp_path, 8)
     assert names == ["a.png", "b.png", "c.png"]
     assert [tuple(pixels(images, i)[0, 0].round()) for i in range(3)] == [RED, GREEN, BLUE]
 
@@ -113,12 +113,35 @@ def test_flip_appends_mirrored_copies(tmp_path):
         im = Image.new("RGB", (16, 16), GREY)
         ImageDraw.Draw(im).rectangle((0, 0, 3, 15), fill=colour)  # a stripe on the left
         im.save(tmp_path / name)
-    plain, _ = load_quietly(tmp_path, 16)
-    images, names = load_quietly(tmp_path, 16, flip=True)
+    plain, *_ = load_quietly(tmp_path, 16)
+    images, names, *_ = load_quietly(tmp_path, 16, flip=True)
     assert names == ["a.png", "b.png", "a.png (mirrored)", "b.png (mirrored)"]
     assert torch.equal(images[:2], plain)
     assert torch.equal(images[2:], plain.flip(-1))
     assert np.abs(pixels(images, 2)[:, -4:] - RED).max() < 1  # the stripe is now on the right
+
+
+def test_each_photo_reports_its_size_as_taken_and_its_crop(tmp_path):
+    """SDXL's micro-conditioning: (height, width) before resizing, and the crop's top-left corner in the
+    photo resized to a short side of R, as diffusers' train_dreambooth_lora_sdxl.py computes them."""
+    Image.new("RGB", (200, 100), RED).save(tmp_path / "a-wide.png")
+    Image.new("RGB", (60, 125), RED).save(tmp_path / "b-tall.png")
+    Image.new("RGB", (48, 48), RED).save(tmp_path / "c-square.png")
+    big = np.random.default_rng(0).integers(0, 256, (300, 1000, 3), dtype=np.uint8)
+    Image.fromarray(big).save(tmp_path / "d-big.jpg")  # JPEG: draft() decodes it smaller, the size is still its own
+    photos = load_quietly(tmp_path, 40, flip=True)
+    assert photos.original_sizes == [(100, 200), (125, 60), (48, 48), (300, 1000)] * 2
+    # resized to a short side of 40: 40x80 -> left (80 - 40) / 2; 83x40 (torchvision truncates 83.3) -> top
+    # round(21.5) = 22; 40x40 -> none; 40x133 -> left round(46.5) = 46 (Python rounds half to even)
+    assert photos.crops == [(0, 20), (22, 0), (0, 0), (0, 46)] * 2
+
+
+def test_a_photo_stored_sideways_reports_its_upright_size(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 60 wide, 40 high; seen 40 wide, 60 high
+    Image.new("RGB", (60, 40), RED).save(tmp_path / "sideways.jpg", exif=exif)
+    photos = load_quietly(tmp_path, 20)
+    assert photos.original_sizes == [(60, 40)] and photos.crops == [(5, 0)]
 
 
 # ----- orientation and colour modes -----
@@ -147,7 +170,7 @@ def test_jpeg_png_webp_read_by_content(tmp_path):
     Image.new("RGB", (20, 20), colour).save(tmp_path / "c.webp", lossless=True)
     Image.new("RGB", (20, 20), colour).save(tmp_path / "d.png", "JPEG")  # a JPEG with the wrong extension
     Image.new("RGB", (20, 20), colour).save(tmp_path / "e", "WEBP")  # and one with none
-    images, names = load_quietly(tmp_path, 20)
+    images, names, *_ = load_quietly(tmp_path, 20)
     assert names == ["a.jpg", "b.png", "c.webp", "d.png", "e"]
     for i in range(len(names)):
         assert np.abs(pixels(images, i) - colour).max() < 6, names[i]
@@ -236,7 +259,7 @@ def test_unreadable_files_are_skipped_with_one_warning(tmp_path):
     (tmp_path / ".DS_Store").write_bytes(rng.bytes(100))  # hidden: ignored, not reported
     (tmp_path / "more").mkdir()  # folders are not photos either
     with pytest.warns(UserWarning) as record:
-        images, names = load_images(tmp_path, 16)
+        images, names, *_ = load_images(tmp_path, 16)
     assert len(record) == 1
     message = str(record[0].message)
     assert "\n" not in message
