@@ -39,6 +39,10 @@ from minidb.load import load
 from minidb.lora import merge_lora
 from minidb.pipeline import SAMPLER_NAMES, SAMPLERS, decode, grid, sample_latents
 
+# What each version draws best with when the command line does not say: SD's own DDIM at guidance 7.5,
+# and SDXL's diffusers scheduler config (Euler, "leading" spacing) at its recommended guidance 5.0.
+DEFAULTS = {"SD 1.x": {"sampler": "ddim", "guidance": 7.5}, "SD 2.x": {"sampler": "ddim", "guidance": 7.5},
+            "SDXL": {"sampler": "euler", "guidance": 5.0}}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SIZE_MAX = 8192  # 16x SD 1.x's own side: a guard against typos; the memory estimate decides what fits
 N_MAX = 1000  # the grid of 1000 512-px images is already 16384 x 16384 pixels
@@ -72,12 +76,14 @@ def parse_args(argv=None):
                    help=f"number of images, drawn one after another from seed, seed + 1, ... "
                         f"(default: 1, at most {N_MAX})")
     p.add_argument("--steps", type=number(int, 1, STEPS_MAX), default=50, help="denoising steps (default: 50)")
-    p.add_argument("--guidance", type=number(float, 1, GUIDANCE_MAX), default=7.5,
-                   help=f"classifier-free guidance scale, 1 to {GUIDANCE_MAX}; 1 turns guidance off (default: 7.5)")
+    p.add_argument("--guidance", type=number(float, 1, GUIDANCE_MAX), default=None,
+                   help=f"classifier-free guidance scale, 1 to {GUIDANCE_MAX}; 1 turns guidance off "
+                        f"(default: 7.5; {DEFAULTS['SDXL']['guidance']} for SDXL)")
     p.add_argument("--seed", type=number(int, 0, SEED_MAX), default=None,
                    help="random seed of the first image (default: a random one, printed)")
     p.add_argument("--height", type=number(int, 8, SIZE_MAX), default=None,
-                   help="image height in pixels, a multiple of 8 (default: the model's own training size)")
+                   help="image height in pixels, a multiple of 8 (default: the model's own training size: 512 "
+                        "for SD 1.x, 512 or 768 for SD 2.x, 1024 for SDXL)")
     p.add_argument("--width", type=number(int, 8, SIZE_MAX), default=None,
                    help="image width in pixels, a multiple of 8 (default: as height)")
     p.add_argument("--lora", type=path_and_scale, action="append", default=[], metavar="PATH[:SCALE]",
@@ -86,8 +92,9 @@ def parse_args(argv=None):
     p.add_argument("--embedding", action="append", default=[], metavar="PATH",
                    help="a textual-inversion embedding; its file name is the word to write in the prompt; "
                         "repeat for several")
-    p.add_argument("--sampler", default="ddim", choices=list(SAMPLERS),
-                   help="how to step from noise to image; each is described below (default: %(default)s)")
+    p.add_argument("--sampler", default=None, choices=list(SAMPLERS),
+                   help="how to step from noise to image; each is described below (default: ddim; "
+                        f"{DEFAULTS['SDXL']['sampler']} for SDXL)")
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None,
                    help="override the detected prediction type of the model (see below)")
     p.add_argument("--out", default="out", help="folder for the images, made if missing (default: %(default)s)")
@@ -155,10 +162,15 @@ def main(argv=None):
         fail(str(e))
     try:  # adapters are merged into the weights, so drawing is exactly as fast as without them
         loras = [(Path(path).stem, scale, merge_lora(model, path, scale)) for path, scale in args.lora]
-        words = [NewWord.from_file(model, path).attach(model.text_encoder) for path in args.embedding]
+        words = [NewWord.from_file(model, path).attach(model.text_encoder, model.text_encoder_2)
+                 for path in args.embedding]
     except ModelFileError as e:
         fail(str(e))
-    model.vae.float()  # decode in fp32: SD's VAE can overflow in fp16, and it runs once per image
+    for name, value in DEFAULTS[model.version].items():  # the version's own, unless asked otherwise
+        setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
+    if model.vae.cfg.force_upcast:  # SDXL's VAE overflows in fp16, SD's can; it runs once per image
+        model.vae.float()
+    vae_dtype = str(next(model.vae.parameters()).dtype).removeprefix("torch.")
     height = args.height or model.resolution
     width = args.width or height
     images_bytes = (2 if args.n > 1 else 1) * args.n * height * width * 3  # the finished images and the grid, in RAM
@@ -184,7 +196,9 @@ def main(argv=None):
             "CFG scale": str(args.guidance).removesuffix(".0"), "Seed": seed, "Size": f"{width}x{height}",
             "Model hash": model_hash, "Model": model_name, "RNG": "CPU", **sampler_extra, **extras})
     print(f"loaded {args.model} ({model.version}, {model.prediction_type}) in {time.time() - t0:.1f}s; "
-          f"{args.n} x {width}x{height}, {args.steps} {args.sampler} steps, seed {seed}")
+          f"{args.n} x {width}x{height}, {args.steps} {args.sampler} steps, guidance {args.guidance:g}, seed {seed}; "
+          f"the VAE decodes in {vae_dtype}"
+          + ("" if model.vae.cfg.force_upcast or vae_dtype == "float32" else " (its config says it is safe in fp16)"))
 
     out = Path(args.out)
     taken = [int(m[1]) for f in out.glob("*.png") if (m := re.match(r"(\d{5})-", f.name))]
@@ -203,7 +217,7 @@ def main(argv=None):
         settings = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": seed + i,
                     "steps": args.steps, "guidance": args.guidance, "sampler": args.sampler, "width": width,
                     "height": height, "model": model_path.name, "model_version": model.version,
-                    "prediction_type": model.prediction_type, "dtype": dtype_name,
+                    "prediction_type": model.prediction_type, "dtype": dtype_name, "vae_dtype": vae_dtype,
                     "device": device.type, "loras": [[name, scale] for name, scale, _ in loras],
                     "embeddings": [w.word for w in words]}
         path = out / f"{first + i:05d}-{seed + i}.png"

@@ -271,7 +271,7 @@ def vae_config_from_diffusers(c):
     return VAEConfig(ch=chans[0], ch_mult=tuple(ch // chans[0] for ch in chans),
                      num_res_blocks=entry(c, "layers_per_block", COUNT),
                      z_channels=entry(c, "latent_channels", COUNT, 4), in_channels=entry(c, "in_channels", COUNT, 3),
-                     scale_factor=scale)
+                     scale_factor=scale, force_upcast=entry(c, "force_upcast", FLAG, True))
 
 
 def vae_config_to_diffusers(cfg, sample_size):
@@ -280,7 +280,7 @@ def vae_config_to_diffusers(cfg, sample_size):
             "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
             "block_out_channels": [cfg.ch * m for m in cfg.ch_mult], "layers_per_block": cfg.num_res_blocks,
             "latent_channels": cfg.z_channels, "norm_num_groups": 32, "act_fn": "silu",
-            "sample_size": sample_size, "scaling_factor": cfg.scale_factor}
+            "sample_size": sample_size, "scaling_factor": cfg.scale_factor, "force_upcast": cfg.force_upcast}
 
 
 def text_config_from_transformers(c):

@@ -71,7 +71,7 @@ def configs_from_metadata(text, version, path):
 
 # Config fields added after minidb first wrote metadata (for SDXL); older files lack them.
 ADDED_SINCE = {"transformer_depth", "transformer_depth_middle", "adm_in_channels", "scale_factor", "skip_last",
-               "final_norm", "projection"}
+               "final_norm", "projection", "force_upcast"}
 
 
 def _json(value):  # a default as JSON would hold it

@@ -85,10 +85,7 @@ def save_diffusers(model, folder, dtype=None, parts=PARTS):
         names = native_to_diffusers_names(vae.state_dict().keys(), vae_blocks(vae.cfg))
         tensors = {names[k]: vae_attention_shape(k, t, to_diffusers=True) for k, t in vae.state_dict().items()}
         write_safetensors(folder / "vae" / "diffusion_pytorch_model.safetensors", _cast(tensors, dtype))
-        config = vae_config_to_diffusers(vae.cfg, model.resolution)
-        if model.version == "SDXL":  # SDXL's VAE overflows in fp16: diffusers decodes it in fp32
-            config["force_upcast"] = True
-        write_json(folder / "vae" / "config.json", config)
+        write_json(folder / "vae" / "config.json", vae_config_to_diffusers(vae.cfg, model.resolution))
     for name in ("text_encoder", "text_encoder_2"):
         if name in parts and getattr(model, name, None) is not None:
             text_encoder = getattr(model, name)

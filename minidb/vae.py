@@ -35,6 +35,10 @@ class VAEConfig:
     z_channels: int = 4
     in_channels: int = 3
     scale_factor: float = LATENT_SCALE  # latents x this have about unit variance (SDXL: LATENT_SCALE_XL)
+    # Decode in fp32 even when the rest runs in fp16: SDXL's VAE overflows in fp16 (inf, then a black
+    # picture), and SD's can. False only for a VAE retrained to stay finite in fp16 (madebyollin's
+    # sdxl-vae-fp16-fix), whose diffusers config says force_upcast false.
+    force_upcast: bool = True
 
 
 SD = VAEConfig()  # SD 1.x and 2.x share the same VAE architecture

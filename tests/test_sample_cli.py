@@ -131,6 +131,7 @@ def test_writes_images_grid_and_a1111_metadata(models, tmp_path):
                                         "Seed: 43, Size: 48x32, Model: folder, RNG: CPU")  # a folder has no hash
     settings = json.loads(image.text["minidb"])
     assert settings.pop("device") in ("cpu", "cuda") and settings.pop("dtype") in ("fp32", "fp16")
+    assert settings.pop("vae_dtype") == "float32"  # SD's VAE decodes in fp32 (force_upcast)
     assert settings == {"prompt": "a photo of sks dog", "negative_prompt": "blurry", "seed": 43, "steps": 3,
                         "guidance": 7.5, "sampler": "ddim", "width": 48, "height": 32, "model": "folder",
                         "model_version": "SD 1.x", "prediction_type": "epsilon", "loras": [], "embeddings": []}
