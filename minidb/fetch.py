@@ -1,8 +1,9 @@
-"""Download the Stable Diffusion 1.5 weights, resumably and checked: `python -m minidb.fetch`.
+"""Download Stable Diffusion weights, resumably and checked: `python -m minidb.fetch [--model sdxl]`.
 
 minidb never downloads anything on its own; this is the one command that does, and only when asked.
-By default it fetches `v1-5-pruned-emaonly.safetensors` (4.27 GB) into weights/, the default
---model of sample.py and train.py. weights/README.md lists the other checkpoints that work.
+By default it fetches SD 1.5's `v1-5-pruned-emaonly.safetensors` (4.27 GB) into weights/, the default
+--model of sample.py and train.py; `--model sdxl` fetches SDXL base 1.0's `sd_xl_base_1.0.safetensors`
+(6.94 GB). weights/README.md lists the other checkpoints that work.
 
 Why plain urllib and not huggingface_hub: the file is public, so one HTTP GET is all it takes, and a
 Range header is all that resuming takes. The standard library does both without another dependency,
@@ -35,6 +36,11 @@ DEFAULT_URL = ("https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1
 # The Git LFS object id of the file on Hugging Face; AUTOMATIC1111 shows its first ten digits, 6ce0161689.
 DEFAULT_SHA256 = "6ce0161689b3853acaa03779ec93eafe75a02f4ced659bee03f50797806fa2fa"
 DEFAULT_MODEL = WEIGHTS / "v1-5-pruned-emaonly.safetensors"
+# What `--model NAME` fetches: (address, sha256, bytes). The sha256 values are the Git LFS object ids
+# of the files on Hugging Face (weights/README.md says where each was checked).
+MODELS = {"sd15": (DEFAULT_URL, DEFAULT_SHA256, 4_265_146_304),
+          "sdxl": ("https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/sd_xl_base_1.0.safetensors",
+                   "31e35c80fc4829d14f90153f4c74cd59c90b779f6afe05a74cd6120b893f7e5b", 6_938_078_334)}
 TOY_MODEL = WEIGHTS / "toy.safetensors"  # ships with minidb: the toy world's base model (minidb/lab.py)
 CHUNK = 1 << 20  # bytes read and hashed at a time
 TIMEOUT = 60  # seconds without a byte before we give up (the .part file stays for resuming)
@@ -152,18 +158,22 @@ def _by_hand(url, out, what):
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m minidb.fetch", description=__doc__.splitlines()[0],
-        epilog=f"Without a network, download {DEFAULT_URL} in a browser and save it as {DEFAULT_MODEL}. "
-               "An interrupted download resumes when you run the same command again.")
-    parser.add_argument("--url", default=DEFAULT_URL, help="what to download (default: SD 1.5, %(default)s)")
+        epilog=f"Without a network, download {DEFAULT_URL} (SDXL: {MODELS['sdxl'][0]}) in a browser and save it "
+               f"in {WEIGHTS}/. An interrupted download resumes when you run the same command again.")
+    parser.add_argument("--model", choices=list(MODELS), default="sd15",
+                        help="which known checkpoint: sd15 (Stable Diffusion 1.5, 4.27 GB) or sdxl (SDXL base 1.0, "
+                             "6.94 GB) (default: %(default)s)")
+    parser.add_argument("--url", default=None, help="download this file instead of a known one (needs --sha256)")
     parser.add_argument("--sha256", default=None,
-                        help="the file's expected sha256; required with --url (default: SD 1.5's)")
+                        help="the file's expected sha256; required with --url (default: the known model's)")
     parser.add_argument("--out", default=None,
                         help=f"where to save it (default: {WEIGHTS}/ and the file name from the URL)")
     args = parser.parse_args(argv)
-    if args.sha256 is None:
-        if args.url != DEFAULT_URL:
-            parser.error("--url needs --sha256 too, so that the download can be verified")
-        args.sha256 = DEFAULT_SHA256
+    if args.url is None:
+        args.url, known_sha256, _ = MODELS[args.model]
+        args.sha256 = args.sha256 or known_sha256
+    elif args.sha256 is None:
+        parser.error("--url needs --sha256 too, so that the download can be verified")
     if len(args.sha256) != 64 or any(c not in "0123456789abcdefABCDEF" for c in args.sha256):
         parser.error(f"--sha256 must be 64 hexadecimal digits, not {args.sha256!r}")
     out = Path(args.out) if args.out else WEIGHTS / Path(urlparse(args.url).path).name

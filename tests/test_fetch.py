@@ -227,3 +227,23 @@ def test_ctrl_c_keeps_the_part_file_for_resuming(serve, tmp_path):
 
     assert run("--url", server.url, "--sha256", SHA, "--out", out).returncode == 0
     assert server.ranges == [None, "bytes=70000-"] and out.read_bytes() == BODY
+
+
+def test_known_models_fetch_their_file(serve, tmp_path, monkeypatch, capsys):
+    """--model picks a known checkpoint's address, checksum and file name (here served locally)."""
+    from minidb import fetch as f
+    server = serve()
+    monkeypatch.setattr(f, "MODELS", {**f.MODELS, "sdxl": (server.url, SHA, len(BODY))})
+    monkeypatch.setattr(f, "WEIGHTS", tmp_path)
+    assert f.main(["--model", "sdxl"]) == 0
+    assert (tmp_path / server.url.rsplit("/", 1)[1]).read_bytes() == BODY
+
+
+def test_known_models_match_the_weights_readme():
+    """Every checkpoint `--model` knows is in weights/README.md's table with the same file, size and sha256."""
+    from minidb.fetch import MODELS
+    readme = (ROOT / "weights" / "README.md").read_text()
+    for url, sha256, size in MODELS.values():
+        repo, file = re.fullmatch(r"https://huggingface.co/(.+)/resolve/main/(.+)", url).groups()
+        row = next(line for line in readme.splitlines() if line.startswith("|") and f"`{file}`" in line)
+        assert f"`{repo}`" in row and f"{size:,}" in row and f"`{sha256}`" in row
