@@ -6,8 +6,10 @@ The subject is named by a rare token [V] (printed at start); afterwards "a photo
 the beach" draws *this* dog. To keep "a dog" meaning any dog, every step also trains on images the
 frozen model drew for "a photo of a dog" (the class-specific prior-preservation loss).
 
---method chooses what trains: the whole UNet (full, the paper), low-rank adapters on it (lora), or
-only a new word's embedding (textual-inversion); the loop is the same for all three.
+--method chooses what trains: the whole UNet (full, the paper), low-rank adapters on it (lora, the
+default for SDXL), or only a new word's embedding (textual-inversion); the loop is the same for all
+three, and for SD 1.x, 2.x and SDXL. SDXL reads the prompt with two text encoders side by side and also
+conditions on each photo's size and crop (its micro-conditioning: minidb/pipeline.py).
 
 The run writes into its folder (a new runs/dreambooth-N each time, linked as runs/latest, unless
 --out names one): checkpoints/ (resumable with --resume), validation/ grids, log.jsonl, loss.png,
@@ -27,6 +29,7 @@ import json
 import random
 import tempfile
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -42,8 +45,8 @@ from minidb.fetch import default_model
 from minidb.files import DiskFull, ModelFileError, atomic_write, disk_full_is_an_error, replace_folder
 from minidb.load import load
 from minidb.lora import LoRA, save_kohya
-from minidb.options import METHOD_LR, check, parse_args, with_method_defaults
-from minidb.pipeline import decode, grid, sample_latents
+from minidb.options import METHOD_LR, check, is_sdxl, parse_args, with_method_defaults
+from minidb.pipeline import added_conditioning, decode, grid, sample_latents
 from minidb.save import save_diffusers, save_single_file
 from minidb.schedulers import NUM_TRAIN_TIMESTEPS, NoiseSchedule
 
@@ -67,7 +70,7 @@ def run_folder(args):
 def main(argv=None):
     args = parse_args(argv, __doc__)
     args.model = args.model or str(default_model())  # SD 1.5 once fetched, else the toy model
-    problem = with_method_defaults(args) or check(args)
+    problem = with_method_defaults(args, is_sdxl(args.model)) or check(args)
     if problem:
         fail(problem)
     out = run_folder(args)
@@ -93,17 +96,26 @@ def train(args, out):
     try:
         model = load(args.model, device=device, prediction_type=args.prediction_type)
         resolution = args.resolution or model.resolution
-        images = load_images(args.images, resolution, flip=args.flip)[0]
-        class_photos = load_images(args.class_dir, resolution)[0] if args.class_dir and args.prior_weight else None
+        photos = load_images(args.images, resolution, flip=args.flip)
+        class_photos = load_images(args.class_dir, resolution) if args.class_dir and args.prior_weight else None
     except (ModelFileError, DataError) as e:
         fail(e)
     parts = {"unet": model.unet, "vae": model.vae, "text_encoder": model.text_encoder}
+    text_parts = ["text_encoder"] + (["text_encoder_2"] if model.text_encoder_2 is not None else [])  # SDXL: two
+    parts.update({name: getattr(model, name) for name in text_parts})
     # Will it fit? Drawing the class prior 4 images at a time, or a step: the trained parameters'
     # fp32 gradients and AdamW's two moments (8-bit: one byte each), plus a forward's activations.
     n_trained = 0 if args.method != "full" else sum(  # adapters and a new word are megabytes at most
-        p.numel() for name in (("unet", "text_encoder") if args.train_text_encoder else ("unet",))
+        p.numel() for name in (["unet", *text_parts] if args.train_text_encoder else ["unet"])
         for p in parts[name].parameters())
     step_bytes = (4 + (2 if args.use_8bit_adam else 8)) * n_trained + memory.drawing_bytes(model, resolution, resolution)
+    if model.version == "SDXL" and args.method == "full":
+        advice = " and ".join(flag for flag, on in (("--use-8bit-adam", args.use_8bit_adam),
+                                                    ("--gradient-checkpointing", args.gradient_checkpointing)) if not on)
+        warnings.warn(f"--method full on SDXL trains {n_trained / 1e9:.1f} B parameters, whose fp32 weights, gradients "
+                      f"and AdamW moments take {16 * n_trained / 2**30:.0f} GB of GPU memory before activations (8-bit "
+                      f"Adam: {10 * n_trained / 2**30:.0f} GB){f'; add {advice}' if advice else ''}, or train a LoRA "
+                      "(--method lora, SDXL's default).", stacklevel=2)
     problem = memory.problem(f"training at {resolution} px", max(step_bytes, memory.drawing_bytes(
         model, resolution, resolution, batch=4)), 0, device, "choose a smaller --resolution (or --use-8bit-adam on a GPU)")
     if problem:
@@ -111,7 +123,7 @@ def train(args, out):
     base_dtypes = {name: next(m.parameters()).dtype for name, m in parts.items()}  # the export keeps them
     for module in parts.values():
         module.float()  # fp32 master weights; mixed precision autocasts the compute
-    if args.new_token and args.identifier in model.tokenizer.vocab:
+    if args.new_token and args.identifier in model.tokenizer.vocab:  # SDXL's two tokenizers share the vocabulary
         fail(f"--identifier {args.identifier} is already a token, and a new word needs a spelling of its own "
              "(diffusers refuses it too); choose another, or leave --identifier out.")
     pick = pick_new_word if args.new_token else pick_identifier
@@ -120,7 +132,7 @@ def train(args, out):
     class_prompt = args.class_prompt or f"a photo of a {args.class_name}"
     new_scene = f"a photo of a {identifier} {args.class_name} on the beach"
     print(f"run folder: {out}\nidentifier: {identifier}\ninstance prompt: {instance_prompt!r}\n"
-          f"class prompt: {class_prompt!r}\n{len(images)} subject images at {resolution}px, {model.version} "
+          f"class prompt: {class_prompt!r}\n{len(photos.pixels)} subject images at {resolution}px, {model.version} "
           f"({model.prediction_type}), {device}, mixed precision {precision}")
     settings = {**vars(args), "identifier": identifier, "instance_prompt": instance_prompt,
                 "class_prompt": class_prompt, "resolution": resolution, "mixed_precision": precision,
@@ -136,12 +148,15 @@ def train(args, out):
         posts = [model.vae.encode(p[None].to(device)) for p in pixels]
         return torch.cat([q.mean for q in posts]).cpu(), torch.cat([q.std for q in posts]).cpu()
 
-    instance_mean, instance_std = encode(images)
+    instance_mean, instance_std = encode(photos.pixels)
+    # SDXL's micro-conditioning: each example's size as taken and its crop (minidb/data.py)
+    instance_sizes = list(zip(photos.original_sizes, photos.crops))
     scale = model.vae.cfg.scale_factor  # latents x this have about unit variance
     n_prior = 0
     if args.prior_weight > 0:
         if class_photos is not None:
-            prior_mean, prior_std = encode(class_photos)
+            prior_mean, prior_std = encode(class_photos.pixels)
+            prior_sizes = list(zip(class_photos.original_sizes, class_photos.crops))
         else:
             latent_bytes = 4 * model.unet.cfg.in_channels * (resolution // 2 ** (len(model.vae.cfg.ch_mult) - 1)) ** 2
             with autocast, disk_full_is_an_error(args.class_cache, args.class_images * latent_bytes,
@@ -149,33 +164,47 @@ def train(args, out):
                 prior_mean = class_prior(model, args.model, class_prompt, args.class_images, resolution, "ddim",
                                          args.sample_steps, 7.5, args.seed, args.class_cache).cpu().float()
             prior_mean, prior_std = prior_mean / scale, torch.zeros_like(prior_mean)  # drawn latents are exact
+            prior_sizes = [((resolution, resolution), (0, 0))] * len(prior_mean)  # drawn whole, at this size
         n_prior = len(prior_mean)
     # ---- what trains, and how: the method chooses; the loop below is the same for all ----
     trained = {}  # name -> module: what the optimizer updates and a checkpoint holds
-    if args.method == "full":  # the paper: every weight of the UNet (and of the text encoder if asked)
+    if args.method == "full":  # the paper: every weight of the UNet (and of the text encoders if asked)
         trained["unet"] = model.unet.requires_grad_(True).train()
         if args.train_text_encoder:
-            trained["text_encoder"] = model.text_encoder.requires_grad_(True).train()
+            trained.update({name: parts[name].requires_grad_(True).train() for name in text_parts})
     elif args.method == "lora":  # the base stays frozen; adapters W + (alpha/rank) B A learn
         trained["lora"] = LoRA(model, args.lora_rank, args.lora_alpha, text_encoder=args.train_text_encoder)
         trained["lora"].attach()
     if args.new_token:  # textual inversion, or pivotal tuning with full / lora: a new word learns its vectors
         trained["new_word"] = NewWord.starting_as(model, identifier, args.class_name, args.num_vectors)
-        trained["new_word"].attach(model.text_encoder)
+        trained["new_word"].attach(model.text_encoder, model.text_encoder_2)  # SDXL: vectors for each encoder
     text_trains = args.train_text_encoder or args.new_token
     model.unet.gradient_checkpointing = args.gradient_checkpointing
-    model.text_encoder.encoder.gradient_checkpointing = args.gradient_checkpointing and text_trains
-    ids = model.tokenizer([instance_prompt, class_prompt]).to(device)
+    for name in text_parts:
+        parts[name].encoder.gradient_checkpointing = args.gradient_checkpointing and text_trains
+    ids = [tokenizer([instance_prompt, class_prompt]).to(device) for tokenizer in (model.tokenizer, model.tokenizer_2)
+           if tokenizer is not None]
+
+    def encode_text():
+        """The instance and class prompts -> (context (2, 77, C), pooled (2, P) or None), as minidb/pipeline.py's
+        encode_prompt, but with gradients when text trains: SDXL's two encoders side by side, and bigG's
+        pooled vector for the UNet's added conditioning."""
+        context = model.text_encoder(ids[0])
+        if model.text_encoder_2 is None:
+            return context, None
+        context_2, pooled = model.text_encoder_2(ids[1], pooled=True)
+        return torch.cat([context, context_2], dim=-1), pooled
+
     if not text_trains:
         with torch.no_grad():
-            cached_context = model.text_encoder(ids)  # (2, 77, C): instance, class
+            cached_text = encode_text()
 
     # one learning rate for the UNet side, one for the text side, one for a new word
     word_lr = args.lr if args.method == "textual-inversion" else args.text_encoder_lr or METHOD_LR["textual-inversion"]
     rates, params = {"unet": args.lr, "text": args.text_encoder_lr or args.lr, "word": word_lr}, {}
     for name, module in trained.items():
         for key, p in module.named_parameters():
-            side = "word" if name == "new_word" else "text" if name == "text_encoder" or key.startswith("lora_te") else "unet"
+            side = "word" if name == "new_word" else "text" if name in text_parts or key.startswith("lora_te") else "unet"
             params.setdefault(side, []).append(p)
     groups = [{"params": ps, "lr": rates[side]} for side, ps in params.items()]
     if args.use_8bit_adam:
@@ -275,10 +304,10 @@ def train(args, out):
         t0 = time.time()
         # one subject example, plus one class-prior example when the prior is on
         i = next_index("instance", len(instance_mean), step)
-        means, stds = [instance_mean[i]], [instance_std[i]]
+        means, stds, sizes = [instance_mean[i]], [instance_std[i]], [instance_sizes[i]]
         if n_prior:
             j = next_index("prior", n_prior, step)
-            means, stds = means + [prior_mean[j]], stds + [prior_std[j]]
+            means, stds, sizes = means + [prior_mean[j]], stds + [prior_std[j]], sizes + [prior_sizes[j]]
         mean, std = torch.stack(means), torch.stack(stds)
         x0 = (mean + std * torch.randn(mean.shape, generator=generator)) * scale  # a VAE sample, scaled
         noise = torch.randn(x0.shape, generator=generator)
@@ -290,8 +319,11 @@ def train(args, out):
         target = schedule.target(x0, noise, t)  # ε, or v for v-prediction models
 
         with autocast:
-            context = model.text_encoder(ids) if text_trains else cached_context
-            pred = model.unet(x_t, t, context[: len(x0)])
+            context, pooled = encode_text() if text_trains else cached_text
+            y = None if pooled is None else torch.cat([  # SDXL: pooled text + this example's size, crop, target size
+                added_conditioning(pooled[k: k + 1], size, crop, (resolution, resolution))
+                for k, (size, crop) in enumerate(sizes)])
+            pred = model.unet(x_t, t, context[: len(x0)], y)
         weights = min_snr_weights(schedule, t, args.snr_gamma) if args.snr_gamma else None
         # instance loss + λ · prior loss (minidb/dreambooth.py, the paper's eq. 2)
         loss, instance_loss, prior_loss = dreambooth_loss(pred, target, 1, args.prior_weight, weights)
@@ -330,8 +362,8 @@ def train(args, out):
     checkpoint(last)  # so --resume with a larger --steps can continue; it also refuses NaN weights
     validate(last)
     rows = [json.loads(line) for line in open(log_path)] if log_path.exists() else []
-    model.unet.eval()
-    model.text_encoder.eval()
+    for name in ("unet", *text_parts):
+        parts[name].eval()
     lora_file, word_file = out / "lora.safetensors", out / f"{identifier}.safetensors"
     about = {"ss_output_name": "lora", "ss_sd_model_name": Path(args.model).name, "ss_steps": str(last),
              "ss_learning_rate": str(args.lr), "ss_training_comment": f"minidb DreamBooth: {instance_prompt}",
@@ -345,7 +377,10 @@ def train(args, out):
                   f"`pipe.load_lora_weights(\"{out}\", weight_name=\"lora.safetensors\")`."] if "lora" in trained else []) + \
                 ([f"AUTOMATIC1111: copy `{word_file.name}` into `embeddings/` and write `{identifier}` in the prompt; "
                   f"ComfyUI: copy it into `models/embeddings` and write `embedding:{identifier}`; diffusers: "
-                  f"`pipe.load_textual_inversion(\"{word_file}\", token=\"{identifier}\")`."] if "new_word" in trained else [])
+                  + (f"`pipe.load_textual_inversion(\"{word_file}\", token=\"{identifier}\")`." if model.version != "SDXL" else
+                     f"`vectors = safetensors.torch.load_file(\"{word_file}\")`, then `pipe.load_textual_inversion(vectors[\"clip_l\"], "
+                     f"token=\"{identifier}\", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)` and the same with "
+                     "`clip_g`, `pipe.text_encoder_2`, `pipe.tokenizer_2`.")] if "new_word" in trained else [])
     readme = (f"# DreamBooth ({args.method})\n\nSubject: `{identifier}` (a {args.class_name}). Prompt it as "
               f"\"{instance_prompt}\" or in new contexts, e.g. \"{new_scene}\".\n\n"
               f"Base model: {args.model} ({model.version}, {model.prediction_type}).\n\n    {sample}\n\n"

@@ -61,59 +61,87 @@ def pick_new_word(tokenizer, rng):
 class NewWord(nn.Module):
     """A word the model did not know, learned as n embedding vectors while all else stays as it was.
 
-    Its one parameter is named `emb_params`, as AUTOMATIC1111's embedding files name it, so the state
-    dict is the file. The text encoder's embedding table is not touched (nor the model files written
-    from it): hooks on it read the new word's ids from `emb_params` instead of the table.
+    One parameter per text encoder, named as AUTOMATIC1111's embedding files name them, so the state
+    dict is the file: `emb_params` (n, C) for SD 1.x / 2.x, and for SDXL `clip_l` (n, 768) and `clip_g`
+    (n, 1280), the vectors for its two encoders. The encoders' embedding tables are not touched (nor the
+    model files written from them): hooks on them read the new word's ids from these vectors instead.
     """
 
-    def __init__(self, model, word, vectors):  # vectors (n, C)
+    def __init__(self, model, word, vectors):  # vectors (n, C), or a list of them, one per text encoder
         super().__init__()
-        self.word, self.ids = word, model.tokenizer.add_word(word, len(vectors))
-        assert self.ids == list(range(self.ids[0], self.ids[0] + len(vectors)))  # one id range
-        self.emb_params = nn.Parameter(vectors.detach().clone().float())
+        vectors = [vectors] if torch.is_tensor(vectors) else list(vectors)
+        self.names = ("clip_l", "clip_g") if model.text_encoder_2 is not None else ("emb_params",)
+        if len(vectors) != len(self.names):
+            raise ValueError(f"A new word for {model.version} needs {len(self.names)} sets of vectors, not {len(vectors)}.")
+        tokenizers = [model.tokenizer, model.tokenizer_2][: len(self.names)]
+        self.word, self.ids = word, [tok.add_word(word, len(vectors[0])) for tok in tokenizers]
+        for name, v in zip(self.names, vectors):
+            self.register_parameter(name, nn.Parameter(v.detach().clone().float()))
         self._hooks = []
 
     @classmethod
     def starting_as(cls, model, word, text, n=1):
         """The paper's start: every vector is the embedding of a coarse description ("cup"), averaged
-        over its tokens when it has several."""
-        table = model.text_encoder.embeddings.token_embedding.weight
-        return cls(model, word, table[model.tokenizer.encode(text)].mean(0, keepdim=True).repeat(n, 1))
+        over its tokens when it has several (in each text encoder's own table)."""
+        ids = model.tokenizer.encode(text)
+        tables = [e.embeddings.token_embedding.weight for e in (model.text_encoder, model.text_encoder_2) if e]
+        return cls(model, word, [table[ids].mean(0, keepdim=True).repeat(n, 1) for table in tables])
 
     @classmethod
     def from_file(cls, model, path):
-        """An embedding file: AUTOMATIC1111's (`emb_params`, or `string_to_param` in a .pt), or any file
-        of one tensor (diffusers'). The word is the file's name, as in AUTOMATIC1111."""
+        """An embedding file: AUTOMATIC1111's (`emb_params`, or `string_to_param` in a .pt; SDXL's `clip_l`
+        and `clip_g`), or any file of one tensor (diffusers'). The word is the file's name, as in AUTOMATIC1111."""
         tensors = read_tensors(path)[0]
         if isinstance(tensors.get("string_to_param"), dict):
             tensors = tensors["string_to_param"]
         found = [t for t in tensors.values() if isinstance(t, torch.Tensor)]
-        vectors = tensors.get("emb_params", found[0] if len(found) == 1 else None)
-        if vectors is None or vectors.ndim not in (1, 2):
+        sdxl_file = isinstance(tensors.get("clip_l"), torch.Tensor) and isinstance(tensors.get("clip_g"), torch.Tensor)
+        vectors = [tensors["clip_l"], tensors["clip_g"]] if sdxl_file else \
+            [tensors.get("emb_params", found[0] if len(found) == 1 else None)]
+        if vectors[0] is None or any(v.ndim not in (1, 2) for v in vectors):
             raise ModelFileError(f"{path} is not a textual-inversion embedding (one tensor of vectors, e.g. "
-                                 f"emb_params); it holds {', '.join(list(tensors)[:3]) or 'nothing'}.")
-        vectors = vectors.reshape(-1, vectors.shape[-1])
-        width = model.text_encoder.cfg.width
-        if vectors.shape[1] != width:
-            made_for = {768: " (made for SD 1.x)", 1024: " (made for SD 2.x)"}.get(vectors.shape[1], "")
-            raise ModelFileError(f"{path} holds {vectors.shape[1]}-wide vectors{made_for}, but this {model.version} "
-                                 f"model's words are {width} wide; use an embedding made for it.")
+                                 f"emb_params, or SDXL's clip_l and clip_g); it holds {', '.join(list(tensors)[:3]) or 'nothing'}.")
+        vectors = [v.reshape(-1, v.shape[-1]) for v in vectors]
+        widths = [e.cfg.width for e in (model.text_encoder, model.text_encoder_2) if e]
+        if [v.shape[1] for v in vectors] != widths:
+            made_for = " (made for SDXL)" if sdxl_file else {768: " (made for SD 1.x)", 1024: " (made for SD 2.x)"}.get(
+                vectors[0].shape[1], "")
+            holds = " and ".join(f"{v.shape[1]}-wide" for v in vectors)
+            raise ModelFileError(f"{path} holds {holds} vectors{made_for}, but this {model.version} model's words are "
+                                 f"{' and '.join(map(str, widths))} wide; use an embedding made for it.")
+        if len({len(v) for v in vectors}) > 1:
+            raise ModelFileError(f"{path} holds {len(vectors[0])} clip_l but {len(vectors[1])} clip_g vectors, "
+                                 "where each token needs one of each; the file is damaged, so make it again.")
         word = Path(path).stem.lower()
         try:
-            return cls(model, word, vectors.to(next(model.text_encoder.parameters()).device))
+            return cls(model, word, [v.to(next(model.text_encoder.parameters()).device) for v in vectors])
         except ValueError as e:
             raise ModelFileError(f"{path} cannot be used as the word {word!r}: {str(e).rstrip('.')}; rename the file.") \
                 from None
 
     def save(self, path, metadata=None):
         """The embedding file: `emb_params` (n, C), which AUTOMATIC1111 (word = file name), ComfyUI and
-        diffusers' load_textual_inversion (word = its token argument) all read."""
-        write_safetensors(path, {"emb_params": self.emb_params.float()}, metadata={"format": "pt", **(metadata or {})})
+        diffusers' load_textual_inversion (word = its token argument) all read; for SDXL `clip_l` and
+        `clip_g`, A1111's and ComfyUI's SDXL layout (diffusers loads each into its encoder)."""
+        write_safetensors(path, {name: p.float() for name, p in self.named_parameters()},
+                          metadata={"format": "pt", **(metadata or {})})
 
-    def attach(self, text_encoder):
-        """Look the word's ids up in emb_params: ids (B, L) -> table rows, replaced where the id is ours."""
-        table, first, n = text_encoder.embeddings.token_embedding, self.ids[0], len(self.ids)
-        seen = {}
+    def attach(self, *text_encoders):
+        """Look the word's ids up in its own vectors, in each text encoder in turn (SDXL: both; None is
+        skipped, so `attach(model.text_encoder, model.text_encoder_2)` suits every model)."""
+        self.detach()
+        encoders = [e for e in text_encoders if e is not None]
+        if len(encoders) != len(self.names):
+            raise ValueError(f"This word has vectors for {len(self.names)} text encoder(s), not {len(encoders)}.")
+        for encoder, name, ids in zip(encoders, self.names, self.ids):
+            self._hooks += self._hook(encoder.embeddings.token_embedding, getattr(self, name), ids)
+        return self
+
+    @staticmethod
+    def _hook(table, vectors, ids):
+        """ids (B, L) -> table rows, replaced where the id is the word's by its row of `vectors`."""
+        first, n, seen = ids[0], len(ids), {}
+        assert ids == list(range(first, first + n))  # one id range
 
         def before(module, args):
             ids = args[0]
@@ -121,10 +149,9 @@ class NewWord(nn.Module):
             return (ids.masked_fill(seen["ours"], 0),)  # any id the table has; its row is replaced below
 
         def after(module, args, out):  # out (B, L, C)
-            return torch.where(seen["ours"][..., None], self.emb_params.to(out.dtype)[seen["row"]], out)
+            return torch.where(seen["ours"][..., None], vectors.to(out.dtype)[seen["row"]], out)
 
-        self._hooks = [table.register_forward_pre_hook(before), table.register_forward_hook(after)]
-        return self
+        return [table.register_forward_pre_hook(before), table.register_forward_hook(after)]
 
     def detach(self):
         for hook in self._hooks:

@@ -11,11 +11,15 @@ holding `lora_down.weight`, `lora_up.weight` and `alpha`, named
     lora_unet_<diffusers module path, "." -> "_">   lora_unet_down_blocks_0_attentions_0_proj_in
     lora_te_text_model_<transformers module path>   lora_te_text_model_encoder_layers_0_mlp_fc1
 minidb's UNet carries the original CompVis names (input_blocks.1.1.proj_in), so `naming()` derives
-the table from minidb/convert.py's block table. Other tools name the same layers in other ways, and
-`read_lora` takes each of them:
+the table from minidb/convert.py's block table. For SDXL kohya builds its own UNet with the original
+names (sd-scripts' sdxl_original_unet.py), and names its two text towers apart:
+    lora_unet_<original module path>                lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q
+    lora_te1_text_model_... (CLIP-L), lora_te2_text_model_... (OpenCLIP-bigG)
+Other tools name the same layers in other ways, and `read_lora` takes each of them:
     lora_unet_input_blocks_1_1_proj_in.lora_down.weight         ComfyUI: the original path
     unet.down_blocks.0.attentions.0.proj_in.lora_A.weight        diffusers / PEFT: lora_A down, lora_B up
-    text_encoder.text_model.encoder.layers.0.mlp.fc1.lora_A.weight   (text_model. only before transformers 5)
+    text_encoder.text_model.encoder.layers.0.mlp.fc1.lora_A.weight   (text_model. only before transformers 5;
+                                                                      SDXL's second: text_encoder_2.)
     unet.<path>.lora.down.weight, <path>.processor.to_q_lora.down.weight,
     text_encoder.<path>.lora_linear_layer.down.weight               older diffusers files
 diffusers keeps alpha in the file's metadata (`lora_adapter_metadata`: lora_alpha, alpha_pattern, as
@@ -35,21 +39,30 @@ from minidb.convert import native_to_diffusers_names, unet_blocks
 from minidb.files import ModelFileError, read_tensors, write_safetensors
 from minidb.unet import SpatialTransformer
 
-UNET, TEXT = "lora_unet_", "lora_te_text_model_"
+UNET = "lora_unet_"
+
+
+def text_parts(model):
+    """{text tower: kohya's prefix}: SD 1.x / 2.x have one text encoder, SDXL two."""
+    if getattr(model, "text_encoder_2", None) is None:
+        return {"text_encoder": "lora_te_"}
+    return {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 
 
 def naming(model):
     """{kohya name: (part, minidb module name, diffusers / transformers module path)} for every Linear
-    and Conv2d of the UNet and the text encoder: the rule files use to name a LoRA's layers."""
-    table = {}
+    and Conv2d of the UNet and the text encoders' layers: the rule files use to name a LoRA's layers."""
+    table, sdxl = {}, getattr(model, "text_encoder_2", None) is not None
     layers = [n for n, m in model.unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     paths = native_to_diffusers_names([n + ".weight" for n in layers], unet_blocks(model.unet.cfg))
     for name in layers:
         path = paths[name + ".weight"].removesuffix(".weight")  # input_blocks.1.1 -> down_blocks.0.attentions.0
-        table[UNET + path.replace(".", "_")] = ("unet", name, path)
-    for name, m in model.text_encoder.named_modules():
-        if isinstance(m, nn.Linear):  # transformers 4's CLIPTextModel, which kohya names, wraps all in text_model
-            table[TEXT + name.replace(".", "_")] = ("text_encoder", name, "text_model." + name)
+        table[UNET + (name if sdxl else path).replace(".", "_")] = ("unet", name, path)
+    for part, prefix in text_parts(model).items():
+        for name, m in getattr(model, part).named_modules():
+            if isinstance(m, nn.Linear) and name.startswith("encoder."):  # transformers 4's CLIPTextModel, which
+                # kohya names, wraps all in text_model
+                table[prefix + "text_model_" + name.replace(".", "_")] = (part, name, "text_model." + name)
     return table
 
 
@@ -61,7 +74,7 @@ def _kohya_targets(model, text_encoder):
         layer = getattr(model, part).get_submodule(name)
         if part == "unet" and name.startswith(inside) and (isinstance(layer, nn.Linear) or layer.kernel_size == (1, 1)):
             yield kohya, layer
-        elif part == "text_encoder" and text_encoder and name.startswith("encoder.layers."):
+        elif part != "unet" and text_encoder and name.startswith("encoder.layers."):
             yield kohya, layer
 
 
@@ -97,9 +110,10 @@ class LoRA(nn.Module):
     Targets, as kohya's default LoRA (sd-scripts networks/lora.py without conv_dim): every Linear and
     1x1 Conv2d inside the UNet's SpatialTransformers (proj_in, proj_out, attn1/attn2 to_q, to_k, to_v,
     to_out.0, ff.net.0.proj, ff.net.2); with text_encoder=True also each CLIP layer's self_attn q_proj,
-    k_proj, v_proj, out_proj and mlp fc1, fc2. Each adapter is a submodule named as kohya names it, so
-    `state_dict()` keys are the file's keys. alpha None means alpha = rank (scale 1). The adapters are
-    fp32 on the model's device, trainable; the model itself is left as it is.
+    k_proj, v_proj, out_proj and mlp fc1, fc2 (in both of SDXL's text encoders). Each adapter is a
+    submodule named as kohya names it, so `state_dict()` keys are the file's keys. alpha None means
+    alpha = rank (scale 1). The adapters are fp32 on the model's device, trainable; the model itself
+    is left as it is.
     """
 
     def __init__(self, model, rank=16, alpha=None, text_encoder=False):
@@ -130,9 +144,11 @@ class LoRA(nn.Module):
 
 def save_kohya(lora, path, metadata=None, dtype=torch.float16):
     """Write `lora` as kohya's .safetensors, with the ss_* metadata A1111 and Forge read (ss_v2 tells
-    them SD 2.x; ss_base_model_version as kohya's get_model_version_str_for_sd1_sd2 spells it)."""
-    version = "sd_v2" if lora.version == "SD 2.x" else "sd_v1"
-    version += "_v" if lora.prediction_type == "v_prediction" else ""
+    them SD 2.x; ss_base_model_version as kohya spells it: get_model_version_str_for_sd1_sd2, and
+    sdxl_model_util's "sdxl_base_v1-0")."""
+    version = {"SDXL": "sdxl_base_v1-0", "SD 2.x": "sd_v2"}.get(lora.version, "sd_v1")
+    if lora.version != "SDXL" and lora.prediction_type == "v_prediction":
+        version += "_v"
     info = {k: str(v) for k, v in (metadata or {}).items()}
     info.update({"ss_network_module": "networks.lora", "ss_network_dim": str(lora.rank),
                  "ss_network_alpha": str(lora.alpha), "ss_base_model_version": version,
@@ -171,10 +187,11 @@ def _aliases(model):
     """Every name a file may give a layer -> (part, minidb name, diffusers path)."""
     aliases = {}
     for kohya, (part, name, path) in naming(model).items():
-        if part == "unet":  # kohya, ComfyUI's original path, diffusers with and without the unet. prefix
-            names = [kohya, UNET + name.replace(".", "_"), "unet." + path, path]
-        else:
-            names = [kohya, "text_encoder." + path, "text_encoder." + name]
+        if part == "unet":  # kohya's SD and SDXL names (the original path's is ComfyUI's too), diffusers with and
+            # without the unet. prefix
+            names = [kohya, UNET + path.replace(".", "_"), UNET + name.replace(".", "_"), "unet." + path, path]
+        else:  # text_encoder. or SDXL's text_encoder_2.
+            names = [kohya, f"{part}.{path}", f"{part}.{name}"]
         aliases.update(dict.fromkeys(names, (part, name, path)))
     return aliases
 
@@ -190,13 +207,15 @@ def _made_for(tensors, metadata):
     if any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for k in tensors):
         return "SDXL"
     context = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}  # the text width attn2's to_k / to_v read
-    for key, t in tensors.items():
-        split = _split(key)
-        if split and split[1] == "down" and t.ndim >= 2:
-            if re.search(r"attn2[._]to_[kv]$", split[0]) and t.shape[1] in context:
-                return context[t.shape[1]]
-            if re.search(r"proj_(in|out)$", split[0]):  # 1x1 convs in SD 1.x, Linear from SD 2.x on
-                return "SD 1.x" if t.ndim == 4 else "SD 2.x"
+    downs = [(split[0], t) for key, t in tensors.items() if (split := _split(key)) and split[1] == "down" and t.ndim >= 2]
+    for name, t in downs:
+        if re.search(r"attn2[._]to_[kv]$", name) and t.shape[1] in context:
+            return context[t.shape[1]]
+    if any(re.search(r"transformer_blocks[._][1-9]", name) for name, _ in downs):  # SD 1.x / 2.x: depth 1
+        return "SDXL"
+    for name, t in downs:
+        if re.search(r"proj_(in|out)$", name):  # 1x1 convs in SD 1.x, Linear from SD 2.x on
+            return "SD 1.x" if t.ndim == 4 else "SD 2.x"
     return None
 
 
@@ -204,9 +223,8 @@ def _check_family(path, model, tensors, metadata):
     """Refuse a LoRA that says, or whose shapes show, that it was made for another model family."""
     family = _made_for(tensors, metadata)
     if family and family != model.version:
-        support = ", which minidb does not support yet" if family == "SDXL" else ""
         raise ModelFileError(f"{path} is a LoRA for {family}, but the model is {model.version}; "
-                             f"apply it to an {family} model{support}.")
+                             f"apply it to an {family} model.")
 
 
 def _fail(path, model, tensors, metadata, problem):
@@ -322,11 +340,12 @@ def read_lora(path, model):
 
 def merge_lora(model, path, scale=1.0):
     """W += scale * update for every layer the LoRA file adapts, in fp32, cast back to the layer's dtype.
-    The model then samples exactly as fast as without. Returns {part: number of layers merged}."""
+    The model then samples exactly as fast as without. Returns {part: number of layers merged}, the parts
+    being unet, text_encoder and SDXL's text_encoder_2."""
     if not (isinstance(scale, (int, float)) and math.isfinite(scale)):
         raise ValueError(f"The LoRA scale must be a finite number, not {scale!r}.")
     adapters = _read(path, model)  # everything is checked before any weight changes
-    merged = {"unet": 0, "text_encoder": 0}
+    merged = dict.fromkeys(["unet", *text_parts(model)], 0)
     with torch.no_grad():
         for part, layer, down, up, s in adapters:  # one update in memory at a time
             w = layer.weight

@@ -6,10 +6,12 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
-from minidb import runs
+from minidb import runs, single_file
 from minidb.cli import SEED_MAX, check_device, number, text
 from minidb.fetch import DEFAULT_MODEL, how_to_get_weights
+from minidb.files import ModelFileError, read_tensors
 from minidb.info import HELP as MODEL_HELP
 
 
@@ -21,9 +23,9 @@ def parse_args(argv, doc):
     a = p.add_argument
     count, positive = number(int, low=0), number(float, above=0)
     a("--images", required=True, help="folder with 3-5 photos of the subject (JPEG, PNG or WebP)")
-    a("--method", choices=list(METHOD_LR), default="full", help="what trains: full, the whole UNet (the paper); "
+    a("--method", choices=list(METHOD_LR), default=None, help="what trains: full, the whole UNet (the paper); "
       "lora, low-rank adapters on it (a small file any UI loads); textual-inversion, only a new word's embedding "
-      "(default: %(default)s)")
+      "(default: full; lora for SDXL, whose 2.6 B-parameter UNet full training needs a large GPU)")
     a("--class", dest="class_name", required=True, type=text, help="what the subject is, e.g. dog, backpack")
     a("--model", default=None, help="base model: a diffusers folder or a .safetensors/.ckpt file (default: SD 1.5 in "
       "weights/ once `python -m minidb.fetch` has downloaded it, else the toy model weights/toy.safetensors)")
@@ -46,7 +48,8 @@ def parse_args(argv, doc):
       "warmup (default: 5e-6 full, 1e-4 lora, 5e-3 textual-inversion)")
     a("--warmup-steps", type=count, default=0, help="linear learning-rate warmup (default: %(default)s)")
     a("--resolution", type=number(int, low=8, high=2048), default=None,
-      help="training size in pixels, a multiple of 8 (default: the model's own: 512 for SD 1.5, 64 for the toy model)")
+      help="training size in pixels, a multiple of 8 (default: the model's own: 512 for SD 1.5, 1024 for SDXL, "
+      "64 for the toy model)")
     a("--flip", action="store_true", help="also train on mirrored copies of the photos")
     a("--prior-weight", type=number(float, low=0), default=None, help="λ, the weight of the prior-preservation loss; "
       "0 turns it off (default: 1; 0 for textual-inversion, whose frozen model cannot drift)")
@@ -81,9 +84,31 @@ METHOD_FLAGS = {"lora_rank": ("lora",), "lora_alpha": ("lora",), "train_text_enc
                 "new_token": ("full", "lora"), "save_dtype": ("full",)}  # flags that mean nothing to other methods
 
 
-def with_method_defaults(args):
+def is_sdxl(path):
+    """Whether the base model is SDXL, found cheaply before it loads (SDXL changes --method's default), as
+    minidb/load.py decides: a diffusers folder with text_encoder_2/, or a single file with SDXL's text keys.
+    False when unsure: loading says what is wrong with the model."""
+    path = Path(path)
+    if path.is_dir():
+        return (path / "text_encoder_2" / "config.json").is_file()
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:  # the header only
+                keys = list(f.keys())
+        else:
+            tensors = read_tensors(path)[0]  # a pickle, memory-mapped: no tensor is read yet
+            keys = list(tensors["state_dict"] if isinstance(tensors.get("state_dict"), dict) else tensors)
+    except (ModelFileError, SafetensorError, OSError):
+        return False
+    return single_file.version(keys) == "SDXL"
+
+
+def with_method_defaults(args, sdxl=False):
     """Refuse a flag that means nothing to --method, then fill in the method's own defaults (they are
-    written into the run's settings). Returns a problem as one sentence, or None."""
+    written into the run's settings). SDXL's method is LoRA unless asked: its full UNet with AdamW needs
+    about 40 GB of GPU memory, its LoRA (as diffusers' and kohya's SDXL recipes train) a fraction.
+    Returns a problem as one sentence, or None."""
+    args.method = args.method or ("lora" if sdxl else "full")
     for key, methods in METHOD_FLAGS.items():
         if getattr(args, key) not in (None, False) and args.method not in methods:
             what = "--method " + " or ".join(methods)

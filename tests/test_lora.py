@@ -391,7 +391,7 @@ BAD_FILES = {  # case: (a change to sd1.safetensors, or another file; what the s
     "SD 2.x LoRA": ("sd2.safetensors", "is a LoRA for SD 2.x, but the model is SD 1.x; apply it to an SD 2.x model."),
     "SD 2.x LoRA without metadata": ("sd2-bare.safetensors", "is a LoRA for SD 2.x, but the model is SD 1.x"),
     "SDXL LoRA": (lambda t: t.update({"lora_te2_text_model_encoder_layers_0_mlp_fc1.alpha": torch.tensor(1.0)}),
-                  "is a LoRA for SDXL, but the model is SD 1.x; apply it to an SDXL model, which minidb does not support"),
+                  "is a LoRA for SDXL, but the model is SD 1.x; apply it to an SDXL model."),
     "unknown key": (lambda t: t.update({NORM: torch.ones(4, 64)}),
                     f"has 1 tensor matching no layer of this SD 1.x model ({NORM}); it was made for another model"),
     "wrong shape": (lambda t: t.update({UP: t[UP][:, :3].clone()}),

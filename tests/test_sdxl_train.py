@@ -1,0 +1,237 @@
+"""DreamBooth on SDXL, end to end on a tiny SDXL-shaped model that diffusers builds (CPU, offline).
+
+- With no --method an SDXL base trains a LoRA (rank 16, lr 1e-4) with prior preservation; here with
+  --train-text-encoder and --new-token (pivotal tuning), so one run writes every file SDXL has: kohya
+  keys for the UNet and both text encoders, and an embedding with clip_l and clip_g vectors.
+- Both files mean in diffusers' StableDiffusionXLPipeline what they mean in sample.py: the same image,
+  no LoRA key left out, and every adapter in the file one diffusers layer.
+- The UNet's added conditioning carries each photo's own size and crop; drawn prior images their own.
+- A run stopped and resumed equals the run made in one go; --method full trains and warns of its memory.
+- An SDXL LoRA or embedding on an SD 1.x model, and the reverse, are one sentence.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import sample
+import train
+from conftest import assert_close, diffusers, diffusers_unet, diffusers_vae, tiny_model
+from minidb import unet as un
+from minidb.dreambooth import NewWord
+from minidb.files import ModelFileError
+from minidb.load import load
+from minidb.lora import LoRA, merge_lora, save_kohya
+from minidb.options import is_sdxl, parse_args, with_method_defaults
+from minidb.pipeline import encode_prompt
+from minidb.save import save_single_file
+from test_bad_input import one_sentence
+from test_lora import complaints
+from test_sdxl import TINY_G, TINY_L, TINY_SDXL_UNET, reference_text
+from test_sdxl_files import TINY_VAE, sdxl_pipeline
+from test_train import draw_subject
+
+RES = 32  # training size; the tiny model's own is 128
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny SDXL base as diffusers saves it, and three photos of a subject: wide, tall and square."""
+    tmp = tmp_path_factory.mktemp("sdxl-train")
+    pipe = sdxl_pipeline(tmp, diffusers_unet(TINY_SDXL_UNET), diffusers_vae(TINY_VAE), reference_text(TINY_L, seed=2),
+                         reference_text(TINY_G, seed=3))
+    pipe.save_pretrained(tmp / "base")
+    (tmp / "photos").mkdir()
+    draw_subject(tmp / "photos" / "0.png", (200, 40, 30), 0)  # 64 x 48
+    draw_subject(tmp / "photos" / "1.png", (200, 70, 30), 6, size=72)
+    Image.open(tmp / "photos" / "1.png").transpose(Image.Transpose.ROTATE_90).save(tmp / "photos" / "1.png")  # 72 x 88
+    draw_subject(tmp / "photos" / "2.png", (200, 100, 30), 12)
+    Image.open(tmp / "photos" / "2.png").resize((40, 40)).save(tmp / "photos" / "2.png")
+    return tmp
+
+
+def run(world, out, *extra, steps=2):
+    train.main([str(a) for a in ["--images", world / "photos", "--class", "ball", "--model", world / "base",
+                                 "--out", out, "--steps", steps, "--resolution", RES, "--sample-steps", 2,
+                                 "--class-cache", world / "cache", "--class-images", 2, *extra]])
+    return out
+
+
+# With SDXL's default method: a LoRA, on the text encoders too, and a new word; at a rate that makes two steps
+# change the picture plainly, so that drawing the same picture in diffusers proves something.
+PIVOTAL = ("--train-text-encoder", "--new-token", "--lr", 1e-2, "--text-encoder-lr", 0.1)
+
+
+@pytest.fixture(scope="module")
+def pivotal(world):
+    """One default run on the SDXL base, the added conditioning of every training step recorded on its way
+    into the UNet: -> (run folder, [y of each step])."""
+    seen, forward = [], un.UNet.forward
+
+    def spy(self, x, t, context, y=None):
+        if torch.is_grad_enabled():  # a training step, not a drawing
+            seen.append(y.detach().clone())
+        return forward(self, x, t, context, y)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(un.UNet, "forward", spy)
+        out = run(world, world / "pivotal", *PIVOTAL)
+    return out, seen
+
+
+def draw(argv, out):
+    """sample.py's picture, as uint8 pixels."""
+    assert sample.main([str(a) for a in [*argv, "--steps", 4, "--seed", 42, "--height", RES, "--sampler", "euler",
+                                         "--guidance", 5, "--out", out]]) == 0
+    (png,) = out.glob("*.png")
+    return np.asarray(Image.open(png).convert("RGB")).astype(np.float64)
+
+
+def reference_image(pipe, prompt):
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe(prompt, num_inference_steps=4, guidance_scale=5.0, height=RES, width=RES, output_type="np",
+                 generator=torch.Generator("cpu").manual_seed(42)).images[0]
+    return (image * 255).round()
+
+
+def assert_same_picture(ours, theirs, plain):
+    diff = np.abs(ours - theirs)
+    assert diff.mean() < 0.1 and diff.max() <= 2  # in 8-bit levels
+    assert np.abs(ours - plain).max() > 3 * max(diff.max(), 1)  # and what the run made did change the picture
+
+
+def test_sdxl_trains_a_lora_by_default(world, pivotal):
+    defaults = lambda model: parse_args(["--images", "x", "--class", "dog", "--model", str(model)], train.__doc__)  # noqa: E731
+    args = defaults(world / "base")
+    assert is_sdxl(args.model) and with_method_defaults(args, is_sdxl(args.model)) is None
+    assert (args.method, args.lr, args.lora_rank, args.lora_alpha, args.prior_weight) == ("lora", 1e-4, 16, 16.0, 1.0)
+    args = defaults(world / "photos")  # not SDXL: SD's defaults stay
+    assert not is_sdxl(args.model) and with_method_defaults(args, is_sdxl(args.model)) is None
+    assert (args.method, args.lr, args.prior_weight) == ("full", 5e-6, 1.0)
+    out, _ = pivotal  # a run on the SDXL base without --method
+    settings = json.load(open(out / "settings.json"))
+    assert (settings["method"], settings["lora_rank"], settings["resolution"], settings["base_version"]) == (
+        "lora", 16, RES, "SDXL")
+    assert all(r["prior_loss"] is not None for r in map(json.loads, open(out / "log.jsonl")))
+    assert Image.open(out / "validation" / "step-000002.png").size == (3 * RES, RES)
+    with safe_open(str(out / "lora.safetensors"), "pt") as f:
+        assert f.metadata()["ss_base_model_version"] == "sdxl_base_v1-0" and f.metadata()["ss_network_dim"] == "16"
+
+
+def test_the_lora_draws_in_diffusers_what_it_draws_in_sample_py(world, pivotal, tmp_path):
+    out, _ = pivotal
+    lora = out / "lora.safetensors"
+    tensors = load_file(lora)
+    layers = {k.split(".")[0] for k in tensors}
+    assert {n.split("_")[1] for n in layers} == {"unet", "te1", "te2"}  # lora_unet_, lora_te1_, lora_te2_
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_1_attn2_to_k" in layers  # kohya's SDXL names: the original's
+
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(world / "base")
+    plain = reference_image(pipe, "a photo of a ball on the beach")
+    with complaints() as left_out:
+        pipe.load_lora_weights(lora)
+    assert not left_out
+    adapted = {part: sum(hasattr(m, "lora_A") for m in getattr(pipe, part).modules())
+               for part in ("unet", "text_encoder", "text_encoder_2")}
+    assert adapted == {part: sum(n.startswith(p) for n in layers) for part, p in
+                       (("unet", "lora_unet_"), ("text_encoder", "lora_te1_"), ("text_encoder_2", "lora_te2_"))}
+    ours = draw(["--model", world / "base", "--prompt", "a photo of a ball on the beach", "--lora", lora], tmp_path)
+    assert_same_picture(ours, reference_image(pipe, "a photo of a ball on the beach"), plain)
+
+
+def test_the_embedding_draws_in_diffusers_what_it_draws_in_sample_py(world, pivotal, tmp_path):
+    out, _ = pivotal
+    word = json.load(open(out / "settings.json"))["identifier"]
+    vectors = load_file(out / f"{word}.safetensors")  # AUTOMATIC1111's SDXL layout
+    assert {k: v.shape for k, v in vectors.items()} == {"clip_l": (1, TINY_L.width), "clip_g": (1, TINY_G.width)}
+    prompt = " ".join([word] * 10)  # the word ten times: the tiny random model's picture hardly depends on one word
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(world / "base")
+    plain = reference_image(pipe, prompt)  # the word spelled in plain BPE pieces
+    pipe.load_textual_inversion(vectors["clip_l"], token=word, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(vectors["clip_g"], token=word, text_encoder=pipe.text_encoder_2,
+                                tokenizer=pipe.tokenizer_2)
+    model = load(world / "base")
+    NewWord.from_file(model, out / f"{word}.safetensors").attach(model.text_encoder, model.text_encoder_2)
+    context, pooled = encode_prompt(model, [prompt])  # both encoders side by side, and bigG's pooled vector
+    ref_context, _, ref_pooled, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False)
+    assert_close(context, ref_context) and assert_close(pooled, ref_pooled)
+    base_context, _ = encode_prompt(load(world / "base"), [prompt])
+    assert (context - base_context).abs().max() > 0.1 * base_context.abs().max()  # the word is not the BPE pieces
+    ours = draw(["--model", world / "base", "--prompt", prompt, "--embedding", out / f"{word}.safetensors"], tmp_path)
+    assert_same_picture(ours, reference_image(pipe, prompt), plain)
+
+
+def test_each_photo_conditions_the_unet_with_its_own_size_and_crop(world, pivotal):
+    _, seen = pivotal
+    pooled = TINY_G.projection
+
+    def features(h, w, top, left):  # what the UNet must be given, from the photo's size alone
+        return un.size_features(torch.tensor([[h, w, top, left, RES, RES]], dtype=torch.float32))[0]
+
+    photos = {}
+    for path in sorted((world / "photos").iterdir()):
+        w, h = Image.open(path).size
+        short = min(w, h)  # short side -> RES (the long side truncated, as torchvision does), centre crop
+        photos[path.name] = features(h, w, round((int(RES * h / short) - RES) / 2), round((int(RES * w / short) - RES) / 2))
+    assert len(seen) == 2 and all(y.shape == (2, pooled + 6 * un.SIZE_FEATURES) for y in seen)
+    instance = [next((name for name, f in photos.items() if torch.equal(y[0, pooled:], f)), None) for y in seen]
+    assert None not in instance and len(set(instance)) == 2, instance  # two different photos, each its own sizes
+    assert set(instance) - {"2.png"}  # at least one of them cropped (2.png is square)
+    assert len({tuple(f.tolist()) for f in photos.values()}) == 3  # and the three photos' features do differ
+    for y in seen:  # the class prior, drawn whole at the training size
+        assert torch.equal(y[1, pooled:], features(RES, RES, 0, 0))
+
+
+def test_resumed_run_equals_the_run_made_in_one_go(world, pivotal):
+    straight, _ = pivotal
+    split = run(world, world / "split", *PIVOTAL, steps=1)
+    run(world, split, *PIVOTAL, "--resume")
+    word = json.load(open(straight / "settings.json"))["identifier"]
+    for name in ("lora.safetensors", f"{word}.safetensors"):
+        a, b = load_file(straight / name), load_file(split / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    losses = lambda out: [json.loads(line)["loss"] for line in open(out / "log.jsonl")]  # noqa: E731
+    assert losses(straight) == losses(split)
+
+
+def test_full_training_on_sdxl_warns_of_its_memory_and_exports_both_layouts(world, tmp_path):
+    with pytest.warns(UserWarning, match="--method full on SDXL trains .* add --use-8bit-adam and "
+                                         "--gradient-checkpointing, or train a LoRA"):
+        out = run(world, tmp_path / "full", "--method", "full", "--prior-weight", 0, "--mixed-precision", "bf16",
+                  steps=1)
+    single, folder, base = load(out / "model.safetensors"), load(out / "model"), load(world / "base")
+    assert single.version == folder.version == "SDXL" and is_sdxl(out / "model.safetensors")
+    a, b, c = single.unet.state_dict(), folder.unet.state_dict(), base.unet.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a) and any(not torch.equal(a[k], c[k]) for k in a)
+    for part in ("text_encoder", "text_encoder_2", "vae"):  # frozen parts come out as they went in
+        a, c = getattr(single, part).state_dict(), getattr(base, part).state_dict()
+        assert all(torch.equal(a[k], c[k]) for k in a), part
+
+
+def test_adapters_for_one_family_are_refused_by_the_other(world, pivotal, tmp_path, capsys):
+    out, _ = pivotal
+    word = json.load(open(out / "settings.json"))["identifier"]
+    sd1 = tiny_model()
+    save_single_file(sd1, tmp_path / "sd1.safetensors")
+    for flag, path, words in (("--lora", out / "lora.safetensors", "is a LoRA for SDXL, but the model is SD 1.x; "
+                                                                    "apply it to an SDXL model."),
+                              ("--embedding", out / f"{word}.safetensors", "made for SDXL")):
+        with pytest.raises(SystemExit) as e:
+            sample.main([str(a) for a in ["--model", tmp_path / "sd1.safetensors", "--prompt", "a ball", flag, path,
+                                          "--out", tmp_path / "images"]])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and words in err and err.count("\n") == 1 and "Traceback" not in err
+    xl = load(world / "base")
+    save_kohya(LoRA(sd1, rank=2, text_encoder=True), tmp_path / "sd1-lora.safetensors")
+    with pytest.raises(ModelFileError) as e:
+        merge_lora(xl, tmp_path / "sd1-lora.safetensors")
+    assert "is a LoRA for SD 1.x, but the model is SDXL; apply it to an SD 1.x model." in one_sentence(e)
+    NewWord(sd1, "abz", torch.zeros(1, sd1.text_encoder.cfg.width)).save(tmp_path / "abz.safetensors")
+    with pytest.raises(ModelFileError) as e:
+        NewWord.from_file(xl, tmp_path / "abz.safetensors")
+    assert f"this SDXL model's words are {TINY_L.width} and {TINY_G.width} wide" in one_sentence(e)
