@@ -11,6 +11,8 @@
 """
 
 import json
+import re
+import types
 
 import numpy as np
 import pytest
@@ -22,7 +24,7 @@ from safetensors.torch import load_file
 import sample
 import train
 from conftest import assert_close, diffusers, diffusers_unet, diffusers_vae, tiny_model
-from minidb import unet as un
+from minidb import text_encoder as te, unet as un
 from minidb.dreambooth import NewWord
 from minidb.files import ModelFileError
 from minidb.load import load
@@ -32,7 +34,7 @@ from minidb.pipeline import encode_prompt
 from minidb.save import save_single_file
 from test_bad_input import one_sentence
 from test_lora import complaints
-from test_sdxl import TINY_G, TINY_L, TINY_SDXL_UNET, reference_text
+from test_sdxl import SDXL_UNET, TINY_G, TINY_L, TINY_SDXL_UNET, reference_text
 from test_sdxl_files import TINY_VAE, sdxl_pipeline
 from test_train import draw_subject
 
@@ -235,3 +237,28 @@ def test_adapters_for_one_family_are_refused_by_the_other(world, pivotal, tmp_pa
     with pytest.raises(ModelFileError) as e:
         NewWord.from_file(xl, tmp_path / "abz.safetensors")
     assert f"this SDXL model's words are {TINY_L.width} and {TINY_G.width} wide" in one_sentence(e)
+
+
+def test_names_at_sdxl_size_are_the_layers_kohya_and_diffusers_adapt():
+    from diffusers.loaders.lora_conversion_utils import (_convert_non_diffusers_lora_to_diffusers,
+                                                         _maybe_map_sgm_blocks_to_diffusers)
+    with torch.device("meta"):
+        model = types.SimpleNamespace(unet=un.UNet(un.SDXL), text_encoder=te.TextEncoder(te.SDXL_L),
+                                      text_encoder_2=te.TextEncoder(te.SDXL_G), version="SDXL", prediction_type="epsilon")
+        lora = LoRA(model, rank=4, text_encoder=True)
+        ref = diffusers.UNet2DConditionModel(**{k: v for k, v in SDXL_UNET.items() if not k.startswith("_")})
+    names = [n for n, _ in lora.named_children()]
+    # kohya's sd-scripts on SDXL: "create LoRA for Text Encoder 1: 72 modules", "... 2: 192", "U-Net: 722"
+    assert [sum(n.startswith(p) for n in names) for p in ("lora_te1_", "lora_te2_", "lora_unet_")] == [72, 192, 722]
+    # diffusers' own conversion of kohya's SDXL names lands each UNet adapter on a layer of its SDXL UNet
+    state = _maybe_map_sgm_blocks_to_diffusers({k: torch.zeros(v.shape) for k, v in lora.state_dict().items()}, ref.config)
+    converted, _ = _convert_non_diffusers_lora_to_diffusers(state)
+
+    def layer(key):  # unet.<path>.lora.down.weight, or <attention>.processor.to_q_lora.down.weight -> <path>
+        path = re.sub(r"\.(lora\.)?(down|up)\.weight$", "", key.removeprefix("unet."))
+        m = re.fullmatch(r"(.+)\.processor\.(to_q|to_k|to_v|to_out)_lora", path)
+        return path if not m else f"{m[1]}.{m[2]}" + (".0" if m[2] == "to_out" else "")
+
+    places = {layer(k) for k in converted if k.startswith("unet.")}
+    modules = dict(ref.named_modules())
+    assert len(places) == 722 and all(isinstance(modules.get(p), (torch.nn.Linear, torch.nn.Conv2d)) for p in places)
