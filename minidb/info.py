@@ -57,7 +57,8 @@ def main(argv=None):
         model = load(args.model, prediction_type=args.prediction_type)
         for path, scale in args.merge_lora:
             n = merge_lora(model, path, scale)
-            print(f"merged {path} at scale {scale:g}: {n['unet']} UNet and {n['text_encoder']} text-encoder layers")
+            second = f" and {n['text_encoder_2']} second-text-encoder" if "text_encoder_2" in n else ""
+            print(f"merged {path} at scale {scale:g}: {n['unet']} UNet, {n['text_encoder']} text-encoder{second} layers")
     except ModelFileError as e:
         return fail(str(e))
 

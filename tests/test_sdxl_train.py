@@ -262,3 +262,18 @@ def test_names_at_sdxl_size_are_the_layers_kohya_and_diffusers_adapt():
     places = {layer(k) for k in converted if k.startswith("unet.")}
     modules = dict(ref.named_modules())
     assert len(places) == 722 and all(isinstance(modules.get(p), (torch.nn.Linear, torch.nn.Conv2d)) for p in places)
+
+
+def test_info_merges_an_sdxl_lora_into_both_text_encoders(world, pivotal, tmp_path, capsys):
+    from minidb.info import main as info
+    out, _ = pivotal
+    keys = load_file(out / "lora.safetensors").keys()
+    layers = {part: len({k.split(".")[0] for k in keys if k.startswith(f"lora_{part}_")}) for part in ("unet", "te1", "te2")}
+    assert min(layers.values()) > 0
+    assert info([str(world / "base"), "--merge-lora", str(out / "lora.safetensors"), "--convert",
+                 str(tmp_path / "merged.safetensors")]) == 0
+    assert (f"{layers['unet']} UNet, {layers['te1']} text-encoder and {layers['te2']} second-text-encoder layers"
+            in capsys.readouterr().out)
+    merged, base = load(tmp_path / "merged.safetensors"), load(world / "base")
+    assert not torch.equal(merged.text_encoder_2.encoder.layers[0].self_attn.q_proj.weight,
+                           base.text_encoder_2.encoder.layers[0].self_attn.q_proj.weight)
