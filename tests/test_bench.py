@@ -1,0 +1,62 @@
+"""bench/run.py's SDXL rows measure like against like: at tiny SDXL-shaped presets, minidb's and
+diffusers' UNets compute the same thing from the same weights and conditioning, the LoRA rows train
+the same number of parameters (with checkpointing too), and the load row's file, written one
+tensor at a time, is what safetensors, minidb and diffusers (offline) all read."""
+
+import dataclasses
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import diffusers  # noqa: F401  (skips without diffusers)
+from minidb import text_encoder as te, unet as un, vae as va
+from test_sdxl import TINY_G, TINY_L, TINY_SDXL_UNET
+
+run = pytest.importorskip("bench.run")  # python -m pytest runs from the repository root
+
+
+@pytest.fixture
+def tiny_sdxl(monkeypatch):
+    """SDXL's presets made tiny: the text towers 64-wide per head, as the shape reader expects, the
+    pooled vector and the context as wide as SDXL's, which the rows' inputs have."""
+    monkeypatch.setattr(te, "SDXL_L", dataclasses.replace(TINY_L, width=768, heads=12, mlp_width=64, layers=2))
+    monkeypatch.setattr(te, "SDXL_G", dataclasses.replace(TINY_G, width=1280, heads=20, mlp_width=64, layers=2,
+                                                          projection=1280))
+    monkeypatch.setattr(un, "SDXL", dataclasses.replace(TINY_SDXL_UNET, context_dim=2048,
+                                                        adm_in_channels=1280 + 6 * un.SIZE_FEATURES))
+    monkeypatch.setattr(va, "SDXL", dataclasses.replace(va.TINY, scale_factor=va.LATENT_SCALE_XL))
+
+
+def test_streamed_safetensors_read_back(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(3, 5, generator=g), "b.weight": torch.randn(7, generator=g).half(),
+               "c": torch.randn(2, 2, 3, generator=g).bfloat16()}
+    run.write_streamed(tmp_path / "x.safetensors", {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()},
+                       lambda k: tensors[k])
+    back = load_file(tmp_path / "x.safetensors")
+    assert back.keys() == tensors.keys()
+    assert all(back[k].dtype == t.dtype and torch.equal(back[k], t) for k, t in tensors.items())
+
+
+def test_sdxl_unet_row_computes_the_same_in_both(tiny_sdxl, tmp_path):
+    with torch.no_grad():
+        ours, theirs = (run.task("sdxl-unet", impl, "cpu", 16, tmp_path)() for impl in ("minidb", "diffusers"))
+    assert ours.shape == (2, 4, 16, 16)
+    assert torch.allclose(ours, theirs, atol=1e-5 * theirs.abs().max().item()) and theirs.abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("row", ["sdxl-lora-step", "sdxl-lora-step-gc"])
+def test_sdxl_lora_rows_train_the_same_layers(tiny_sdxl, tmp_path, row):
+    with torch.enable_grad():
+        steps = [run.task(row, impl, "cpu", 64, tmp_path) for impl in ("minidb", "diffusers")]
+        for step in steps:
+            step()  # the first step checks that every adapter got a gradient
+    assert steps[0].trained == steps[1].trained > 0
+
+
+def test_sdxl_load_row_reads_the_same_weights_in_both(tiny_sdxl, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the row sets it in its own process; here it is put back
+    run.prepare_load_files(tmp_path, "SDXL")
+    sums = [run.loader(impl, "cpu", tmp_path, "SDXL")() for impl in ("minidb", "diffusers")]
+    assert sums[0] == pytest.approx(sums[1], rel=1e-6) and sums[0] != 0
