@@ -37,7 +37,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import torch  # noqa: E402
 
-from bench.run import write_streamed  # noqa: E402
+from bench.checkpoints import write_streamed  # noqa: E402
 from conftest import assert_close, diffusers, randomize_, transformers  # noqa: E402
 from minidb import text_encoder as te, unet as un, vae as va  # noqa: E402
 from minidb.convert import (native_to_diffusers_names, text_config_from_transformers,  # noqa: E402

@@ -14,6 +14,7 @@ from minidb import text_encoder as te, unet as un, vae as va
 from test_sdxl import TINY_G, TINY_L, TINY_SDXL_UNET
 
 run = pytest.importorskip("bench.run")  # python -m pytest runs from the repository root
+from bench.checkpoints import prepare_load_files, write_streamed  # noqa: E402
 
 
 @pytest.fixture
@@ -32,7 +33,7 @@ def test_streamed_safetensors_read_back(tmp_path):
     g = torch.Generator().manual_seed(0)
     tensors = {"a": torch.randn(3, 5, generator=g), "b.weight": torch.randn(7, generator=g).half(),
                "c": torch.randn(2, 2, 3, generator=g).bfloat16()}
-    run.write_streamed(tmp_path / "x.safetensors", {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()},
+    write_streamed(tmp_path / "x.safetensors", {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()},
                        lambda k: tensors[k])
     back = load_file(tmp_path / "x.safetensors")
     assert back.keys() == tensors.keys()
@@ -57,6 +58,6 @@ def test_sdxl_lora_rows_train_the_same_layers(tiny_sdxl, tmp_path, row):
 
 def test_sdxl_load_row_reads_the_same_weights_in_both(tiny_sdxl, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the row sets it in its own process; here it is put back
-    run.prepare_load_files(tmp_path, "SDXL")
+    prepare_load_files(tmp_path, "SDXL")
     sums = [run.loader(impl, "cpu", tmp_path, "SDXL")() for impl in ("minidb", "diffusers")]
     assert sums[0] == pytest.approx(sums[1], rel=1e-6) and sums[0] != 0
