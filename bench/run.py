@@ -46,10 +46,10 @@ ROWS = {
     "load": ("load an SD 1.5 single file, fp16 safetensors, all weights touched", 0, 0, 3, 3),
     # SDXL: on the CPU at small sizes (a run of both takes minutes), on the GPU at 1024 px.
     "sdxl-unet": ("SDXL UNet forward with y, batch 2 (guidance)", 16, 128, 3, 10),
-    "sdxl-lora-step": ("SDXL DreamBooth LoRA step, rank 16 on to_q/k/v/out (diffusers' SDXL script; PEFT), "
-                       "1 instance + 1 class", 128, 1024, 2, 5),
+    "sdxl-lora-step": ("SDXL DreamBooth LoRA step, rank 16 on to_q/k/v/out (diffusers' SDXL script; PEFT), base "
+                       "bf16 on GPU, 1 instance + 1 class", 128, 1024, 2, 5),
     "sdxl-lora-step-gc": ("SDXL DreamBooth LoRA step as above, with gradient checkpointing (both)", 128, 1024, 2, 5),
-    "sdxl-sample": (f"SDXL, {SDXL_STEPS} Euler steps, guidance 5.0, + fp32 decode, 1 image (s/image)", 128, 1024, 1, 2),
+    "sdxl-sample": (f"SDXL, {SDXL_STEPS} Euler steps, guidance 5.0, fp16 on GPU + fp32 decode, 1 image (s/image)", 128, 1024, 1, 2),
     "sdxl-load": ("load an SDXL single file, fp16 safetensors, all weights touched", 0, 0, 1, 1),
 }
 SDXL_ROWS = [row for row in ROWS if row.startswith("sdxl")]
