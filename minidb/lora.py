@@ -93,13 +93,15 @@ class Adapter(nn.Module):
         nn.init.zeros_(self.lora_up.weight)  # so that step 0 is the base model
         self.register_buffer("alpha", torch.tensor(float(alpha)))
 
-    def forward(self, x):
-        return self.lora_up(self.lora_down(x)) * (self.alpha / self.lora_down.weight.shape[0])
+    def forward(self, x):  # the scale applied to the rank-wide middle, the smallest tensor on the way
+        return self.lora_up(self.lora_down(x) * (self.alpha / self.lora_down.weight.shape[0]))
 
 
 def _add_update(adapter):
     def hook(layer, args, output):  # a forward hook's return value replaces the layer's output
-        x = args[0].to(adapter.lora_down.weight.dtype)  # an fp16 model, fp32 adapters; autocast recasts anyway
+        x = args[0]
+        if not torch.is_autocast_enabled(x.device.type):  # an fp16 model, fp32 adapters (under autocast the
+            x = x.to(adapter.lora_down.weight.dtype)      # adapter's matmuls cast for themselves: no fp32 copy)
         return output + adapter(x).to(output.dtype)
     return hook
 
