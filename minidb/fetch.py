@@ -41,7 +41,7 @@ DEFAULT_MODEL = WEIGHTS / "v1-5-pruned-emaonly.safetensors"
 MODELS = {"sd15": (DEFAULT_URL, DEFAULT_SHA256, 4_265_146_304),
           "sdxl": ("https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/sd_xl_base_1.0.safetensors",
                    "31e35c80fc4829d14f90153f4c74cd59c90b779f6afe05a74cd6120b893f7e5b", 6_938_078_334)}
-TOY_MODEL = WEIGHTS / "toy.safetensors"  # ships with minidb: the toy world's base model (minidb/lab.py)
+TOY_MODEL = WEIGHTS / "toy.safetensors"  # ships with minidb: the toy world's base model (minidb/toy/lab.py)
 CHUNK = 1 << 20  # bytes read and hashed at a time
 TIMEOUT = 60  # seconds without a byte before we give up (the .part file stays for resuming)
 

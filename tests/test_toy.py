@@ -8,10 +8,10 @@ import torch
 
 import train
 from minidb.fetch import TOY_MODEL
-from minidb.lab import EXAMPLES, SIZE, generate, load_probe, to_tensor
+from minidb.toy.lab import EXAMPLES, SIZE, generate, load_probe, to_tensor
 from minidb.load import load
-from minidb.probe import read
-from minidb.world import CLASSES, random_scene, render
+from minidb.toy.probe import read
+from minidb.toy.world import CLASSES, random_scene, render
 
 
 def fewest_hits_beating_chance(n, p, risk=0.01):

@@ -6,7 +6,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from minidb.world import BACKGROUNDS, CLASSES, COLOURS, Scene, caption, random_scene, render, subject_photos
+from minidb.toy.world import BACKGROUNDS, CLASSES, COLOURS, Scene, caption, random_scene, render, subject_photos
 
 # What the ground looks like at the bottom edge of each background (world.py's palette).
 GROUND = {"beach": (226, 200, 140), "snow": (246, 248, 252), "grass": (72, 150, 52), "night sky": (14, 18, 52),

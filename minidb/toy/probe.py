@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from minidb.world import BACKGROUNDS, CLASSES, COLOURS, random_scene, render
+from minidb.toy.world import BACKGROUNDS, CLASSES, COLOURS, random_scene, render
 
 HEADS = {"class": CLASSES, "colour": sorted(COLOURS), "background": BACKGROUNDS, "subject": (False, True)}
 

@@ -6,7 +6,7 @@
 
 Four classes of object in six colours and three sizes, anywhere in the frame, on five backgrounds.
 Everything is real in this world: the same minidb tokenizer, text encoder, VAE, UNet and samplers as
-Stable Diffusion, at small configs, trained on these pictures (minidb/lab.py).
+Stable Diffusion, at small configs, trained on these pictures (minidb/toy/lab.py).
 
 The subject is one particular object the base model never sees: a cup painted in a checkerboard of
 the scene's colour and white (SUBJECT). Its photos play the part of the user's 3-5 photos of a dog.

@@ -1,11 +1,11 @@
 """The toy lab: train a small text-to-image model on the toy world, and measure DreamBooth in it.
 
-    python -m minidb.lab examples             # render the subject's photos into examples/checkered-cup/
-    python -m minidb.lab train-base           # the base model -> weights/toy.safetensors (~58 min, 2 cores)
-    python -m minidb.lab train-probe          # the measuring probe -> weights/toy-probe.safetensors
-    python -m minidb.lab evaluate --model M   # the paper's metrics for a model, as a table
-    python -m minidb.lab ablation             # DreamBooth with vs without the prior loss, several seeds
-    python -m minidb.lab methods              # DreamBooth full vs LoRA vs textual inversion, several seeds
+    python -m minidb.toy.lab examples             # render the subject's photos into examples/checkered-cup/
+    python -m minidb.toy.lab train-base           # the base model -> weights/toy.safetensors (~58 min, 2 cores)
+    python -m minidb.toy.lab train-probe          # the measuring probe -> weights/toy-probe.safetensors
+    python -m minidb.toy.lab evaluate --model M   # the paper's metrics for a model, as a table
+    python -m minidb.toy.lab ablation             # DreamBooth with vs without the prior loss, several seeds
+    python -m minidb.toy.lab methods              # DreamBooth full vs LoRA vs textual inversion, several seeds
 
 The base model is Stable Diffusion in miniature: the same tokenizer, text encoder, VAE, UNet and
 noise schedule, at small configs, trained from scratch in two stages (as SD was):
@@ -34,13 +34,13 @@ from minidb.fetch import TOY_MODEL
 from minidb.files import read_tensors, write_safetensors
 from minidb.load import StableDiffusion, load
 from minidb.pipeline import decode, sample_latents
-from minidb.probe import HEADS, Probe, diversity, read, similarity, train_probe
+from minidb.toy.probe import HEADS, Probe, diversity, read, similarity, train_probe
 from minidb.save import save_single_file
 from minidb.schedulers import NUM_TRAIN_TIMESTEPS, NoiseSchedule
 from minidb.tokenizer import Tokenizer
-from minidb.world import CLASSES, SUBJECT, caption, random_scene, render, subject_photos
+from minidb.toy.world import CLASSES, SUBJECT, caption, random_scene, render, subject_photos
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 TOY_PROBE = ROOT / "weights" / "toy-probe.safetensors"
 EXAMPLES = ROOT / "examples" / "checkered-cup"
 SIZE = 64  # image side; the VAE downsamples 4x, so the UNet sees 16x16 latents
@@ -348,7 +348,7 @@ def write_examples(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m minidb.lab", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m minidb.toy.lab", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     ex = sub.add_parser("examples", help="render the subject's photos")
     ex.add_argument("--out", default=str(EXAMPLES), help="folder for the five photos (default: %(default)s)")
