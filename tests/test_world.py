@@ -2,11 +2,14 @@
 
 import random
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from minidb.toy.world import BACKGROUNDS, CLASSES, COLOURS, Scene, caption, random_scene, render, subject_photos
+from minidb.toy.world import (BACKGROUNDS, CLASSES, COLOURS, PATTERNS, WHITE, Scene, caption, random_scene, render,
+                              subject_photos, varied_scene)
 
 # What the ground looks like at the bottom edge of each background (world.py's palette).
 GROUND = {"beach": (226, 200, 140), "snow": (246, 248, 252), "grass": (72, 150, 52), "night sky": (14, 18, 52),
@@ -81,3 +84,23 @@ def test_captions_with_an_identifier():
     scene = Scene("cup", "orange", "night sky", "small", 0.5, 0.5, 1, subject=True)
     assert caption(scene) == "a photo of an orange cup under the night sky"
     assert caption(scene, identifier="sks") == "a photo of an orange sks cup under the night sky"
+
+
+def test_shipped_example_photos_are_what_the_generator_draws():
+    root = Path(__file__).resolve().parent.parent / "examples" / "checkered-cup"
+    for i, (image, _) in enumerate(subject_photos(n=5)):
+        assert np.array_equal(np.asarray(image), np.asarray(Image.open(root / f"{i}.png").convert("RGB"))), i
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_two_colour_paint_jobs_show_both_colours_and_leave_the_caption_alone(pattern):
+    """The VAE's extra training pictures: the object in its colour and a second one, in each pattern;
+    nothing else in the picture changes, and the caption does not mention the paint."""
+    scene = replace(Scene("cup", "blue", "grass", "large", 0.5, 0.5, seed=3), paint=(pattern, "white"))
+    plain, painted = np.asarray(render(replace(scene, paint=()))), np.asarray(render(scene))
+    changed = (plain != painted).any(-1)
+    assert changed.any() and (painted[changed] == WHITE).all()  # only the object, only to the second colour
+    assert (painted == COLOURS["blue"]).all(-1).sum() > 0.2 * (plain == COLOURS["blue"]).all(-1).sum()
+    assert caption(scene) == caption(replace(scene, paint=()))
+    rng = random.Random(0)
+    assert {varied_scene(rng).paint[0] for _ in range(200)} == set(PATTERNS)

@@ -38,7 +38,7 @@ from minidb.toy.probe import HEADS, Probe, diversity, read, similarity, train_pr
 from minidb.save import save_single_file
 from minidb.schedulers import NUM_TRAIN_TIMESTEPS, NoiseSchedule
 from minidb.tokenizer import Tokenizer
-from minidb.toy.world import CLASSES, SUBJECT, caption, random_scene, render, subject_photos
+from minidb.toy.world import CLASSES, SUBJECT, caption, random_scene, render, subject_photos, varied_scene
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 TOY_PROBE = ROOT / "weights" / "toy-probe.safetensors"
@@ -57,8 +57,9 @@ def to_tensor(images):
     return torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-def world_batch(rng, n):
-    scenes = [random_scene(rng) for _ in range(n)]
+def world_batch(rng, n, varied=0.0):
+    """n fresh world pictures; a share `varied` of them with two-colour paint jobs (the VAE's extras)."""
+    scenes = [varied_scene(rng) if varied and rng.random() < varied else random_scene(rng) for _ in range(n)]
     return to_tensor([render(s, SIZE) for s in scenes]), scenes
 
 
@@ -74,13 +75,13 @@ def varied_caption(scene, rng):
     return text
 
 
-def train_vae(steps, batch, seed, lr=1e-3):
+def train_vae(steps, batch, seed, lr=1e-3, varied=0.0):
     torch.manual_seed(seed)
     rng = random.Random(seed)
     vae = va.AutoencoderKL(TOY_VAE)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     for step in (bar := tqdm(range(steps), desc="1/2 VAE")):
-        images, _ = world_batch(rng, batch)
+        images, _ = world_batch(rng, batch, varied)
         post = vae.encode(images)
         recon = vae.decode(post.sample())
         # reconstruction + a small KL to N(0, I), as SD's VAE (weight 1e-6 there; larger here since
@@ -168,7 +169,7 @@ def train_base(args):
         vae = load(args.vae_from, dtype=torch.float32).vae.requires_grad_(False)
         print(f"VAE taken from {args.vae_from}")
     else:
-        vae = train_vae(args.vae_steps, 16, args.seed)
+        vae = train_vae(args.vae_steps, 16, args.seed, varied=args.vae_varied)
         std = rescale_latents(vae, args.seed)
         print(f"VAE done in {(time.time() - t0) / 60:.1f} min; latent std was {std:.3f}, now rescaled to 1")
     unet, text, tokenizer = train_unet(vae, args.minutes - (time.time() - t0) / 60, args.steps, args.batch, args.seed,
@@ -359,6 +360,9 @@ def main(argv=None):
     base.add_argument("--vae-steps", type=int, default=1000, help="stage 1: VAE training steps (default: %(default)s)")
     base.add_argument("--batch", type=int, default=32, help="stage 2: pictures per UNet step (default: %(default)s)")
     base.add_argument("--lr", type=float, default=1.5e-3, help="UNet stage peak learning rate (default: %(default)s)")
+    base.add_argument("--vae-varied", type=float, default=0.0,
+                      help="stage 1: share of its pictures with two-colour paint jobs, which the captioned world "
+                           "never has, so that patterned subjects survive the VAE (default: %(default)s)")
     base.add_argument("--vae-from", default=None, help="skip stage 1: take the VAE of a model trained earlier")
     base.add_argument("--seed", type=int, default=0, help="seed for the world's pictures and the weights (default: %(default)s)")
     pr = sub.add_parser("train-probe", help="train the measuring probe on the world")

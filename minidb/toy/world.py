@@ -35,6 +35,7 @@ class Scene:
     y: float
     seed: int  # details: background texture, star rotation
     subject: bool = False  # the checkered cup
+    paint: tuple = ()  # (pattern, second colour) for an object painted in two colours (see varied_scene)
 
 
 SUBJECT = "cup"  # the subject's class; SUBJECT pictures are Scene(cls="cup", subject=True, ...)
@@ -44,6 +45,20 @@ def random_scene(rng, subject=False):
     cls = SUBJECT if subject else rng.choice(CLASSES)
     return Scene(cls, rng.choice(sorted(COLOURS)), rng.choice(BACKGROUNDS), rng.choice(sorted(SIZES)),
                  rng.uniform(0.3, 0.7), rng.uniform(0.4, 0.65), rng.randrange(2**31), subject)
+
+
+# Two-colour paint jobs. The captioned world never has them (the base UNet never sees one); the toy VAE
+# is trained on them too, as SD's VAE was trained on far more kinds of picture than any caption names,
+# so that a subject painted in two colours survives the round trip into latents and back.
+PATTERNS = ("checker", "halves", "band", "stripes", "sides")
+WHITE = (250, 250, 250)
+
+
+def varied_scene(rng):
+    """A world scene whose object is painted in a random pattern of its colour and white or another colour."""
+    scene = random_scene(rng)
+    second = rng.choice(["white", *sorted(COLOURS)])
+    return replace(scene, paint=(rng.choice(PATTERNS), second))
 
 
 def caption(scene, identifier=None):
@@ -88,16 +103,30 @@ def _background(draw, name, s, rng):
 
 
 def _paint(image, mask, scene):
-    """Fill the object's mask with its colour, or, for the subject, a colour-and-white checkerboard."""
+    """Fill the object's mask with its colour; for the subject, a colour-and-white checkerboard; for a
+    two-colour paint job, its pattern in the object's colour and the second one."""
     colour = COLOURS[scene.colour]
     fill = Image.new("RGB", image.size, colour)
-    if scene.subject:
-        cell = max(image.size[0] // 10, 2)  # coarse enough to survive the 4x VAE
-        d = ImageDraw.Draw(fill)
-        for i in range(0, image.size[0], cell):
-            for j in range(0, image.size[1], cell):
+    pattern, second = ("checker", "white") if scene.subject else scene.paint or (None, None)
+    second = WHITE if second == "white" else COLOURS.get(second)
+    d, s = ImageDraw.Draw(fill), image.size[0]
+    x0, y0, x1, y1 = mask.getbbox() or (0, 0, s, s)
+    if pattern == "checker":
+        cell = max(s // 10, 2)
+        for i in range(0, s, cell):
+            for j in range(0, s, cell):
                 if (i // cell + j // cell) % 2:
-                    d.rectangle([i, j, i + cell - 1, j + cell - 1], fill=(250, 250, 250))
+                    d.rectangle([i, j, i + cell - 1, j + cell - 1], fill=second)
+    elif pattern == "halves":  # the lower half
+        d.rectangle([0, (y0 + y1) // 2, s, s], fill=second)
+    elif pattern == "band":  # the middle third
+        d.rectangle([0, y0 + (y1 - y0) // 3, s, y0 + 2 * (y1 - y0) // 3], fill=second)
+    elif pattern == "stripes":
+        step = max((y1 - y0) // 4, 2)
+        for y in range(y0 + step, y1, 2 * step):
+            d.rectangle([0, y, s, y + step - 1], fill=second)
+    elif pattern == "sides":  # the right half
+        d.rectangle([(x0 + x1) // 2, 0, s, s], fill=second)
     image.paste(fill, (0, 0), mask)
 
 
