@@ -18,6 +18,7 @@ noise schedule, at small configs, trained from scratch in two stages (as SD was)
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import random
@@ -75,10 +76,10 @@ def varied_caption(scene, rng):
     return text
 
 
-def train_vae(steps, batch, seed, lr=1e-3, varied=0.0):
+def train_vae(steps, batch, seed, lr=1e-3, varied=0.0, kl_weight=1e-4, ch=TOY_VAE.ch):
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    vae = va.AutoencoderKL(TOY_VAE)
+    vae = va.AutoencoderKL(dataclasses.replace(TOY_VAE, ch=ch))
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     for step in (bar := tqdm(range(steps), desc="1/2 VAE")):
         images, _ = world_batch(rng, batch, varied)
@@ -87,7 +88,7 @@ def train_vae(steps, batch, seed, lr=1e-3, varied=0.0):
         # reconstruction + a small KL to N(0, I), as SD's VAE (weight 1e-6 there; larger here since
         # there is no adversarial term to keep the latents tidy)
         kl = 0.5 * (post.mean.square() + post.std.square() - 1 - post.logvar).mean()
-        loss = F.l1_loss(recon, images) + 1e-4 * kl
+        loss = F.l1_loss(recon, images) + kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         for g in opt.param_groups:  # cosine decay
@@ -169,7 +170,7 @@ def train_base(args):
         vae = load(args.vae_from, dtype=torch.float32).vae.requires_grad_(False)
         print(f"VAE taken from {args.vae_from}")
     else:
-        vae = train_vae(args.vae_steps, 16, args.seed, varied=args.vae_varied)
+        vae = train_vae(args.vae_steps, 16, args.seed, varied=args.vae_varied, ch=args.vae_ch)
         std = rescale_latents(vae, args.seed)
         print(f"VAE done in {(time.time() - t0) / 60:.1f} min; latent std was {std:.3f}, now rescaled to 1")
     unet, text, tokenizer = train_unet(vae, args.minutes - (time.time() - t0) / 60, args.steps, args.batch, args.seed,
@@ -363,6 +364,8 @@ def main(argv=None):
     base.add_argument("--vae-varied", type=float, default=0.0,
                       help="stage 1: share of its pictures with two-colour paint jobs, which the captioned world "
                            "never has, so that patterned subjects survive the VAE (default: %(default)s)")
+    base.add_argument("--vae-ch", type=int, default=TOY_VAE.ch,
+                      help="stage 1: the VAE's channels at full resolution (default: %(default)s)")
     base.add_argument("--vae-from", default=None, help="skip stage 1: take the VAE of a model trained earlier")
     base.add_argument("--seed", type=int, default=0, help="seed for the world's pictures and the weights (default: %(default)s)")
     pr = sub.add_parser("train-probe", help="train the measuring probe on the world")
