@@ -37,12 +37,8 @@ from minidb.files import DiskFull, ModelFileError, disk_full_is_an_error
 from minidb.info import HELP as MODEL_HELP
 from minidb.load import load
 from minidb.lora import merge_lora
-from minidb.pipeline import SAMPLER_NAMES, SAMPLERS, decode, grid, sample_latents
+from minidb.pipeline import DEFAULTS, SAMPLER_NAMES, SAMPLERS, decode, grid, sample_latents
 
-# What each version draws best with when the command line does not say: SD's own DDIM at guidance 7.5,
-# and SDXL's diffusers scheduler config (Euler, "leading" spacing) at its recommended guidance 5.0.
-DEFAULTS = {"SD 1.x": {"sampler": "ddim", "guidance": 7.5}, "SD 2.x": {"sampler": "ddim", "guidance": 7.5},
-            "SDXL": {"sampler": "euler", "guidance": 5.0}}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SIZE_MAX = 8192  # 16x SD 1.x's own side: a guard against typos; the memory estimate decides what fits
 N_MAX = 1000  # the grid of 1000 512-px images is already 16384 x 16384 pixels

@@ -46,7 +46,7 @@ from minidb.files import DiskFull, ModelFileError, atomic_write, disk_full_is_an
 from minidb.load import load
 from minidb.lora import LoRA, save_kohya
 from minidb.options import METHOD_LR, check, is_sdxl, parse_args, with_method_defaults
-from minidb.pipeline import added_conditioning, decode, grid, sample_latents
+from minidb.pipeline import DEFAULTS, added_conditioning, decode, grid, sample_latents
 from minidb.save import save_diffusers, save_single_file
 from minidb.schedulers import NUM_TRAIN_TIMESTEPS, NoiseSchedule
 
@@ -167,8 +167,10 @@ def train(args, out):
             latent_bytes = 4 * model.unet.cfg.in_channels * (resolution // 2 ** (len(model.vae.cfg.ch_mult) - 1)) ** 2
             with autocast, disk_full_is_an_error(args.class_cache, args.class_images * latent_bytes,
                                                  "the class-prior cache", "run again (what is drawn is kept)"):
-                prior_mean = class_prior(model, args.model, class_prompt, args.class_images, resolution, "ddim",
-                                         args.sample_steps, 7.5, args.seed, args.class_cache).cpu().float()
+                drawing = DEFAULTS[model.version]  # SD: DDIM at guidance 7.5; SDXL: Euler at 5.0
+                prior_mean = class_prior(model, args.model, class_prompt, args.class_images, resolution,
+                                         drawing["sampler"], args.sample_steps, drawing["guidance"], args.seed,
+                                         args.class_cache).cpu().float()
             prior_mean, prior_std = prior_mean / scale, torch.zeros_like(prior_mean)  # drawn latents are exact
             prior_sizes = [((resolution, resolution), (0, 0))] * len(prior_mean)  # drawn whole, at this size
         n_prior = len(prior_mean)
@@ -279,7 +281,8 @@ def train(args, out):
         model.unet.eval()
         with autocast:
             images = [decode(model, sample_latents(model, p, steps=args.sample_steps, seed=args.seed, height=resolution,
-                                                   width=resolution, progress=False))[0] for p in prompts]
+                                                   width=resolution, progress=False, **DEFAULTS[model.version]))[0]
+                      for p in prompts]
         model.unet.train()
         path = out / "validation" / f"step-{step:06d}.png"
         with disk_full():

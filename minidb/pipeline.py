@@ -50,6 +50,13 @@ SAMPLER_NAMES = {"ddim": ("DDIM", "Automatic", {}), "ddpm": ("DDIM", "Automatic"
                  "dpmpp-2m": ("DPM++ 2M", "SGM Uniform", {})}
 
 
+# What each version draws best with when nothing else is asked: SD's own DDIM at guidance 7.5, and
+# SDXL's diffusers scheduler config (Euler, "leading" spacing) at its recommended guidance 5.0. sample.py
+# takes them as its defaults; train.py draws the class prior and the validation grids with them.
+DEFAULTS = {"SD 1.x": {"sampler": "ddim", "guidance": 7.5}, "SD 2.x": {"sampler": "ddim", "guidance": 7.5},
+            "SDXL": {"sampler": "euler", "guidance": 5.0}}
+
+
 @torch.no_grad()
 def encode_prompt(model, prompts):
     """Prompts -> (context (B, 77, C), pooled (B, P) or None) on the text encoder's device and dtype.
