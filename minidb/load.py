@@ -36,7 +36,6 @@ from minidb.convert import (native_to_diffusers_names, openclip_to_native, text_
                             unet_blocks, unet_config_from_diffusers, vae_attention_shape, vae_blocks,
                             vae_config_from_diffusers)
 from minidb.files import ModelFileError, read_json, read_tensors
-from minidb.single_file import CLIP, OPENCLIP, UNET, VAE  # noqa: F401  (where other modules look for them)
 from minidb.tokenizer import Tokenizer
 from minidb.unet import SIZE_FEATURES
 

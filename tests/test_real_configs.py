@@ -31,7 +31,8 @@ from conftest import assert_close, diffusers, randomize_, text_twin, transformer
 from minidb import text_encoder as te, unet as un, vae as va
 from minidb.convert import (text_config_from_transformers, text_config_to_transformers, unet_config_from_diffusers,
                             unet_config_to_diffusers, vae_config_from_diffusers, vae_config_to_diffusers)
-from minidb.load import CLIP, OPENCLIP, UNET, StableDiffusion, load
+from minidb.load import StableDiffusion, load
+from minidb.single_file import CLIP, OPENCLIP, UNET
 from minidb.save import save_single_file
 from minidb.tokenizer import Tokenizer
 from diffusers.loaders import single_file_utils as sfu

@@ -28,6 +28,7 @@ from minidb.save import _transformers_names, save_diffusers, save_single_file, s
 from minidb.tokenizer import Tokenizer
 from test_bad_input import one_sentence
 from test_foreign_files import unet_to_original, vae_to_original
+from test_load_save import openclip_layout
 from test_sdxl import SDXL_UNET, TINY_G, TINY_L, TINY_SDXL_UNET, reference_text
 from diffusers.loaders import single_file_utils as sfu
 
@@ -52,14 +53,17 @@ def sdxl_pipeline(tmp, unet, vae, text_encoder, text_encoder_2):
                                                tokenizer=tok, tokenizer_2=tok_2, unet=unet, scheduler=scheduler)
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
+def tiny_sdxl(tmp, name="diffusers"):
     """(reference StableDiffusionXLPipeline at tiny SDXL-shaped configs, the folder save_pretrained wrote)."""
-    tmp = tmp_path_factory.mktemp("sdxl")
     pipe = sdxl_pipeline(tmp, diffusers_unet(TINY_SDXL_UNET), diffusers_vae(TINY_VAE), reference_text(TINY_L, seed=2),
                          reference_text(TINY_G, seed=3))
-    pipe.save_pretrained(tmp / "diffusers")
-    return pipe, tmp / "diffusers"
+    pipe.save_pretrained(tmp / name)
+    return pipe, tmp / name
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    return tiny_sdxl(tmp_path_factory.mktemp("sdxl"))
 
 
 def assert_same_outputs(model, pipe, exact=True):
@@ -166,22 +170,11 @@ EXPECTED = {"unet": un.UNetConfig(model_channels=64, channel_mult=(1, 2, 2), num
 
 def bigg_to_original(state):
     """transformers' CLIPTextModelWithProjection -> OpenCLIP's names, as SDXL files store bigG (the
-    reverse of diffusers' convert_open_clip_checkpoint): q, k, v stacked in in_proj, text_projection
-    as the (width, projection) matrix of `x @ P`, and OpenCLIP's logit_scale that SD never uses."""
+    reverse of diffusers' convert_open_clip_checkpoint): SD 2's hand-written layout (test_load_save.py),
+    with text_projection as the (width, projection) matrix of `x @ P`."""
     state = {k.removeprefix("text_model."): v for k, v in state.items()}
-    out = {"token_embedding.weight": state["embeddings.token_embedding.weight"],
-           "positional_embedding": state["embeddings.position_embedding.weight"],
-           "ln_final.weight": state["final_layer_norm.weight"], "ln_final.bias": state["final_layer_norm.bias"],
-           "text_projection": state["text_projection.weight"].T.contiguous(), "logit_scale": torch.tensor(4.6052)}
-    n = 0
-    while f"encoder.layers.{n}.layer_norm1.weight" in state:
-        src, dst = f"encoder.layers.{n}.", f"transformer.resblocks.{n}."
-        for w in ("weight", "bias"):
-            out[dst + f"attn.in_proj_{w}"] = torch.cat([state[src + f"self_attn.{p}_proj.{w}"] for p in "qkv"])
-            for a, b in (("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"),
-                         ("mlp.fc2", "mlp.c_proj"), ("self_attn.out_proj", "attn.out_proj")):
-                out[dst + f"{b}.{w}"] = state[src + f"{a}.{w}"]
-        n += 1
+    out = openclip_layout(state, {})
+    out["text_projection"] = state["text_projection.weight"].T.contiguous()
     return {XL_OPENCLIP + k: v for k, v in out.items()}
 
 

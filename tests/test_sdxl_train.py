@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 import sample
 import train
-from conftest import assert_close, diffusers, diffusers_unet, diffusers_vae, tiny_model
+from conftest import assert_close, diffusers, tiny_model
 from minidb import text_encoder as te, unet as un
 from minidb.dreambooth import NewWord
 from minidb.files import ModelFileError
@@ -34,8 +34,8 @@ from minidb.pipeline import encode_prompt
 from minidb.save import save_single_file
 from test_bad_input import one_sentence
 from test_lora import complaints
-from test_sdxl import SDXL_UNET, TINY_G, TINY_L, TINY_SDXL_UNET, reference_text
-from test_sdxl_files import TINY_VAE, sdxl_pipeline
+from test_sdxl import SDXL_UNET, TINY_G, TINY_L
+from test_sdxl_files import tiny_sdxl
 from test_train import draw_subject
 
 RES = 32  # training size; the tiny model's own is 128
@@ -45,9 +45,7 @@ RES = 32  # training size; the tiny model's own is 128
 def world(tmp_path_factory):
     """A tiny SDXL base as diffusers saves it, and three photos of a subject: wide, tall and square."""
     tmp = tmp_path_factory.mktemp("sdxl-train")
-    pipe = sdxl_pipeline(tmp, diffusers_unet(TINY_SDXL_UNET), diffusers_vae(TINY_VAE), reference_text(TINY_L, seed=2),
-                         reference_text(TINY_G, seed=3))
-    pipe.save_pretrained(tmp / "base")
+    tiny_sdxl(tmp, "base")
     (tmp / "photos").mkdir()
     draw_subject(tmp / "photos" / "0.png", (200, 40, 30), 0)  # 64 x 48
     draw_subject(tmp / "photos" / "1.png", (200, 70, 30), 6, size=72)
