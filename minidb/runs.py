@@ -195,14 +195,15 @@ def latest_state(folder):
     return states[-1] if states else None
 
 
-def load_state(path, modules):
-    """Restore the trained modules' weights from a checkpoint folder; return its extra state."""
+def load_state(path, modules, required=("step", "optimizer", "scheduler", "scaler", "generator", "orders")):
+    """Restore the trained modules' weights from a checkpoint folder; return its extra state, which
+    must hold the `required` entries."""
     try:
         for name, module in modules.items():
             tensors, _ = read_tensors(Path(path) / f"{name}.safetensors")
             module.load_state_dict({k: v.to(next(module.parameters()).dtype) for k, v in tensors.items()}, strict=True)
         state = read_tensors(Path(path) / "state.pt")[0]  # weights_only: a planted pickle never runs
-        for key in ("step", "optimizer", "scheduler", "scaler", "generator", "orders"):
+        for key in required:
             if key not in state:
                 raise ModelFileError(f"it has no {key!r} entry")
     except (ModelFileError, RuntimeError) as e:

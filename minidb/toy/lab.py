@@ -22,6 +22,7 @@ import dataclasses
 import json
 import math
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -32,21 +33,23 @@ from tqdm import tqdm
 from minidb import text_encoder as te, unet as un, vae as va
 from minidb.dreambooth import pick_identifier
 from minidb.fetch import TOY_MODEL
-from minidb.files import read_tensors, write_safetensors
+from minidb.cli import fail, number
+from minidb.files import read_tensors, write_json, write_safetensors
 from minidb.load import StableDiffusion, load
 from minidb.pipeline import decode, sample_latents
 from minidb.toy.probe import HEADS, Probe, diversity, read, similarity, train_probe
+from minidb.runs import latest_state, load_state, save_state
 from minidb.save import save_single_file
 from minidb.schedulers import NUM_TRAIN_TIMESTEPS, NoiseSchedule
 from minidb.tokenizer import Tokenizer
-from minidb.toy.world import CLASSES, SUBJECT, caption, random_scene, render, subject_photos, varied_scene
+from minidb.toy.world import CLASSES, SUBJECT, Scene, caption, random_scene, render, subject_photos, varied_scene
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 TOY_PROBE = ROOT / "weights" / "toy-probe.safetensors"
 EXAMPLES = ROOT / "examples" / "checkered-cup"
 SIZE = 64  # image side; the VAE downsamples 4x, so the UNet sees 16x16 latents
 
-TOY_VAE = va.VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1)
+TOY_VAE = va.VAEConfig(ch=64, ch_mult=(1, 2, 2), num_res_blocks=1)
 TOY_UNET = un.UNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(1, 2),
                          num_heads=4, context_dim=64, sample_size=SIZE // 4)
 TOY_TEXT = te.TextEncoderConfig(width=64, layers=3, heads=4, mlp_width=256)  # OpenAI-CLIP style: "SD 1.x" family
@@ -76,12 +79,33 @@ def varied_caption(scene, rng):
     return text
 
 
-def train_vae(steps, batch, seed, lr=1e-3, varied=0.0, kl_weight=1e-4, ch=TOY_VAE.ch):
+# ---- the base model's two stages, resumable: each checkpoints into the work folder ----
+
+def resume(folder, modules, opt, rng):
+    """Restore the newest checkpoint in `folder`, if any; return (its step, its extra state)."""
+    state = latest_state(folder)
+    if state is None:
+        return 0, {}
+    extra = load_state(state, modules, required=("step", "optimizer", "generator", "python_rng"))
+    opt.load_state_dict(extra["optimizer"])
+    torch.set_rng_state(extra["generator"])
+    rng.setstate(extra["python_rng"])
+    print(f"resuming {folder.name} at step {extra['step']}")
+    return extra["step"], extra
+
+
+def checkpoint(folder, step, modules, opt, rng, **more):
+    save_state(folder, step, modules, {"optimizer": opt.state_dict(), "generator": torch.get_rng_state(),
+                                       "python_rng": rng.getstate(), **more})
+
+
+def train_vae(steps, batch, seed, lr=1e-3, varied=0.0, kl_weight=1e-4, ch=TOY_VAE.ch, folder=None, save_every=100):
     torch.manual_seed(seed)
     rng = random.Random(seed)
     vae = va.AutoencoderKL(dataclasses.replace(TOY_VAE, ch=ch))
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    for step in (bar := tqdm(range(steps), desc="1/2 VAE")):
+    start = resume(folder, {"vae": vae}, opt, rng)[0] if folder else 0
+    for step in (bar := tqdm(range(start, steps), initial=start, total=steps, desc="1/2 VAE")):
         images, _ = world_batch(rng, batch, varied)
         post = vae.encode(images)
         recon = vae.decode(post.sample())
@@ -95,6 +119,8 @@ def train_vae(steps, batch, seed, lr=1e-3, varied=0.0, kl_weight=1e-4, ch=TOY_VA
             g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
         opt.step()
         bar.set_postfix(l1=f"{F.l1_loss(recon, images).item():.4f}")
+        if folder and ((step + 1) % save_every == 0 or step + 1 == steps):
+            checkpoint(folder, step + 1, {"vae": vae}, opt, rng)
     return vae.eval().requires_grad_(False)
 
 
@@ -113,29 +139,46 @@ def rescale_latents(vae, seed, n=512):
     return std
 
 
-def train_unet(vae, minutes, steps, batch, seed, lr=5e-4, dataset=20000, ema_decay=0.999):
+@torch.no_grad()
+def encode_world(vae, seed, n, cache=None):
+    """n fixed world scenes and the frozen VAE's latent mean and std of each, kept in `cache` (a
+    safetensors file) so that a resumed run does not encode them again."""
+    if cache and cache.is_file():
+        tensors, meta = read_tensors(cache)
+        scenes = [Scene(**{**s, "paint": tuple(s["paint"])}) for s in json.loads(meta["scenes"])]
+        return scenes, tensors["means"], tensors["stds"]
+    rng, scenes, means, stds = random.Random(seed), [], [], []
+    for start in tqdm(range(0, n, 250), desc="encoding the world"):
+        images, s = world_batch(rng, min(250, n - start))
+        post = vae.encode(images)
+        scenes += s
+        means.append(post.mean)
+        stds.append(post.std)
+    # contiguous: the encoder may hand back channels-last tensors, and randn_like follows the layout,
+    # so a resumed run (which reads the cache) would draw other noise
+    means, stds = torch.cat(means).contiguous(), torch.cat(stds).contiguous()
+    if cache:
+        write_safetensors(cache, {"means": means, "stds": stds},
+                          metadata={"scenes": json.dumps([dataclasses.asdict(s) for s in scenes])})
+    return scenes, means, stds
+
+
+def train_unet(vae, steps, batch, seed, lr=5e-4, dataset=20000, ema_decay=0.999, folder=None, save_every=250):
     torch.manual_seed(seed)
-    rng = random.Random(seed + 1)
+    rng = random.Random(seed + 2)  # captions
     tokenizer = Tokenizer.for_version("SD 1.x")
     unet, text = un.UNet(TOY_UNET).train(), te.TextEncoder(TOY_TEXT).train()
     # A fixed set of scenes, encoded once (the VAE is frozen): latent mean and std per picture.
-    scenes, means, stds = [], [], []
-    with torch.no_grad():
-        for _ in tqdm(range(dataset // 250), desc="encoding the world"):
-            images, s = world_batch(rng, 250)
-            post = vae.encode(images)
-            scenes += s
-            means.append(post.mean)
-            stds.append(post.std)
-    means, stds = torch.cat(means), torch.cat(stds)
+    scenes, means, stds = encode_world(vae, seed + 1, dataset, folder / "latents.safetensors" if folder else None)
     params = list(unet.parameters()) + list(text.parameters())
     ema = [p.detach().clone() for p in params]  # an exponential moving average of the weights samples better
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    start = 0
+    if folder:
+        start, extra = resume(folder, {"unet": unet, "text": text}, opt, rng)
+        ema = extra.get("ema", ema)
     schedule = NoiseSchedule("epsilon")
-    start, budget = time.time(), 60 * minutes
-    bar = tqdm(total=steps, desc="2/2 UNet + text encoder")
-    for step in range(steps):
-        progress = max(step / steps, (time.time() - start) / budget)  # whichever limit comes first
+    for step in (bar := tqdm(range(start, steps), initial=start, total=steps, desc="2/2 UNet + text encoder")):
         idx = torch.randint(0, len(scenes), (batch,))
         x0 = (means[idx] + stds[idx] * torch.randn_like(means[idx])) * va.LATENT_SCALE  # the toy VAE's own
         ids = tokenizer([varied_caption(scenes[i], rng) for i in idx.tolist()])
@@ -146,38 +189,65 @@ def train_unet(vae, minutes, steps, batch, seed, lr=5e-4, dataset=20000, ema_dec
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         for g in opt.param_groups:  # warmup, then cosine decay to 10%
-            g["lr"] = lr * min(1, (step + 1) / 200) * (0.55 + 0.45 * math.cos(math.pi * min(progress, 1)))
+            g["lr"] = lr * min(1, (step + 1) / 200) * (0.55 + 0.45 * math.cos(math.pi * step / steps))
         opt.step()
         with torch.no_grad():
             decay = min(ema_decay, (1 + step) / (10 + step))
             for e, p in zip(ema, params):
                 e.lerp_(p, 1 - decay)
-        bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
-        if progress >= 1:
-            print(f"time budget reached after {step + 1} steps")
-            break
-    bar.close()
+        if folder and ((step + 1) % save_every == 0 or step + 1 == steps):
+            checkpoint(folder, step + 1, {"unet": unet, "text": text}, opt, rng, ema=ema)
     with torch.no_grad():
         for e, p in zip(ema, params):
             p.copy_(e)
     return unet.eval(), text.eval(), tokenizer
 
 
+RECIPE = ("seed", "vae_steps", "vae_varied", "vae_ch", "vae_from", "steps", "batch", "lr", "pictures")  # what --resume keeps
+
+
 def train_base(args):
-    t0 = time.time()
+    """Both stages, checkpointed into args.work (vae/, unet/); --resume continues where a run stopped."""
+    t0, work = time.time(), Path(args.work)
+    recipe = {k: getattr(args, k) for k in RECIPE}
+    settings = work / "settings.json"
+    if settings.exists() and not args.resume and not args.overwrite:
+        fail(f"{work} holds an earlier train-base run; continue it with --resume, or start over with --overwrite.")
+    if args.resume:
+        if not settings.exists():
+            fail(f"--resume found no train-base run in {work}; start one without --resume.")
+        saved = json.loads(settings.read_text())
+        changed = [k for k in RECIPE if saved.get(k) != recipe[k]]
+        if changed:
+            k = changed[0]
+            fail(f"--{k.replace('_', '-')} is {recipe[k]!r} now but the run in {work} started with {saved.get(k)!r}; "
+                 "resume with the same recipe, or start over with --overwrite.")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        write_json(settings, recipe)
+    vae_file = work / "vae.safetensors"
     if args.vae_from:  # stage 1 is deterministic by seed: an earlier run's VAE is the same one
         vae = load(args.vae_from, dtype=torch.float32).vae.requires_grad_(False)
         print(f"VAE taken from {args.vae_from}")
+    elif vae_file.is_file():
+        vae = va.AutoencoderKL(dataclasses.replace(TOY_VAE, ch=args.vae_ch))
+        vae.load_state_dict(read_tensors(vae_file)[0], strict=True)
+        vae.eval().requires_grad_(False)
+        print(f"stage 1 was finished: VAE taken from {vae_file}")
     else:
-        vae = train_vae(args.vae_steps, 16, args.seed, varied=args.vae_varied, ch=args.vae_ch)
+        vae = train_vae(args.vae_steps, 16, args.seed, varied=args.vae_varied, ch=args.vae_ch, folder=work / "vae",
+                        save_every=args.save_every)
         std = rescale_latents(vae, args.seed)
+        write_safetensors(vae_file, vae.state_dict())
         print(f"VAE done in {(time.time() - t0) / 60:.1f} min; latent std was {std:.3f}, now rescaled to 1")
-    unet, text, tokenizer = train_unet(vae, args.minutes - (time.time() - t0) / 60, args.steps, args.batch, args.seed,
-                                       lr=args.lr)
+    unet, text, tokenizer = train_unet(vae, args.steps, args.batch, args.seed, lr=args.lr, dataset=args.pictures,
+                                       folder=work / "unet", save_every=args.save_every)
     model = StableDiffusion(tokenizer, text, vae, unet, "SD 1.x", "epsilon")
     save_single_file(model, args.out, dtype=torch.float16)
-    print(f"wrote {args.out} ({Path(args.out).stat().st_size / 2**20:.1f} MB) after {(time.time() - t0) / 60:.1f} min")
+    print(f"wrote {args.out} ({Path(args.out).stat().st_size / 2**20:.1f} MB) after {(time.time() - t0) / 60:.1f} min "
+          f"in this process; {work} can be removed")
 
 
 # ---- measuring ----
@@ -349,6 +419,14 @@ def write_examples(args):
         print(f"wrote {out / f'{i}.png'}: {caption(scene, identifier='[V]')}")
 
 
+def vae_width(text):
+    """--vae-ch: a multiple of 32, since the VAE's GroupNorm splits channels into 32 groups."""
+    ch = number(int, low=32)(text)
+    if ch % 32:
+        raise argparse.ArgumentTypeError(f"must be a multiple of 32 (the VAE's 32 norm groups), not {text}")
+    return ch
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m minidb.toy.lab", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -356,18 +434,24 @@ def main(argv=None):
     ex.add_argument("--out", default=str(EXAMPLES), help="folder for the five photos (default: %(default)s)")
     base = sub.add_parser("train-base", help="train the toy base model from scratch")
     base.add_argument("--out", default=str(TOY_MODEL), help="where to write the model (default: %(default)s)")
-    base.add_argument("--minutes", type=float, default=56, help="time budget, VAE included (default: %(default)s)")
-    base.add_argument("--steps", type=int, default=20000, help="UNet steps, if time allows (default: %(default)s)")
-    base.add_argument("--vae-steps", type=int, default=1000, help="stage 1: VAE training steps (default: %(default)s)")
-    base.add_argument("--batch", type=int, default=32, help="stage 2: pictures per UNet step (default: %(default)s)")
-    base.add_argument("--lr", type=float, default=1.5e-3, help="UNet stage peak learning rate (default: %(default)s)")
-    base.add_argument("--vae-varied", type=float, default=0.0,
+    base.add_argument("--work", default="runs/toy-base",
+                      help="folder for the checkpoints that --resume continues from (default: %(default)s)")
+    base.add_argument("--resume", action="store_true", help="continue the interrupted run in --work")
+    base.add_argument("--overwrite", action="store_true", help="start over, removing the run in --work")
+    base.add_argument("--save-every", type=number(int, low=1), default=100, help="steps between checkpoints (default: %(default)s)")
+    base.add_argument("--steps", type=number(int, low=1), default=6000, help="stage 2: UNet steps (default: %(default)s)")
+    base.add_argument("--pictures", type=number(int, low=1), default=20000,
+                      help="stage 2: fixed world pictures, encoded once (default: %(default)s)")
+    base.add_argument("--vae-steps", type=number(int, low=1), default=3000, help="stage 1: VAE training steps (default: %(default)s)")
+    base.add_argument("--batch", type=number(int, low=1), default=32, help="stage 2: pictures per UNet step (default: %(default)s)")
+    base.add_argument("--lr", type=number(above=0), default=1.5e-3, help="UNet stage peak learning rate (default: %(default)s)")
+    base.add_argument("--vae-varied", type=number(low=0, high=1), default=0.5,
                       help="stage 1: share of its pictures with two-colour paint jobs, which the captioned world "
                            "never has, so that patterned subjects survive the VAE (default: %(default)s)")
-    base.add_argument("--vae-ch", type=int, default=TOY_VAE.ch,
-                      help="stage 1: the VAE's channels at full resolution (default: %(default)s)")
+    base.add_argument("--vae-ch", type=vae_width, default=TOY_VAE.ch,
+                      help="stage 1: the VAE's channels at full resolution, a multiple of 32 (default: %(default)s)")
     base.add_argument("--vae-from", default=None, help="skip stage 1: take the VAE of a model trained earlier")
-    base.add_argument("--seed", type=int, default=0, help="seed for the world's pictures and the weights (default: %(default)s)")
+    base.add_argument("--seed", type=number(int, low=0), default=0, help="seed for the world's pictures and the weights (default: %(default)s)")
     pr = sub.add_parser("train-probe", help="train the measuring probe on the world")
     pr.add_argument("--model", default=str(TOY_MODEL), help="its VAE softens half the training pictures")
     pr.add_argument("--out", default=str(TOY_PROBE), help="where to write the probe (default: %(default)s)")
