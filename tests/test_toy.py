@@ -3,6 +3,7 @@ it is asked for (as the probe reads it), and DreamBooth runs end to end on it.""
 
 import math
 import random
+from collections import Counter
 
 import torch
 
@@ -10,8 +11,8 @@ import train
 from minidb.fetch import TOY_MODEL
 from minidb.toy.lab import EXAMPLES, SIZE, generate, load_probe, to_tensor
 from minidb.load import load
-from minidb.toy.probe import read
-from minidb.toy.world import CLASSES, random_scene, render
+from minidb.toy.probe import probe_scene, read
+from minidb.toy.world import CLASSES, render, which_subject
 
 
 def fewest_hits_beating_chance(n, p, risk=0.01):
@@ -34,20 +35,24 @@ def test_shipped_model_is_small_and_draws_the_class_asked_for():
     assert hits >= fewest_hits_beating_chance(n, 1 / len(CLASSES)), f"{hits}/{n} right"
 
 
-def test_probe_reads_fresh_world_pictures():
-    """Colour, background and subject-ness are read almost perfectly; the class head confuses some
-    small houses with stars and large stars with houses or cups (0.80 measured on 512 pictures,
-    docs/toy-world.md), so it is held to clearly beating a guesser."""
-    probe = load_probe()
-    rng = random.Random(1000)
-    scenes = [random_scene(rng, subject=i % 4 == 0) for i in range(64)]
-    _, seen = read(probe, to_tensor([render(s) for s in scenes]))
-    for head, truth in (("background", [s.background for s in scenes]), ("colour", [s.colour for s in scenes]),
-                        ("subject", [s.subject for s in scenes])):
-        right = sum(a == b for a, b in zip(seen[head], truth))
-        assert right >= 0.9 * len(scenes), f"{head}: {right}/{len(scenes)}"
-    right = sum(a == s.cls for a, s in zip(seen["class"], scenes))
-    assert right >= fewest_hits_beating_chance(len(scenes), 1 / len(CLASSES), risk=1e-6), f"class: {right}/64"
+def test_probe_reads_fresh_world_pictures_and_their_vae_round_trips():
+    """The issue's bar is 97% on every head, on world pictures and on the same after the toy VAE
+    (measured on 512: docs/toy-world.md); here 128 pictures it never trained on, each subject kind
+    a quarter of them, held to 95% to leave room for the smaller sample."""
+    probe, vae = load_probe(), load(TOY_MODEL, dtype=torch.float32).vae
+    rng = random.Random(4321)
+    scenes = [probe_scene(rng, i) for i in range(128)]
+    assert Counter(which_subject(s) for s in scenes) == {"subject": 32, "tuning": 32, "none": 64}
+    pictures = to_tensor([render(s) for s in scenes])
+    with torch.no_grad():
+        round_trips = vae.decode(vae.encode(pictures).mean).clamp(-1, 1)
+    truth = {"class": [s.cls for s in scenes], "colour": [s.colour for s in scenes],
+             "background": [s.background for s in scenes], "subject": [which_subject(s) for s in scenes]}
+    for x in (pictures, round_trips):
+        _, seen = read(probe, x)
+        for head, values in truth.items():
+            right = sum(a == b for a, b in zip(seen[head], values))
+            assert right >= 0.95 * len(scenes), f"{head}: {right}/{len(scenes)}"
 
 
 def test_dreambooth_runs_on_the_toy_model(tmp_path):

@@ -66,18 +66,20 @@ def test_caption_matches_the_picture(seed):
     assert classify(image, scene.colour) == scene.cls
 
 
-def test_subject_is_a_checkered_cup_the_base_world_never_draws():
-    photos = subject_photos()
+@pytest.mark.parametrize("tuning", [False, True])
+def test_the_subjects_are_two_tone_objects_the_base_world_never_draws(tuning):
+    photos = subject_photos(tuning=tuning)
     assert len(photos) == 5 and len({s.background for _, s in photos}) > 2
+    cls, colour, (pattern, _) = (("ball", "red", ("sides", "")) if tuning else ("cup", "blue", ("top", "")))
     for image, scene in photos:
-        assert scene.subject and scene.cls == "cup" and scene.colour == "blue"
-        painted = pixels_of(image, COLOURS["blue"]).sum()
-        white = pixels_of(image, (250, 250, 250)).sum()
-        assert painted > 30 and white > 30  # two-tone: the checkerboard
+        assert scene.subject != tuning and (scene.cls, scene.colour, scene.paint[0]) == (cls, colour, pattern)
+        painted = pixels_of(image, COLOURS[colour])
+        white = pixels_of(image, (250, 250, 250))
+        assert painted.sum() > 30 and white.sum() > 30  # two-tone
+        rows, cols = np.nonzero(white)
+        assert (cols.mean() > np.nonzero(painted)[1].mean()) if tuning else (rows.mean() < np.nonzero(painted)[0].mean())
     rng = random.Random(1)
-    assert not any(random_scene(rng).subject for _ in range(200))
-    plain = replace(photos[0][1], subject=False)
-    assert pixels_of(render(plain), (250, 250, 250)).sum() < pixels_of(photos[0][0], (250, 250, 250)).sum()
+    assert not any(random_scene(rng).subject or random_scene(rng).paint for _ in range(200))
 
 
 def test_captions_with_an_identifier():
@@ -87,7 +89,7 @@ def test_captions_with_an_identifier():
 
 
 def test_shipped_example_photos_are_what_the_generator_draws():
-    root = Path(__file__).resolve().parent.parent / "examples" / "checkered-cup"
+    root = Path(__file__).resolve().parent.parent / "examples" / "two-tone-cup"
     for i, (image, _) in enumerate(subject_photos(n=5)):
         assert np.array_equal(np.asarray(image), np.asarray(Image.open(root / f"{i}.png").convert("RGB"))), i
 

@@ -1,6 +1,6 @@
 """The toy lab: train a small text-to-image model on the toy world, and measure DreamBooth in it.
 
-    python -m minidb.toy.lab examples             # render the subject's photos into examples/checkered-cup/
+    python -m minidb.toy.lab examples             # render the subject's photos into examples/two-tone-cup/
     python -m minidb.toy.lab train-base           # the base model -> weights/toy.safetensors (~58 min, 2 cores)
     python -m minidb.toy.lab train-probe          # the measuring probe -> weights/toy-probe.safetensors
     python -m minidb.toy.lab evaluate --model M   # the paper's metrics for a model, as a table
@@ -36,17 +36,18 @@ from minidb.fetch import TOY_MODEL
 from minidb.cli import fail, number
 from minidb.files import read_tensors, write_json, write_safetensors
 from minidb.load import StableDiffusion, load
-from minidb.pipeline import decode, sample_latents
-from minidb.toy.probe import HEADS, Probe, diversity, read, similarity, train_probe
+from minidb.pipeline import decode, grid, sample_latents
+from minidb.toy.probe import Probe, accuracy, diversity, off_palette, read, similarity, train_probe
 from minidb.runs import latest_state, load_state, save_state
 from minidb.save import save_single_file
 from minidb.schedulers import NUM_TRAIN_TIMESTEPS, NoiseSchedule
 from minidb.tokenizer import Tokenizer
-from minidb.toy.world import CLASSES, SUBJECT, Scene, caption, random_scene, render, subject_photos, varied_scene
+from minidb.toy.world import (BACKGROUNDS, CLASSES, COLOURS, SUBJECT, TUNING_SUBJECT, Scene, caption, random_scene,
+                              render, subject_photos, varied_scene)
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 TOY_PROBE = ROOT / "weights" / "toy-probe.safetensors"
-EXAMPLES = ROOT / "examples" / "checkered-cup"
+EXAMPLES = ROOT / "examples" / "two-tone-cup"
 SIZE = 64  # image side; the VAE downsamples 4x, so the UNet sees 16x16 latents
 
 TOY_VAE = va.VAEConfig(ch=64, ch_mult=(1, 2, 2), num_res_blocks=1)
@@ -254,7 +255,11 @@ def train_base(args):
 
 PLACES = {"beach": "on the beach", "snow": "on the snow", "grass": "on the grass", "night sky": "under the night sky",
           "wooden floor": "on a wooden floor"}
-PROPERTY_COLOURS = ("red", "green", "yellow")  # the subject is blue
+
+
+def property_colours(colour):
+    """The three colours "a photo of a {colour} [V] cup" asks for: not the subject's own."""
+    return [c for c in ("red", "green", "yellow", "purple") if c != colour][:3]
 
 
 def load_probe(path=TOY_PROBE):
@@ -274,30 +279,73 @@ def mean_spread(values):
 
 
 @torch.no_grad()
-def evaluate(model, identifier, probe, n=4, steps=25, seed=0):
-    """The paper's metrics for one model, over its prompt structure; {metric: (mean, spread)}."""
-    real = to_tensor([image for image, _ in subject_photos()])
+def evaluate(model, identifier, probe, n=4, steps=25, seed=0, tuning=False):
+    """The paper's metrics for one model, over its prompt structure; {metric: (mean, spread)}.
+    tuning=True measures against the tuning subject (a ball) instead of the reported one (a cup)."""
+    photos = subject_photos(tuning=tuning)
+    real, cls, colour = to_tensor([image for image, _ in photos]), photos[0][1].cls, photos[0][1].colour
+    which = "tuning" if tuning else "subject"
     fidelity, subject_rate, prompt_ok, div = [], [], [], []
-    prompts = [(f"a photo of a {identifier} {SUBJECT} {where}", "background", b) for b, where in PLACES.items()]
-    prompts += [(f"a photo of a {c} {identifier} {SUBJECT}", "colour", c) for c in PROPERTY_COLOURS]
+    prompts = [(f"a photo of a {identifier} {cls} {where}", "background", b) for b, where in PLACES.items()]
+    prompts += [(f"a photo of a {c} {identifier} {cls}", "colour", c) for c in property_colours(colour)]
     for k, (prompt, head, wanted) in enumerate(tqdm(prompts, desc="evaluating", leave=False)):
         images = generate(model, prompt, n, seed + k, steps)
         _, seen = read(probe, images)
         fidelity += [similarity(probe, im[None], real) for im in images]
-        subject_rate += [float(s) for s in seen["subject"]]
+        subject_rate += [float(s == which) for s in seen["subject"]]
         prompt_ok += [float(v == wanted) for v in seen[head]]
         div.append(diversity(probe, images))
-    plain = generate(model, f"a photo of a {SUBJECT}", 2 * n, seed + 100, steps)
+    plain = generate(model, f"a photo of a {cls}", 2 * n, seed + 100, steps)
     _, seen = read(probe, plain)
     pres = [similarity(probe, im[None], real) for im in plain]
     right_class = []
-    for k, cls in enumerate(CLASSES):
-        _, seen_cls = read(probe, generate(model, f"a photo of a {cls}", n, seed + 200 + k, steps))
-        right_class += [float(c == cls) for c in seen_cls["class"]]
+    for k, c in enumerate(CLASSES):
+        _, seen_cls = read(probe, generate(model, f"a photo of a {c}", n, seed + 200 + k, steps))
+        right_class += [float(v == c) for v in seen_cls["class"]]
     return {"subject fidelity": mean_spread(fidelity), "subject rate": mean_spread(subject_rate),
             "prompt fidelity": mean_spread(prompt_ok), "PRES": mean_spread(pres),
-            "PRES subject rate": mean_spread([float(s) for s in seen["subject"]]), "DIV": mean_spread(div),
+            "PRES subject rate": mean_spread([float(s == which) for s in seen["subject"]]), "DIV": mean_spread(div),
             "right class": mean_spread(right_class)}
+
+
+@torch.no_grad()
+def evaluate_base(model, probe, n=8, steps=25, seed=0):
+    """How well a base model draws the world: {metric: (mean, spread)} and a grid picture (rows: classes,
+    columns: backgrounds, each in a colour of its own)."""
+    right_class, colour_ok, place_ok, smear, tiles = [], [], [], [], []
+    for k, cls in enumerate(CLASSES):
+        images = generate(model, f"a photo of a {cls}", n, seed + k, steps)
+        right_class += [float(c == cls) for c in read(probe, images)[1]["class"]]
+        smear += off_palette(images).tolist()
+    colours = sorted(COLOURS)
+    for k, (cls, place) in enumerate((c, b) for c in CLASSES for b in BACKGROUNDS):
+        colour = colours[k % len(colours)]
+        scene = Scene(cls, colour, place, "medium", 0.5, 0.5, 0)
+        images = generate(model, caption(scene), n, seed + 100 + k, steps)
+        _, seen = read(probe, images)
+        colour_ok += [float(c == colour) for c in seen["colour"]]
+        place_ok += [float(b == place) for b in seen["background"]]
+        smear += off_palette(images).tolist()
+        tiles.append(images[0])
+    real = to_tensor([render(random_scene(random.Random(10**6 + i))) for i in range(64)])
+    metrics = {"right class": mean_spread(right_class), "colour asked for": mean_spread(colour_ok),
+               "place asked for": mean_spread(place_ok), "off-palette pixels": mean_spread(smear),
+               "off-palette pixels, VAE round trip of real pictures": mean_spread(
+                   off_palette(model.vae.decode(model.vae.encode(real).mean).clamp(-1, 1)).tolist())}
+    return metrics, grid([to_pil(t) for t in tiles], cols=len(BACKGROUNDS))
+
+
+def to_pil(x):
+    """(3, H, W) in [-1, 1] -> a PIL image."""
+    from PIL import Image
+    return Image.fromarray(((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
+
+
+def run_base(args):
+    metrics, picture = evaluate_base(load(args.model, dtype=torch.float32), load_probe(args.probe), args.n, args.steps)
+    print_table({Path(args.model).name: metrics})
+    picture.resize((picture.width * 2, picture.height * 2), 0).save(args.picture)
+    print(f"wrote {args.picture} (rows: {', '.join(CLASSES)}; columns: {', '.join(BACKGROUNDS)})")
 
 
 def identifier_of(model_path):
@@ -331,14 +379,10 @@ def run_train_probe(args):
     vae = load(args.model, dtype=torch.float32).vae
     probe = train_probe(to_tensor, vae=vae, steps=args.steps, seed=args.seed)
     write_safetensors(args.out, probe.state_dict())
-    rng = random.Random(args.seed + 1)  # one generator for all: 256 different pictures
-    scenes = [random_scene(rng, subject=i % 4 == 0) for i in range(256)]
     with torch.no_grad():
-        _, seen = read(probe, to_tensor([render(s) for s in scenes]))
-    truth = {"class": [s.cls for s in scenes], "colour": [s.colour for s in scenes],
-             "background": [s.background for s in scenes], "subject": [s.subject for s in scenes]}
-    for head in HEADS:
-        print(f"{head}: {sum(a == b for a, b in zip(seen[head], truth[head])) / len(scenes):.3f} accuracy on fresh pictures")
+        for vae_or_none, what in ((None, "fresh pictures"), (vae, "the same after a VAE round trip")):
+            right = accuracy(probe, to_tensor, vae=vae_or_none)
+            print(f"{what}: " + ", ".join(f"{head} {share:.3f}" for head, share in right.items()))
     print(f"wrote {args.out}")
 
 
@@ -346,7 +390,10 @@ VARIANTS = {  # what each comparison trains, as train.py arguments
     "ablation": {"with prior": [], "without prior": ["--prior-weight", "0"]},  # the paper's Table 3
     "methods": {"DreamBooth": [], "DreamBooth LoRA": ["--method", "lora"],  # its Table 1, with LoRA
                 "Textual Inversion": ["--method", "textual-inversion"]},
+    # the toy recipe, chosen on the tuning subject only (a ball), never on the reported one (the cup)
+    "tune": {f"lr {lr}": ["--lr", lr] for lr in ("5e-6", "2e-5", "5e-5", "1e-4", "2e-4")},
 }
+TUNING_EXAMPLES = ROOT / "runs" / "tuning-subject"  # rendered on demand: the tuning subject's 5 photos
 
 
 def load_run(folder):
@@ -371,15 +418,15 @@ def run_compare(args):
     run exactly as a user would type it, then measured. Finished runs (README.md written) are reused."""
     import subprocess
     import sys
-    from minidb.pipeline import grid
     torch.set_grad_enabled(False)
-    variants = VARIANTS[args.command]
+    variants, tuning = VARIANTS[args.command], args.command == "tune"
+    images, cls = (write_examples(TUNING_EXAMPLES, tuning=True), TUNING_SUBJECT) if tuning else (EXAMPLES, SUBJECT)
     probe, runs, seconds = load_probe(args.probe), {name: [] for name in variants}, {name: [] for name in variants}
     for seed in args.seeds:
         for name, extra in variants.items():
             out = Path(args.out) / f"{name.lower().replace(' ', '-')}-seed{seed}"
             if not (out / "README.md").exists():
-                cmd = [sys.executable, str(ROOT / "train.py"), "--images", str(EXAMPLES), "--class", SUBJECT,
+                cmd = [sys.executable, str(ROOT / "train.py"), "--images", str(images), "--class", cls,
                        "--model", str(args.model), "--out", str(out), "--seed", str(seed), *args.train_args.split(), *extra,
                        *(["--overwrite"] if out.exists() else [])]  # an unfinished run starts over
                 print(" ".join(cmd))
@@ -388,9 +435,9 @@ def run_compare(args):
             seconds[name].append(sum(json.loads(line)["step_time"] for line in open(out / "log.jsonl")))
     base = load(args.model, dtype=torch.float32)
     identifier = load_run(runs[next(iter(variants))][0])[1]
-    columns = {"base model": evaluate(base, identifier, probe, n=args.n, steps=args.steps)}
-    per_seed = {name: [evaluate(*load_run(folder), probe, n=args.n, steps=args.steps) for folder in folders]
-                for name, folders in runs.items()}
+    columns = {"base model": evaluate(base, identifier, probe, n=args.n, steps=args.steps, tuning=tuning)}
+    per_seed = {name: [evaluate(*load_run(folder), probe, n=args.n, steps=args.steps, tuning=tuning)
+                       for folder in folders] for name, folders in runs.items()}
     for name, results in per_seed.items():  # mean over seeds, spread = std of the per-seed means
         columns[name] = {m: mean_spread([r[m][0] for r in results]) for m in results[0]}
         columns[name]["training loop, s"] = mean_spread(seconds[name])
@@ -411,12 +458,14 @@ def run_compare(args):
     print(f"wrote {args.json} and {args.picture} (rows: base, {', '.join(variants)}; columns: {prompts})")
 
 
-def write_examples(args):
-    out = Path(args.out)
+def write_examples(out, tuning=False):
+    """Render the subject's (or the tuning subject's) five photos into `out`; return it."""
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for i, (image, scene) in enumerate(subject_photos(n=5)):
+    for i, (image, scene) in enumerate(subject_photos(n=5, tuning=tuning)):
         image.save(out / f"{i}.png")
         print(f"wrote {out / f'{i}.png'}: {caption(scene, identifier='[V]')}")
+    return out
 
 
 def vae_width(text):
@@ -432,6 +481,7 @@ def main(argv=None):
     sub = p.add_subparsers(dest="command", required=True)
     ex = sub.add_parser("examples", help="render the subject's photos")
     ex.add_argument("--out", default=str(EXAMPLES), help="folder for the five photos (default: %(default)s)")
+    ex.add_argument("--tuning", action="store_true", help="the tuning subject's photos instead (give --out too)")
     base = sub.add_parser("train-base", help="train the toy base model from scratch")
     base.add_argument("--out", default=str(TOY_MODEL), help="where to write the model (default: %(default)s)")
     base.add_argument("--work", default="runs/toy-base",
@@ -455,7 +505,7 @@ def main(argv=None):
     pr = sub.add_parser("train-probe", help="train the measuring probe on the world")
     pr.add_argument("--model", default=str(TOY_MODEL), help="its VAE softens half the training pictures")
     pr.add_argument("--out", default=str(TOY_PROBE), help="where to write the probe (default: %(default)s)")
-    pr.add_argument("--steps", type=int, default=800, help="training steps (default: %(default)s)")
+    pr.add_argument("--steps", type=number(int, low=1), default=3000, help="training steps (default: %(default)s)")
     pr.add_argument("--seed", type=int, default=0, help="seed for its pictures and weights (default: %(default)s)")
     ev = sub.add_parser("evaluate", help="subject fidelity, prompt fidelity, PRES, DIV of models")
     ev.add_argument("--model", nargs="+", default=[str(TOY_MODEL)], help="one or more models, compared side by side")
@@ -464,13 +514,21 @@ def main(argv=None):
     ev.add_argument("--n", type=int, default=4, help="images per prompt (default: %(default)s)")
     ev.add_argument("--steps", type=int, default=25, help="DDIM steps (default: %(default)s)")
     ev.add_argument("--seed", type=int, default=0, help="seed of the sampling noise; each prompt uses its own offset from it (default: %(default)s)")
+    bs = sub.add_parser("base", help="how well the base model draws the world: class, colour, place, smears")
+    bs.add_argument("--model", default=str(TOY_MODEL), help="the base model (default: %(default)s)")
+    bs.add_argument("--probe", default=str(TOY_PROBE), help="the measuring probe (default: %(default)s)")
+    bs.add_argument("--n", type=number(int, low=1), default=8, help="images per prompt (default: %(default)s)")
+    bs.add_argument("--steps", type=number(int, low=1), default=25, help="DDIM steps (default: %(default)s)")
+    bs.add_argument("--picture", default=str(ROOT / "docs" / "toy-base-samples.png"),
+                    help="a grid of samples, one per class and background (default: %(default)s)")
     helps = {"ablation": "DreamBooth with vs without the prior loss, several seeds, measured (the paper's Table 3)",
-             "methods": "DreamBooth full, LoRA and textual inversion, several seeds, measured (its Table 1)"}
+             "methods": "DreamBooth full, LoRA and textual inversion, several seeds, measured (its Table 1)",
+             "tune": "the toy DreamBooth recipe: a learning-rate sweep on the tuning subject only"}
     for name, about in helps.items():
         ab = sub.add_parser(name, help=about)
         ab.add_argument("--model", default=str(TOY_MODEL), help="the base model (default: %(default)s)")
         ab.add_argument("--probe", default=str(TOY_PROBE), help="the measuring probe (default: %(default)s)")
-        ab.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+        ab.add_argument("--seeds", type=number(int, low=0), nargs="+", default=[0, 1] if name == "tune" else [0, 1, 2, 3, 4],
                         help="train.py --seed of each set of runs (default: %(default)s)")
         ab.add_argument("--train-args", default="", help="extra train.py arguments, e.g. '--steps 400'")
         ab.add_argument("--out", default=f"runs/{name}", help="folder for the runs; finished ones are reused (default: %(default)s)")
@@ -481,7 +539,7 @@ def main(argv=None):
         ab.add_argument("--picture", default=str(ROOT / "docs" / f"toy-{name}.png"),
                         help="where to write the picture (default: %(default)s)")
     args = p.parse_args(argv)
-    {"examples": write_examples, "train-base": train_base, "train-probe": run_train_probe,
+    {"examples": lambda a: write_examples(a.out, a.tuning), "train-base": train_base, "base": run_base, "train-probe": run_train_probe,
      "evaluate": run_evaluate, "ablation": run_compare, "methods": run_compare}[args.command](args)
 
 

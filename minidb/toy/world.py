@@ -8,8 +8,10 @@ Four classes of object in six colours and three sizes, anywhere in the frame, on
 Everything is real in this world: the same minidb tokenizer, text encoder, VAE, UNet and samplers as
 Stable Diffusion, at small configs, trained on these pictures (minidb/toy/lab.py).
 
-The subject is one particular object the base model never sees: a cup painted in a checkerboard of
-the scene's colour and white (SUBJECT). Its photos play the part of the user's 3-5 photos of a dog.
+The subject is one particular object the base model never sees: a two-tone cup, its upper half white
+(SUBJECT, SUBJECT_PAINT). Its photos play the part of the user's 3-5 photos of a dog. A second one,
+a ball with a white right half (TUNING_SUBJECT), is used only to pick the DreamBooth recipe, so that
+the subject the docs report on was never tuned on.
 """
 
 import math
@@ -34,24 +36,36 @@ class Scene:
     x: float  # object centre, as a fraction of the width
     y: float
     seed: int  # details: background texture, star rotation
-    subject: bool = False  # the checkered cup
+    subject: bool = False  # the two-tone cup (the probe's "subject" head reads this)
     paint: tuple = ()  # (pattern, second colour) for an object painted in two colours (see varied_scene)
-
-
-SUBJECT = "cup"  # the subject's class; SUBJECT pictures are Scene(cls="cup", subject=True, ...)
-
-
-def random_scene(rng, subject=False):
-    cls = SUBJECT if subject else rng.choice(CLASSES)
-    return Scene(cls, rng.choice(sorted(COLOURS)), rng.choice(BACKGROUNDS), rng.choice(sorted(SIZES)),
-                 rng.uniform(0.3, 0.7), rng.uniform(0.4, 0.65), rng.randrange(2**31), subject)
 
 
 # Two-colour paint jobs. The captioned world never has them (the base UNet never sees one); the toy VAE
 # is trained on them too, as SD's VAE was trained on far more kinds of picture than any caption names,
 # so that a subject painted in two colours survives the round trip into latents and back.
-PATTERNS = ("checker", "halves", "band", "stripes", "sides")
+PATTERNS = ("checker", "halves", "band", "stripes", "sides", "top")
 WHITE = (250, 250, 250)
+
+SUBJECT, SUBJECT_PAINT, SUBJECT_COLOUR = "cup", ("top", "white"), "blue"  # the reported subject
+TUNING_SUBJECT, TUNING_PAINT, TUNING_COLOUR = "ball", ("sides", "white"), "red"  # only for tuning the recipe
+
+
+def random_scene(rng, subject=False):
+    cls = SUBJECT if subject else rng.choice(CLASSES)
+    return Scene(cls, rng.choice(sorted(COLOURS)), rng.choice(BACKGROUNDS), rng.choice(sorted(SIZES)),
+                 rng.uniform(0.3, 0.7), rng.uniform(0.4, 0.65), rng.randrange(2**31), subject,
+                 SUBJECT_PAINT if subject else ())
+
+
+def as_tuning_subject(scene):
+    return replace(scene, cls=TUNING_SUBJECT, paint=TUNING_PAINT, subject=False)
+
+
+def which_subject(scene):
+    """'subject', 'tuning' (the tuning subject) or 'none': what the probe's subject head reads."""
+    if scene.subject:
+        return "subject"
+    return "tuning" if (scene.cls, scene.paint) == (TUNING_SUBJECT, TUNING_PAINT) else "none"
 
 
 def varied_scene(rng):
@@ -107,7 +121,7 @@ def _paint(image, mask, scene):
     two-colour paint job, its pattern in the object's colour and the second one."""
     colour = COLOURS[scene.colour]
     fill = Image.new("RGB", image.size, colour)
-    pattern, second = ("checker", "white") if scene.subject else scene.paint or (None, None)
+    pattern, second = scene.paint or (None, None)
     second = WHITE if second == "white" else COLOURS.get(second)
     d, s = ImageDraw.Draw(fill), image.size[0]
     x0, y0, x1, y1 = mask.getbbox() or (0, 0, s, s)
@@ -119,6 +133,8 @@ def _paint(image, mask, scene):
                     d.rectangle([i, j, i + cell - 1, j + cell - 1], fill=second)
     elif pattern == "halves":  # the lower half
         d.rectangle([0, (y0 + y1) // 2, s, s], fill=second)
+    elif pattern == "top":  # the upper half
+        d.rectangle([0, 0, s, (y0 + y1) // 2 - 1], fill=second)
     elif pattern == "band":  # the middle third
         d.rectangle([0, y0 + (y1 - y0) // 3, s, y0 + 2 * (y1 - y0) // 3], fill=second)
     elif pattern == "stripes":
@@ -172,10 +188,11 @@ def render(scene, size=64):
     return image
 
 
-def subject_photos(n=5, seed=7, size=64):
-    """The user's photos of the subject: the blue checkered cup, in several places and positions
-    (one colouring, as a real object has)."""
+def subject_photos(n=5, seed=7, size=64, tuning=False):
+    """The user's photos of the subject, the two-tone cup, in several places and positions (one
+    colouring, as a real object has); with tuning=True, of the tuning subject instead."""
     rng = random.Random(seed)
-    colour = "blue"
-    scenes = [replace(random_scene(rng, subject=True), colour=colour) for _ in range(n)]
+    scenes = [replace(random_scene(rng, subject=True), colour=SUBJECT_COLOUR) for _ in range(n)]
+    if tuning:
+        scenes = [replace(as_tuning_subject(s), colour=TUNING_COLOUR) for s in scenes]
     return [(render(s, size), s) for s in scenes]
