@@ -26,7 +26,6 @@ if __name__ == "__main__":  # Ctrl-C in the seconds torch takes to import: a sen
     signal.signal(signal.SIGINT, lambda *_: (print("\ninterrupted.", file=sys.stderr), os._exit(130)))
 
 import json
-import random
 import tempfile
 import time
 import warnings
@@ -34,17 +33,21 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from minidb import memory, runs
 from minidb.cli import fail, run
 from minidb.data import DataError, load_images
+from minidb.distributed import rank_and_world
 from minidb.dreambooth import (NewWord, class_prior, dreambooth_loss, min_snr_weights, pick_identifier,
                                pick_new_word, plot_losses)
 from minidb.fetch import default_model
 from minidb.files import DiskFull, ModelFileError, atomic_write, disk_full_is_an_error, replace_folder
 from minidb.load import load
+from minidb.concepts import name_subjects, read_subjects
 from minidb.lora import LoRA, save_kohya
+from minidb.loop import Examples, drift_score, lr_factor
 from minidb.options import METHOD_LR, check, is_sdxl, parse_args, with_method_defaults
 from minidb.pipeline import DEFAULTS, added_conditioning, decode, grid, sample_latents
 from minidb.save import save_diffusers, save_single_file
@@ -92,11 +95,13 @@ def train(args, out):
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)  # every training draw comes from here, on the CPU
 
-    # ---- setup: model, identifier, data ----
+    # ---- setup: model, subjects, data ----
     try:
         model = load(args.model, device=device, prediction_type=args.prediction_type)
         resolution = args.resolution or model.resolution
-        photos = load_images(args.images, resolution, flip=args.flip)
+        subjects = read_subjects(args)  # one from --images/--class, or several from --concepts
+        for subject in subjects:
+            subject.photos = load_images(subject.images, resolution, flip=args.flip, whole=args.random_crop)
         class_photos = load_images(args.class_dir, resolution) if args.class_dir and args.prior_weight else None
     except (ModelFileError, DataError) as e:
         fail(e)
@@ -133,16 +138,25 @@ def train(args, out):
         fail(f"--identifier {args.identifier} is already a token, and a new word needs a spelling of its own "
              "(diffusers refuses it too); choose another, or leave --identifier out.")
     pick = pick_new_word if args.new_token else pick_identifier
-    identifier = args.identifier or pick(model.tokenizer, random.Random(args.seed))
-    instance_prompt = args.instance_prompt or f"a photo of a {identifier} {args.class_name}"  # the paper: "a [V] dog"
-    class_prompt = args.class_prompt or f"a photo of a {args.class_name}"
-    new_scene = f"a photo of a {identifier} {args.class_name} on the beach"
-    print(f"run folder: {out}\nidentifier: {identifier}\ninstance prompt: {instance_prompt!r}\n"
-          f"class prompt: {class_prompt!r}\n{len(photos.pixels)} subject images at {resolution}px, {model.version} "
-          f"({model.prediction_type}), {device}, mixed precision {precision}")
+    problem = name_subjects(subjects, model.tokenizer, pick, args.seed)  # each its own [V], prompts, captions
+    if problem:
+        fail(problem)
+    for subject in subjects:
+        print(f"subject: {subject.identifier} ({subject.class_name}), {len(subject.photos.pixels)} images at "
+              f"{resolution}px from {subject.images}, instance prompt {subject.instance_prompt!r}"
+              + (f" ({sum(c is not None for c in subject.photos.captions)} own captions)"
+                 if any(subject.photos.captions) else "") + f", class prompt {subject.class_prompt!r}")
+    identifier, instance_prompt, class_prompt = subjects[0].identifier, subjects[0].instance_prompt, subjects[0].class_prompt
+    print(f"run folder: {out}\n{model.version} ({model.prediction_type}), {device}, mixed precision {precision}")
+    rank, world = rank_and_world()
+    if args.scale_lr:  # diffusers' --scale_lr: the rate grows with the images per step
+        args.lr *= args.batch_size * args.grad_accum * world
     settings = {**vars(args), "identifier": identifier, "instance_prompt": instance_prompt,
                 "class_prompt": class_prompt, "resolution": resolution, "mixed_precision": precision,
                 "base_version": model.version, "prediction_type": model.prediction_type}
+    if args.concepts:
+        settings["subjects"] = [{"images": s.images, "class": s.class_name, "identifier": s.identifier,
+                                 "instance_prompt": s.instance_prompt, "class_prompt": s.class_prompt} for s in subjects]
     if args.resume:
         runs.check_resume_settings(out, settings)
 
@@ -154,26 +168,40 @@ def train(args, out):
         posts = [model.vae.encode(p[None].to(device)) for p in pixels]
         return torch.cat([q.mean for q in posts]).cpu(), torch.cat([q.std for q in posts]).cpu()
 
-    instance_mean, instance_std = encode(photos.pixels)
-    # SDXL's micro-conditioning: each example's size as taken and its crop (minidb/data.py)
-    instance_sizes = list(zip(photos.original_sizes, photos.crops))
+    # Every prompt the run trains with, encoded once unless text trains: each photo's, each class prompt.
+    prompts = list(dict.fromkeys([s.prompt_of(i) for s in subjects for i in range(len(s.photos.pixels))] +
+                                 [s.class_prompt for s in subjects]))
+    for subject in subjects:
+        subject.mean, subject.std = encode(subject.photos.pixels)
+        # SDXL's micro-conditioning: each example's size as taken and its crop (minidb/data.py)
+        subject.sizes = list(zip(subject.photos.original_sizes, subject.photos.crops))
+        subject.prompt_ids = [prompts.index(subject.prompt_of(i)) for i in range(len(subject.photos.pixels))]
     scale = model.vae.cfg.scale_factor  # latents x this have about unit variance
-    n_prior = 0
+    latent_side = resolution // 2 ** (len(model.vae.cfg.ch_mult) - 1)
+    drawing = DEFAULTS[model.version]  # SD: DDIM at guidance 7.5; SDXL: Euler at 5.0
+
+    def draw_prior(prompt, count, seed):
+        """`count` latents of `prompt` drawn by the frozen model (cached, shared between runs)."""
+        latent_bytes = 4 * model.unet.cfg.in_channels * latent_side ** 2
+        with autocast, disk_full_is_an_error(args.class_cache, count * latent_bytes,
+                                             "the class-prior cache", "run again (what is drawn is kept)"):
+            return class_prior(model, args.model, prompt, count, resolution, drawing["sampler"], args.sample_steps,
+                               drawing["guidance"], seed, args.class_cache).cpu().float()
+
+    priors = {}  # class prompt -> (means, stds, sizes): one class prior per class prompt, shared by its subjects
     if args.prior_weight > 0:
-        if class_photos is not None:
-            prior_mean, prior_std = encode(class_photos.pixels)
-            prior_sizes = list(zip(class_photos.original_sizes, class_photos.crops))
-        else:
-            latent_bytes = 4 * model.unet.cfg.in_channels * (resolution // 2 ** (len(model.vae.cfg.ch_mult) - 1)) ** 2
-            with autocast, disk_full_is_an_error(args.class_cache, args.class_images * latent_bytes,
-                                                 "the class-prior cache", "run again (what is drawn is kept)"):
-                drawing = DEFAULTS[model.version]  # SD: DDIM at guidance 7.5; SDXL: Euler at 5.0
-                prior_mean = class_prior(model, args.model, class_prompt, args.class_images, resolution,
-                                         drawing["sampler"], args.sample_steps, drawing["guidance"], args.seed,
-                                         args.class_cache).cpu().float()
-            prior_mean, prior_std = prior_mean / scale, torch.zeros_like(prior_mean)  # drawn latents are exact
-            prior_sizes = [((resolution, resolution), (0, 0))] * len(prior_mean)  # drawn whole, at this size
-        n_prior = len(prior_mean)
+        for prompt in dict.fromkeys(s.class_prompt for s in subjects):
+            if class_photos is not None:
+                means, stds = encode(class_photos.pixels)
+                sizes = list(zip(class_photos.original_sizes, class_photos.crops))
+            else:
+                means = draw_prior(prompt, args.class_images, args.seed) / scale
+                stds = torch.zeros_like(means)  # drawn latents are exact
+                sizes = [((resolution, resolution), (0, 0))] * len(means)  # drawn whole, at this size
+            priors[prompt] = (means, stds, sizes)
+    # The drift watch: class images the run never trains on (another seed), with fixed noise and timesteps.
+    drift_sets = {prompt: draw_prior(prompt, args.drift_images, args.seed + DRIFT_SEED)
+                  for prompt in dict.fromkeys(s.class_prompt for s in subjects)} if args.drift_images else {}
     # ---- what trains, and how: the method chooses; the loop below is the same for all ----
     trained = {}  # name -> module: what the optimizer updates and a checkpoint holds
     if args.method == "full":  # the paper: every weight of the UNet (and of the text encoders if asked)
@@ -184,28 +212,35 @@ def train(args, out):
         trained["lora"] = LoRA(model, args.lora_rank, args.lora_alpha, text_encoder=args.train_text_encoder)
         trained["lora"].attach()
     if args.new_token:  # textual inversion, or pivotal tuning with full / lora: a new word learns its vectors
-        trained["new_word"] = NewWord.starting_as(model, identifier, args.class_name, args.num_vectors)
+        trained["new_word"] = NewWord.starting_as(model, identifier, subjects[0].class_name, args.num_vectors)
         trained["new_word"].attach(model.text_encoder, model.text_encoder_2)  # SDXL: vectors for each encoder
     text_trains = args.train_text_encoder or args.new_token
     model.unet.gradient_checkpointing = args.gradient_checkpointing
     for name in text_parts:
         parts[name].encoder.gradient_checkpointing = args.gradient_checkpointing and text_trains
-    ids = [tokenizer([instance_prompt, class_prompt]).to(device) for tokenizer in (model.tokenizer, model.tokenizer_2)
-           if tokenizer is not None]
+    ids = [tokenizer(prompts).to(device) for tokenizer in (model.tokenizer, model.tokenizer_2) if tokenizer is not None]
 
-    def encode_text():
-        """The instance and class prompts -> (context (2, 77, C), pooled (2, P) or None), as minidb/pipeline.py's
+    def encode_text(which):
+        """Prompts (indices into `prompts`) -> (context (B, 77, C), pooled (B, P) or None), as minidb/pipeline.py's
         encode_prompt, but with gradients when text trains: SDXL's two encoders side by side, and bigG's
         pooled vector for the UNet's added conditioning."""
-        context = model.text_encoder(ids[0])
+        context = model.text_encoder(ids[0][which])
         if model.text_encoder_2 is None:
             return context, None
-        context_2, pooled = model.text_encoder_2(ids[1], pooled=True)
+        context_2, pooled = model.text_encoder_2(ids[1][which], pooled=True)
         return torch.cat([context, context_2], dim=-1), pooled
 
     if not text_trains:
-        with torch.no_grad():
-            cached_text = encode_text()
+        with torch.no_grad(), autocast:
+            cached_text = encode_text(torch.arange(len(prompts), device=device))
+
+    def text_for(which):
+        """The context and pooled vector of each example's prompt."""
+        if text_trains:
+            unique, inverse = which.unique(return_inverse=True)  # each prompt encoded once per micro-batch
+            context, pooled = encode_text(unique.to(device))
+            return context[inverse.to(device)], None if pooled is None else pooled[inverse.to(device)]
+        return cached_text[0][which.to(device)], None if cached_text[1] is None else cached_text[1][which.to(device)]
 
     # one learning rate for the UNet side, one for the text side, one for a new word
     word_lr = args.lr if args.method == "textual-inversion" else args.text_encoder_lr or METHOD_LR["textual-inversion"]
@@ -221,8 +256,8 @@ def train(args, out):
     else:  # diffusers' DreamBooth defaults; on CUDA one fused kernel updates all parameters
         optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8,
                                       fused=device.type == "cuda")
-    warmup = lambda step: min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else 1.0
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(args.lr_schedule, args.warmup_steps, args.steps,
+                                                                       lr=args.lr))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # fp16 gradients underflow unscaled
     schedule = NoiseSchedule(model.prediction_type)
     # What a full disk would have to make room for: a checkpoint (weights and Adam's two moments,
@@ -233,25 +268,29 @@ def train(args, out):
     disk_full = lambda: disk_full_is_an_error(out, needed_bytes, "the run (its checkpoint and model)",
                                               "continue with --resume (the last checkpoint is kept)")
 
-    start, orders = 0, {"instance": torch.empty(0, dtype=torch.long), "prior": torch.empty(0, dtype=torch.long)}
+    # Which photo and prior image each example shows, and its noise (minidb/loop.py): subjects take turns.
+    latent_shape = (model.unet.cfg.in_channels, latent_side, latent_side)
+    examples = Examples([len(s.photos.pixels) for s in subjects],
+                        [(s.class_prompt, len(priors[s.class_prompt][0]) if priors else 0) for s in subjects], generator,
+                        [[tuple(w.shape[1 + d] - resolution for d in (0, 1)) for w in s.photos.whole] if args.random_crop
+                         else None for s in subjects])
+    drift_base, start = None, 0
     if args.resume:
-        path = runs.latest_state(out / "checkpoints")
+        path = runs.resume_point(out / "checkpoints", args.resume)
         state = runs.load_state(path, trained)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         generator.set_state(state["generator"])
-        start, orders = state["step"], state["orders"]
+        examples.load(state["orders"])
+        start, drift_base = state["step"], state.get("drift_base")
         print(f"resuming from {path} at step {start}")
     if start >= args.steps:
         print(f"the run in {out} already reached step {start}; pass a larger --steps to continue it")
-
-    def next_index(name, n, step):
-        """Walk through the examples in a fresh random order each epoch (the order is saved, so a
-        resumed run continues it exactly)."""
-        if step % n == 0 or len(orders[name]) != n:
-            orders[name] = torch.randperm(n, generator=generator)
-        return orders[name][step % n].item()
+    # the drift watch's fixed noise and timesteps, spread evenly over the schedule
+    drift_generator = torch.Generator().manual_seed(args.seed + DRIFT_SEED)
+    drift_noise = torch.randn((args.drift_images, *latent_shape), generator=drift_generator)
+    drift_t = torch.linspace(0, NUM_TRAIN_TIMESTEPS - 1, args.drift_images).round().long()
 
     def stop_if_not_finite(step, loss=None):
         """A NaN or infinite loss or weight poisons everything after it: stop before it is saved."""
@@ -269,25 +308,44 @@ def train(args, out):
 
     def checkpoint(step):
         stop_if_not_finite(step)
-        extra = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "scaler": scaler.state_dict(), "generator": generator.get_state(), "orders": orders}
+        extra = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                 "generator": generator.get_state(), "orders": examples.state(), "drift_base": drift_base}
         with disk_full():
-            return runs.save_state(out / "checkpoints", step, trained, extra)
+            return runs.save_state(out / "checkpoints", step, trained, extra, keep=args.checkpoints_keep)
 
     def validate(step):
-        """A fixed-seed grid: the subject, the subject in a new context, and the plain class prompt,
-        whose drift away from the base model's class is what the prior loss should prevent."""
-        prompts = [instance_prompt, new_scene, class_prompt]
+        """A fixed-seed grid, one row per subject: the subject, the subject in a new context, and the plain
+        class prompt, whose drift away from the base model's class is what the prior loss should prevent;
+        then a row of the --validation-prompt ones. Each prompt gets --validation-images seeds."""
+        rows = [[s.instance_prompt, s.new_scene, s.class_prompt] for s in subjects] + \
+            ([args.validation_prompt] if args.validation_prompt else [])
         model.unet.eval()
         with autocast:
-            images = [decode(model, sample_latents(model, p, steps=args.sample_steps, seed=args.seed, height=resolution,
-                                                   width=resolution, progress=False, **DEFAULTS[model.version]))[0]
-                      for p in prompts]
+            images = [[decode(model, sample_latents(model, p, n=args.validation_images, steps=args.sample_steps,
+                                                    seed=args.seed, height=resolution, width=resolution,
+                                                    progress=False, **DEFAULTS[model.version])) for p in row]
+                      for row in rows]
         model.unet.train()
+        cols = max(len(row) for row in rows) * args.validation_images
+        blank = Image.new("RGB", (resolution, resolution), "white")
+        tiles = [tile for row in images for tile in ([im for per_prompt in row for im in per_prompt] + [blank] * cols)[:cols]]
         path = out / "validation" / f"step-{step:06d}.png"
         with disk_full():
-            atomic_write(path, lambda tmp: grid(images, cols=len(images)).save(tmp, format="PNG"))
-            atomic_write(path.with_suffix(".txt"), lambda tmp: Path(tmp).write_text("\n".join(prompts) + "\n"))
+            atomic_write(path, lambda tmp: grid(tiles, cols=cols).save(tmp, format="PNG"))
+            atomic_write(path.with_suffix(".txt"), lambda tmp: Path(tmp).write_text(
+                "".join(" | ".join(row) + "\n" for row in rows)))
+
+    def drift():
+        """The drift score: the prior loss of the model as it is now on the held-out class images
+        (mean over their fixed noise and timesteps, over every class prompt)."""
+        if not drift_sets:
+            return None
+        model.unet.eval()
+        with torch.no_grad(), autocast:
+            score = sum(drift_score(model, schedule, latents, text_for(torch.full((len(latents),), prompts.index(p))),
+                                    drift_noise, drift_t, resolution) for p, latents in drift_sets.items())
+        model.unet.train()
+        return score / len(drift_sets)
 
     # ---- the training loop ----
     log_path = out / "log.jsonl"
@@ -308,38 +366,63 @@ def train(args, out):
         print("\nCtrl-C: saving a checkpoint after this step (press again to quit without saving)", file=sys.stderr)
 
     previous_handler = signal.signal(signal.SIGINT, on_interrupt)
+    @torch.no_grad()
+    def crop_and_encode(subject, i, top, left):  # --random-crop: this example's square of the photo, encoded now
+        return encode(subject.photos.whole[i][None, :, top:top + resolution, left:left + resolution])
+
+    def assemble(batch):
+        """Examples -> x0, noise, t, prompt indices and SDXL sizes: the subject examples first, then their
+        class-prior examples (the order dreambooth_loss expects)."""
+        x0, noise, t, which, sizes = [], [], [], [], []
+        for part in ("photo", "prior"):
+            for example in (e for e in batch if e.get(part) is not None):
+                subject, i = subjects[example["subject"]], example[part]
+                if part == "prior":
+                    means, stds, prior_sizes = priors[subject.class_prompt]
+                    mean, std, size, prompt = means[i], stds[i], prior_sizes[i], prompts.index(subject.class_prompt)
+                elif args.random_crop:
+                    (mean, std), size = crop_and_encode(subject, i, *example["crop"]), (
+                        subject.photos.original_sizes[i], example["crop"])
+                    mean, std, prompt = mean[0], std[0], subject.prompt_ids[i]
+                else:
+                    mean, std, size, prompt = subject.mean[i], subject.std[i], subject.sizes[i], subject.prompt_ids[i]
+                eps, n, step_t = example[part + "_draws"]
+                x0.append((mean + std * eps) * scale)  # a VAE sample, scaled
+                noise.append(n)
+                t.append(step_t)
+                which.append(prompt)
+                sizes.append(size)
+        return torch.stack(x0).to(device), torch.stack(noise).to(device), torch.stack(t).to(device), \
+            torch.tensor(which), sizes
+
+    if drift_base is None and start == 0:
+        drift_base = drift()  # the frozen base model's figure: nothing has trained yet
+    per_micro = args.batch_size * world  # examples in one micro-batch, over all processes
     bar = tqdm(total=args.steps, initial=start, desc="training")
     for step in range(start, args.steps):
         t0 = time.time()
-        # one subject example, plus one class-prior example when the prior is on
-        i = next_index("instance", len(instance_mean), step)
-        means, stds, sizes = [instance_mean[i]], [instance_std[i]], [instance_sizes[i]]
-        if n_prior:
-            j = next_index("prior", n_prior, step)
-            means, stds, sizes = means + [prior_mean[j]], stds + [prior_std[j]], sizes + [prior_sizes[j]]
-        mean, std = torch.stack(means), torch.stack(stds)
-        x0 = (mean + std * torch.randn(mean.shape, generator=generator)) * scale  # a VAE sample, scaled
-        noise = torch.randn(x0.shape, generator=generator)
-        if args.offset_noise:  # shifts whole channels, so the model learns to change overall brightness
-            noise = noise + args.offset_noise * torch.randn(x0.shape[:2] + (1, 1), generator=generator)
-        t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (len(x0),), generator=generator)
-        x0, noise, t = x0.to(device), noise.to(device), t.to(device)
-        x_t = schedule.add_noise(x0, noise, t)
-        target = schedule.target(x0, noise, t)  # ε, or v for v-prediction models
+        lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the schedule changes it)
+        losses = torch.zeros(3)  # loss, instance loss, prior loss, averaged over the micro-batches
+        for micro in range(args.grad_accum):
+            # every process draws the whole micro-batch's examples and keeps its own share (minidb/loop.py)
+            batch = examples.draw((step * args.grad_accum + micro) * per_micro, per_micro, latent_shape,
+                                  args.offset_noise)[rank * args.batch_size:(rank + 1) * args.batch_size]
+            x0, noise, t, which, sizes = assemble(batch)
+            x_t = schedule.add_noise(x0, noise, t)
+            target = schedule.target(x0, noise, t)  # ε, or v for v-prediction models
+            with autocast:
+                context, pooled = text_for(which)
+                y = None if pooled is None else torch.cat([  # SDXL: pooled text + the example's size, crop, target size
+                    added_conditioning(pooled[k: k + 1], size, crop, (resolution, resolution))
+                    for k, (size, crop) in enumerate(sizes)])
+                pred = model.unet(x_t, t, context, y)
+            weights = min_snr_weights(schedule, t, args.snr_gamma) if args.snr_gamma else None
+            # instance loss + λ · prior loss (minidb/dreambooth.py, the paper's eq. 2)
+            loss, instance_loss, prior_loss = dreambooth_loss(pred, target, len(batch), args.prior_weight, weights)
+            stop_if_not_finite(step + 1, loss.detach())
+            scaler.scale(loss / args.grad_accum).backward()  # the gradients of the micro-batches add up
+            losses += torch.stack([loss, instance_loss, prior_loss]).detach().float().cpu() / args.grad_accum
 
-        with autocast:
-            context, pooled = encode_text() if text_trains else cached_text
-            y = None if pooled is None else torch.cat([  # SDXL: pooled text + this example's size, crop, target size
-                added_conditioning(pooled[k: k + 1], size, crop, (resolution, resolution))
-                for k, (size, crop) in enumerate(sizes)])
-            pred = model.unet(x_t, t, context[: len(x0)], y)
-        weights = min_snr_weights(schedule, t, args.snr_gamma) if args.snr_gamma else None
-        # instance loss + λ · prior loss (minidb/dreambooth.py, the paper's eq. 2)
-        loss, instance_loss, prior_loss = dreambooth_loss(pred, target, 1, args.prior_weight, weights)
-        stop_if_not_finite(step + 1, loss.detach())
-
-        lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (warmup changes it)
-        scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
         scaler.step(optimizer)
@@ -347,16 +430,18 @@ def train(args, out):
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
 
-        row = {"step": step + 1, "loss": loss.item(), "instance_loss": instance_loss.item(),
-               "prior_loss": prior_loss.item() if n_prior else None,
-               "lr": lr, "step_time": time.time() - t0}
+        row = {"step": step + 1, "loss": losses[0].item(), "instance_loss": losses[1].item(),
+               "prior_loss": losses[2].item() if priors else None, "lr": lr, "step_time": time.time() - t0}
+        looks = args.validate_every and (step + 1) % args.validate_every == 0 or step + 1 == args.steps
+        if looks and drift_sets:
+            row["drift"], row["drift_base"] = drift(), drift_base
         with disk_full(), open(log_path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        bar.set_postfix(loss=f"{row['loss']:.4f}")
+        bar.set_postfix(loss=f"{row['loss']:.4f}", **({"drift": f"{row['drift']:.4f}"} if "drift" in row else {}))
         bar.update(1)
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
             checkpoint(step + 1)
-        if args.validate_every and (step + 1) % args.validate_every == 0 and step + 1 < args.steps:
+        if looks and step + 1 < args.steps:
             validate(step + 1)
         if stop:
             bar.close()
@@ -376,11 +461,11 @@ def train(args, out):
     lora_file, word_file = out / "lora.safetensors", out / f"{identifier}.safetensors"
     about = {"ss_output_name": "lora", "ss_sd_model_name": Path(args.model).name, "ss_steps": str(last),
              "ss_learning_rate": str(args.lr), "ss_training_comment": f"minidb DreamBooth: {instance_prompt}",
-             "minidb": json.dumps({"identifier": identifier,
-                                                                      "class": args.class_name, "method": args.method})}
+             "minidb": json.dumps({"identifier": identifier, "class": subjects[0].class_name, "method": args.method,
+                                   **({"subjects": settings["subjects"]} if args.concepts else {})})}
     sample = (f"python sample.py --model {out / 'model.safetensors' if args.method == 'full' else args.model}"
               + (f" --lora {lora_file}" if "lora" in trained else "")
-              + (f" --embedding {word_file}" if "new_word" in trained else "") + f' --prompt "{new_scene}"')
+              + (f" --embedding {word_file}" if "new_word" in trained else "") + f' --prompt "{subjects[0].new_scene}"')
     elsewhere = (["AUTOMATIC1111 / Forge: copy `lora.safetensors` into `models/Lora` and add `<lora:lora:1>` to the "
                   "prompt; ComfyUI: copy it into `models/loras` and use a LoraLoader node; diffusers: "
                   f"`pipe.load_lora_weights(\"{out}\", weight_name=\"lora.safetensors\")`."] if "lora" in trained else []) + \
@@ -390,9 +475,10 @@ def train(args, out):
                      f"`vectors = safetensors.torch.load_file(\"{word_file}\")`, then `pipe.load_textual_inversion(vectors[\"clip_l\"], "
                      f"token=\"{identifier}\", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)` and the same with "
                      "`clip_g`, `pipe.text_encoder_2`, `pipe.tokenizer_2`.")] if "new_word" in trained else [])
-    readme = (f"# DreamBooth ({args.method})\n\nSubject: `{identifier}` (a {args.class_name}). Prompt it as "
-              f"\"{instance_prompt}\" or in new contexts, e.g. \"{new_scene}\".\n\n"
-              f"Base model: {args.model} ({model.version}, {model.prediction_type}).\n\n    {sample}\n\n"
+    readme = (f"# DreamBooth ({args.method})\n\n" + "".join(
+              f"Subject: `{s.identifier}` (a {s.class_name}). Prompt it as \"{s.instance_prompt}\" or in new contexts, "
+              f"e.g. \"{s.new_scene}\".\n\n" for s in subjects)
+              + f"Base model: {args.model} ({model.version}, {model.prediction_type}).\n\n    {sample}\n\n"
               + "".join(f"{line}\n\n" for line in elsewhere)
               + f"Settings:\n\n```json\n{json.dumps(settings, indent=2)}\n```\n")
     with disk_full():
@@ -413,6 +499,7 @@ def train(args, out):
 
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+DRIFT_SEED = 10**6  # the drift watch draws its class images with --seed + this: never the trained ones
 
 if __name__ == "__main__":
     run(main, interrupted="interrupted: the run keeps its last checkpoint, if it has one; continue it with "

@@ -10,6 +10,13 @@ hundred photos of its class. Both folders are read here the same way:
     -> short side resized to R, the centre R×R kept   (one Lanczos resize, so it is antialiased)
     -> channels first, scaled from [0, 255] to [-1, 1], the range the VAE encoder was trained on
 
+A photo may have a caption: `photo.txt` beside `photo.jpg` (the convention of diffusers' and kohya's
+datasets), read as UTF-8; train.py uses it instead of the instance prompt for that photo, with "[V]"
+standing for the subject's identifier. Caption files are not photos, so they are never warned about.
+
+With --random-crop, each photo is also kept whole (short side R, not cropped), for a fresh crop per
+step.
+
 SDXL also wants to know what each photo looked like before that: its size as taken, (height, width)
 upright, and the top-left corner of the crop in the resized photo (Podell et al. 2023, section 2.2:
 micro-conditioning). Those two come back beside the pixels.
@@ -41,10 +48,12 @@ class Photos(NamedTuple):
     names: list  # the file each row came from
     original_sizes: list  # (height, width) of each photo as taken, upright, before resizing
     crops: list  # (top, left) of the R x R crop in the photo resized to a short side of R
+    captions: list  # each photo's own caption (from photo.txt), or None
+    whole: list = None  # with whole=True: each photo resized to a short side of R, uncropped (3, H', W')
 
 
-def load_images(folder, resolution, flip=False):
-    """Read every photo in `folder` -> Photos(pixels, names, original_sizes, crops), row by row.
+def load_images(folder, resolution, flip=False, whole=False):
+    """Read every photo in `folder` -> Photos(pixels, names, original_sizes, crops, captions[, whole]).
 
     With `flip=True` a mirrored copy of every photo is appended (rows N..2N-1, named "<file>
     (mirrored)"), a cheap way to double a small data set; a centred crop is mirrored onto itself, so
@@ -55,14 +64,19 @@ def load_images(folder, resolution, flip=False):
     if not folder.is_dir():
         raise DataError(f"{folder} is a file, not a folder; pass the folder that holds your photos.")
 
-    images, names, sizes, unreadable, small = [], [], [], [], []
-    for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+    images, names, sizes, captions, wholes, unreadable, small = [], [], [], [], [], [], []
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                       and p.suffix.lower() != ".txt"):
         try:
             with Image.open(path, formats=FORMATS) as im:
                 w, h = im.size  # as stored, before draft() shrinks it; turning it does not change the short side
                 turned = im.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)  # a quarter turn
-                images.append(_to_tensor(_square(_to_rgb(_upright(im, resolution)), resolution)))
+                rgb = _to_rgb(_upright(im, resolution))
+                images.append(_to_tensor(_square(rgb, resolution)))
+                if whole:
+                    wholes.append(_to_tensor(_short_side(rgb, resolution)))
             names.append(path.name)
+            captions.append(_caption(path))
             sizes.append((w, h) if turned else (h, w))  # (height, width) upright
             if min(w, h) < resolution:
                 small.append(f"{path.name} ({w}×{h})")
@@ -87,7 +101,25 @@ def load_images(folder, resolution, flip=False):
         # picture, because train.py encodes every row to a latent once and reuses it.
         images = torch.cat([images, images.flip(3)])  # (2N, 3, R, R); dim 3 is the width
         names, sizes = names + [f"{n} (mirrored)" for n in names], sizes + sizes
-    return Photos(images, names, sizes, [crop_top_left(size, resolution) for size in sizes])
+        captions, wholes = captions + captions, wholes + [w.flip(2) for w in wholes]
+    return Photos(images, names, sizes, [crop_top_left(size, resolution) for size in sizes], captions,
+                  wholes if whole else None)
+
+
+def _caption(photo):
+    """The caption in photo.txt beside the photo, or None; an empty or unreadable one is an error."""
+    path = photo.with_suffix(".txt")
+    if not path.exists():
+        return None
+    try:
+        text = " ".join(path.read_text(encoding="utf-8").split())
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"The caption {path} cannot be read ({e.__class__.__name__}); save it as UTF-8 text, "
+                        "or remove it to use the instance prompt.") from None
+    if not text:
+        raise DataError(f"The caption {path} is empty; write the photo's caption in it, or remove it to use "
+                        "the instance prompt.")
+    return text
 
 
 def crop_top_left(size, resolution):
@@ -135,6 +167,14 @@ def _square(im, resolution):
     # is exact and Lanczos filtering averages every source pixel that maps to an output pixel.
     box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)
     return im.resize((resolution, resolution), Image.Resampling.LANCZOS, box=box)
+
+
+def _short_side(im, resolution):
+    """Short side -> resolution, nothing cropped (for --random-crop)."""
+    w, h = im.size
+    s = min(w, h)
+    size = (resolution, int(resolution * h / s)) if w == s else (int(resolution * w / s), resolution)
+    return im.resize(size, Image.Resampling.LANCZOS)
 
 
 def _to_tensor(im):

@@ -272,6 +272,7 @@ def nice_ticks(low, high, n=5):
 
 
 SERIES = {"instance loss": ("instance_loss", (200, 60, 40)), "prior loss": ("prior_loss", (40, 90, 200))}
+DRIFT_COLOR = (30, 140, 60)
 
 
 def plot_losses(rows, path, size=(800, 400)):
@@ -282,7 +283,8 @@ def plot_losses(rows, path, size=(800, 400)):
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
     left, top, right, bottom = 60, 30, size[0] - 20, size[1] - 40  # the plot area
-    values = sorted(r[k] for r in rows for k, _ in SERIES.values() if r.get(k) is not None)
+    values = sorted(r[k] for r in rows for k in [key for key, _ in SERIES.values()] + ["drift", "drift_base"]
+                    if r.get(k) is not None)
     if rows and values:
         y_max = values[min(len(values) - 1, int(0.98 * len(values)))] * 1.05 or 1.0
         steps = [r["step"] for r in rows]
@@ -312,5 +314,17 @@ def plot_losses(rows, path, size=(800, 400)):
             label = f"{label} (dots: each step; line: average of ~{span} steps)"
             draw.text((legend_x, top - 20), label, fill=color)
             legend_x += draw.textlength(label) + 20
+        # the drift score at each validation (train.py), and the frozen base model's as a dashed line
+        drift = [(x(r["step"]), y(r["drift"])) for r in rows if r.get("drift") is not None]
+        base = next((r["drift_base"] for r in rows if r.get("drift_base") is not None), None)
+        if base is not None:
+            for px in range(left, right, 12):
+                draw.line([(px, y(base)), (min(px + 6, right), y(base))], fill=DRIFT_COLOR)
+        for px, py in drift:
+            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=DRIFT_COLOR)
+        if len(drift) > 1:
+            draw.line(drift, fill=DRIFT_COLOR, width=2)
+        if drift:
+            draw.text((legend_x, top - 20), "drift (held-out prior loss; dashed: base model)", fill=DRIFT_COLOR)
         draw.rectangle([left, top, right, bottom], outline="black")
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))

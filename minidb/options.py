@@ -13,6 +13,7 @@ from minidb.cli import SEED_MAX, check_device, number, text
 from minidb.fetch import DEFAULT_MODEL, how_to_get_weights
 from minidb.files import ModelFileError, read_tensors
 from minidb.info import HELP as MODEL_HELP
+from minidb.loop import SCHEDULES
 
 
 def parse_args(argv, doc):
@@ -22,17 +23,22 @@ def parse_args(argv, doc):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     count, positive = number(int, low=0), number(float, above=0)
-    a("--images", required=True, help="folder with 3-5 photos of the subject (JPEG, PNG or WebP)")
+    a("--images", default=None, help="folder with 3-5 photos of the subject (JPEG, PNG or WebP); a photo.txt beside "
+      "photo.jpg is that photo's caption, with [V] for the identifier")
+    a("--concepts", default=None, help="several subjects in one run instead of --images and --class: a JSON list of "
+      '{"images": ..., "class": ..., "identifier"?: ..., "instance_prompt"?: ..., "class_prompt"?: ...}')
     a("--method", choices=list(METHOD_LR), default=None, help="what trains: full, the whole UNet (the paper); "
       "lora, low-rank adapters on it (a small file any UI loads); textual-inversion, only a new word's embedding "
       "(default: full; lora for SDXL, whose 2.6 B-parameter UNet full training needs a large GPU)")
-    a("--class", dest="class_name", required=True, type=text, help="what the subject is, e.g. dog, backpack")
+    a("--class", dest="class_name", default=None, type=text, help="what the subject is, e.g. dog, backpack")
     a("--model", default=None, help="base model: a diffusers folder or a .safetensors/.ckpt file (default: SD 1.5 in "
       "weights/ once `python -m minidb.fetch` has downloaded it, else the toy model weights/toy.safetensors)")
     a("--out", default=None, help="the run's folder (default: a new runs/dreambooth-N, linked as runs/latest)")
     a("--overwrite", action="store_true", help="delete the run already in --out and start it over")
-    a("--resume", action="store_true", help="continue the run in --out (default: runs/latest) from its latest "
-      "checkpoint; only --steps, --save-every and --validate-every may differ from the run's settings")
+    a("--resume", nargs="?", const="latest", default=None, metavar="latest|STEP|PATH",
+      help="continue the run in --out (default: runs/latest) from its latest checkpoint, from the checkpoint of "
+      "step STEP, or from the checkpoint folder PATH; only --steps, --save-every, --validate-every, "
+      "--checkpoints-keep and the validation flags may differ from the run's settings")
     a("--identifier", default=None, type=text, help="the subject's token [V] (default: a rare CLIP token of <= 3 "
       "letters; with a new word, its spelling, which must not be a token yet)")
     a("--new-token", action="store_true", help="with full or lora: [V] becomes a new word whose embedding trains "
@@ -44,13 +50,23 @@ def parse_args(argv, doc):
     a("--instance-prompt", default=None, type=text, help="caption of the subject photos (default: 'a photo of a [V] CLASS')")
     a("--class-prompt", default=None, type=text, help="prompt of the prior images (default: 'a photo of a CLASS')")
     a("--steps", type=number(int, low=1), default=800, help="training steps (the paper's SD recipe: 800-1000) (default: %(default)s)")
-    a("--lr", type=number(float, above=0, high=1), default=None, help="learning rate of what trains, constant after "
-      "warmup (default: 5e-6 full, 1e-4 lora, 5e-3 textual-inversion)")
-    a("--warmup-steps", type=count, default=0, help="linear learning-rate warmup (default: %(default)s)")
+    a("--batch-size", type=number(int, low=1), default=1, help="subject images per step, each with a class-prior "
+      "image beside it (default: %(default)s)")
+    a("--grad-accum", type=number(int, low=1), default=1, help="split each step into this many micro-batches whose "
+      "gradients add up: the same step in less memory (default: %(default)s)")
+    a("--lr", type=number(float, above=0, high=1), default=None, help="peak learning rate of what trains "
+      "(default: 5e-6 full, 1e-4 lora, 5e-3 textual-inversion)")
+    a("--lr-schedule", choices=SCHEDULES, default="constant", help="after the warmup: constant, cosine or linear "
+      "decay to 0, or polynomial decay to 1e-7, as diffusers' schedulers (default: %(default)s)")
+    a("--warmup-steps", type=count, default=0, help="linear learning-rate warmup from 0 (default: %(default)s)")
+    a("--scale-lr", action="store_true", help="multiply --lr by the images per step (batch size x grad-accum x "
+      "processes), as diffusers' --scale_lr")
     a("--resolution", type=number(int, low=8, high=2048), default=None,
       help="training size in pixels, a multiple of 8 (default: the model's own: 512 for SD 1.5, 1024 for SDXL, "
       "64 for the toy model)")
     a("--flip", action="store_true", help="also train on mirrored copies of the photos")
+    a("--random-crop", action="store_true", help="a random square of each photo every step, not its centre "
+      "(each crop is encoded anew: slower)")
     a("--prior-weight", type=number(float, low=0), default=None, help="λ, the weight of the prior-preservation loss; "
       "0 turns it off (default: 1; 0 for textual-inversion, whose frozen model cannot drift)")
     a("--class-images", type=count, default=200, help="how many prior images the frozen model draws (default: %(default)s)")
@@ -68,7 +84,16 @@ def parse_args(argv, doc):
     a("--snr-gamma", type=positive, default=None, help="min-SNR loss weighting with this γ (5 is typical); off by default")
     a("--offset-noise", type=number(float, low=0, high=1), default=0.0, help="add per-channel offset noise of this scale (0.1 is typical) (default: %(default)s)")
     a("--save-every", type=count, default=0, help="write a resumable checkpoint every N steps (0: only at the end) (default: %(default)s)")
+    a("--checkpoints-keep", type=number(int, low=1), default=1, help="how many of the latest checkpoints to keep "
+      "(default: %(default)s)")
     a("--validate-every", type=count, default=0, help="draw validation images every N steps (0: only at the end) (default: %(default)s)")
+    a("--validation-prompt", action="append", type=text, default=None, help="a prompt for the validation grid, "
+      "besides the subject, the subject on the beach and the plain class prompt (the drift watch); repeatable")
+    a("--validation-images", type=number(int, low=1, high=16), default=1,
+      help="images per validation prompt, each with its own seed (default: %(default)s)")
+    a("--drift-images", type=number(int, low=0, high=256), default=16, help="held-out class images (drawn by the "
+      "frozen model, never trained on) whose prior loss is logged at each validation as the drift score; "
+      "0 turns it off (default: %(default)s)")
     a("--save-dtype", choices=["fp16", "bf16", "fp32"], default=None, help="full only: dtype of the exported "
       "model (default: the base model's own, so the frozen parts come out bit-identical)")
     a("--seed", type=number(int, low=0, high=SEED_MAX), default=0, help="seed for everything random; same seed, same run (bitwise, on the CPU) (default: %(default)s)")
@@ -128,6 +153,16 @@ def with_method_defaults(args, sdxl=False):
 
 def check(args):
     """Problems with the arguments found before any work starts, as one sentence; None if all is well."""
+    if args.concepts is None and (args.images is None or args.class_name is None):
+        return ("train.py needs the subject: --images FOLDER --class NAME (e.g. --images ./dog --class dog), "
+                "or --concepts FILE for several subjects.")
+    if args.concepts is not None and (args.images or args.class_name or args.identifier or args.instance_prompt
+                                      or args.class_prompt):
+        return ("--concepts names every subject with its own images, class, identifier and prompts; leave out "
+                "--images, --class, --identifier, --instance-prompt and --class-prompt.")
+    if args.concepts is not None and args.new_token:
+        return ("--concepts trains one identifier per subject in the model; a new word (--new-token, "
+                "textual-inversion) is learned for one subject per run, so train those one at a time.")
     if not Path(args.model).exists():
         return how_to_get_weights() if Path(args.model) == Path(DEFAULT_MODEL) else \
             f"No model at {args.model}: pass a diffusers folder or a .safetensors / .ckpt file to --model."

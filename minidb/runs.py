@@ -26,8 +26,9 @@ RUNS = Path("runs")
 RUN_FILES = {"checkpoints", "validation", "log.jsonl", "settings.json", "loss.png", "model", "model.safetensors",
              "lora.safetensors", "README.md"}  # and the new word's embedding, IDENTIFIER.safetensors
 # Flags that may change on --resume: how long to train, and how often to save and look.
-RESUMABLE_CHANGES = {"steps", "save_every", "validate_every", "resume", "overwrite", "out", "class_cache"}
-PATH_FLAGS = {"images", "model", "class_dir"}
+RESUMABLE_CHANGES = {"steps", "save_every", "validate_every", "resume", "overwrite", "out", "class_cache",
+                     "checkpoints_keep", "validation_prompt", "validation_images"}
+PATH_FLAGS = {"images", "model", "class_dir", "concepts"}
 DERIVED = {"identifier", "instance_prompt", "class_prompt", "resolution", "mixed_precision", "base_version",
            "prediction_type"}
 FLAG_NAMES = {"class_name": "--class"}
@@ -193,6 +194,35 @@ def latest_state(folder):
             os.replace(old, final)
     states = sorted(folder.glob("step-*"))
     return states[-1] if states else None
+
+
+def resume_point(folder, what):
+    """The checkpoint --resume WHAT continues from: "latest", a step number, or a checkpoint folder's path.
+    Checkpoints after it belong to the branch that is abandoned: they are moved into
+    folder/abandoned/, not deleted, and the newest one left in `folder` is the one returned."""
+    folder = Path(folder)
+    latest = latest_state(folder)
+    if what == "latest":
+        return latest
+    if what.isdigit():
+        path = folder / f"step-{int(what):06d}"
+        if not path.is_dir():
+            have = ", ".join(str(int(p.name[5:])) for p in sorted(folder.glob("step-*"))) or "none"
+            raise RunError(f"--resume {what}: the run has no checkpoint of step {int(what)} (it has: {have}); "
+                           "pass one of those, or latest.")
+    else:
+        path = Path(what)
+        if not (path / "state.pt").is_file():
+            raise RunError(f"--resume {what} is neither latest, a step number, nor a checkpoint folder (one with a "
+                           "state.pt); pass one of those.")
+        path = path.resolve()
+    if path.parent == folder.resolve() or path.parent == folder:
+        for later in sorted(folder.glob("step-*")):
+            if later.name > path.name:
+                (folder / "abandoned").mkdir(exist_ok=True)
+                os.replace(later, folder / "abandoned" / later.name)
+                print(f"set aside {later.name}, after the resumed step, in {folder / 'abandoned'}")
+    return path
 
 
 def load_state(path, modules, required=("step", "optimizer", "scheduler", "scaler", "generator", "orders")):

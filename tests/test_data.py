@@ -254,7 +254,7 @@ def test_unreadable_files_are_skipped_with_one_warning(tmp_path):
     (tmp_path / "truncated.jpg").write_bytes(full.read_bytes()[:1500])
     full.unlink()
     (tmp_path / "random.jpg").write_bytes(rng.bytes(5000))
-    (tmp_path / "notes.txt").write_text("shot on a sunny day\n")
+    (tmp_path / "notes.md").write_text("shot on a sunny day\n")
     Image.new("RGB", (16, 16), RED).save(tmp_path / "old.bmp")  # a real image, but not a format we read
     (tmp_path / ".DS_Store").write_bytes(rng.bytes(100))  # hidden: ignored, not reported
     (tmp_path / "more").mkdir()  # folders are not photos either
@@ -263,7 +263,7 @@ def test_unreadable_files_are_skipped_with_one_warning(tmp_path):
     assert len(record) == 1
     message = str(record[0].message)
     assert "\n" not in message
-    for bad in ["truncated.jpg", "random.jpg", "notes.txt", "old.bmp"]:
+    for bad in ["truncated.jpg", "random.jpg", "notes.md", "old.bmp"]:
         assert bad in message
     assert ".DS_Store" not in message and "more" not in message and "good" not in message
     assert names == ["good.png", "good2.jpg"] and images.shape == (2, 3, 16, 16)
@@ -277,8 +277,8 @@ def test_empty_folder(tmp_path):
 
 
 def test_folder_without_images(tmp_path):
-    (tmp_path / "readme.txt").write_text("my dog")
-    with pytest.warns(UserWarning, match="readme.txt"), pytest.raises(DataError) as e:
+    (tmp_path / "readme.md").write_text("my dog")
+    with pytest.warns(UserWarning, match="readme.md"), pytest.raises(DataError) as e:
         load_images(tmp_path, 16)
     assert str(tmp_path) in one_sentence(e)
 

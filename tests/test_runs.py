@@ -36,7 +36,8 @@ def refused(capsys, argv, code=2):
 
 def base_args(world, out):
     return ["--images", world / "photos", "--class", "ball", "--model", world / "base", "--out", out,
-            "--resolution", 32, "--sample-steps", 2, "--class-cache", world / "cache", "--class-images", 2]
+            "--resolution", 32, "--sample-steps", 2, "--class-cache", world / "cache", "--class-images", 2,
+            "--drift-images", 2]
 
 
 # ---- numbers and strings that would poison a run ----
@@ -311,13 +312,13 @@ def test_a_damaged_checkpoint_is_one_sentence(world, tmp_path, capsys, damage):
 
 def test_a_damaged_class_prior_cache_file_is_drawn_again(world, tmp_path):
     cache = tmp_path / "cache"
-    run(world, tmp_path / "a", "--class-cache", cache, steps=1)
+    run(world, tmp_path / "a", "--class-cache", cache, "--drift-images", 0, steps=1)
     (folder,) = cache.iterdir()
     good = (folder / "00001.safetensors").read_bytes()
     (folder / "00001.safetensors").write_bytes(good[:40])
     first = (folder / "00000.safetensors").stat().st_mtime_ns
     with pytest.warns(UserWarning, match="class-prior cache file .*00001.safetensors is damaged"):
-        run(world, tmp_path / "b", "--class-cache", cache, steps=1)
+        run(world, tmp_path / "b", "--class-cache", cache, "--drift-images", 0, steps=1)
     latent = files.read_tensors(folder / "00001.safetensors")[0]["latent"]  # drawn again
     kept = files.read_tensors(folder / "00000.safetensors")[0]["latent"]
     assert latent.shape == kept.shape and torch.isfinite(latent).all()

@@ -51,6 +51,8 @@ def run(world, out, *extra, steps=4, prior=True):
             *(["--save-dtype", "fp32"] if full else []), *extra]
     if prior and "--class-images" not in extra:
         args += ["--class-images", 2]
+    if "--drift-images" not in extra:
+        args += ["--drift-images", 2]
     if not prior:
         args += ["--prior-weight", 0]
     train.main([str(a) for a in args])
@@ -137,7 +139,7 @@ def test_only_trained_parts_change(world, tmp_path):
 
 
 def test_class_prior_cache_is_reused_and_topped_up(world, tmp_path):
-    cache = ["--class-cache", tmp_path / "cache"]
+    cache = ["--class-cache", tmp_path / "cache", "--drift-images", 0]
     run(world, tmp_path / "a", *cache, steps=1)
     (folder,) = (tmp_path / "cache").iterdir()
     files = {p.name: p.stat().st_mtime_ns for p in folder.glob("0*.safetensors")}

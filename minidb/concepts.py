@@ -1,0 +1,99 @@
+"""The subjects of a run: one from --images and --class, or several from --concepts concepts.json.
+
+concepts.json is the community's `concepts_list` format, with minidb's names:
+
+    [{"images": "./dog", "class": "dog"},
+     {"images": "./cat", "class": "cat", "identifier": "zwx",
+      "instance_prompt": "a photo of zwx cat", "class_prompt": "a photo of a cat"}]
+
+Each subject gets its own identifier [V] (a rare token, drawn from the seed unless given; no two
+alike), its own instance prompt ("a photo of a [V] CLASS") and class prompt ("a photo of a CLASS").
+Subjects of one class prompt share one class prior. A photo's own caption (photo.txt, see
+minidb/data.py) replaces the instance prompt for that photo, with "[V]" read as the identifier.
+"""
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from minidb.data import DataError
+
+KEYS = {"images": "a folder", "class": "a class name", "identifier": "a token", "instance_prompt": "a prompt",
+        "class_prompt": "a prompt"}
+
+
+@dataclass
+class Subject:
+    images: str
+    class_name: str
+    identifier: str = None
+    instance_prompt: str = None
+    class_prompt: str = None
+    photos: object = None  # minidb.data.Photos, once read
+
+    @property
+    def new_scene(self):
+        """A context the photos never show: the validation grid's test of recontextualization."""
+        return f"a photo of a {self.identifier} {self.class_name} on the beach"
+
+    def prompt_of(self, i):
+        """The prompt photo i trains with: its own caption, else the instance prompt."""
+        caption = self.photos.captions[i]
+        return caption.replace("[V]", self.identifier) if caption else self.instance_prompt
+
+
+def read_subjects(args):
+    """[Subject] from the command line: --concepts FILE, or --images with --class (and the prompt flags)."""
+    if args.concepts is None:
+        return [Subject(args.images, args.class_name, args.identifier, args.instance_prompt, args.class_prompt)]
+    path = Path(args.concepts)
+    try:
+        concepts = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"--concepts {path} cannot be read ({getattr(e, 'strerror', None) or e.__class__.__name__}); "
+                        "check the path.") from None
+    except ValueError as e:
+        raise DataError(f"--concepts {path} is not valid JSON ({e}); it must be a list of "
+                        '{"images": ..., "class": ...} objects.') from None
+    if not isinstance(concepts, list) or not concepts:
+        raise DataError(f'--concepts {path} must hold a non-empty list of {{"images": ..., "class": ...}} objects.')
+    subjects = []
+    for k, concept in enumerate(concepts, 1):
+        if not isinstance(concept, dict):
+            raise DataError(f"--concepts {path}: entry {k} is a {type(concept).__name__}, not an object with "
+                            '"images" and "class".')
+        unknown = sorted(set(concept) - set(KEYS))
+        if unknown:
+            raise DataError(f"--concepts {path}: entry {k} has the unknown key {unknown[0]!r}; the keys are "
+                            f"{', '.join(KEYS)}.")
+        for key, what in KEYS.items():
+            value = concept.get(key)
+            if (key in ("images", "class") and value is None) or (value is not None and (
+                    not isinstance(value, str) or not value.strip())):
+                raise DataError(f"--concepts {path}: entry {k} needs \"{key}\" as {what} (a non-empty string), "
+                                f"not {value!r}.")
+        folder = Path(concept["images"])
+        if not folder.is_absolute():  # relative to the file, as a user who keeps them together expects
+            folder = path.parent / folder
+        subjects.append(Subject(str(folder), concept["class"], concept.get("identifier"),
+                                concept.get("instance_prompt"), concept.get("class_prompt")))
+    return subjects
+
+
+def name_subjects(subjects, tokenizer, pick, seed):
+    """Give every subject its identifier and prompts; a problem comes back as one sentence."""
+    given = [s.identifier for s in subjects if s.identifier]
+    twice = sorted({i for i in given if given.count(i) > 1})
+    if twice:
+        return f"two subjects use the identifier {twice[0]}; give each subject its own."
+    rng, used = random.Random(seed), set(given)
+    for subject in subjects:
+        while not subject.identifier:  # the first pick is the one a single-subject run always made
+            word = pick(tokenizer, rng)
+            if word not in used:
+                subject.identifier = word
+                used.add(word)
+        subject.instance_prompt = subject.instance_prompt or f"a photo of a {subject.identifier} {subject.class_name}"
+        subject.class_prompt = subject.class_prompt or f"a photo of a {subject.class_name}"
+    return None
