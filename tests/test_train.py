@@ -182,8 +182,8 @@ def test_instance_loss_falls_when_overfitting_one_image(world, tmp_path):
 def test_prior_preservation_reduces_class_drift(world, tmp_path):
     """The paper's claim (section 4.3): without the prior term, the class prompt drifts towards
     the subject. Measure the change of the class prediction on fixed probe inputs."""
-    with_prior = run(world, tmp_path / "prior", "--class-images", 4, "--lr", 5e-4, steps=30)
-    without = run(world, tmp_path / "none", "--lr", 5e-4, steps=30, prior=False)
+    with_prior = run(world, tmp_path / "prior", "--class-images", 4, "--lr", 5e-4, "--drift-images", 8, steps=30)
+    without = run(world, tmp_path / "none", "--lr", 5e-4, "--drift-images", 8, steps=30, prior=False)
     base = load(world / "base")
     ids = base.tokenizer([json.load(open(with_prior / "settings.json"))["class_prompt"]])
     probe = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(1))
@@ -196,6 +196,9 @@ def test_prior_preservation_reduces_class_drift(world, tmp_path):
             return (model.unet(probe, t, ctx) - base.unet(probe, t, ctx)).square().mean().item()
 
     assert drift(without) > drift(with_prior)
+    # train.py's own drift score (held-out class images, minidb/loop.py) says the same, from the same base
+    (a,), (b,) = ([r for r in map(json.loads, open(out / "log.jsonl")) if "drift" in r] for out in (without, with_prior))
+    assert a["drift_base"] == b["drift_base"] and a["drift"] > b["drift"] > 0
 
 
 def test_resume_is_bitwise_equal_to_an_uninterrupted_run(world, tmp_path):

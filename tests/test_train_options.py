@@ -1,0 +1,203 @@
+"""train.py's practitioner options: batches and gradient accumulation, learning-rate schedules, which
+checkpoint --resume continues from, validation prompts, per-photo captions, random crops, the drift
+score and several subjects in one run (tiny model, CPU)."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+import train
+from minidb.files import read_tensors
+from minidb.loop import Examples, lr_factor
+from test_train import draw_subject, run, world  # noqa: F401  (world is a fixture)
+
+
+def weights(out, name="unet"):
+    return read_tensors(out / "checkpoints" / sorted(p.name for p in (out / "checkpoints").glob("step-*"))[-1]
+                        / f"{name}.safetensors")[0]
+
+
+def log(out):
+    return [json.loads(line) for line in open(out / "log.jsonl")]
+
+
+def refused(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        train.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    (line,) = [x for x in err.splitlines() if x.startswith("error:")]
+    return line
+
+
+def gradients_of(monkeypatch, *args, **kwargs):
+    """Run train.py through test_train.run, recording the gradient AdamW applies at each step."""
+    seen, step = [], torch.optim.AdamW.step
+
+    def recording(self, *a, **k):
+        seen.append(torch.cat([p.grad.flatten() for g in self.param_groups for p in g["params"]]))
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording)
+    out = run(*args, **kwargs)
+    monkeypatch.undo()
+    return out, seen
+
+
+def test_batch_of_two_equals_two_accumulated_micro_batches(world, tmp_path, monkeypatch):
+    """The same global batch, split differently, gives the same gradient at every step (to fp32
+    rounding): every example's photo, noise and timestep come from one fixed sequence of draws,
+    whatever the split. (Adam's first steps move weights by about lr x sign(gradient), so weights
+    whose gradient is rounding noise around 0 differ by up to 2 lr: the gradients are the test.)"""
+    batched, a = gradients_of(monkeypatch, world, tmp_path / "batched", "--batch-size", 2, "--lr", 1e-3, steps=3)
+    accumulated, b = gradients_of(monkeypatch, world, tmp_path / "accumulated", "--grad-accum", 2, "--lr", 1e-3, steps=3)
+    assert len(a) == len(b) == 3
+    for ga, gb in zip(a, b):
+        assert (ga - gb).abs().max() <= 1e-5 * ga.abs().max(), (ga - gb).abs().max()
+    assert [r["loss"] for r in log(batched)] == pytest.approx([r["loss"] for r in log(accumulated)], rel=1e-5)
+    _, single = gradients_of(monkeypatch, world, tmp_path / "single", "--lr", 1e-3, steps=3)  # batch 1: other examples
+    assert (single[0] - a[0]).abs().max() > 0.1 * a[0].abs().max()
+    moved = max((weights(batched)[k] - weights(accumulated)[k]).abs().max().item() for k in weights(batched))
+    assert moved <= 2 * 3 * 1e-3  # and no weight is further apart than Adam's sign noise allows
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "linear", "polynomial"])
+def test_lr_schedules_equal_diffusers(schedule):
+    from diffusers.optimization import get_scheduler
+    total, warmup, lr = 50, 7, 1e-4
+    ours = lr_factor(schedule, warmup, total, lr=lr)
+    name = "constant_with_warmup" if schedule == "constant" else schedule
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    theirs = get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=total)
+    for step in range(total + 3):
+        assert opt.param_groups[0]["lr"] == pytest.approx(lr * ours(step), rel=1e-9, abs=1e-15), step
+        opt.step()
+        theirs.step()
+
+
+def test_the_log_follows_the_schedule_and_scale_lr_multiplies(world, tmp_path):
+    out = run(world, tmp_path / "cosine", "--lr-schedule", "cosine", "--warmup-steps", 2, "--lr", 1e-3,
+              "--batch-size", 2, "--scale-lr", steps=6)
+    peak = json.load(open(out / "settings.json"))["lr"]
+    assert peak == pytest.approx(2e-3)  # 1e-3 x 2 images per step
+    assert [r["lr"] for r in log(out)] == pytest.approx([peak * lr_factor("cosine", 2, 6)(s) for s in range(6)])
+
+
+def test_resume_from_an_earlier_step_sets_later_checkpoints_aside_and_continues_exactly(world, tmp_path):
+    straight = run(world, tmp_path / "straight", "--save-every", 2, "--checkpoints-keep", 3, steps=6)
+    assert sorted(p.name for p in (straight / "checkpoints").iterdir()) == ["step-000002", "step-000004", "step-000006"]
+    branch = tmp_path / "branch"
+    shutil.copytree(straight, branch)
+    run(world, branch, "--save-every", 2, "--checkpoints-keep", 3, "--resume", 2, steps=6)
+    assert sorted(p.name for p in (branch / "checkpoints" / "abandoned").iterdir()) == ["step-000004", "step-000006"]
+    a, b = weights(straight), weights(branch)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in log(straight)] == [r["loss"] for r in log(branch)]
+    # a checkpoint folder's path works too, and a missing step is named with the ones there are
+    other = tmp_path / "other"
+    shutil.copytree(straight, other)
+    run(world, other, "--save-every", 2, "--checkpoints-keep", 3, "--resume", other / "checkpoints" / "step-000004", steps=6)
+    assert all(torch.equal(a[k], v) for k, v in weights(other).items())
+
+
+def test_resume_names_the_checkpoints_a_run_has(world, tmp_path, capsys):
+    out = run(world, tmp_path / "run", "--save-every", 2, "--checkpoints-keep", 2, steps=4)
+    line = refused(capsys, ["--images", world / "photos", "--class", "ball", "--model", world / "base", "--out", out,
+                            "--steps", 4, "--resolution", 32, "--sample-steps", 2, "--class-cache", world / "cache",
+                            "--class-images", 2, "--drift-images", 2, "--save-dtype", "fp32", "--resume", 3])
+    assert "no checkpoint of step 3 (it has: 2, 4)" in line
+
+
+def test_validation_grid_has_a_row_per_subject_and_one_for_the_extra_prompts(world, tmp_path):
+    out = run(world, tmp_path / "run", "--validation-prompt", "a red ball", "--validation-prompt", "a ball in snow",
+              "--validation-images", 2, steps=1)
+    assert Image.open(out / "validation" / "step-000001.png").size == (3 * 2 * 32, 2 * 32)
+    rows = (out / "validation" / "step-000001.txt").read_text().splitlines()
+    assert rows[1] == "a red ball | a ball in snow" and rows[0].endswith("| a photo of a ball")
+
+
+def test_a_photo_caption_stands_in_for_the_instance_prompt(world, tmp_path):
+    """Every photo captioned "[V] on grass, a ball" trains exactly as --instance-prompt 'nrf on grass, a ball'."""
+    photos = tmp_path / "photos"
+    shutil.copytree(world / "photos", photos)
+    identifier = json.load(open(run(world, tmp_path / "plain", steps=1) / "settings.json"))["identifier"]
+    for photo in photos.iterdir():
+        photo.with_suffix(".txt").write_text("[V] on grass, a ball\n")
+    captioned = run(world, tmp_path / "captioned", "--images", photos, steps=2)
+    prompted = run(world, tmp_path / "prompted", "--instance-prompt", f"{identifier} on grass, a ball", steps=2)
+    a, b = weights(captioned), weights(prompted)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_random_crops_stay_inside_the_photo_and_reach_both_edges():
+    examples = Examples([2], [("p", 0)], torch.Generator().manual_seed(0), rooms=[[(0, 16), (8, 0)]])
+    crops = {e["photo"]: set() for e in examples.draw(0, 1, (4, 2, 2))}
+    for e in examples.draw(0, 400, (4, 2, 2)):
+        crops.setdefault(e["photo"], set()).add(e["crop"])
+    assert crops[0] == {(0, left) for left in range(17)} and crops[1] == {(top, 0) for top in range(9)}
+
+
+def test_random_crop_trains_on_wide_photos(world, tmp_path):
+    out = run(world, tmp_path / "run", "--random-crop", "--flip", steps=3)  # the photos are 64 x 48
+    assert len(log(out)) == 3 and all(torch.isfinite(v).all() for v in weights(out).values())
+
+
+def test_drift_is_logged_at_each_validation_beside_the_base_models(world, tmp_path):
+    out = run(world, tmp_path / "still", "--lr", 1e-12, "--validate-every", 2, "--drift-images", 3, steps=4)
+    rows = [r for r in log(out) if "drift" in r]
+    assert [r["step"] for r in rows] == [2, 4]
+    # a model that has not moved has not drifted: the score is the base model's
+    assert all(r["drift"] == pytest.approx(r["drift_base"], rel=1e-4) for r in rows)
+    assert rows[0]["drift_base"] > 0 and (out / "loss.png").is_file()
+
+
+def test_two_subjects_take_turns_with_their_own_identifiers(world, tmp_path):
+    second = tmp_path / "cups"
+    second.mkdir()
+    for i in range(2):
+        draw_subject(second / f"{i}.png", (40, 60, 200), 3 * i)
+    concepts = tmp_path / "concepts.json"
+    concepts.write_text(json.dumps([{"images": str(world / "photos"), "class": "ball"},
+                                    {"images": "cups", "class": "cup", "identifier": "zwx"}]))
+    out = tmp_path / "run"
+    train.main([str(a) for a in ["--concepts", concepts, "--model", world / "base", "--out", out, "--steps", 2,
+                                 "--resolution", 32, "--sample-steps", 2, "--class-cache", tmp_path / "cache",
+                                 "--class-images", 2, "--drift-images", 0, "--save-dtype", "fp32"]])
+    settings = json.load(open(out / "settings.json"))
+    first, other = settings["subjects"]
+    assert other["identifier"] == "zwx" and first["identifier"] not in ("zwx", "")
+    readme = (out / "README.md").read_text()
+    assert f"`{first['identifier']}` (a ball)" in readme and "`zwx` (a cup)" in readme
+    assert Image.open(out / "validation" / "step-000002.png").size == (3 * 32, 2 * 32)  # a row per subject
+    assert len(list((tmp_path / "cache").iterdir())) == 2  # a class prior per class
+    examples = Examples([3, 2], [("ball", 2), ("cup", 2)], torch.Generator().manual_seed(0))
+    assert [e["subject"] for e in examples.draw(0, 6, (4, 2, 2))] == [0, 1, 0, 1, 0, 1]
+
+
+@pytest.mark.parametrize("content, words", [
+    ("[{\"images\": \"a\"}]", 'entry 1 needs "class"'),
+    ("{\"images\": \"a\", \"class\": \"dog\"}", "must hold a non-empty list"),
+    ("[{\"images\": \"a\", \"class\": \"dog\", \"colour\": \"red\"}]", "unknown key 'colour'"),
+    ("[{\"images\": \"a\", \"class\": 3}]", 'entry 1 needs "class" as a class name'),
+    ("not json", "is not valid JSON"),
+    ("[{\"images\": \"a\", \"class\": \"dog\", \"identifier\": \"sks\"}, "
+     "{\"images\": \"b\", \"class\": \"cat\", \"identifier\": \"sks\"}]", "two subjects use the identifier sks"),
+])
+def test_a_bad_concepts_file_is_one_sentence(world, tmp_path, capsys, content, words):
+    for name in "ab":
+        shutil.copytree(world / "photos", tmp_path / name)
+    concepts = tmp_path / "concepts.json"
+    concepts.write_text(content)
+    line = refused(capsys, ["--concepts", concepts, "--model", world / "base", "--out", tmp_path / "run",
+                            "--resolution", 32, "--class-cache", tmp_path / "cache"])
+    assert words in line, line
+
+
+def test_concepts_and_images_do_not_mix(world, tmp_path, capsys):
+    line = refused(capsys, ["--concepts", tmp_path / "c.json", "--images", world / "photos", "--model", world / "base"])
+    assert "leave out" in line and "--images" in line
+    line = refused(capsys, ["--model", world / "base"])
+    assert "--images FOLDER --class NAME" in line
