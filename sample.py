@@ -65,7 +65,11 @@ def parse_args(argv=None):
                    help="a diffusers folder or a .safetensors/.ckpt file, base or trained (default: SD 1.5 in "
                         "weights/ once `python -m minidb.fetch` has downloaded it, else the toy model "
                         "weights/toy.safetensors)")
-    p.add_argument("--prompt", required=True, type=text, help="what to draw; at most 75 CLIP tokens are read")
+    p.add_argument("--prompt", required=True, type=text, help="what to draw; at most 75 CLIP tokens are read, "
+                   "unless --long-prompts")
+    p.add_argument("--long-prompts", action="store_true", help="read prompts over 75 tokens whole, in 75-token "
+                   "chunks whose encodings are concatenated, as AUTOMATIC1111 does (default: cut at 75 tokens, as "
+                   "diffusers, with a warning)")
     p.add_argument("--negative-prompt", default="", type=optional_text,
                    help="what to steer away from (default: empty)")
     p.add_argument("--n", type=number(int, 1, N_MAX), default=1,
@@ -204,7 +208,7 @@ def main(argv=None):
         try:
             latents = sample_latents(model, args.prompt, args.negative_prompt, n=1, steps=args.steps,
                                      guidance=args.guidance, seed=seed + i, height=height, width=width,
-                                     sampler=args.sampler)
+                                     sampler=args.sampler, long_prompts=args.long_prompts)
             image = decode(model, latents)[0]
         except RuntimeError as e:
             if not out_of_memory(e):

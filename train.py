@@ -49,7 +49,7 @@ from minidb.concepts import name_subjects, read_subjects
 from minidb.lora import LoRA, save_kohya
 from minidb.loop import Examples, drift_score, lr_factor
 from minidb.options import METHOD_LR, check, is_sdxl, parse_args, with_method_defaults
-from minidb.pipeline import DEFAULTS, added_conditioning, decode, grid, sample_latents
+from minidb.pipeline import DEFAULTS, added_conditioning, decode, encode_tokens, grid, sample_latents, token_ids
 from minidb.save import save_diffusers, save_single_file
 from minidb.schedulers import NUM_TRAIN_TIMESTEPS, NoiseSchedule
 
@@ -218,17 +218,13 @@ def train(args, out):
     model.unet.gradient_checkpointing = args.gradient_checkpointing
     for name in text_parts:
         parts[name].encoder.gradient_checkpointing = args.gradient_checkpointing and text_trains
-    ids = [tokenizer(prompts).to(device) for tokenizer in (model.tokenizer, model.tokenizer_2) if tokenizer is not None]
+    ids = [token_ids(tokenizer, prompts, args.long_prompts).to(device)  # (P, 77), or (P, k, 77) for long prompts
+           for tokenizer in (model.tokenizer, model.tokenizer_2) if tokenizer is not None]
 
     def encode_text(which):
-        """Prompts (indices into `prompts`) -> (context (B, 77, C), pooled (B, P) or None), as minidb/pipeline.py's
-        encode_prompt, but with gradients when text trains: SDXL's two encoders side by side, and bigG's
-        pooled vector for the UNet's added conditioning."""
-        context = model.text_encoder(ids[0][which])
-        if model.text_encoder_2 is None:
-            return context, None
-        context_2, pooled = model.text_encoder_2(ids[1][which], pooled=True)
-        return torch.cat([context, context_2], dim=-1), pooled
+        """Prompts (indices into `prompts`) -> (context, pooled or None), as sample.py encodes them
+        (minidb/pipeline.py), but with gradients when text trains."""
+        return encode_tokens(model, *(i[which] for i in ids))
 
     if not text_trains:
         with torch.no_grad(), autocast:
@@ -322,8 +318,8 @@ def train(args, out):
         model.unet.eval()
         with autocast:
             images = [[decode(model, sample_latents(model, p, n=args.validation_images, steps=args.sample_steps,
-                                                    seed=args.seed, height=resolution, width=resolution,
-                                                    progress=False, **DEFAULTS[model.version])) for p in row]
+                                                    seed=args.seed, height=resolution, width=resolution, progress=False,
+                                                    long_prompts=args.long_prompts, **DEFAULTS[model.version])) for p in row]
                       for row in rows]
         model.unet.train()
         cols = max(len(row) for row in rows) * args.validation_images

@@ -49,6 +49,8 @@ def parse_args(argv, doc):
       "alpha/rank (default: the rank)")
     a("--instance-prompt", default=None, type=text, help="caption of the subject photos (default: 'a photo of a [V] CLASS')")
     a("--class-prompt", default=None, type=text, help="prompt of the prior images (default: 'a photo of a CLASS')")
+    a("--long-prompts", action="store_true", help="read prompts over 75 tokens whole, in 75-token chunks whose "
+      "encodings are concatenated, as AUTOMATIC1111 does (default: cut at 75 tokens, as diffusers, with a warning)")
     a("--steps", type=number(int, low=1), default=800, help="training steps (the paper's SD recipe: 800-1000) (default: %(default)s)")
     a("--batch-size", type=number(int, low=1), default=1, help="subject images per step, each with a class-prior "
       "image beside it (default: %(default)s)")

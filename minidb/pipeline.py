@@ -57,17 +57,39 @@ DEFAULTS = {"SD 1.x": {"sampler": "ddim", "guidance": 7.5}, "SD 2.x": {"sampler"
             "SDXL": {"sampler": "euler", "guidance": 5.0}}
 
 
-@torch.no_grad()
-def encode_prompt(model, prompts):
-    """Prompts -> (context (B, 77, C), pooled (B, P) or None) on the text encoder's device and dtype.
-    SD has one text encoder. SDXL has two, whose features are put side by side (768 + 1280 = 2048),
-    and the second's pooled vector goes to the UNet's added conditioning."""
-    p = next(model.text_encoder.parameters())
-    context = model.text_encoder(model.tokenizer(prompts).to(p.device))
+def token_ids(tokenizer, prompts, long=False):
+    """Prompts -> (B, 77) ids, truncated as diffusers does (with a warning); with long=True, (B, k, 77):
+    every prompt whole, in k chunks of 75 tokens (AUTOMATIC1111's long prompts; shorter ones are padded
+    with empty chunks)."""
+    if not long:
+        return tokenizer(prompts)
+    rows = [tokenizer.chunks(p) for p in prompts]
+    k = max(len(r) for r in rows)
+    return torch.stack([tokenizer.chunks(p, k) for p in prompts])
+
+
+def encode_tokens(model, ids, ids_2=None):
+    """Token ids -> (context (B, 77 k, C), pooled (B, P) or None). SD has one text encoder. SDXL has
+    two, whose features are put side by side (768 + 1280 = 2048), and the second's pooled vector goes to
+    the UNet's added conditioning. Chunked ids (B, k, 77) are encoded chunk by chunk and concatenated
+    along the sequence; the pooled vector is the first chunk's, as A1111 and ComfyUI take it."""
+    b, k = len(ids), ids.shape[1] if ids.dim() == 3 else 1
+    context = model.text_encoder(ids.reshape(b * k, -1)).reshape(b, k * ids.shape[-1], -1)
     if model.text_encoder_2 is None:
         return context, None
-    context_2, pooled = model.text_encoder_2(model.tokenizer_2(prompts).to(p.device), pooled=True)
-    return torch.cat([context, context_2], dim=-1), pooled
+    context_2, pooled = model.text_encoder_2(ids_2.reshape(b * k, -1), pooled=True)
+    context_2 = context_2.reshape(b, k * ids_2.shape[-1], -1)
+    return torch.cat([context, context_2], dim=-1), pooled.reshape(b, k, -1)[:, 0]
+
+
+@torch.no_grad()
+def encode_prompt(model, prompts, long=False):
+    """Prompts -> (context (B, 77, C), or (B, 77 k, C) for long prompts; pooled (B, P) or None) on the
+    text encoder's device and dtype (encode_tokens)."""
+    device = next(model.text_encoder.parameters()).device
+    ids = token_ids(model.tokenizer, prompts, long).to(device)
+    ids_2 = token_ids(model.tokenizer_2, prompts, long).to(device) if model.tokenizer_2 is not None else None
+    return encode_tokens(model, ids, ids_2)
 
 
 def added_conditioning(pooled, original_size, crop=(0, 0), target_size=None):
@@ -89,21 +111,27 @@ def initial_noise(n, height, width, seed, channels=4, factor=8):
 
 @torch.no_grad()
 def sample_latents(model, prompt, negative_prompt="", n=1, steps=50, guidance=7.5, seed=0, height=512, width=512,
-                   sampler="ddim", progress=True):
-    """Run the denoising loop; returns the final latents (n, 4, H/8, W/8), still scaled by 0.18215."""
+                   sampler="ddim", progress=True, long_prompts=False):
+    """Run the denoising loop; returns the final latents (n, 4, H/8, W/8), still scaled by 0.18215.
+    With long_prompts, the prompt and the negative prompt are read whole (encode_prompt); when their
+    lengths differ, the two halves of guidance go through the UNet separately, as A1111 does."""
     p = next(model.unet.parameters())
-    context, pooled = encode_prompt(model, [prompt])  # one encoding serves every image
+    context, pooled = encode_prompt(model, [prompt], long_prompts)  # one encoding serves every image
     y = added_conditioning(pooled, (height, width)) if pooled is not None else None  # SDXL
     guide = guidance > 1  # as diffusers: at g <= 1 the unconditional pass would change nothing
     if guide:
         if y is not None and not negative_prompt:  # SDXL: no negative prompt means zeros, not "" encoded
             negative, negative_y = torch.zeros_like(context), added_conditioning(torch.zeros_like(pooled), (height, width))
         else:
-            negative, negative_pooled = encode_prompt(model, [negative_prompt])
+            negative, negative_pooled = encode_prompt(model, [negative_prompt], long_prompts)
             negative_y = added_conditioning(negative_pooled, (height, width)) if y is not None else None
-        context = torch.cat([negative, context])  # (2, 77, C)
         y = torch.cat([negative_y, y]) if y is not None else None
-    context = context.to(p.dtype).repeat_interleave(n, dim=0)  # (2n, 77, C): n unconditional, then n conditional
+        if negative.shape[1] == context.shape[1]:
+            context = torch.cat([negative, context])  # (2, 77, C)
+        else:  # long prompts of different lengths: one context per half, each pass on its own
+            context = [negative.to(p.dtype).repeat_interleave(n, dim=0), context.to(p.dtype).repeat_interleave(n, dim=0)]
+    if torch.is_tensor(context):
+        context = context.to(p.dtype).repeat_interleave(n, dim=0)  # (2n, 77, C): n unconditional, then n conditional
     y = y.to(p.dtype).repeat_interleave(n, dim=0) if y is not None else None
 
     # SDXL's scheduler config names "leading" spacing, which then holds for every sampler (minidb/samplers.py)
@@ -115,7 +143,11 @@ def sample_latents(model, prompt, negative_prompt="", n=1, steps=50, guidance=7.
 
     for t in tqdm(solver.timesteps, desc="denoising", disable=not progress, leave=False):
         x_in = solver.scale_model_input(torch.cat([x, x]) if guide else x, t)
-        out = model.unet(x_in, t, context, y)
+        if torch.is_tensor(context):
+            out = model.unet(x_in, t, context, y)
+        else:
+            out = torch.cat([model.unet(half, t, c, None if y is None else y[k * n:(k + 1) * n])
+                             for k, (half, c) in enumerate(zip(x_in.chunk(2), context))])
         if guide:
             uncond, cond = out.chunk(2)
             out = uncond + guidance * (cond - uncond)

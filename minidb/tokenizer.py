@@ -206,6 +206,32 @@ class Tokenizer:
             rows.append(row + [self.pad_id] * (CONTEXT_LENGTH - len(row)))
         return torch.tensor(rows, dtype=torch.long)
 
+    def chunks(self, prompt: str, count: int | None = None) -> torch.Tensor:
+        """(k, 77) ids: the whole prompt in 75-token chunks, each wrapped in <|startoftext|> ...
+        <|endoftext|> and padded, as AUTOMATIC1111 reads a long prompt (sd_hijack_clip.py); their
+        encodings are concatenated into a (1, 77 k, C) context. A chunk that fills up within 20
+        tokens after a comma is cut after the comma, and the rest starts the next chunk (A1111's
+        comma_padding_backtrack). An empty prompt is one chunk; `count` pads with empty chunks."""
+        room, backtrack, comma = CONTEXT_LENGTH - 2, 20, self.vocab[",</w>"]
+        expand = {ids[0]: ids for ids in self.new_words.values()}
+        ids = [j for i in self._tokenizer.encode(prompt, add_special_tokens=False).ids for j in expand.get(i, [i])]
+        chunks, chunk, last_comma = [], [], -1
+        for token in ids:
+            if token == comma:
+                last_comma = len(chunk)
+            elif len(chunk) == room and last_comma != -1 and len(chunk) - last_comma <= backtrack:
+                chunks.append(chunk[:last_comma + 1])  # cut after the comma; the words after it move on
+                chunk, last_comma = chunk[last_comma + 1:], -1
+            if len(chunk) == room:
+                chunks.append(chunk)
+                chunk, last_comma = [], -1
+            chunk.append(token)
+        if chunk or not chunks:
+            chunks.append(chunk)
+        chunks += [[]] * ((count or 0) - len(chunks))
+        rows = [[BOS, *c, EOS] + [self.pad_id] * (room - len(c)) for c in chunks]
+        return torch.tensor(rows, dtype=torch.long)
+
     def __len__(self) -> int:
         return len(self.vocab)
 

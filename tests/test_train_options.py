@@ -201,3 +201,12 @@ def test_concepts_and_images_do_not_mix(world, tmp_path, capsys):
     assert "leave out" in line and "--images" in line
     line = refused(capsys, ["--model", world / "base"])
     assert "--images FOLDER --class NAME" in line
+
+
+def test_long_prompts_train_whole_and_differ_from_the_cut_ones(world, tmp_path):
+    long = "a photo of a nrf ball, " + ", ".join(["red and green and blue stripes"] * 15)
+    with pytest.warns(UserWarning, match="longer than CLIP's 77 tokens"):
+        cut = run(world, tmp_path / "cut", "--instance-prompt", long, steps=2)
+    whole = run(world, tmp_path / "whole", "--instance-prompt", long, "--long-prompts", steps=2)
+    a, b = weights(cut), weights(whole)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
