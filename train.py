@@ -29,17 +29,16 @@ import json
 import tempfile
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import torch
 from PIL import Image
 from tqdm import tqdm
 
-from minidb import memory, runs
+from minidb import distributed, memory, runs
 from minidb.cli import fail, run
 from minidb.data import DataError, load_images
-from minidb.distributed import rank_and_world
 from minidb.dreambooth import (NewWord, class_prior, dreambooth_loss, min_snr_weights, pick_identifier,
                                pick_new_word, plot_losses)
 from minidb.fetch import default_model
@@ -66,7 +65,7 @@ def run_folder(args):
         out.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=out).close()
     except OSError as e:
-        fail(f"Cannot write to --out {out} ({e.strerror}); choose another folder.")
+        raise runs.RunError(f"Cannot write to --out {out} ({e.strerror}); choose another folder.") from None
     return out
 
 
@@ -76,13 +75,24 @@ def main(argv=None):
     problem = with_method_defaults(args, is_sdxl(args.model)) or check(args)
     if problem:
         fail(problem)
-    out = run_folder(args)
-    try:
-        with runs.locked(out):
-            runs.check_folder(out, args.resume, args.overwrite)
-            train(args, out)
-    except (runs.RunError, DiskFull) as e:
-        fail(e)
+    rank, world, args.device = distributed.start(args.device)  # under torchrun: this process's rank and card
+    with ExitStack() as held:
+        out = problem = None
+        if rank == 0:  # one process owns the run folder; the others learn where it is, or why it cannot be
+            try:
+                out = run_folder(args)
+                held.enter_context(runs.locked(out))
+                runs.check_folder(out, args.resume, args.overwrite)
+            except runs.RunError as e:
+                problem = str(e)
+        out, problem = distributed.share((out, problem))
+        if problem:
+            fail(problem)
+        try:
+            train(args, Path(out))
+        except (runs.RunError, DiskFull) as e:
+            fail(e)
+    distributed.finish()
 
 
 def train(args, out):
@@ -148,7 +158,8 @@ def train(args, out):
                  if any(subject.photos.captions) else "") + f", class prompt {subject.class_prompt!r}")
     identifier, instance_prompt, class_prompt = subjects[0].identifier, subjects[0].instance_prompt, subjects[0].class_prompt
     print(f"run folder: {out}\n{model.version} ({model.prediction_type}), {device}, mixed precision {precision}")
-    rank, world = rank_and_world()
+    rank, world = distributed.rank_and_world()
+    writes = rank == 0  # only the first process writes; the others wait at barriers
     if args.scale_lr:  # diffusers' --scale_lr: the rate grows with the images per step
         args.lr *= args.batch_size * args.grad_accum * world
     settings = {**vars(args), "identifier": identifier, "instance_prompt": instance_prompt,
@@ -304,6 +315,8 @@ def train(args, out):
 
     def checkpoint(step):
         stop_if_not_finite(step)
+        if not writes:
+            return None
         extra = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                  "generator": generator.get_state(), "orders": examples.state(), "drift_base": drift_base}
         with disk_full():
@@ -313,6 +326,8 @@ def train(args, out):
         """A fixed-seed grid, one row per subject: the subject, the subject in a new context, and the plain
         class prompt, whose drift away from the base model's class is what the prior loss should prevent;
         then a row of the --validation-prompt ones. Each prompt gets --validation-images seeds."""
+        if not writes:
+            return
         rows = [[s.instance_prompt, s.new_scene, s.class_prompt] for s in subjects] + \
             ([args.validation_prompt] if args.validation_prompt else [])
         model.unet.eval()
@@ -334,7 +349,7 @@ def train(args, out):
     def drift():
         """The drift score: the prior loss of the model as it is now on the held-out class images
         (mean over their fixed noise and timesteps, over every class prompt)."""
-        if not drift_sets:
+        if not drift_sets or not writes:
             return None
         model.unet.eval()
         with torch.no_grad(), autocast:
@@ -346,10 +361,11 @@ def train(args, out):
     # ---- the training loop ----
     log_path = out / "log.jsonl"
     with disk_full():
-        if log_path.exists():  # keep the log in step with the checkpoint we resume from
+        if writes and log_path.exists():  # keep the log in step with the checkpoint we resume from
             rows = [line for line in open(log_path) if json.loads(line)["step"] <= start]
             atomic_write(log_path, lambda tmp: Path(tmp).write_text("".join(rows)))
-        atomic_write(out / "settings.json", lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=2)))
+        if writes:
+            atomic_write(out / "settings.json", lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=2)))
 
     # Ctrl-C finishes the current step, then saves a checkpoint, so a resumed run is exactly the
     # uninterrupted one. A second Ctrl-C quits at once.
@@ -391,10 +407,19 @@ def train(args, out):
         return torch.stack(x0).to(device), torch.stack(noise).to(device), torch.stack(t).to(device), \
             torch.tensor(which), sizes
 
+    def forward(x_t, t, which, sizes):
+        """The denoiser's prediction for a micro-batch: its prompts' text, SDXL's added conditioning, the UNet."""
+        context, pooled = text_for(which)
+        y = None if pooled is None else torch.cat([  # SDXL: pooled text + the example's size, crop, target size
+            added_conditioning(pooled[k: k + 1], size, crop, (resolution, resolution)) for k, (size, crop) in enumerate(sizes)])
+        return model.unet(x_t, t, context, y)
+
+    # Under torchrun, DistributedDataParallel averages the gradients of what trains over the processes.
+    denoise = distributed.wrap(distributed.Step(trained, forward), device)
     if drift_base is None and start == 0:
         drift_base = drift()  # the frozen base model's figure: nothing has trained yet
     per_micro = args.batch_size * world  # examples in one micro-batch, over all processes
-    bar = tqdm(total=args.steps, initial=start, desc="training")
+    bar = tqdm(total=args.steps, initial=start, desc="training", disable=not writes)
     for step in range(start, args.steps):
         t0 = time.time()
         lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the schedule changes it)
@@ -406,18 +431,16 @@ def train(args, out):
             x0, noise, t, which, sizes = assemble(batch)
             x_t = schedule.add_noise(x0, noise, t)
             target = schedule.target(x0, noise, t)  # ε, or v for v-prediction models
-            with autocast:
-                context, pooled = text_for(which)
-                y = None if pooled is None else torch.cat([  # SDXL: pooled text + the example's size, crop, target size
-                    added_conditioning(pooled[k: k + 1], size, crop, (resolution, resolution))
-                    for k, (size, crop) in enumerate(sizes)])
-                pred = model.unet(x_t, t, context, y)
-            weights = min_snr_weights(schedule, t, args.snr_gamma) if args.snr_gamma else None
-            # instance loss + λ · prior loss (minidb/dreambooth.py, the paper's eq. 2)
-            loss, instance_loss, prior_loss = dreambooth_loss(pred, target, len(batch), args.prior_weight, weights)
-            stop_if_not_finite(step + 1, loss.detach())
-            scaler.scale(loss / args.grad_accum).backward()  # the gradients of the micro-batches add up
+            last = micro == args.grad_accum - 1  # DDP averages the gradients across processes once, at the end
+            with autocast, (nullcontext() if last or world == 1 else denoise.no_sync()):
+                pred = denoise(x_t, t, which, sizes)
+                weights = min_snr_weights(schedule, t, args.snr_gamma) if args.snr_gamma else None
+                # instance loss + λ · prior loss (minidb/dreambooth.py, the paper's eq. 2)
+                loss, instance_loss, prior_loss = dreambooth_loss(pred, target, len(batch), args.prior_weight, weights)
+                scaler.scale(loss / args.grad_accum).backward()  # the gradients of the micro-batches add up
             losses += torch.stack([loss, instance_loss, prior_loss]).detach().float().cpu() / args.grad_accum
+        losses = distributed.total(losses) / world  # the whole global batch's, as one process would log it
+        stop_if_not_finite(step + 1, losses[0])
 
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
@@ -429,20 +452,23 @@ def train(args, out):
         row = {"step": step + 1, "loss": losses[0].item(), "instance_loss": losses[1].item(),
                "prior_loss": losses[2].item() if priors else None, "lr": lr, "step_time": time.time() - t0}
         looks = args.validate_every and (step + 1) % args.validate_every == 0 or step + 1 == args.steps
-        if looks and drift_sets:
+        if looks and drift_sets and writes:
             row["drift"], row["drift_base"] = drift(), drift_base
-        with disk_full(), open(log_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        if writes:
+            with disk_full(), open(log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
         bar.set_postfix(loss=f"{row['loss']:.4f}", **({"drift": f"{row['drift']:.4f}"} if "drift" in row else {}))
         bar.update(1)
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
             checkpoint(step + 1)
         if looks and step + 1 < args.steps:
             validate(step + 1)
-        if stop:
+        if distributed.total(torch.tensor([float(bool(stop))]))[0] > 0:  # every process stops at the same step
             bar.close()
             path = checkpoint(step + 1)
-            print(f"interrupted: saved {path}; continue with the same command plus --resume", file=sys.stderr)
+            distributed.barrier()
+            if writes:
+                print(f"interrupted: saved {path}; continue with the same command plus --resume", file=sys.stderr)
             sys.exit(130)
     bar.close()
     signal.signal(signal.SIGINT, previous_handler)
@@ -451,6 +477,9 @@ def train(args, out):
     last = max(args.steps, start)
     checkpoint(last)  # so --resume with a larger --steps can continue; it also refuses NaN weights
     validate(last)
+    if not writes:
+        distributed.barrier()  # the first process exports; the others wait for it, then are done
+        return
     rows = [json.loads(line) for line in open(log_path)] if log_path.exists() else []
     for name in ("unet", *text_parts):
         parts[name].eval()
@@ -492,6 +521,7 @@ def train(args, out):
     written = ([out / "model", out / "model.safetensors"] if args.method == "full" else []) + \
         ([lora_file] if "lora" in trained else []) + ([word_file] if "new_word" in trained else [])
     print(f"wrote {', '.join(map(str, written))}\ndraw with: {sample}")
+    distributed.barrier()
 
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}

@@ -20,6 +20,7 @@ import torch.nn as nn
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from minidb.distributed import barrier, rank_and_world
 from minidb.files import ModelFileError, atomic_write, read_tensors, write_safetensors
 from minidb.pipeline import sample_latents
 
@@ -205,24 +206,37 @@ def class_prior(model, model_path, prompt, count, resolution, sampler, steps, gu
     The cache folder is keyed by everything that changes the samples (model, prompt, resolution,
     sampler, steps, guidance, seed), so a second run reuses them and a larger count only tops up.
     Each batch is seeded with seed + the index of its first sample, so the same sequence of runs
-    always gives the same files.
+    always gives the same files. Under torchrun the missing batches are shared out: process r draws
+    batches r, r + N, r + 2N, ..., so no image is drawn twice, and all read the one cache.
     """
+    rank, world = rank_and_world()
     settings = {"model": _model_identity(model_path), "prompt": prompt, "resolution": resolution,
                 "sampler": sampler, "steps": steps, "guidance": guidance, "seed": seed}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     folder = Path(cache_root) / f"{re.sub(r'[^a-z0-9]+', '-', prompt.lower()).strip('-')[:40]}-{key}"
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write(folder / "settings.json", lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=2)))
+    if rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(folder / "settings.json", lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=2)))
+        _valid_prefix(folder, count)  # a damaged file is removed, with those after it, by one process
+    barrier()
     have = _valid_prefix(folder, count)
-    with tqdm(total=count, initial=min(have, count), desc=f"class prior '{prompt}'", disable=have >= count) as bar:
-        for first in range(have, count, batch):
+    mine = shard(have, count, batch, rank, world)
+    with tqdm(total=len(mine) * batch, desc=f"class prior '{prompt}'" + (f" (process {rank})" if world > 1 else ""),
+              disable=not mine) as bar:
+        for first in mine:
             n = min(batch, count - first)
             latents = sample_latents(model, prompt, n=n, steps=steps, guidance=guidance, seed=seed + first,
                                      height=resolution, width=resolution, sampler=sampler, progress=False)
             for j in range(n):
                 write_safetensors(folder / f"{first + j:05d}.safetensors", {"latent": latents[j].float()})
             bar.update(n)
+    barrier()
     return torch.stack([read_tensors(folder / f"{i:05d}.safetensors")[0]["latent"] for i in range(count)])
+
+
+def shard(have, count, batch, rank, world):
+    """The first index of each batch process `rank` of `world` draws, when images have .. count-1 are missing."""
+    return list(range(have, count, batch))[rank::world]
 
 
 def _valid_prefix(folder, count):

@@ -1,0 +1,62 @@
+"""torchrun: two processes on the CPU (gloo) train what one process trains at the same global batch,
+share one class-prior cache, and resume exactly."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from minidb.dreambooth import shard
+from minidb.files import read_tensors
+from test_train import ROOT, run, world  # noqa: F401  (world is a fixture)
+from test_train_options import log, weights
+
+
+def torchrun(world, out, cache, *extra, steps=3):
+    args = ["--images", world / "photos", "--class", "ball", "--model", world / "base", "--out", out, "--steps", steps,
+            "--resolution", 32, "--sample-steps", 2, "--class-cache", cache, "--class-images", 6, "--drift-images", 2,
+            "--device", "cpu", "--lr", 1e-3, *(["--save-dtype", "fp32"] if "lora" not in extra else []), *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(ROOT / "train.py"), *map(str, args)], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def test_shards_cover_every_missing_batch_once():
+    for have, count, world_size in ((0, 200, 2), (5, 23, 3), (8, 8, 2), (0, 3, 4)):
+        firsts = [f for rank in range(world_size) for f in shard(have, count, 4, rank, world_size)]
+        assert sorted(firsts) == list(range(have, count, 4))
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_two_processes_train_what_one_process_trains_at_the_same_global_batch(world, tmp_path, method):
+    extra = ["--method", "lora", "--lora-rank", 2] if method == "lora" else []
+    two = torchrun(world, tmp_path / "two", tmp_path / "cache2", *extra)
+    one = run(world, tmp_path / "one", "--batch-size", 2, "--lr", 1e-3, "--class-images", 6,
+              "--class-cache", tmp_path / "cache1", *extra, steps=3)
+    assert [r["loss"] for r in log(two)] == pytest.approx([r["loss"] for r in log(one)], rel=1e-4)
+    a, b = weights(two, "unet" if method == "full" else "lora"), weights(one, "unet" if method == "full" else "lora")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 2 * 3 * 1e-3  # Adam's sign noise at most
+    assert sum((a[k] - b[k]).abs().sum().item() for k in a) / sum(v.numel() for v in a.values()) < 1e-5
+    # one shared cache, each image drawn once, the same images one process draws
+    (drawn,) = [f for f in (tmp_path / "cache2").iterdir() if len(list(f.glob("0*.safetensors"))) == 6]
+    (alone,) = [f for f in (tmp_path / "cache1").iterdir() if len(list(f.glob("0*.safetensors"))) == 6]
+    for i in range(6):
+        x, y = (read_tensors(f / f"{i:05d}.safetensors")[0]["latent"] for f in (drawn, alone))
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+    assert json.load(open(two / "settings.json"))["batch_size"] == 1
+    assert (two / ("model.safetensors" if method == "full" else "lora.safetensors")).is_file()
+
+
+def test_resume_under_two_processes_continues_exactly(world, tmp_path):
+    straight = torchrun(world, tmp_path / "straight", tmp_path / "cache", steps=4)
+    split = torchrun(world, tmp_path / "split", tmp_path / "cache", steps=2)
+    torchrun(world, split, tmp_path / "cache", "--resume", steps=4)
+    a, b = weights(straight), weights(split)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in log(straight)] == [r["loss"] for r in log(split)]
