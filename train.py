@@ -11,6 +11,10 @@ default for SDXL), or only a new word's embedding (textual-inversion); the loop 
 three, and for SD 1.x, 2.x and SDXL. SDXL reads the prompt with two text encoders side by side and also
 conditions on each photo's size and crop (its micro-conditioning: minidb/pipeline.py).
 
+Several subjects train together with --concepts FILE, and several GPUs with PyTorch's launcher:
+
+    torchrun --nproc_per_node 4 train.py --images ./dog --class dog
+
 The run writes into its folder (a new runs/dreambooth-N each time, linked as runs/latest, unless
 --out names one): checkpoints/ (resumable with --resume), validation/ grids, log.jsonl, loss.png,
 and at the end what the method made, for sample.py, diffusers, AUTOMATIC1111 and ComfyUI: the
@@ -325,11 +329,12 @@ def train(args, out):
     def validate(step):
         """A fixed-seed grid, one row per subject: the subject, the subject in a new context, and the plain
         class prompt, whose drift away from the base model's class is what the prior loss should prevent;
-        then a row of the --validation-prompt ones. Each prompt gets --validation-images seeds."""
+        then a row of the --validation-prompt ones ([V]: the first subject's identifier). Each prompt gets
+        --validation-images seeds."""
         if not writes:
             return
         rows = [[s.instance_prompt, s.new_scene, s.class_prompt] for s in subjects] + \
-            ([args.validation_prompt] if args.validation_prompt else [])
+            ([[p.replace("[V]", identifier) for p in args.validation_prompt]] if args.validation_prompt else [])
         model.unet.eval()
         with autocast:
             images = [[decode(model, sample_latents(model, p, n=args.validation_images, steps=args.sample_steps,

@@ -112,11 +112,12 @@ def test_resume_names_the_checkpoints_a_run_has(world, tmp_path, capsys):
 
 
 def test_validation_grid_has_a_row_per_subject_and_one_for_the_extra_prompts(world, tmp_path):
-    out = run(world, tmp_path / "run", "--validation-prompt", "a red ball", "--validation-prompt", "a ball in snow",
+    out = run(world, tmp_path / "run", "--validation-prompt", "a red ball", "--validation-prompt", "a [V] ball in snow",
               "--validation-images", 2, steps=1)
     assert Image.open(out / "validation" / "step-000001.png").size == (3 * 2 * 32, 2 * 32)
     rows = (out / "validation" / "step-000001.txt").read_text().splitlines()
-    assert rows[1] == "a red ball | a ball in snow" and rows[0].endswith("| a photo of a ball")
+    identifier = json.load(open(out / "settings.json"))["identifier"]
+    assert rows[1] == f"a red ball | a {identifier} ball in snow" and rows[0].endswith("| a photo of a ball")
 
 
 def test_a_photo_caption_stands_in_for_the_instance_prompt(world, tmp_path):
