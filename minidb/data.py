@@ -76,7 +76,6 @@ def load_images(folder, resolution, flip=False, whole=False):
                 if whole:
                     wholes.append(_to_tensor(_short_side(rgb, resolution)))
             names.append(path.name)
-            captions.append(_caption(path))
             sizes.append((w, h) if turned else (h, w))  # (height, width) upright
             if min(w, h) < resolution:
                 small.append(f"{path.name} ({w}×{h})")
@@ -84,6 +83,8 @@ def load_images(folder, resolution, flip=False, whole=False):
             unreadable.append(f"{path.name} (not a JPEG, PNG or WebP image)")
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             unreadable.append(f"{path.name} ({str(e).splitlines()[0] if str(e) else 'damaged'})")
+        else:
+            captions.append(_caption(path))  # outside the try: a bad caption is an error, not a skipped photo
 
     if unreadable:
         warnings.warn(f"Skipped {len(unreadable)} file(s) in {folder} that could not be read as photos: "

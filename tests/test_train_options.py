@@ -211,3 +211,21 @@ def test_long_prompts_train_whole_and_differ_from_the_cut_ones(world, tmp_path):
     whole = run(world, tmp_path / "whole", "--instance-prompt", long, "--long-prompts", steps=2)
     a, b = weights(cut), weights(whole)
     assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_captions_resume_paths_and_words_with_concepts_are_one_sentence(world, tmp_path, capsys):
+    base = ["--class", "ball", "--model", world / "base", "--resolution", 32, "--class-cache", tmp_path / "cache"]
+    photos = tmp_path / "photos"
+    shutil.copytree(world / "photos", photos)
+    (photos / "0.txt").write_text("  \n")
+    assert "The caption" in refused(capsys, ["--images", photos, *base, "--out", tmp_path / "a"])
+    (photos / "0.txt").write_bytes(b"\xff\xfe a photo")
+    assert "save it as UTF-8 text" in refused(capsys, ["--images", photos, *base, "--out", tmp_path / "b"])
+    out = run(world, tmp_path / "run", steps=1)
+    line = refused(capsys, ["--images", world / "photos", *base, "--out", out, "--resume", tmp_path, "--steps", 1,
+                            "--sample-steps", 2, "--class-images", 2, "--drift-images", 2, "--save-dtype", "fp32"])
+    assert "is neither latest, a step number, nor a checkpoint folder" in line
+    concepts = tmp_path / "c.json"
+    concepts.write_text(json.dumps([{"images": str(world / "photos"), "class": "ball"}]))
+    line = refused(capsys, ["--concepts", concepts, "--model", world / "base", "--method", "textual-inversion"])
+    assert "train those one at a time" in line
