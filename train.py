@@ -377,10 +377,16 @@ def train(args, out):
     stop = []
 
     def on_interrupt(signum, frame):
-        if stop:
+        # Under torchrun a Ctrl-C reaches every process twice (from the terminal, then passed on by the
+        # launcher), so there the second one is not "quit now": the launcher kills what does not stop.
+        if stop and not torchrun:
             raise KeyboardInterrupt
+        if not stop and writes:
+            print("\nCtrl-C: saving a checkpoint after this step"
+                  + ("" if torchrun else " (press again to quit without saving)"), file=sys.stderr)
         stop.append(signum)
-        print("\nCtrl-C: saving a checkpoint after this step (press again to quit without saving)", file=sys.stderr)
+
+    torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
     previous_handler = signal.signal(signal.SIGINT, on_interrupt)
     @torch.no_grad()

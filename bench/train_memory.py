@@ -2,6 +2,7 @@
 
     python bench/train_memory.py                 # CPU: SD 1.5 shapes at 256 px, peak RSS
     python bench/train_memory.py --device cuda   # GPU: 512 px, bf16 autocast, peak allocated
+    python bench/train_memory.py --batches 1 2 4 # what a bigger --batch-size costs (cached and lora)
 
 Three settings, each in a fresh process, with SD 1.5-shaped random weights:
   plain      each step encodes the two images with the VAE and the two prompts with the text
@@ -31,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def worker(setting, device, size):
+def worker(setting, device, size, batch=1):
     import torch
     import torch.nn.functional as F
     from bench.run import build, rss_gb
@@ -54,8 +55,8 @@ def worker(setting, device, size):
         trained = list(unet.parameters())
     opt = torch.optim.AdamW(trained, lr=1e-4 if lora else 5e-6, weight_decay=1e-2)
     amp = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
-    images = torch.rand(2, 3, size, size, device=device) * 2 - 1
-    ids = torch.randint(0, 49407, (2, 77), device=device)
+    images = torch.rand(2 * batch, 3, size, size, device=device) * 2 - 1  # each subject image has a prior image
+    ids = torch.randint(0, 49407, (2 * batch, 77), device=device)
     with torch.no_grad():
         cached = vae.encode(images).mean * LATENT_SCALE, text(ids)
 
@@ -65,7 +66,7 @@ def worker(setting, device, size):
                 x0, ctx = vae.encode(images).sample() * LATENT_SCALE, text(ids)
         else:
             x0, ctx = cached
-        noise, t = torch.randn_like(x0), torch.tensor([100, 700], device=device)
+        noise, t = torch.randn_like(x0), torch.linspace(100, 700, len(x0), device=device).long()
         with amp:
             pred = unet(x0 + noise, t, ctx).float()  # the noising itself does not matter for memory
         F.mse_loss(pred, noise).backward()
@@ -86,19 +87,24 @@ def worker(setting, device, size):
         extra = (torch.cuda.max_memory_allocated() - before) / 2**30
     else:  # the process's peak: the C allocator keeps freed pages, so a later baseline would hide them
         extra = rss_gb("VmHWM") - before
-    return {"setting": setting, "step_gb": extra, "seconds": seconds, "file_mb": file_mb,
+    return {"setting": setting, "batch": batch, "step_gb": extra, "seconds": seconds, "file_mb": file_mb,
             "trained_params": sum(p.numel() for p in trained)}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--batches", type=int, nargs="+", default=None,
+                   help="instead: the cached and lora settings at these --batch-size values")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args()
     size = 512 if args.device == "cuda" else 256
     if args.worker:
-        print(json.dumps(worker(args.worker, args.device, size)))
+        print(json.dumps(worker(args.worker, args.device, size, args.batch)))
         return
+    if args.batches:
+        return batches(args, size)
     rows = []
     for setting in ("plain", "cached", "cached+gc", "lora", "lora+gc"):
         r = subprocess.run([sys.executable, __file__, "--device", args.device, "--worker", setting],
@@ -115,6 +121,24 @@ def main():
     print(f"\nLoRA adds {lora['step_gb'] / full['step_gb']:.1%} of what full fine-tuning adds (target <= 25%); "
           f"its step takes {lora['seconds'] / full['seconds']:.2f}x the time; a rank-16 SD 1.5 UNet LoRA file "
           f"(fp16, kohya) is {lora['file_mb']:.1f} MB")
+
+
+def batches(args, size):
+    """Step time and the memory training adds at each --batch-size (subject + prior image per example)."""
+    rows = []
+    for setting in ("cached", "lora"):
+        for batch in args.batches:
+            r = subprocess.run([sys.executable, __file__, "--device", args.device, "--worker", setting,
+                                "--batch", str(batch)], capture_output=True, text=True)
+            if r.returncode:
+                sys.exit(f"error: {setting} at batch {batch} failed:\n{r.stderr[-2000:]}")
+            rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+            print(f"{setting:7s} batch {batch}: adds {rows[-1]['step_gb']:.2f} GB, {rows[-1]['seconds']:.1f} s", flush=True)
+    print(f"\n| setting ({size} px, {args.device}) | --batch-size | images per step | step s | s per image | "
+          "peak memory training adds, GB |\n|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {'full' if r['setting'] == 'cached' else 'lora'} | {r['batch']} | {2 * r['batch']} | {r['seconds']:.1f} | "
+              f"{r['seconds'] / (2 * r['batch']):.2f} | {r['step_gb']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@ share one class-prior cache, and resume exactly."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -60,3 +62,26 @@ def test_resume_under_two_processes_continues_exactly(world, tmp_path):
     a, b = weights(straight), weights(split)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["loss"] for r in log(straight)] == [r["loss"] for r in log(split)]
+
+
+def test_ctrl_c_under_torchrun_saves_a_checkpoint_and_resume_finishes_the_same_run(world, tmp_path):
+    """A terminal's Ctrl-C reaches the launcher and every process: they stop at the same step, the first
+    one saves, and --resume under torchrun continues to the same weights as a run never stopped."""
+    out, cache = tmp_path / "interrupted", tmp_path / "cache"
+    args = ["--images", world / "photos", "--class", "ball", "--model", world / "base", "--out", out, "--steps", 60,
+            "--resolution", 32, "--sample-steps", 2, "--class-cache", cache, "--class-images", 6, "--drift-images", 2,
+            "--device", "cpu", "--lr", 1e-3, "--save-dtype", "fp32"]
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(ROOT / "train.py"), *map(str, args)], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((out / "log.jsonl").exists() and (out / "log.jsonl").read_text().count("\n") >= 2):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal does: the launcher and both processes get it
+    _, err = proc.communicate(timeout=300)
+    assert "interrupted: saved" in err, err[-3000:]
+    assert list((out / "checkpoints").glob("step-*")) and not (out / "model.safetensors").exists()
+    torchrun(world, out, cache, "--resume", steps=60)
+    straight = torchrun(world, tmp_path / "straight", cache, steps=60)
+    a, b = weights(straight), weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
