@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from minidb import memory, pnginfo
+from minidb import hub, memory, pnginfo
 from minidb.cli import SEED_MAX, check_device, fail, number, path_and_scale, run, text
 from minidb.dreambooth import NewWord
 from minidb.fetch import DEFAULT_MODEL, default_model, how_to_get_weights
@@ -62,7 +62,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=SAMPLER_HELP + "\n" + MODEL_HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None,
-                   help="a diffusers folder or a .safetensors/.ckpt file, base or trained (default: SD 1.5 in "
+                   help="a diffusers folder or a .safetensors/.ckpt file, base or trained, or a Hugging Face Hub id "
+                        "owner/name[@revision], downloaded into the Hugging Face cache (default: SD 1.5 in "
                         "weights/ once `python -m minidb.fetch` has downloaded it, else the toy model "
                         "weights/toy.safetensors)")
     p.add_argument("--prompt", required=True, type=text, help="what to draw; at most 75 CLIP tokens are read, "
@@ -118,10 +119,15 @@ def check(args):
         return problem
     if args.dtype == "fp16" and torch.device(args.device).type == "cpu":
         return "--dtype fp16 is not supported on the CPU; use fp32 (the default) or bf16."
-    if not Path(args.model).exists():
+    try:
+        model = hub.local_path(args.model)  # a Hub id: downloaded now, or one sentence why it cannot be
+    except ModelFileError as e:
+        return str(e)
+    if not Path(model).exists():
         if Path(args.model) == Path(DEFAULT_MODEL):
             return how_to_get_weights()
-        return f"No model at {args.model}: pass a diffusers folder or a .safetensors / .ckpt file to --model."
+        return (f"No model at {args.model}: pass a diffusers folder, a .safetensors / .ckpt file or a Hugging Face "
+                "Hub id (owner/name) to --model.")
     out = Path(args.out)
     nearest = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())  # the folder is made later
     if not nearest.is_dir():
@@ -180,8 +186,8 @@ def main(argv=None):
     if problem:
         fail(problem)
     model_path = Path(args.model)
-    model_name = model_path.name if model_path.is_dir() else model_path.stem  # A1111's Model: no folders, no suffix
-    model_hash = None if model_path.is_dir() else pnginfo.sha256(model_path)[:10]
+    model_name = model_path.stem if model_path.is_file() else model_path.name  # A1111's Model: no folders, no suffix
+    model_hash = pnginfo.sha256(model_path)[:10] if model_path.is_file() else None  # a folder or Hub id: none
     # as A1111 records them: each LoRA as a <lora:name:scale> tag in the prompt, and the files' short hashes
     recorded_prompt = args.prompt + "".join(f" <lora:{name}:{scale:g}>" for name, scale, _ in loras)
     extras = {"Lora hashes": ", ".join(f"{name}: {pnginfo.sha256(path, skip_header=True)[:12]}"

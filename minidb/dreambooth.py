@@ -20,6 +20,7 @@ import torch.nn as nn
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from minidb import hub
 from minidb.distributed import barrier, rank_and_world
 from minidb.files import ModelFileError, atomic_write, read_tensors, write_safetensors
 from minidb.pipeline import sample_latents
@@ -194,8 +195,8 @@ def min_snr_weights(schedule, t, gamma):
 
 def _model_identity(path):
     """What names a model for the cache: its path, size and modification time (hashing gigabytes
-    at every start would be slow)."""
-    path = Path(path).resolve()
+    at every start would be slow). A Hub id is named by its snapshot folder, whose name is the commit."""
+    path = Path(hub.local_path(path)).resolve()
     files = [path] if path.is_file() else sorted(path.glob("*/*.safetensors")) + sorted(path.glob("*/*.bin"))
     return [str(path)] + [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
 

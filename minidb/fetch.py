@@ -1,6 +1,7 @@
 """Download Stable Diffusion weights, resumably and checked: `python -m minidb.fetch [--model sdxl]`.
 
-minidb never downloads anything on its own; this is the one command that does, and only when asked.
+minidb never downloads anything on its own; this command does, and only when asked (so does a --model
+given as a Hugging Face Hub id: minidb/hub.py).
 By default it fetches SD 1.5's `v1-5-pruned-emaonly.safetensors` (4.27 GB) into weights/, the default
 --model of sample.py and train.py; `--model sdxl` fetches SDXL base 1.0's `sd_xl_base_1.0.safetensors`
 (6.94 GB). weights/README.md lists the other checkpoints that work.

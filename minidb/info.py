@@ -19,8 +19,9 @@ from minidb.save import save_diffusers, save_single_file
 
 HELP = """\
 MODEL is a diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/;
-SDXL also text_encoder_2/, tokenizer_2/) or an original single file (.safetensors, or .ckpt read
-safely with weights_only). SD 1.x, SD 2.x and SDXL (base) text-to-image models are supported, smaller
+SDXL also text_encoder_2/, tokenizer_2/), an original single file (.safetensors, or .ckpt read
+safely with weights_only), or the Hugging Face Hub id of a diffusers model, owner/name[@revision],
+downloaded into the Hugging Face cache (README: "Models by Hub id"). SD 1.x, SD 2.x and SDXL (base) text-to-image models are supported, smaller
 or pruned ones too (a single file's architecture is read from its tensors); the SDXL refiner,
 inpainting and other kinds are recognized and refused.
 
@@ -37,7 +38,8 @@ How the prediction type (epsilon or v) is chosen:
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m minidb.info", description=__doc__.splitlines()[0], epilog=HELP,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="a diffusers folder or a .safetensors / .ckpt file")
+    parser.add_argument("model", help="a diffusers folder, a .safetensors / .ckpt file or a Hugging Face Hub id "
+                        "owner/name[@revision]")
     parser.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None,
                         help="override the detected prediction type (default: detect, see below)")
     parser.add_argument("--convert", metavar="OUT", default=None,

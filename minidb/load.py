@@ -2,6 +2,7 @@
 
     model = load("path/to/stable-diffusion-v1-5")            # a diffusers folder
     model = load("v1-5-pruned-emaonly.safetensors")          # an original single file (.safetensors / .ckpt)
+    model = load("stable-diffusion-v1-5/stable-diffusion-v1-5")  # a Hugging Face Hub id (minidb/hub.py)
 
 How minidb decides what a file is:
 - Version. A single file's text-encoder prefixes say it (minidb/single_file.py): OpenAI CLIP is
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from minidb import detect, single_file, text_encoder as te, unet as un, vae as va
+from minidb import detect, hub, single_file, text_encoder as te, unet as un, vae as va
 from minidb.convert import (native_to_diffusers_names, openclip_to_native, text_config_from_transformers,
                             unet_blocks, unet_config_from_diffusers, vae_attention_shape, vae_blocks,
                             vae_config_from_diffusers)
@@ -68,12 +69,13 @@ class StableDiffusion:
 
 
 def load(path, dtype=None, device="cpu", prediction_type=None):
-    """Load a diffusers folder or a single-file checkpoint. dtype None keeps the file's dtype."""
-    path = Path(path)
+    """Load a diffusers folder, a single-file checkpoint or a Hub id. dtype None keeps the file's dtype."""
     if prediction_type not in (None, "epsilon", "v_prediction"):
         raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', not {prediction_type!r}.")
+    path = Path(hub.local_path(path))  # a Hub id -> its snapshot folder in the Hugging Face cache
     if not path.exists():
-        raise ModelFileError(f"No model at {path}: pass a diffusers folder or a .safetensors / .ckpt file.")
+        raise ModelFileError(f"No model at {path}: pass a diffusers folder, a .safetensors / .ckpt file or a "
+                             "Hugging Face Hub id (owner/name).")
     load_from = _load_diffusers if path.is_dir() else _load_single_file
     return load_from(path, dtype, torch.device(device), prediction_type)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from minidb import runs, single_file
+from minidb import hub, runs, single_file
 from minidb.cli import SEED_MAX, check_device, number, text
 from minidb.fetch import DEFAULT_MODEL, how_to_get_weights
 from minidb.files import ModelFileError, read_tensors
@@ -31,7 +31,8 @@ def parse_args(argv, doc):
       "lora, low-rank adapters on it (a small file any UI loads); textual-inversion, only a new word's embedding "
       "(default: full; lora for SDXL, whose 2.6 B-parameter UNet full training needs a large GPU)")
     a("--class", dest="class_name", default=None, type=text, help="what the subject is, e.g. dog, backpack")
-    a("--model", default=None, help="base model: a diffusers folder or a .safetensors/.ckpt file (default: SD 1.5 in "
+    a("--model", default=None, help="base model: a diffusers folder, a .safetensors/.ckpt file or a Hugging Face Hub "
+      "id owner/name[@revision], downloaded into the Hugging Face cache (default: SD 1.5 in "
       "weights/ once `python -m minidb.fetch` has downloaded it, else the toy model weights/toy.safetensors)")
     a("--out", default=None, help="the run's folder (default: a new runs/dreambooth-N, linked as runs/latest)")
     a("--overwrite", action="store_true", help="delete the run already in --out and start it over")
@@ -114,8 +115,12 @@ METHOD_FLAGS = {"lora_rank": ("lora",), "lora_alpha": ("lora",), "train_text_enc
 def is_sdxl(path):
     """Whether the base model is SDXL, found cheaply before it loads (SDXL changes --method's default), as
     minidb/load.py decides: a diffusers folder with text_encoder_2/, or a single file with SDXL's text keys.
-    False when unsure: loading says what is wrong with the model."""
-    path = Path(path)
+    A Hub id is downloaded here (minidb/hub.py) and read as its folder. False when unsure: check() and
+    loading say what is wrong with the model."""
+    try:
+        path = Path(hub.local_path(path))
+    except ModelFileError:
+        return False
     if path.is_dir():
         return (path / "text_encoder_2" / "config.json").is_file()
     try:
@@ -165,9 +170,14 @@ def check(args):
     if args.concepts is not None and args.new_token:
         return ("--concepts trains one identifier per subject in the model; a new word (--new-token, "
                 "textual-inversion) is learned for one subject per run, so train those one at a time.")
-    if not Path(args.model).exists():
+    try:
+        model = hub.local_path(args.model)  # a Hub id: downloaded now, or one sentence why it cannot be
+    except ModelFileError as e:
+        return str(e)
+    if not Path(model).exists():
         return how_to_get_weights() if Path(args.model) == Path(DEFAULT_MODEL) else \
-            f"No model at {args.model}: pass a diffusers folder or a .safetensors / .ckpt file to --model."
+            f"No model at {args.model}: pass a diffusers folder, a .safetensors / .ckpt file or a Hugging Face Hub " \
+            "id (owner/name) to --model."
     if args.resolution is not None and args.resolution % 8:
         return f"--resolution must be a multiple of 8 (the VAE works in 8x8 pixel cells), not {args.resolution}."
     if args.prior_weight > 0 and not args.class_dir and args.class_images == 0:
