@@ -41,7 +41,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from minidb import distributed, memory, runs
-from minidb.cli import fail, run
+from minidb.cli import cpu_bf16, fail, run
 from minidb.data import DataError, load_images
 from minidb.dreambooth import (NewWord, class_prior, dreambooth_loss, min_snr_weights, pick_identifier,
                                pick_new_word, plot_losses)
@@ -102,7 +102,7 @@ def main(argv=None):
 def train(args, out):
     device = torch.device(args.device)
     args.out = str(out)
-    precision = args.mixed_precision or ("no" if device.type == "cpu" else
+    precision = args.mixed_precision or (("bf16" if cpu_bf16() else "no") if device.type == "cpu" else
                                          "bf16" if torch.cuda.is_bf16_supported() else "fp16")
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
                 if precision != "no" else nullcontext())

@@ -82,6 +82,17 @@ def check_device(name):
     return None
 
 
+def cpu_bf16():
+    """Whether this CPU computes in bf16 natively: AVX512-BF16 (Intel Cooper Lake and later, AMD Zen 4
+    and later) or AMX (Intel Sapphire Rapids and later), as torch itself detects them. Elsewhere bf16
+    is emulated in fp32 arithmetic plus conversions, which is slower than fp32, so the scripts' CPU
+    default is bf16 autocast only where this is true."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # a torch without these checks (or not x86): assume emulation
+        return False
+
+
 def fail(message, code=2):
     print(f"error: {message}", file=sys.stderr)
     sys.exit(code)

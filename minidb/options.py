@@ -81,7 +81,9 @@ def parse_args(argv, doc):
     a("--text-encoder-lr", type=number(float, above=0, high=1), default=None, help="learning rate of the text "
       "encoder or its adapters, and of a new word with full or lora (default: --lr; 5e-3 for a new word)")
     a("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
-      help="autocast the UNet (default: bf16 on CUDA GPUs that support it, else fp16; no on the CPU)")
+      help="autocast the UNet and text encoders; master weights stay fp32 (default: bf16 on CUDA GPUs that "
+      "support it, else fp16; on the CPU bf16 where it is native (AVX512-BF16, AMX), else no; pass no for results "
+      "equal to diffusers)")
     a("--gradient-checkpointing", action="store_true", help="recompute activations: less memory, ~30%% slower")
     a("--use-8bit-adam", action="store_true", help="bitsandbytes' 8-bit AdamW (CUDA only), saves ~5 GB")
     a("--snr-gamma", type=positive, default=None, help="min-SNR loss weighting with this γ (5 is typical); off by default")

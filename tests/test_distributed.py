@@ -20,7 +20,8 @@ from test_train_options import log, weights
 def torchrun(world, out, cache, *extra, steps=3):
     args = ["--images", world / "photos", "--class", "ball", "--model", world / "base", "--out", out, "--steps", steps,
             "--resolution", 32, "--sample-steps", 2, "--class-cache", cache, "--class-images", 6, "--drift-images", 2,
-            "--device", "cpu", "--lr", 1e-3, *(["--save-dtype", "fp32"] if "lora" not in extra else []), *extra]
+            "--device", "cpu", "--lr", 1e-3, "--mixed-precision", "no",
+            *(["--save-dtype", "fp32"] if "lora" not in extra else []), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(ROOT / "train.py"), *map(str, args)], env=env, cwd=ROOT, capture_output=True, text=True,
@@ -70,7 +71,7 @@ def test_ctrl_c_under_torchrun_saves_a_checkpoint_and_resume_finishes_the_same_r
     out, cache = tmp_path / "interrupted", tmp_path / "cache"
     args = ["--images", world / "photos", "--class", "ball", "--model", world / "base", "--out", out, "--steps", 60,
             "--resolution", 32, "--sample-steps", 2, "--class-cache", cache, "--class-images", 6, "--drift-images", 2,
-            "--device", "cpu", "--lr", 1e-3, "--save-dtype", "fp32"]
+            "--device", "cpu", "--lr", 1e-3, "--save-dtype", "fp32", "--mixed-precision", "no"]
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              str(ROOT / "train.py"), *map(str, args)], env={**os.environ, "OMP_NUM_THREADS": "1"},
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)

@@ -153,7 +153,7 @@ def draw_with_sample_py(world, tmp_path, prompt, *extra):
     from PIL import Image
     from test_train import ROOT
     out = tmp_path / "drawn"
-    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--model", str(world / "base"), "--prompt", prompt,
+    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--dtype", "fp32", "--model", str(world / "base"), "--prompt", prompt,
                         "--steps", "4", "--seed", "5", "--height", "32", "--out", str(out), *map(str, extra)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr

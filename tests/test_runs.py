@@ -37,7 +37,7 @@ def refused(capsys, argv, code=2):
 def base_args(world, out):
     return ["--images", world / "photos", "--class", "ball", "--model", world / "base", "--out", out,
             "--resolution", 32, "--sample-steps", 2, "--class-cache", world / "cache", "--class-images", 2,
-            "--drift-images", 2]
+            "--drift-images", 2, "--mixed-precision", "no"]
 
 
 # ---- numbers and strings that would poison a run ----

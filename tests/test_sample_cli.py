@@ -15,6 +15,7 @@ import time
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -37,6 +38,9 @@ def models(tmp_path_factory):
 
 
 def sample(*args, cwd=ROOT):
+    """sample.py in a subprocess, on the exact fp32 path unless --dtype is given (the CPU's bf16 default
+    has its own test)."""
+    args = [*args, *([] if "--dtype" in map(str, args) or "--help" in args else ["--dtype", "fp32"])]
     return subprocess.run([sys.executable, str(ROOT / "sample.py"), *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=300)
 
@@ -449,3 +453,25 @@ def test_adapters_that_do_not_fit_are_one_sentence(models, tmp_path, flag, make,
     r = sample("--model", models[1], "--prompt", "x", flag, make(tmp_path, models), "--out", tmp_path / "out")
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_the_cpu_default_is_bf16_autocast_where_native_and_close_to_fp32(models, tmp_path):
+    """Without --dtype, a CPU with native bf16 runs the denoising loop under bf16 autocast (recorded in the
+    PNG) and the picture stays close to the exact fp32 one; elsewhere the default is the fp32 path."""
+    from minidb.cli import cpu_bf16
+    folder, _ = models
+    pictures = {}
+    for name, extra in (("default", []), ("fp32", ["--dtype", "fp32"])):
+        args = ["--model", folder, "--prompt", "a photo of sks dog", "--steps", 3, "--seed", 7, "--height", 32,
+                "--out", tmp_path / name, *extra]
+        r = subprocess.run([sys.executable, str(ROOT / "sample.py"), *map(str, args)], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        (png,) = (tmp_path / name).glob("*.png")
+        pictures[name] = (np.asarray(Image.open(png), dtype=np.float64), json.loads(Image.open(png).text["minidb"]))
+    (default, about), (exact, _) = pictures["default"], pictures["fp32"]
+    assert about["dtype"] == ("fp32+bf16-autocast" if cpu_bf16() else "fp32") and about["vae_dtype"] == "float32"
+    if cpu_bf16():
+        assert 0 < np.abs(default - exact).mean() < 8  # bf16 keeps about 3 significant digits
+    else:
+        assert np.array_equal(default, exact)

@@ -35,6 +35,7 @@ def folder(tmp_path_factory):
 
 
 def sample(*args):
+    args = [*args, *([] if "--dtype" in map(str, args) else ["--dtype", "fp32"])]  # the exact path
     return subprocess.run([sys.executable, str(ROOT / "sample.py"), *map(str, args)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
 

@@ -58,7 +58,8 @@ def world(tmp_path_factory):
 def run(world, out, *extra, steps=2):
     train.main([str(a) for a in ["--images", world / "photos", "--class", "ball", "--model", world / "base",
                                  "--out", out, "--steps", steps, "--resolution", RES, "--sample-steps", 2,
-                                 "--class-cache", world / "cache", "--class-images", 2, *extra]])
+                                 "--class-cache", world / "cache", "--class-images", 2,
+                                 *([] if "--mixed-precision" in extra else ["--mixed-precision", "no"]), *extra]])
     return out
 
 
@@ -87,7 +88,7 @@ def pivotal(world):
 def draw(argv, out):
     """sample.py's picture, as uint8 pixels."""
     assert sample.main([str(a) for a in [*argv, "--steps", 4, "--seed", 42, "--height", RES, "--sampler", "euler",
-                                         "--guidance", 5, "--out", out]]) == 0
+                                         "--guidance", 5, "--out", out, "--dtype", "fp32"]]) == 0
     (png,) = out.glob("*.png")
     return np.asarray(Image.open(png).convert("RGB")).astype(np.float64)
 

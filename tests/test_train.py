@@ -53,6 +53,8 @@ def run(world, out, *extra, steps=4, prior=True):
         args += ["--class-images", 2]
     if "--drift-images" not in extra:
         args += ["--drift-images", 2]
+    if "--mixed-precision" not in extra:  # the exact fp32 path; the CPU's bf16 default has its own tests
+        args += ["--mixed-precision", "no"]
     if not prior:
         args += ["--prior-weight", 0]
     train.main([str(a) for a in args])
@@ -168,7 +170,7 @@ def test_instance_loss_falls_when_overfitting_one_image(world, tmp_path):
     draw_subject(photos / "a.png", (200, 40, 30), 0)
     args = ["--images", photos, "--class", "ball", "--model", world / "base", "--out", tmp_path / "out",
             "--steps", 40, "--resolution", 32, "--lr", 1e-3, "--prior-weight", 0, "--save-dtype", "fp32",
-            "--sample-steps", 2]
+            "--sample-steps", 2, "--mixed-precision", "no"]
     train.main([str(a) for a in args])
     base, trained = load(world / "base"), load(tmp_path / "out" / "model")
     ids = base.tokenizer([json.load(open(tmp_path / "out" / "settings.json"))["instance_prompt"]])
@@ -215,7 +217,8 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(world, tmp_path):
 def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_same_run(world, tmp_path, method):
     args = ["--images", world / "photos", "--class", "ball", "--model", world / "base", "--steps", 40,
             "--resolution", 32, "--sample-steps", 2, "--class-cache", world / "cache", "--class-images", 2,
-            "--method", method, *(["--save-dtype", "fp32"] if method == "full" else ["--lora-rank", 2])]
+            "--method", method, *(["--save-dtype", "fp32"] if method == "full" else ["--lora-rank", 2]),
+            "--mixed-precision", "no"]
     result = "model.safetensors" if method == "full" else "lora.safetensors"
     out = tmp_path / "interrupted"
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, args), "--out", str(out)],

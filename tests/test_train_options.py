@@ -107,7 +107,8 @@ def test_resume_names_the_checkpoints_a_run_has(world, tmp_path, capsys):
     out = run(world, tmp_path / "run", "--save-every", 2, "--checkpoints-keep", 2, steps=4)
     line = refused(capsys, ["--images", world / "photos", "--class", "ball", "--model", world / "base", "--out", out,
                             "--steps", 4, "--resolution", 32, "--sample-steps", 2, "--class-cache", world / "cache",
-                            "--class-images", 2, "--drift-images", 2, "--save-dtype", "fp32", "--resume", 3])
+                            "--class-images", 2, "--drift-images", 2, "--save-dtype", "fp32", "--resume", 3,
+                            "--mixed-precision", "no"])
     assert "no checkpoint of step 3 (it has: 2, 4)" in line
 
 
@@ -223,9 +224,28 @@ def test_bad_captions_resume_paths_and_words_with_concepts_are_one_sentence(worl
     assert "save it as UTF-8 text" in refused(capsys, ["--images", photos, *base, "--out", tmp_path / "b"])
     out = run(world, tmp_path / "run", steps=1)
     line = refused(capsys, ["--images", world / "photos", *base, "--out", out, "--resume", tmp_path, "--steps", 1,
-                            "--sample-steps", 2, "--class-images", 2, "--drift-images", 2, "--save-dtype", "fp32"])
+                            "--sample-steps", 2, "--class-images", 2, "--drift-images", 2, "--save-dtype", "fp32",
+                            "--mixed-precision", "no"])
     assert "is neither latest, a step number, nor a checkpoint folder" in line
     concepts = tmp_path / "c.json"
     concepts.write_text(json.dumps([{"images": str(world / "photos"), "class": "ball"}]))
     line = refused(capsys, ["--concepts", concepts, "--model", world / "base", "--method", "textual-inversion"])
     assert "train those one at a time" in line
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_cpu_trains_in_bf16_autocast_by_default_only_where_bf16_is_native(world, tmp_path, monkeypatch, native):
+    monkeypatch.setattr(train, "cpu_bf16", lambda: native)
+    args = ["--images", world / "photos", "--class", "ball", "--model", world / "base", "--out", tmp_path / "run",
+            "--steps", 2, "--resolution", 32, "--sample-steps", 2, "--class-cache", world / "cache", "--class-images", 2,
+            "--drift-images", 0, "--save-dtype", "fp32"]
+    train.main([str(a) for a in args])
+    out = tmp_path / "run"
+    assert json.load(open(out / "settings.json"))["mixed_precision"] == ("bf16" if native else "no")
+    exact = run(world, tmp_path / "exact", "--drift-images", 0, steps=2)  # --mixed-precision no
+    a, b = log(out), log(exact)
+    if native:  # the same run in bf16 arithmetic: close, not equal
+        assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=0.05)
+        assert [r["loss"] for r in a] != [r["loss"] for r in b]
+    else:
+        assert [r["loss"] for r in a] == [r["loss"] for r in b]
