@@ -38,7 +38,7 @@ from minidb.files import DiskFull, ModelFileError, disk_full_is_an_error
 from minidb.info import HELP as MODEL_HELP
 from minidb.load import load
 from minidb.lora import merge_lora
-from minidb.pipeline import DEFAULTS, SAMPLER_NAMES, SAMPLERS, decode, grid, sample_latents
+from minidb.pipeline import DEFAULTS, SAMPLER_NAMES, SAMPLERS, bf16_for_autocast, decode, grid, sample_latents
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SIZE_MAX = 8192  # 16x SD 1.x's own side: a guard against typos; the memory estimate decides what fits
@@ -162,8 +162,9 @@ def main(argv=None):
     device = torch.device(args.device)
     dtype_name = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
     dtype = DTYPES[dtype_name]
-    # The CPU's default where bf16 is native: fp32 weights, the denoising loop under bf16 autocast (norms and
-    # softmax stay fp32 there), the VAE decoding in fp32 outside it (bench/cpu_bf16.py measures both).
+    # The CPU's default where bf16 is native: bf16 autocast for the text encoder, the UNet and the VAE (norms and
+    # softmax stay fp32 there; bf16 has fp32's range, so SD's VAE does not overflow as in fp16). bench/cpu_bf16.py
+    # measures the speed and the picture difference.
     bf16_autocast = args.dtype is None and device.type == "cpu" and cpu_bf16()
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16_autocast else nullcontext()
     if bf16_autocast:
@@ -185,7 +186,11 @@ def main(argv=None):
         setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
     if model.vae.cfg.force_upcast:  # SDXL's VAE overflows in fp16, SD's can; it runs once per image
         model.vae.float()
-    vae_dtype = str(next(model.vae.parameters()).dtype).removeprefix("torch.")
+    if bf16_autocast:  # after merging LoRAs: convolution and linear weights in bf16, as autocast computes them
+        for part in (model.unet, model.vae, model.text_encoder, model.text_encoder_2):
+            if part is not None:
+                bf16_for_autocast(part)
+    vae_dtype = "bf16 autocast" if bf16_autocast else str(next(model.vae.parameters()).dtype).removeprefix("torch.")
     height = args.height or model.resolution
     width = args.width or height
     images_bytes = (2 if args.n > 1 else 1) * args.n * height * width * 3  # the finished images and the grid, in RAM
@@ -212,9 +217,9 @@ def main(argv=None):
             "Model hash": model_hash, "Model": model_name, "RNG": "CPU", **sampler_extra, **extras})
     print(f"loaded {args.model} ({model.version}, {model.prediction_type}) in {time.time() - t0:.1f}s; "
           f"{args.n} x {width}x{height}, {args.steps} {args.sampler} steps, guidance {args.guidance:g}, seed {seed};"
-          + (" the UNet under bf16 autocast (--dtype fp32 for results equal to diffusers);" if bf16_autocast else "")
+          + (" bf16 autocast (--dtype fp32 for results equal to diffusers);" if bf16_autocast else "")
           + f" the VAE decodes in {vae_dtype}"
-          + ("" if model.vae.cfg.force_upcast or vae_dtype == "float32" else " (its config says it is safe in fp16)"))
+          + (" (its config says it is safe in fp16)" if vae_dtype == "float16" else ""))
 
     out = Path(args.out)
     taken = [int(m[1]) for f in out.glob("*.png") if (m := re.match(r"(\d{5})-", f.name))]
@@ -226,7 +231,7 @@ def main(argv=None):
                 latents = sample_latents(model, args.prompt, args.negative_prompt, n=1, steps=args.steps,
                                          guidance=args.guidance, seed=seed + i, height=height, width=width,
                                          sampler=args.sampler, long_prompts=args.long_prompts)
-            image = decode(model, latents.float())[0]
+                image = decode(model, latents)[0]
         except RuntimeError as e:
             if not out_of_memory(e):
                 raise

@@ -101,6 +101,17 @@ def added_conditioning(pooled, original_size, crop=(0, 0), target_size=None):
     return torch.cat([pooled.float(), size_features(time_ids.expand(len(pooled), 6))], dim=1)
 
 
+def bf16_for_autocast(module):
+    """Turn the weights of `module`'s convolutions and linear layers into bf16, in place, for inference under
+    bf16 autocast: autocast runs those layers in bf16 anyway, and would otherwise cast their fp32 weights
+    again at every call (for SD's UNet, 3.4 GB read and 1.7 GB written per step). Norms, embeddings and
+    everything autocast keeps in fp32 keep their fp32 weights. Returns the module."""
+    for m in module.modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+            m.to(torch.bfloat16)
+    return module
+
+
 def initial_noise(n, height, width, seed, channels=4, factor=8):
     """The starting latents, drawn as diffusers users expect for a given seed (see DESIGN.md):
     one CPU generator, float32, the whole batch in one call. Returns the generator too, since
