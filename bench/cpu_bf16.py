@@ -8,8 +8,9 @@ the same autocast, as ratios from one run (issue 16).
 
 Implementations, each (row, implementation) in a fresh process with bench/run.py's identical random
 SD 1.5-shaped weights:
-  minidb+bf16      minidb's default on a CPU with native bf16: fp32 weights, bf16 autocast; the VAE
-                   decodes in fp32, outside autocast (sample.py and train.py)
+  minidb+bf16      minidb's default on a CPU with native bf16: bf16 autocast, and for inference the
+                   convolution and linear weights held in bf16 (sample.py; train.py keeps fp32 master
+                   weights, so its step is autocast alone)
   minidb           minidb with --dtype fp32 / --mixed-precision no: the exact, diffusers-equal path
   diffusers        diffusers' default on the CPU: fp32
   diffusers+bf16   diffusers with its whole call under the same torch.autocast("cpu", torch.bfloat16)
@@ -34,12 +35,12 @@ IMPLS = ["minidb+bf16", "minidb", "diffusers", "diffusers+bf16"]
 
 
 def minidb_sampler(size, compiled=False):
-    """sample.py's CPU default: the denoising loop under bf16 autocast, the decode in fp32."""
+    """sample.py's CPU default: bf16 autocast over encoding, denoising and decoding, bf16 conv/linear weights."""
     import torch
     from minidb.load import StableDiffusion
-    from minidb.pipeline import decode, sample_latents
+    from minidb.pipeline import bf16_for_autocast, decode, sample_latents
     from minidb.tokenizer import Tokenizer
-    parts = {p: build(p, "minidb", "cpu", torch.float32) for p in ("unet", "vae", "text")}
+    parts = {p: bf16_for_autocast(build(p, "minidb", "cpu", torch.float32)) for p in ("unet", "vae", "text")}
     model = StableDiffusion(Tokenizer.for_version("SD 1.x"), parts["text"], parts["vae"], parts["unet"], "SD 1.x",
                             "epsilon")
     if compiled:
@@ -49,7 +50,7 @@ def minidb_sampler(size, compiled=False):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             latents = sample_latents(model, "a photo of sks dog on the beach", steps=steps, guidance=7.5, seed=0,
                                      height=size, width=size, progress=False)
-        return decode(model, latents)
+            return decode(model, latents)
     return run
 
 
@@ -64,6 +65,11 @@ def worker(row, impl, threads, tmp):
     if row == "sample" and base == "minidb" and "bf16" in modes:
         fn = minidb_sampler(size, "compile" in modes)
     else:
+        if base == "minidb" and "bf16" in modes and row not in TRAINING:  # inference: bf16 conv/linear weights
+            import bench.run
+            from minidb.pipeline import bf16_for_autocast
+            plain = bench.run.build
+            bench.run.build = lambda *a, **k: bf16_for_autocast(plain(*a, **k))
         fn = task(row, base, "cpu", size, tmp)
         if "compile" in modes:
             raise SystemExit("--compile is measured on the sample row only")
