@@ -43,6 +43,7 @@ from tqdm import tqdm
 from minidb import distributed, memory, runs
 from minidb.cli import cpu_bf16, fail, run
 from minidb.data import DataError, load_images
+from minidb.export import how_to_use, readme
 from minidb.dreambooth import (NewWord, class_prior, dreambooth_loss, min_snr_weights, pick_identifier,
                                pick_new_word, plot_losses)
 from minidb.fetch import default_model
@@ -499,24 +500,8 @@ def train(args, out):
              "ss_learning_rate": str(args.lr), "ss_training_comment": f"minidb DreamBooth: {instance_prompt}",
              "minidb": json.dumps({"identifier": identifier, "class": subjects[0].class_name, "method": args.method,
                                    **({"subjects": settings["subjects"]} if args.concepts else {})})}
-    sample = (f"python sample.py --model {out / 'model.safetensors' if args.method == 'full' else args.model}"
-              + (f" --lora {lora_file}" if "lora" in trained else "")
-              + (f" --embedding {word_file}" if "new_word" in trained else "") + f' --prompt "{subjects[0].new_scene}"')
-    elsewhere = (["AUTOMATIC1111 / Forge: copy `lora.safetensors` into `models/Lora` and add `<lora:lora:1>` to the "
-                  "prompt; ComfyUI: copy it into `models/loras` and use a LoraLoader node; diffusers: "
-                  f"`pipe.load_lora_weights(\"{out}\", weight_name=\"lora.safetensors\")`."] if "lora" in trained else []) + \
-                ([f"AUTOMATIC1111: copy `{word_file.name}` into `embeddings/` and write `{identifier}` in the prompt; "
-                  f"ComfyUI: copy it into `models/embeddings` and write `embedding:{identifier}`; diffusers: "
-                  + (f"`pipe.load_textual_inversion(\"{word_file}\", token=\"{identifier}\")`." if model.version != "SDXL" else
-                     f"`vectors = safetensors.torch.load_file(\"{word_file}\")`, then `pipe.load_textual_inversion(vectors[\"clip_l\"], "
-                     f"token=\"{identifier}\", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)` and the same with "
-                     "`clip_g`, `pipe.text_encoder_2`, `pipe.tokenizer_2`.")] if "new_word" in trained else [])
-    readme = (f"# DreamBooth ({args.method})\n\n" + "".join(
-              f"Subject: `{s.identifier}` (a {s.class_name}). Prompt it as \"{s.instance_prompt}\" or in new contexts, "
-              f"e.g. \"{s.new_scene}\".\n\n" for s in subjects)
-              + f"Base model: {args.model} ({model.version}, {model.prediction_type}).\n\n    {sample}\n\n"
-              + "".join(f"{line}\n\n" for line in elsewhere)
-              + f"Settings:\n\n```json\n{json.dumps(settings, indent=2)}\n```\n")
+    sample, elsewhere = how_to_use(args, out, model, subjects, lora_file if "lora" in trained else None,
+                                   word_file if "new_word" in trained else None)
     with disk_full():
         plot_losses(rows, out / "loss.png")
         if args.method == "full":
@@ -528,7 +513,8 @@ def train(args, out):
             save_kohya(trained["lora"], lora_file, metadata=about)
         if "new_word" in trained:
             trained["new_word"].save(word_file, metadata={"minidb": about["minidb"]})
-        atomic_write(out / "README.md", lambda tmp: Path(tmp).write_text(readme))
+        text = readme(args, settings, model, subjects, sample, elsewhere)
+        atomic_write(out / "README.md", lambda tmp: Path(tmp).write_text(text))
     written = ([out / "model", out / "model.safetensors"] if args.method == "full" else []) + \
         ([lora_file] if "lora" in trained else []) + ([word_file] if "new_word" in trained else [])
     print(f"wrote {', '.join(map(str, written))}\ndraw with: {sample}")
