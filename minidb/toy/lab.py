@@ -421,7 +421,7 @@ def run_compare(args):
     torch.set_grad_enabled(False)
     variants, tuning = VARIANTS[args.command], args.command == "tune"
     images, cls = (write_examples(TUNING_EXAMPLES, tuning=True), TUNING_SUBJECT) if tuning else (EXAMPLES, SUBJECT)
-    probe, runs, seconds = load_probe(args.probe), {name: [] for name in variants}, {name: [] for name in variants}
+    probe, runs, seconds, drift = load_probe(args.probe), *({name: [] for name in variants} for _ in range(3))
     for seed in args.seeds:
         for name, extra in variants.items():
             out = Path(args.out) / f"{name.lower().replace(' ', '-')}-seed{seed}"
@@ -432,7 +432,9 @@ def run_compare(args):
                 print(" ".join(cmd))
                 subprocess.run(cmd, check=True)
             runs[name].append(out)
-            seconds[name].append(sum(json.loads(line)["step_time"] for line in open(out / "log.jsonl")))
+            log = [json.loads(line) for line in open(out / "log.jsonl")]
+            seconds[name].append(sum(row["step_time"] for row in log))
+            drift[name].append([row for row in log if row.get("drift") is not None][-1:])  # train.py's last figure
     base = load(args.model, dtype=torch.float32)
     identifier = load_run(runs[next(iter(variants))][0])[1]
     columns = {"base model": evaluate(base, identifier, probe, n=args.n, steps=args.steps, tuning=tuning)}
@@ -441,11 +443,24 @@ def run_compare(args):
     for name, results in per_seed.items():  # mean over seeds, spread = std of the per-seed means
         columns[name] = {m: mean_spread([r[m][0] for r in results]) for m in results[0]}
         columns[name]["training loop, s"] = mean_spread(seconds[name])
+        # train.py's drift score (held-out prior loss, lower is better), to set beside PRES
+        columns[name]["drift score"] = mean_spread([rows[0]["drift"] for rows in drift[name] if rows] or [float("nan")])
     columns["base model"]["training loop, s"] = (0.0, 0.0)
+    bases = [rows[0]["drift_base"] for rows in sum(drift.values(), []) if rows]
+    columns["base model"]["drift score"] = (bases[0], 0.0) if bases else (float("nan"), 0.0)
     print(f"\n{len(args.seeds)} seeds, {args.n} images per prompt; spread = std over seeds (base: over images)\n")
     print_table(columns)
-    Path(args.json).write_text(json.dumps({"columns": columns, "per_seed": per_seed, "seeds": args.seeds,
-                                           "train_args": args.train_args, "variants": variants}, indent=2) + "\n")
+    contrast = {}
+    if len(variants) == 2:  # the ablation: is the difference of the means larger than either spread?
+        (a, b) = (columns[name] for name in variants)
+        contrast = {m: {"difference": a[m][0] - b[m][0], "larger spread": max(a[m][1], b[m][1]),
+                        "beyond the spread": abs(a[m][0] - b[m][0]) > max(a[m][1], b[m][1])} for m in a}
+        print(f"\n| metric | {' - '.join(variants)} | larger spread | difference beyond the spread |\n|---|---|---|---|")
+        for m, c in contrast.items():
+            print(f"| {m} | {c['difference']:+.3f} | {c['larger spread']:.3f} | {'yes' if c['beyond the spread'] else 'no'} |")
+    Path(args.json).write_text(json.dumps({"columns": columns, "per_seed": per_seed, "contrast": contrast,
+                                           "seeds": args.seeds, "train_args": args.train_args, "variants": variants},
+                                          indent=2) + "\n")
     # a picture: the base, then each variant (seed of the first run), on a few prompts
     prompts = [f"a photo of a {identifier} {SUBJECT} on the beach", f"a photo of a {identifier} {SUBJECT} on the snow",
                f"a photo of a red {identifier} {SUBJECT}", f"a photo of a {SUBJECT}", f"a photo of a {SUBJECT} on the grass"]
