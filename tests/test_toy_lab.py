@@ -46,3 +46,19 @@ def test_train_base_refuses_to_clobber_or_change_a_run(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         lab.main(["train-base", "--vae-ch", "48"])
     assert e.value.code == 2 and "multiple of 32" in capsys.readouterr().err
+
+
+def test_off_palette_counts_smeared_pixels_and_no_drawn_ones():
+    """The smear measure: every pixel PIL draws is a world colour (0 off-palette); a blur of the same
+    picture mixes colours at every edge; random rainbow noise is almost all off-palette."""
+    import random
+    from minidb.toy.probe import off_palette, palette
+    from minidb.toy.world import COLOURS, WHITE, random_scene, render
+    colours = {tuple(((c + 1) * 127.5).round().int().tolist()) for c in palette()}
+    assert set(COLOURS.values()) | {WHITE} <= colours
+    pictures = lab.to_tensor([render(random_scene(random.Random(i))) for i in range(8)])
+    assert off_palette(pictures).max() == 0
+    blurred = torch.nn.functional.avg_pool2d(pictures, 5, stride=1, padding=2, count_include_pad=False)
+    assert 0.02 < off_palette(blurred).mean() < 0.5
+    noise = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert off_palette(noise).min() > 0.6  # the 22 colours, each with a ball of radius 0.3, fill a fifth of the cube

@@ -18,6 +18,7 @@ colour, background and "is this our subject?" of a picture. Its pooled features 
 
 import random
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -134,7 +135,8 @@ def similarity(probe, a, b):
 def palette(n=200, seed=0):
     """Every colour the world's pictures use: PIL draws without anti-aliasing, so that is a short list."""
     rng = random.Random(seed)
-    pixels = torch.cat([torch.tensor(list(render(random_scene(rng, subject=i % 4 == 0)).getdata())) for i in range(n)])
+    pixels = torch.cat([torch.from_numpy(np.asarray(render(random_scene(rng, subject=i % 4 == 0))).reshape(-1, 3))
+                        for i in range(n)])
     return torch.unique(pixels, dim=0).float() / 127.5 - 1
 
 
