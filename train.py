@@ -216,8 +216,10 @@ def train(args, out):
                 sizes = [((resolution, resolution), (0, 0))] * len(means)  # drawn whole, at this size
             priors[prompt] = (means, stds, sizes)
     # The drift watch: class images the run never trains on (another seed), with fixed noise and timesteps.
+    # (Textual inversion leaves the model and every old word as they were: nothing can drift.)
     drift_sets = {prompt: draw_prior(prompt, args.drift_images, args.seed + DRIFT_SEED)
-                  for prompt in dict.fromkeys(s.class_prompt for s in subjects)} if args.drift_images else {}
+                  for prompt in dict.fromkeys(s.class_prompt for s in subjects)} \
+        if args.drift_images and args.method != "textual-inversion" else {}
     # ---- what trains, and how: the method chooses; the loop below is the same for all ----
     trained = {}  # name -> module: what the optimizer updates and a checkpoint holds
     if args.method == "full":  # the paper: every weight of the UNet (and of the text encoders if asked)

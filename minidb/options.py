@@ -97,7 +97,8 @@ def parse_args(argv, doc):
     a("--validation-images", type=number(int, low=1, high=16), default=1,
       help="images per validation prompt, each with its own seed (default: %(default)s)")
     a("--drift-images", type=number(int, low=0, high=256), default=16, help="held-out class images (drawn by the "
-      "frozen model, never trained on) whose prior loss is logged at each validation as the drift score; "
+      "frozen model, never trained on) whose prior loss is logged at each validation as the drift score (not for "
+      "textual-inversion, whose model cannot drift); "
       "0 turns it off (default: %(default)s)")
     a("--save-dtype", choices=["fp16", "bf16", "fp32"], default=None, help="full only: dtype of the exported "
       "model (default: the base model's own, so the frozen parts come out bit-identical)")
