@@ -135,7 +135,7 @@ def similarity(probe, a, b):
 def palette(n=200, seed=0):
     """Every colour the world's pictures use: PIL draws without anti-aliasing, so that is a short list."""
     rng = random.Random(seed)
-    pixels = torch.cat([torch.from_numpy(np.asarray(render(random_scene(rng, subject=i % 4 == 0))).reshape(-1, 3))
+    pixels = torch.cat([torch.from_numpy(np.array(render(random_scene(rng, subject=i % 4 == 0))).reshape(-1, 3))
                         for i in range(n)])
     return torch.unique(pixels, dim=0).float() / 127.5 - 1
 
