@@ -219,7 +219,7 @@ def main(argv=None):
           f"{args.n} x {width}x{height}, {args.steps} {args.sampler} steps, guidance {args.guidance:g}, seed {seed};"
           + (" bf16 autocast (--dtype fp32 for results equal to diffusers);" if bf16_autocast else "")
           + f" the VAE decodes in {vae_dtype}"
-          + (" (its config says it is safe in fp16)" if vae_dtype == "float16" else ""))
+          + (" (its config says it is safe in fp16)" if vae_dtype in ("float16", "bfloat16") else ""))
 
     out = Path(args.out)
     taken = [int(m[1]) for f in out.glob("*.png") if (m := re.match(r"(\d{5})-", f.name))]
