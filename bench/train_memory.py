@@ -107,11 +107,7 @@ def main():
         return batches(args, size)
     rows = []
     for setting in ("plain", "cached", "cached+gc", "lora", "lora+gc"):
-        r = subprocess.run([sys.executable, __file__, "--device", args.device, "--worker", setting],
-                           capture_output=True, text=True)
-        if r.returncode:
-            sys.exit(f"error: {setting} failed:\n{r.stderr[-2000:]}")
-        rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+        rows.append(measure(args.device, setting))
         print(f"{setting:10s} training adds {rows[-1]['step_gb']:.2f} GB, {rows[-1]['seconds']:.1f} s", flush=True)
     print(f"\n| setting ({size} px, {args.device}) | trained params | peak memory training adds, GB | step s |"
           "\n|---|---|---|---|")
@@ -123,16 +119,21 @@ def main():
           f"(fp16, kohya) is {lora['file_mb']:.1f} MB")
 
 
+def measure(device, setting, batch=1):
+    """One setting in a fresh process, so that its peak memory is its own."""
+    r = subprocess.run([sys.executable, __file__, "--device", device, "--worker", setting, "--batch", str(batch)],
+                       capture_output=True, text=True)
+    if r.returncode:
+        sys.exit(f"error: {setting} at batch {batch} failed:\n{r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def batches(args, size):
     """Step time and the memory training adds at each --batch-size (subject + prior image per example)."""
     rows = []
     for setting in ("cached", "lora"):
         for batch in args.batches:
-            r = subprocess.run([sys.executable, __file__, "--device", args.device, "--worker", setting,
-                                "--batch", str(batch)], capture_output=True, text=True)
-            if r.returncode:
-                sys.exit(f"error: {setting} at batch {batch} failed:\n{r.stderr[-2000:]}")
-            rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+            rows.append(measure(args.device, setting, batch))
             print(f"{setting:7s} batch {batch}: adds {rows[-1]['step_gb']:.2f} GB, {rows[-1]['seconds']:.1f} s", flush=True)
     print(f"\n| setting ({size} px, {args.device}) | --batch-size | images per step | step s | s per image | "
           "peak memory training adds, GB |\n|---|---|---|---|---|---|")
