@@ -62,3 +62,23 @@ def test_off_palette_counts_smeared_pixels_and_no_drawn_ones():
     assert 0.02 < off_palette(blurred).mean() < 0.5
     noise = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
     assert off_palette(noise).min() > 0.6  # the 22 colours, each with a ball of radius 0.3, fill a fifth of the cube
+
+
+def test_tune_sweeps_the_learning_rate_on_the_tuning_subject_only(tmp_path, monkeypatch):
+    """`lab tune` trains each rate with train.py on the tuning subject (a ball), never the reported one, and
+    measures it against that subject. Two rates, one seed, a few steps: the plumbing, not the result."""
+    import json
+    monkeypatch.setitem(lab.VARIANTS, "tune", {"lr 1e-4": ["--lr", "1e-4"], "lr 2e-4": ["--lr", "2e-4"]})
+    monkeypatch.setattr(lab, "TUNING_EXAMPLES", tmp_path / "tuning-subject")
+    train_args = f"--steps 2 --class-images 2 --drift-images 2 --sample-steps 2 --mixed-precision no " \
+                 f"--class-cache {tmp_path / 'cache'}"
+    lab.main(["tune", "--seeds", "0", "--n", "1", "--steps", "2", "--out", str(tmp_path / "runs"),
+              "--train-args", train_args, "--json", str(tmp_path / "tune.json"), "--picture", str(tmp_path / "tune.png")])
+    result = json.loads((tmp_path / "tune.json").read_text())
+    assert list(result["columns"]) == ["base model", "lr 1e-4", "lr 2e-4"]
+    for name, lr in (("lr-1e-4", 1e-4), ("lr-2e-4", 2e-4)):
+        settings = json.loads((tmp_path / "runs" / f"{name}-seed0" / "settings.json").read_text())
+        assert settings["lr"] == lr and settings["class_name"] == lab.TUNING_SUBJECT
+        assert settings["images"] == str(tmp_path / "tuning-subject")
+    assert sorted(p.name for p in (tmp_path / "tuning-subject").iterdir()) == [f"{i}.png" for i in range(5)]
+    assert {"subject rate, in a place", "place asked for"} <= set(result["columns"]["lr 1e-4"])

@@ -285,7 +285,7 @@ def evaluate(model, identifier, probe, n=4, steps=25, seed=0, tuning=False):
     photos = subject_photos(tuning=tuning)
     real, cls, colour = to_tensor([image for image, _ in photos]), photos[0][1].cls, photos[0][1].colour
     which = "tuning" if tuning else "subject"
-    fidelity, subject_rate, prompt_ok, div = [], [], [], []
+    fidelity, subject_rate, prompt_ok, div, placed = [], [], [], [], []
     prompts = [(f"a photo of a {identifier} {cls} {where}", "background", b) for b, where in PLACES.items()]
     prompts += [(f"a photo of a {c} {identifier} {cls}", "colour", c) for c in property_colours(colour)]
     for k, (prompt, head, wanted) in enumerate(tqdm(prompts, desc="evaluating", leave=False)):
@@ -294,6 +294,8 @@ def evaluate(model, identifier, probe, n=4, steps=25, seed=0, tuning=False):
         fidelity += [similarity(probe, im[None], real) for im in images]
         subject_rate += [float(s == which) for s in seen["subject"]]
         prompt_ok += [float(v == wanted) for v in seen[head]]
+        if head == "background":  # issue 14's goal: the subject, in the place asked for
+            placed += [(float(s == which), float(v == wanted)) for s, v in zip(seen["subject"], seen[head])]
         div.append(diversity(probe, images))
     plain = generate(model, f"a photo of a {cls}", 2 * n, seed + 100, steps)
     _, seen = read(probe, plain)
@@ -305,7 +307,9 @@ def evaluate(model, identifier, probe, n=4, steps=25, seed=0, tuning=False):
     return {"subject fidelity": mean_spread(fidelity), "subject rate": mean_spread(subject_rate),
             "prompt fidelity": mean_spread(prompt_ok), "PRES": mean_spread(pres),
             "PRES subject rate": mean_spread([float(s == which) for s in seen["subject"]]), "DIV": mean_spread(div),
-            "right class": mean_spread(right_class)}
+            "right class": mean_spread(right_class),
+            "subject rate, in a place": mean_spread([s for s, _ in placed]),
+            "place asked for": mean_spread([p for _, p in placed])}
 
 
 @torch.no_grad()
@@ -364,8 +368,8 @@ def print_table(columns):
         print(f"| {m} | " + " | ".join(f"{c[m][0]:.3f} ± {c[m][1]:.3f}" for c in columns.values()) + " |")
 
 
+@torch.no_grad()
 def run_evaluate(args):
-    torch.set_grad_enabled(False)
     probe = load_probe(args.probe)
     columns = {}
     for path in args.model:
@@ -413,12 +417,12 @@ def load_run(folder):
     return model, settings["identifier"]
 
 
+@torch.no_grad()
 def run_compare(args):
     """A table of the paper in miniature: each variant trained on the subject for several seeds, each
     run exactly as a user would type it, then measured. Finished runs (README.md written) are reused."""
     import subprocess
     import sys
-    torch.set_grad_enabled(False)
     variants, tuning = VARIANTS[args.command], args.command == "tune"
     images, cls = (write_examples(TUNING_EXAMPLES, tuning=True), TUNING_SUBJECT) if tuning else (EXAMPLES, SUBJECT)
     probe, runs, seconds, drift = load_probe(args.probe), *({name: [] for name in variants} for _ in range(3))
@@ -462,8 +466,8 @@ def run_compare(args):
                                            "seeds": args.seeds, "train_args": args.train_args, "variants": variants},
                                           indent=2) + "\n")
     # a picture: the base, then each variant (seed of the first run), on a few prompts
-    prompts = [f"a photo of a {identifier} {SUBJECT} on the beach", f"a photo of a {identifier} {SUBJECT} on the snow",
-               f"a photo of a red {identifier} {SUBJECT}", f"a photo of a {SUBJECT}", f"a photo of a {SUBJECT} on the grass"]
+    prompts = [f"a photo of a {identifier} {cls} on the beach", f"a photo of a {identifier} {cls} on the snow",
+               f"a photo of a red {identifier} {cls}", f"a photo of a {cls}", f"a photo of a {cls} on the grass"]
     models = [base] + [load_run(folders[0])[0] for folders in runs.values()]
     tiles = [decode(m, sample_latents(m, prompt.replace(identifier, ident), steps=args.steps, seed=1, height=SIZE,
                                       width=SIZE, progress=False))[0]
@@ -555,7 +559,7 @@ def main(argv=None):
                         help="where to write the picture (default: %(default)s)")
     args = p.parse_args(argv)
     {"examples": lambda a: write_examples(a.out, a.tuning), "train-base": train_base, "base": run_base, "train-probe": run_train_probe,
-     "evaluate": run_evaluate, "ablation": run_compare, "methods": run_compare}[args.command](args)
+     "evaluate": run_evaluate, "ablation": run_compare, "methods": run_compare, "tune": run_compare}[args.command](args)
 
 
 if __name__ == "__main__":
