@@ -10,7 +10,7 @@ from safetensors import SafetensorError, safe_open
 
 from minidb import hub, runs, single_file
 from minidb.cli import SEED_MAX, check_device, number, text
-from minidb.fetch import DEFAULT_MODEL, how_to_get_weights
+from minidb.fetch import DEFAULT_MODEL, TOY_MODEL, how_to_get_weights
 from minidb.files import ModelFileError, read_tensors
 from minidb.info import HELP as MODEL_HELP
 from minidb.loop import SCHEDULES
@@ -58,7 +58,7 @@ def parse_args(argv, doc):
     a("--grad-accum", type=number(int, low=1), default=1, help="split each step into this many micro-batches whose "
       "gradients add up: the same step in less memory (default: %(default)s)")
     a("--lr", type=number(float, above=0, high=1), default=None, help="peak learning rate of what trains "
-      "(default: 5e-6 full, 1e-4 lora, 5e-3 textual-inversion)")
+      "(default: 5e-6 full, 1e-4 on the toy model; 1e-4 lora; 5e-3 textual-inversion)")
     a("--lr-schedule", choices=SCHEDULES, default="constant", help="after the warmup: constant, cosine or linear "
       "decay to 0, or polynomial decay to 1e-7, as diffusers' schedulers (default: %(default)s)")
     a("--warmup-steps", type=count, default=0, help="linear learning-rate warmup from 0 (default: %(default)s)")
@@ -111,6 +111,8 @@ def parse_args(argv, doc):
 
 METHOD_LR = {"full": 5e-6, "lora": 1e-4, "textual-inversion": 5e-3}  # the paper; kohya's and diffusers' LoRA
 # and textual-inversion defaults
+TOY_LR = {"full": 1e-4}  # the toy model's own: its 10 M-parameter UNet barely moves at the paper's 5e-6
+# (`python -m minidb.toy.lab tune`, on a held-out subject; docs/toy-world.md)
 METHOD_FLAGS = {"lora_rank": ("lora",), "lora_alpha": ("lora",), "train_text_encoder": ("full", "lora"),
                 "new_token": ("full", "lora"), "save_dtype": ("full",)}  # flags that mean nothing to other methods
 
@@ -150,7 +152,8 @@ def with_method_defaults(args, sdxl=False):
             return f"{runs.flag(key)} applies to {what} only, not to --method {args.method}; leave it out."
     if args.num_vectors is not None and args.method != "textual-inversion" and not args.new_token:
         return "--num-vectors sets the vectors of a new word; add --new-token, or use --method textual-inversion."
-    args.lr = args.lr or METHOD_LR[args.method]
+    toy = Path(args.model).resolve() == TOY_MODEL.resolve()
+    args.lr = args.lr or (toy and TOY_LR.get(args.method)) or METHOD_LR[args.method]
     if args.prior_weight is None:
         args.prior_weight = 0.0 if args.method == "textual-inversion" else 1.0
     if args.method == "lora":

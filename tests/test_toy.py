@@ -61,3 +61,18 @@ def test_dreambooth_runs_on_the_toy_model(tmp_path):
                                  "--class-cache", tmp_path / "cache"]])
     trained = load(tmp_path / "run" / "model.safetensors")
     assert trained.resolution == SIZE and (tmp_path / "run" / "validation" / "step-000003.png").is_file()
+
+
+def test_the_toy_model_trains_at_its_own_learning_rate(tmp_path):
+    """Full fine-tuning of the toy model defaults to its tuned rate (TOY_LR), any other model to the paper's;
+    an explicit --lr and the other methods' defaults are left alone."""
+    from minidb.options import METHOD_LR, TOY_LR, parse_args, with_method_defaults
+
+    def lr(*extra, model=TOY_MODEL):
+        args = parse_args(["--images", "x", "--class", "cup", "--model", str(model), *extra], train.__doc__)
+        assert with_method_defaults(args) is None
+        return args.lr
+    assert lr() == TOY_LR["full"] != METHOD_LR["full"]
+    assert lr("--lr", "3e-5") == 3e-5 and lr("--method", "lora") == METHOD_LR["lora"]
+    (tmp_path / "copy").symlink_to(TOY_MODEL)  # the same file by another name is still the toy model
+    assert lr(model=tmp_path / "copy") == TOY_LR["full"] and lr(model=tmp_path / "other") == METHOD_LR["full"]

@@ -82,3 +82,13 @@ def test_tune_sweeps_the_learning_rate_on_the_tuning_subject_only(tmp_path, monk
         assert settings["images"] == str(tmp_path / "tuning-subject")
     assert sorted(p.name for p in (tmp_path / "tuning-subject").iterdir()) == [f"{i}.png" for i in range(5)]
     assert {"subject rate, in a place", "place asked for"} <= set(result["columns"]["lr 1e-4"])
+
+
+def test_evaluate_draws_the_subject_in_every_place(tmp_path, capsys):
+    """`lab evaluate --picture` lays out the subject's generations: a row per place, a column per seed."""
+    from PIL import Image
+    lab.main(["evaluate", "--n", "2", "--steps", "2", "--picture", str(tmp_path / "placed.png")])
+    picture = Image.open(tmp_path / "placed.png")
+    assert picture.size == (2 * 2 * lab.SIZE, 2 * len(lab.PLACES) * lab.SIZE)
+    row = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("| subject rate, in a place |") for line in row)

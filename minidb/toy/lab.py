@@ -279,9 +279,10 @@ def mean_spread(values):
 
 
 @torch.no_grad()
-def evaluate(model, identifier, probe, n=4, steps=25, seed=0, tuning=False):
+def evaluate(model, identifier, probe, n=4, steps=25, seed=0, tuning=False, placed_images=None):
     """The paper's metrics for one model, over its prompt structure; {metric: (mean, spread)}.
-    tuning=True measures against the tuning subject (a ball) instead of the reported one (a cup)."""
+    tuning=True measures against the tuning subject (a ball) instead of the reported one (a cup).
+    The generations of "a photo of a [V] {class} {place}" are appended to the list placed_images, if given."""
     photos = subject_photos(tuning=tuning)
     real, cls, colour = to_tensor([image for image, _ in photos]), photos[0][1].cls, photos[0][1].colour
     which = "tuning" if tuning else "subject"
@@ -296,6 +297,8 @@ def evaluate(model, identifier, probe, n=4, steps=25, seed=0, tuning=False):
         prompt_ok += [float(v == wanted) for v in seen[head]]
         if head == "background":  # issue 14's goal: the subject, in the place asked for
             placed += [(float(s == which), float(v == wanted)) for s, v in zip(seen["subject"], seen[head])]
+            if placed_images is not None:
+                placed_images += [to_pil(im) for im in images]
         div.append(diversity(probe, images))
     plain = generate(model, f"a photo of a {cls}", 2 * n, seed + 100, steps)
     _, seen = read(probe, plain)
@@ -371,12 +374,17 @@ def print_table(columns):
 @torch.no_grad()
 def run_evaluate(args):
     probe = load_probe(args.probe)
-    columns = {}
+    columns, tiles = {}, []
     for path in args.model:
         identifier = args.identifier or identifier_of(path)
         columns[f"{Path(path).parent.name}/{Path(path).name} [{identifier}]"] = evaluate(
-            load(path, dtype=torch.float32), identifier, probe, n=args.n, steps=args.steps, seed=args.seed)
+            load(path, dtype=torch.float32), identifier, probe, n=args.n, steps=args.steps, seed=args.seed,
+            placed_images=tiles)
     print_table(columns)
+    if args.picture:
+        picture = grid(tiles, cols=args.n)
+        picture.resize((picture.width * 2, picture.height * 2), 0).save(args.picture)
+        print(f"wrote {args.picture} (a row per model and place: {', '.join(PLACES.values())}; a column per seed)")
 
 
 def run_train_probe(args):
@@ -533,6 +541,7 @@ def main(argv=None):
     ev.add_argument("--n", type=int, default=4, help="images per prompt (default: %(default)s)")
     ev.add_argument("--steps", type=int, default=25, help="DDIM steps (default: %(default)s)")
     ev.add_argument("--seed", type=int, default=0, help="seed of the sampling noise; each prompt uses its own offset from it (default: %(default)s)")
+    ev.add_argument("--picture", default=None, help="also write the subject's generations in each place, as a grid")
     bs = sub.add_parser("base", help="how well the base model draws the world: class, colour, place, smears")
     bs.add_argument("--model", default=str(TOY_MODEL), help="the base model (default: %(default)s)")
     bs.add_argument("--probe", default=str(TOY_PROBE), help="the measuring probe (default: %(default)s)")
