@@ -92,3 +92,15 @@ def test_evaluate_draws_the_subject_in_every_place(tmp_path, capsys):
     assert picture.size == (2 * 2 * lab.SIZE, 2 * len(lab.PLACES) * lab.SIZE)
     row = capsys.readouterr().out.splitlines()
     assert any(line.startswith("| subject rate, in a place |") for line in row)
+
+
+def test_generate_in_bf16_changes_the_arithmetic_not_the_picture():
+    """lab's bf16 sampling (as sample.py's CPU default) really runs in bf16: the pictures differ from fp32's
+    in the last bits, and stay the same pictures (mean difference far below one colour step of the world)."""
+    from minidb.fetch import TOY_MODEL
+    from minidb.load import load
+    model = load(TOY_MODEL, dtype=torch.float32)
+    fp32 = lab.generate(model, "a photo of a red ball on the snow", 2, 0, 4)
+    bf16 = lab.generate(model, "a photo of a red ball on the snow", 2, 0, 4, bf16=True)
+    difference = (fp32 - bf16).abs()
+    assert difference.max() > 0 and difference.mean() < 0.05  # 0.05 on [-1, 1] is 6/255

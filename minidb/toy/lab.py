@@ -36,7 +36,7 @@ from minidb.fetch import TOY_MODEL
 from minidb.cli import fail, number
 from minidb.files import read_tensors, write_json, write_safetensors
 from minidb.load import StableDiffusion, load
-from minidb.pipeline import decode, grid, sample_latents
+from minidb.pipeline import bf16_for_autocast, decode, grid, sample_latents
 from minidb.toy.probe import Probe, accuracy, diversity, off_palette, read, similarity, train_probe
 from minidb.runs import latest_state, load_state, save_state
 from minidb.save import save_single_file
@@ -268,9 +268,11 @@ def load_probe(path=TOY_PROBE):
     return probe.eval()
 
 
-def generate(model, prompt, n, seed, steps):
-    return to_tensor(decode(model, sample_latents(model, prompt, n=n, steps=steps, seed=seed, height=SIZE, width=SIZE,
-                                                  progress=False)))
+def generate(model, prompt, n, seed, steps, bf16=False):
+    """n pictures of `prompt`; bf16=True samples as sample.py does by default on a CPU with native bf16."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        return to_tensor(decode(model, sample_latents(model, prompt, n=n, steps=steps, seed=seed, height=SIZE,
+                                                      width=SIZE, progress=False)))
 
 
 def mean_spread(values):
@@ -279,10 +281,11 @@ def mean_spread(values):
 
 
 @torch.no_grad()
-def evaluate(model, identifier, probe, n=4, steps=25, seed=0, tuning=False, placed_images=None):
+def evaluate(model, identifier, probe, n=4, steps=25, seed=0, tuning=False, placed_images=None, bf16=False):
     """The paper's metrics for one model, over its prompt structure; {metric: (mean, spread)}.
     tuning=True measures against the tuning subject (a ball) instead of the reported one (a cup).
-    The generations of "a photo of a [V] {class} {place}" are appended to the list placed_images, if given."""
+    The generations of "a photo of a [V] {class} {place}" are appended to the list placed_images, if given.
+    bf16=True samples under bf16 autocast (the probe still reads in fp32)."""
     photos = subject_photos(tuning=tuning)
     real, cls, colour = to_tensor([image for image, _ in photos]), photos[0][1].cls, photos[0][1].colour
     which = "tuning" if tuning else "subject"
@@ -290,7 +293,7 @@ def evaluate(model, identifier, probe, n=4, steps=25, seed=0, tuning=False, plac
     prompts = [(f"a photo of a {identifier} {cls} {where}", "background", b) for b, where in PLACES.items()]
     prompts += [(f"a photo of a {c} {identifier} {cls}", "colour", c) for c in property_colours(colour)]
     for k, (prompt, head, wanted) in enumerate(tqdm(prompts, desc="evaluating", leave=False)):
-        images = generate(model, prompt, n, seed + k, steps)
+        images = generate(model, prompt, n, seed + k, steps, bf16)
         _, seen = read(probe, images)
         fidelity += [similarity(probe, im[None], real) for im in images]
         subject_rate += [float(s == which) for s in seen["subject"]]
@@ -300,12 +303,12 @@ def evaluate(model, identifier, probe, n=4, steps=25, seed=0, tuning=False, plac
             if placed_images is not None:
                 placed_images += [to_pil(im) for im in images]
         div.append(diversity(probe, images))
-    plain = generate(model, f"a photo of a {cls}", 2 * n, seed + 100, steps)
+    plain = generate(model, f"a photo of a {cls}", 2 * n, seed + 100, steps, bf16)
     _, seen = read(probe, plain)
     pres = [similarity(probe, im[None], real) for im in plain]
     right_class = []
     for k, c in enumerate(CLASSES):
-        _, seen_cls = read(probe, generate(model, f"a photo of a {c}", n, seed + 200 + k, steps))
+        _, seen_cls = read(probe, generate(model, f"a photo of a {c}", n, seed + 200 + k, steps, bf16))
         right_class += [float(v == c) for v in seen_cls["class"]]
     return {"subject fidelity": mean_spread(fidelity), "subject rate": mean_spread(subject_rate),
             "prompt fidelity": mean_spread(prompt_ok), "PRES": mean_spread(pres),
@@ -377,9 +380,12 @@ def run_evaluate(args):
     columns, tiles = {}, []
     for path in args.model:
         identifier = args.identifier or identifier_of(path)
+        model = load(path, dtype=torch.float32)
+        if args.bf16:  # as sample.py: convolution and linear weights in bf16, the rest fp32, under bf16 autocast
+            for part in (model.text_encoder, model.unet, model.vae):
+                bf16_for_autocast(part)
         columns[f"{Path(path).parent.name}/{Path(path).name} [{identifier}]"] = evaluate(
-            load(path, dtype=torch.float32), identifier, probe, n=args.n, steps=args.steps, seed=args.seed,
-            placed_images=tiles)
+            model, identifier, probe, n=args.n, steps=args.steps, seed=args.seed, placed_images=tiles, bf16=args.bf16)
     print_table(columns)
     if args.picture:
         picture = grid(tiles, cols=args.n)
@@ -542,6 +548,8 @@ def main(argv=None):
     ev.add_argument("--steps", type=int, default=25, help="DDIM steps (default: %(default)s)")
     ev.add_argument("--seed", type=int, default=0, help="seed of the sampling noise; each prompt uses its own offset from it (default: %(default)s)")
     ev.add_argument("--picture", default=None, help="also write the subject's generations in each place, as a grid")
+    ev.add_argument("--bf16", action="store_true", help="sample under bf16 autocast, as sample.py does by default "
+                    "on a CPU with native bf16 (the probe still reads in fp32)")
     bs = sub.add_parser("base", help="how well the base model draws the world: class, colour, place, smears")
     bs.add_argument("--model", default=str(TOY_MODEL), help="the base model (default: %(default)s)")
     bs.add_argument("--probe", default=str(TOY_PROBE), help="the measuring probe (default: %(default)s)")
