@@ -82,6 +82,8 @@ def test_tune_sweeps_the_learning_rate_on_the_tuning_subject_only(tmp_path, monk
         assert settings["images"] == str(tmp_path / "tuning-subject")
     assert sorted(p.name for p in (tmp_path / "tuning-subject").iterdir()) == [f"{i}.png" for i in range(5)]
     assert {"subject rate, in a place", "place asked for"} <= set(result["columns"]["lr 1e-4"])
+    logged = [json.loads(line) for line in open(tmp_path / "runs" / "lr-1e-4-seed0" / "log.jsonl")]
+    assert result["per_seed"]["lr 1e-4"][0]["drift score"][0] == logged[-1]["drift"]  # each run's own, from train.py
 
 
 def test_evaluate_draws_the_subject_in_every_place(tmp_path, capsys):

@@ -459,15 +459,19 @@ def run_compare(args):
     per_seed = {name: [evaluate(*load_run(folder), probe, n=args.n, steps=args.steps, tuning=tuning)
                        for folder in folders] for name, folders in runs.items()}
     for name, results in per_seed.items():  # mean over seeds, spread = std of the per-seed means
+        for result, rows in zip(results, drift[name]):  # train.py's drift score (held-out prior loss), beside PRES
+            result["drift score"] = (rows[0]["drift"] if rows else float("nan"), 0.0)
         columns[name] = {m: mean_spread([r[m][0] for r in results]) for m in results[0]}
         columns[name]["training loop, s"] = mean_spread(seconds[name])
-        # train.py's drift score (held-out prior loss, lower is better), to set beside PRES
-        columns[name]["drift score"] = mean_spread([rows[0]["drift"] for rows in drift[name] if rows] or [float("nan")])
-    columns["base model"]["training loop, s"] = (0.0, 0.0)
     bases = [rows[0]["drift_base"] for rows in sum(drift.values(), []) if rows]
     columns["base model"]["drift score"] = (bases[0], 0.0) if bases else (float("nan"), 0.0)
+    columns["base model"]["training loop, s"] = (0.0, 0.0)
+    runs_all = [r for results in per_seed.values() for r in results]  # does train.py's number track the probe's?
+    tracking = torch.corrcoef(torch.tensor([[r["PRES"][0] for r in runs_all], [r["drift score"][0] for r in runs_all]],
+                                           dtype=torch.float64))[0, 1].item() if len(runs_all) > 2 else float("nan")
     print(f"\n{len(args.seeds)} seeds, {args.n} images per prompt; spread = std over seeds (base: over images)\n")
     print_table(columns)
+    print(f"\ntrain.py's drift score against the probe's PRES, over all {len(runs_all)} runs: Pearson r = {tracking:.3f}")
     contrast = {}
     if len(variants) == 2:  # the ablation: is the difference of the means larger than either spread?
         (a, b) = (columns[name] for name in variants)
@@ -477,6 +481,7 @@ def run_compare(args):
         for m, c in contrast.items():
             print(f"| {m} | {c['difference']:+.3f} | {c['larger spread']:.3f} | {'yes' if c['beyond the spread'] else 'no'} |")
     Path(args.json).write_text(json.dumps({"columns": columns, "per_seed": per_seed, "contrast": contrast,
+                                           "drift score vs PRES, Pearson r": tracking,
                                            "seeds": args.seeds, "train_args": args.train_args, "variants": variants},
                                           indent=2) + "\n")
     # a picture: the base, then each variant (seed of the first run), on a few prompts
