@@ -35,10 +35,20 @@ def test_shipped_model_is_small_and_draws_the_class_asked_for():
     assert hits >= fewest_hits_beating_chance(n, 1 / len(CLASSES)), f"{hits}/{n} right"
 
 
+PROBE_ACCURACY = 0.998  # its lowest head, measured on 512 fresh pictures and their VAE round trips (train-probe)
+
+
+def fewest_hits_expected(n, p, risk=0.01):
+    """The most hits out of n that a reader right with probability p still falls short of less often
+    than `risk` (the lower binomial tail): a reader as good as measured reaches it 99% of the time."""
+    below = lambda k: sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k))  # P(hits < k)
+    return max(k for k in range(n + 1) if below(k) < risk)
+
+
 def test_probe_reads_fresh_world_pictures_and_their_vae_round_trips():
-    """The issue's bar is 97% on every head, on world pictures and on the same after the toy VAE
-    (measured on 512: docs/toy-world.md); here 128 pictures it never trained on, each subject kind
-    a quarter of them, held to 95% to leave room for the smaller sample."""
+    """The issue's bar is 97% on every head, on world pictures and on the same after the toy VAE; the
+    probe measured 0.998-1.000 (docs/toy-world.md). Here 128 pictures it never trained on, each subject
+    kind a quarter of them, held to what a 0.998-accurate reader gets 99% of the time (126 of 128)."""
     probe, vae = load_probe(), load(TOY_MODEL, dtype=torch.float32).vae
     rng = random.Random(4321)
     scenes = [probe_scene(rng, i) for i in range(128)]
@@ -52,7 +62,7 @@ def test_probe_reads_fresh_world_pictures_and_their_vae_round_trips():
         _, seen = read(probe, x)
         for head, values in truth.items():
             right = sum(a == b for a, b in zip(seen[head], values))
-            assert right >= 0.95 * len(scenes), f"{head}: {right}/{len(scenes)}"
+            assert right >= fewest_hits_expected(len(scenes), PROBE_ACCURACY), f"{head}: {right}/{len(scenes)}"
 
 
 def test_dreambooth_runs_on_the_toy_model(tmp_path):
