@@ -152,7 +152,7 @@ def with_method_defaults(args, sdxl=False):
             return f"{runs.flag(key)} applies to {what} only, not to --method {args.method}; leave it out."
     if args.num_vectors is not None and args.method != "textual-inversion" and not args.new_token:
         return "--num-vectors sets the vectors of a new word; add --new-token, or use --method textual-inversion."
-    toy = Path(args.model).resolve() == TOY_MODEL.resolve()
+    toy = args.model is not None and Path(args.model).resolve() == TOY_MODEL.resolve()
     args.lr = args.lr or (toy and TOY_LR.get(args.method)) or METHOD_LR[args.method]
     if args.prior_weight is None:
         args.prior_weight = 0.0 if args.method == "textual-inversion" else 1.0
