@@ -68,11 +68,10 @@ def test_tune_sweeps_the_learning_rate_on_the_tuning_subject_only(tmp_path, monk
     """`lab tune` trains each rate with train.py on the tuning subject (a ball), never the reported one, and
     measures it against that subject. Two rates, one seed, a few steps: the plumbing, not the result."""
     import json
-    monkeypatch.setitem(lab.VARIANTS, "tune", {"lr 1e-4": ["--lr", "1e-4"], "lr 2e-4": ["--lr", "2e-4"]})
     monkeypatch.setattr(lab, "TUNING_EXAMPLES", tmp_path / "tuning-subject")
     train_args = f"--steps 2 --class-images 2 --drift-images 2 --sample-steps 2 --mixed-precision no " \
                  f"--class-cache {tmp_path / 'cache'}"
-    lab.main(["tune", "--seeds", "0", "--n", "1", "--steps", "2", "--out", str(tmp_path / "runs"),
+    lab.main(["tune", "--lrs", "1e-4", "2e-4", "--seeds", "0", "--n", "1", "--steps", "2", "--out", str(tmp_path / "runs"),
               "--train-args", train_args, "--json", str(tmp_path / "tune.json"), "--picture", str(tmp_path / "tune.png")])
     result = json.loads((tmp_path / "tune.json").read_text())
     assert list(result["columns"]) == ["base model", "lr 1e-4", "lr 2e-4"]

@@ -409,7 +409,7 @@ VARIANTS = {  # what each comparison trains, as train.py arguments
     "methods": {"DreamBooth": [], "DreamBooth LoRA": ["--method", "lora"],  # its Table 1, with LoRA
                 "Textual Inversion": ["--method", "textual-inversion"]},
     # the toy recipe, chosen on the tuning subject only (a ball), never on the reported one (the cup)
-    "tune": {f"lr {lr}": ["--lr", lr] for lr in ("5e-6", "2e-5", "5e-5", "1e-4", "2e-4")},
+    "tune": {f"lr {lr}": ["--lr", lr] for lr in ("5e-6", "2e-5", "5e-5", "1e-4", "2e-4")},  # --lrs picks others
 }
 TUNING_EXAMPLES = ROOT / "runs" / "tuning-subject"  # rendered on demand: the tuning subject's 5 photos
 
@@ -438,6 +438,8 @@ def run_compare(args):
     import subprocess
     import sys
     variants, tuning = VARIANTS[args.command], args.command == "tune"
+    if tuning and args.lrs:
+        variants = {f"lr {lr}": ["--lr", lr] for lr in args.lrs}
     images, cls = (write_examples(TUNING_EXAMPLES, tuning=True), TUNING_SUBJECT) if tuning else (EXAMPLES, SUBJECT)
     probe, runs, seconds, drift = load_probe(args.probe), *({name: [] for name in variants} for _ in range(3))
     for seed in args.seeds:
@@ -506,6 +508,12 @@ def write_examples(out, tuning=False):
     return out
 
 
+def rate(text):
+    """--lrs: a positive number, kept as typed (it names the run's folder and passes to train.py --lr)."""
+    number(above=0)(text)
+    return text
+
+
 def vae_width(text):
     """--vae-ch: a multiple of 32, since the VAE's GroupNorm splits channels into 32 groups."""
     ch = number(int, low=32)(text)
@@ -572,6 +580,9 @@ def main(argv=None):
         ab.add_argument("--seeds", type=number(int, low=0), nargs="+", default=[0, 1] if name == "tune" else [0, 1, 2, 3, 4],
                         help="train.py --seed of each set of runs (default: %(default)s)")
         ab.add_argument("--train-args", default="", help="extra train.py arguments, e.g. '--steps 400'")
+        if name == "tune":
+            ab.add_argument("--lrs", nargs="+", default=None, type=rate,
+                            help="the learning rates to sweep (default: 5e-6 2e-5 5e-5 1e-4 2e-4)")
         ab.add_argument("--out", default=f"runs/{name}", help="folder for the runs; finished ones are reused (default: %(default)s)")
         ab.add_argument("--n", type=int, default=4, help="images per prompt (default: %(default)s)")
         ab.add_argument("--steps", type=int, default=25, help="DDIM steps (default: %(default)s)")
