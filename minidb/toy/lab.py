@@ -408,9 +408,7 @@ VARIANTS = {  # what each comparison trains, as train.py arguments
     "ablation": {"with prior": [], "without prior": ["--prior-weight", "0"]},  # the paper's Table 3
     "methods": {"DreamBooth": [], "DreamBooth LoRA": ["--method", "lora"],  # its Table 1, with LoRA
                 "Textual Inversion": ["--method", "textual-inversion"]},
-    # the toy recipe, chosen on the tuning subject only (a ball), never on the reported one (the cup)
-    "tune": {f"lr {lr}": ["--lr", lr] for lr in ("5e-6", "2e-5", "5e-5", "1e-4", "2e-4")},  # --lrs picks others
-}
+}  # and "tune", the toy recipe: one variant per --lrs rate, on the tuning subject only (a ball), never the cup
 TUNING_EXAMPLES = ROOT / "runs" / "tuning-subject"  # rendered on demand: the tuning subject's 5 photos
 
 
@@ -437,9 +435,8 @@ def run_compare(args):
     run exactly as a user would type it, then measured. Finished runs (README.md written) are reused."""
     import subprocess
     import sys
-    variants, tuning = VARIANTS[args.command], args.command == "tune"
-    if tuning and args.lrs:
-        variants = {f"lr {lr}": ["--lr", lr] for lr in args.lrs}
+    tuning = args.command == "tune"
+    variants = {f"lr {lr}": ["--lr", lr] for lr in args.lrs} if tuning else VARIANTS[args.command]
     images, cls = (write_examples(TUNING_EXAMPLES, tuning=True), TUNING_SUBJECT) if tuning else (EXAMPLES, SUBJECT)
     probe, runs, seconds, drift = load_probe(args.probe), *({name: [] for name in variants} for _ in range(3))
     for seed in args.seeds:
@@ -581,8 +578,8 @@ def main(argv=None):
                         help="train.py --seed of each set of runs (default: %(default)s)")
         ab.add_argument("--train-args", default="", help="extra train.py arguments, e.g. '--steps 400'")
         if name == "tune":
-            ab.add_argument("--lrs", nargs="+", default=None, type=rate,
-                            help="the learning rates to sweep (default: 5e-6 2e-5 5e-5 1e-4 2e-4)")
+            ab.add_argument("--lrs", nargs="+", default=["5e-6", "2e-5", "5e-5", "1e-4", "2e-4"], type=rate,
+                            help="the learning rates to sweep (default: %(default)s)")
         ab.add_argument("--out", default=f"runs/{name}", help="folder for the runs; finished ones are reused (default: %(default)s)")
         ab.add_argument("--n", type=int, default=4, help="images per prompt (default: %(default)s)")
         ab.add_argument("--steps", type=int, default=25, help="DDIM steps (default: %(default)s)")
