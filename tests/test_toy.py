@@ -74,14 +74,16 @@ def test_dreambooth_runs_on_the_toy_model(tmp_path):
 
 
 def test_the_toy_model_trains_at_its_own_learning_rate(tmp_path):
-    """Full fine-tuning of the toy model defaults to its tuned rate (TOY_LR), any other model to the paper's;
-    an explicit --lr and the other methods' defaults are left alone."""
-    from minidb.options import METHOD_LR, TOY_LR, parse_args, with_method_defaults
+    """Full fine-tuning of the toy model defaults to its tuned rate and steps (TOY_LR, TOY_STEPS), any other
+    model to the paper's; an explicit --lr or --steps and the other methods' defaults are left alone."""
+    from minidb.options import METHOD_LR, STEPS, TOY_LR, TOY_STEPS, parse_args, with_method_defaults
 
-    def lr(*extra, model=TOY_MODEL):
+    def lr(*extra, model=TOY_MODEL, what="lr"):
         args = parse_args(["--images", "x", "--class", "cup", "--model", str(model), *extra], train.__doc__)
         assert with_method_defaults(args) is None
-        return args.lr
+        return getattr(args, what)
+    assert lr(what="steps") == TOY_STEPS["full"] != STEPS and lr("--steps", "5", what="steps") == 5
+    assert lr("--method", "lora", what="steps") == lr(model=tmp_path / "other", what="steps") == STEPS
     assert lr() == TOY_LR["full"] != METHOD_LR["full"]
     assert lr("--lr", "3e-5") == 3e-5 and lr("--method", "lora") == METHOD_LR["lora"]
     (tmp_path / "copy").symlink_to(TOY_MODEL)  # the same file by another name is still the toy model
