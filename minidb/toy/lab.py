@@ -275,6 +275,15 @@ def generate(model, prompt, n, seed, steps, bf16=False):
                                                       width=SIZE, progress=False)))
 
 
+def no_nan(x):
+    """x with every NaN (a figure that does not exist, such as a frozen model's drift) as None: strict JSON."""
+    if isinstance(x, dict):
+        return {k: no_nan(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [no_nan(v) for v in x]
+    return None if isinstance(x, float) and math.isnan(x) else x
+
+
 def mean_spread(values):
     t = torch.tensor(values, dtype=torch.float64)
     return t.mean().item(), t.std().item() if len(t) > 1 else 0.0
@@ -465,12 +474,14 @@ def run_compare(args):
     bases = [rows[0]["drift_base"] for rows in sum(drift.values(), []) if rows]
     columns["base model"]["drift score"] = (bases[0], 0.0) if bases else (float("nan"), 0.0)
     columns["base model"]["training loop, s"] = (0.0, 0.0)
-    runs_all = [r for results in per_seed.values() for r in results]  # does train.py's number track the probe's?
+    runs_all = [r for results in per_seed.values() for r in results  # does train.py's number track the probe's?
+                if math.isfinite(r["drift score"][0])]  # (textual inversion's frozen model logs no drift)
     tracking = torch.corrcoef(torch.tensor([[r["PRES"][0] for r in runs_all], [r["drift score"][0] for r in runs_all]],
-                                           dtype=torch.float64))[0, 1].item() if len(runs_all) > 2 else float("nan")
+                                           dtype=torch.float64))[0, 1].item() if len(runs_all) > 2 else None
     print(f"\n{len(args.seeds)} seeds, {args.n} images per prompt; spread = std over seeds (base: over images)\n")
     print_table(columns)
-    print(f"\ntrain.py's drift score against the probe's PRES, over all {len(runs_all)} runs: Pearson r = {tracking:.3f}")
+    if tracking is not None:
+        print(f"\ntrain.py's drift score against the probe's PRES, over all {len(runs_all)} runs: Pearson r = {tracking:.3f}")
     contrast = {}
     if len(variants) == 2:  # the ablation: is the difference of the means larger than either spread?
         (a, b) = (columns[name] for name in variants)
@@ -479,9 +490,9 @@ def run_compare(args):
         print(f"\n| metric | {' - '.join(variants)} | larger spread | difference beyond the spread |\n|---|---|---|---|")
         for m, c in contrast.items():
             print(f"| {m} | {c['difference']:+.3f} | {c['larger spread']:.3f} | {'yes' if c['beyond the spread'] else 'no'} |")
-    Path(args.json).write_text(json.dumps({"columns": columns, "per_seed": per_seed, "contrast": contrast,
+    Path(args.json).write_text(json.dumps(no_nan({"columns": columns, "per_seed": per_seed, "contrast": contrast,
                                            "drift score vs PRES, Pearson r": tracking,
-                                           "seeds": args.seeds, "train_args": args.train_args, "variants": variants},
+                                           "seeds": args.seeds, "train_args": args.train_args, "variants": variants}),
                                           indent=2) + "\n")
     # a picture: the base, then each variant (seed of the first run), on a few prompts
     prompts = [f"a photo of a {identifier} {cls} on the beach", f"a photo of a {identifier} {cls} on the snow",
