@@ -4,6 +4,7 @@ the same autocast, as ratios from one run (issue 16).
     python bench/cpu_bf16.py                       # every row, 2 threads
     python bench/cpu_bf16.py --rows unet-32        # some rows
     python bench/cpu_bf16.py --compile             # also minidb's UNet under torch.compile
+    python bench/cpu_bf16.py --rounds 5            # each implementation 5 times, interleaved: the noise
     python bench/cpu_bf16.py --quality             # bf16 against fp32 pictures, SD-shaped random weights
 
 Implementations, each (row, implementation) in a fresh process with bench/run.py's identical random
@@ -122,10 +123,14 @@ def main():
     p.add_argument("--rows", nargs="*", default=BF16_ROWS, choices=BF16_ROWS)
     p.add_argument("--threads", type=int, default=2, help="CPU threads (default: 2)")
     p.add_argument("--compile", action="store_true", help="also time minidb's default with a torch.compile'd UNet")
+    p.add_argument("--rounds", type=int, default=1, help="time every implementation this many times, in turn; "
+                   "the medians pool all rounds and the per-round ratios show the noise (default: 1)")
     p.add_argument("--quality", action="store_true", help="only the bf16-against-fp32 picture difference")
     p.add_argument("--json", default=str(ROOT / "bench" / "results-cpu-bf16.json"), help="where to write the figures")
     p.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)  # ROW IMPL TMP: internal
     args = p.parse_args()
+    if args.rounds < 1:
+        p.error(f"--rounds must be 1 or more, not {args.rounds}")
     if args.worker:
         print(json.dumps(worker(*args.worker[:2], args.threads, args.worker[2])))
         return
@@ -139,27 +144,37 @@ def main():
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for row in args.rows:
-            figures = {}
-            for impl in impls:
-                if impl.endswith("compile") and row != "sample":
-                    continue
-                r = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--worker", row, impl, tmp],
-                                   capture_output=True, text=True)
-                if r.returncode:
-                    sys.exit(f"error: {row} / {impl} failed:\n{r.stderr[-3000:]}")
-                figures[impl] = json.loads(r.stdout.strip().splitlines()[-1])
-            med = {impl: statistics.median(f["seconds"]) for impl, f in figures.items()}
+            rounds = []  # each round times every implementation once, in turn, so slow spells hit them alike
+            for _ in range(args.rounds):
+                figures = {}
+                for impl in impls:
+                    if impl.endswith("compile") and row != "sample":
+                        continue
+                    r = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--worker", row, impl,
+                                        tmp], capture_output=True, text=True)
+                    if r.returncode:
+                        sys.exit(f"error: {row} / {impl} failed:\n{r.stderr[-3000:]}")
+                    figures[impl] = json.loads(r.stdout.strip().splitlines()[-1])
+                rounds.append(figures)
+            med = {impl: statistics.median(s for f in rounds for s in f[impl]["seconds"]) for impl in rounds[0]}
+            per_round = lambda ref: [statistics.median(f[ref]["seconds"]) / statistics.median(f["minidb+bf16"]["seconds"])
+                                     for f in rounds]  # the ratio within each round: its spread is the noise
             row_result = {"row": row, "what": ROWS[row][0], "size": ROWS[row][1], "median_s": med,
-                          "setup_and_warmup_s": {i: f["setup_and_warmup_s"] for i, f in figures.items()},
+                          "setup_and_warmup_s": {i: rounds[0][i]["setup_and_warmup_s"] for i in rounds[0]},
                           "speedup_vs_diffusers_default": med["diffusers"] / med["minidb+bf16"],
                           "speedup_vs_diffusers_bf16": med["diffusers+bf16"] / med["minidb+bf16"],
-                          "bf16_speedup_minidb": med["minidb"] / med["minidb+bf16"]}
+                          "bf16_speedup_minidb": med["minidb"] / med["minidb+bf16"],
+                          "rounds": len(rounds), "per_round_vs_diffusers_default": per_round("diffusers"),
+                          "per_round_vs_diffusers_bf16": per_round("diffusers+bf16")}
             results.append(row_result)
+            spread = lambda xs: f" (rounds {min(xs):.2f}-{max(xs):.2f})" if len(xs) > 1 else ""
             print(f"{row:15s} " + " | ".join(f"{i} {s:.3f}s" for i, s in med.items())
-                  + f" | x{row_result['speedup_vs_diffusers_default']:.2f} vs diffusers default, "
-                  f"x{row_result['speedup_vs_diffusers_bf16']:.2f} vs diffusers+bf16", flush=True)
+                  + f" | x{row_result['speedup_vs_diffusers_default']:.2f}"
+                  f"{spread(row_result['per_round_vs_diffusers_default'])} vs diffusers default, "
+                  f"x{row_result['speedup_vs_diffusers_bf16']:.2f}{spread(row_result['per_round_vs_diffusers_bf16'])} "
+                  "vs diffusers+bf16", flush=True)
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": machine("cpu"), "torch": torch.__version__,
-            "threads": args.threads, "native_bf16": cpu_bf16()}
+            "threads": args.threads, "rounds": args.rounds, "native_bf16": cpu_bf16()}
     Path(args.json).write_text(json.dumps({"meta": meta, "rows": results}, indent=2) + "\n")
     print(f"\n{meta['machine']}, torch {meta['torch']}, {meta['date']}, native bf16: {meta['native_bf16']}\n")
     print("| row | size | minidb default (bf16) s | minidb fp32 s | diffusers default (fp32) s | diffusers bf16 s | "
