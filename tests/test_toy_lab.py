@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from minidb.files import read_tensors
-from minidb.toy import lab
+from minidb.toy import base, lab
 
 TINY = ["--vae-steps", "3", "--vae-ch", "32", "--steps", "4", "--batch", "2", "--pictures", "8", "--save-every", "2"]
 
@@ -19,18 +19,18 @@ def train_base(tmp_path, name, *extra):
 @pytest.mark.parametrize("stage, stop_at", [("vae", 2), ("unet", 2)])
 def test_an_interrupted_base_run_resumes_to_the_same_model(tmp_path, monkeypatch, stage, stop_at):
     straight = read_tensors(train_base(tmp_path, "straight"))[0]
-    save = lab.checkpoint
+    save = base.checkpoint
 
     def cut_off(folder, step, *args, **kwargs):  # Ctrl-C right after the checkpoint of `stop_at`
         save(folder, step, *args, **kwargs)
         if folder.name == stage and step == stop_at:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(lab, "checkpoint", cut_off)
+    monkeypatch.setattr(base, "checkpoint", cut_off)
     with pytest.raises(KeyboardInterrupt):
         train_base(tmp_path, "cut")
     assert not (tmp_path / "cut.safetensors").exists()
-    monkeypatch.setattr(lab, "checkpoint", save)
+    monkeypatch.setattr(base, "checkpoint", save)
     resumed = read_tensors(train_base(tmp_path, "cut", "--resume"))[0]
     assert resumed.keys() == straight.keys()
     for key in straight:
