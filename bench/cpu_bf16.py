@@ -120,7 +120,7 @@ def quality(threads):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rows", nargs="*", default=BF16_ROWS, choices=BF16_ROWS)
+    p.add_argument("--rows", nargs="*", default=BF16_ROWS, choices=BF16_ROWS + ["vae-decode-512"])
     p.add_argument("--threads", type=int, default=2, help="CPU threads (default: 2)")
     p.add_argument("--compile", action="store_true", help="also time minidb's default with a torch.compile'd UNet")
     p.add_argument("--rounds", type=int, default=1, help="time every implementation this many times, in turn; "

@@ -62,10 +62,11 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = nn.Conv2d(c_in, c_out, 1)  # match channels for the residual
 
     def forward(self, x):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        skip = self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x
-        return skip + h
+        # In place where nothing else holds the tensor: at 512 px each is tens of MB, and fewer fresh
+        # blocks make a CPU decode ~5% faster (bench/RESULTS.md). The values are the same.
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))
+        h = self.conv2(F.silu(self.norm2(h), inplace=True))
+        return h.add_(self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x)
 
 
 class AttnBlock(nn.Module):
