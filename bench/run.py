@@ -4,6 +4,8 @@
     python bench/run.py --device cuda    # GPU, bf16, Stable Diffusion's real sizes
     python bench/run.py --rows unet-64   # only some rows
     python bench/run.py --rows sdxl      # the SDXL rows (asked for by name: 10 GB of fp32 UNet on the CPU)
+    python bench/cpu_bf16.py             # CPU: these rows in minidb's bf16 default against diffusers' fp32
+                                         # and its bf16 (four implementations a row; a file of its own)
 
 Both implementations get identical random SD 1.5-shaped weights (SDXL rows: SDXL-shaped, with the
 2.6 B-parameter UNet): minidb's modules are filled, then the same tensors are renamed into diffusers'
