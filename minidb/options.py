@@ -53,7 +53,7 @@ def parse_args(argv, doc):
     a("--long-prompts", action="store_true", help="read prompts over 75 tokens whole, in 75-token chunks whose "
       "encodings are concatenated, as AUTOMATIC1111 does (default: cut at 75 tokens, as diffusers, with a warning)")
     a("--steps", type=number(int, low=1), default=None, help="training steps (default: 800, within the "
-      "paper's 800-1000 for SD; 1200 on the toy model)")
+      "paper's 800-1000 for SD; 1200 for full fine-tuning of the toy model)")
     a("--batch-size", type=number(int, low=1), default=1, help="subject images per step, each with a class-prior "
       "image beside it (default: %(default)s)")
     a("--grad-accum", type=number(int, low=1), default=1, help="split each step into this many micro-batches whose "
