@@ -76,6 +76,7 @@ def run_folder(args):
 
 def main(argv=None):
     args = parse_args(argv, __doc__)
+    runs.keep_saved_defaults(args)  # on --resume
     args.model = args.model or str(default_model())  # SD 1.5 once fetched, else the toy model
     problem = with_method_defaults(args, is_sdxl(args.model)) or check(args)
     if problem:

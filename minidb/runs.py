@@ -6,7 +6,8 @@
 - What a folder holds decides what a new run may do with it: nothing (start), a run with a
   checkpoint (--resume, or --overwrite), a run that died before its first checkpoint (--overwrite),
   or files that are not a run (never touched).
-- --resume continues the run exactly as it started: a flag that would change the run is refused.
+- --resume continues the run exactly as it started: a flag that would change the run is refused, and
+  the model and the steps, when left out, are the run's own rather than today's defaults.
 - Checkpoints are written beside the previous one and swapped in by renames, so at every instant
   one complete checkpoint exists.
 """
@@ -127,6 +128,21 @@ def _saved(folder):
         return saved if isinstance(saved, dict) else {}
     except (OSError, ValueError):
         return {}
+
+
+# Flags whose default can change under a run: the model (the toy one until SD 1.5 is fetched) and the
+# steps (the toy model's went from 800 to 1,200). A resume that leaves them out keeps the run's own.
+# (Not --lr: with --scale-lr the saved rate is already scaled; a changed default rate is refused, named.)
+KEPT_ON_RESUME = {"model": str, "steps": int}
+
+
+def keep_saved_defaults(args):
+    """On --resume, give each KEPT_ON_RESUME flag the command left out the value the run began with."""
+    saved = _saved(Path(args.out) if args.out is not None else RUNS / "latest") if args.resume else {}
+    for key, kind in KEPT_ON_RESUME.items():
+        value = saved.get(key)
+        if getattr(args, key) is None and type(value) is kind:  # a hand-edited value of another type is not taken
+            setattr(args, key, value)
 
 
 def check_resume_settings(folder, settings):

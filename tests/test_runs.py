@@ -289,6 +289,21 @@ def test_resume_allows_more_steps_and_other_save_intervals_and_equal_paths(world
     assert runs.latest_state(out / "checkpoints").name == "step-000002"
 
 
+def test_resume_without_steps_or_model_continues_the_run_as_it_began(world, tmp_path):
+    # A run of 3 steps, resumed from step 1 by a command that names neither --steps nor --model: it must
+    # finish the run's own 3 steps on its own base model, not today's defaults (800 or 1,200 steps, the
+    # toy or SD 1.5 model), and so equal the run made in one go.
+    straight = run(world, tmp_path / "straight", "--save-every", 1, "--checkpoints-keep", 3, steps=3)
+    branch = tmp_path / "branch"
+    shutil.copytree(straight, branch)
+    args = base_args(world, branch)
+    del args[args.index("--model"):args.index("--model") + 2]
+    train.main([str(a) for a in args + ["--save-every", 1, "--checkpoints-keep", 3, "--save-dtype", "fp32", "--resume", 1]])
+    assert runs.latest_state(branch / "checkpoints").name == "step-000003"
+    a, b = load(straight / "model.safetensors"), load(branch / "model.safetensors")
+    assert all(torch.equal(x, y) for x, y in zip(a.unet.state_dict().values(), b.unet.state_dict().values()))
+
+
 @pytest.mark.parametrize("damage", ["truncated state", "truncated weights", "planted pickle", "missing entry"])
 def test_a_damaged_checkpoint_is_one_sentence(world, tmp_path, capsys, damage):
     out = tmp_path / "out"
