@@ -32,7 +32,6 @@ if __name__ == "__main__":  # Ctrl-C in the seconds torch takes to import: a sen
 import json
 import tempfile
 import time
-import warnings
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
@@ -43,18 +42,16 @@ from tqdm import tqdm
 from minidb import distributed, memory, runs
 from minidb.cli import cpu_bf16, fail, run
 from minidb.data import DataError, load_images
-from minidb.export import how_to_use, readme
-from minidb.dreambooth import (NewWord, class_prior, dreambooth_loss, min_snr_weights, pick_identifier,
-                               pick_new_word, plot_losses)
+from minidb.export import export
+from minidb.dreambooth import NewWord, class_prior, dreambooth_loss, min_snr_weights, pick_identifier, pick_new_word
 from minidb.fetch import default_model
-from minidb.files import DiskFull, ModelFileError, atomic_write, disk_full_is_an_error, replace_folder
+from minidb.files import DiskFull, ModelFileError, atomic_write, disk_full_is_an_error
 from minidb.load import load
 from minidb.concepts import name_subjects, read_subjects
-from minidb.lora import LoRA, save_kohya
-from minidb.loop import Examples, drift_score, lr_factor
+from minidb.lora import LoRA
+from minidb.loop import Examples, drift_score, lr_factor, optimizer_for
 from minidb.options import METHOD_LR, check, is_sdxl, parse_args, with_method_defaults
 from minidb.pipeline import DEFAULTS, added_conditioning, decode, encode_tokens, grid, sample_latents, token_ids
-from minidb.save import save_diffusers, save_single_file
 from minidb.schedulers import NUM_TRAIN_TIMESTEPS, NoiseSchedule
 
 
@@ -124,21 +121,7 @@ def train(args, out):
     parts = {"unet": model.unet, "vae": model.vae, "text_encoder": model.text_encoder}
     text_parts = ["text_encoder"] + (["text_encoder_2"] if model.text_encoder_2 is not None else [])  # SDXL: two
     parts.update({name: getattr(model, name) for name in text_parts})
-    # Will it fit? Drawing the class prior 4 images at a time, or a step: the trained parameters'
-    # fp32 gradients and AdamW's two moments (8-bit: one byte each), plus a forward's activations.
-    n_trained = 0 if args.method != "full" else sum(  # adapters and a new word are megabytes at most
-        p.numel() for name in (["unet", *text_parts] if args.train_text_encoder else ["unet"])
-        for p in parts[name].parameters())
-    step_bytes = (4 + (2 if args.use_8bit_adam else 8)) * n_trained + memory.drawing_bytes(model, resolution, resolution)
-    if model.version == "SDXL" and args.method == "full":
-        advice = " and ".join(flag for flag, on in (("--use-8bit-adam", args.use_8bit_adam),
-                                                    ("--gradient-checkpointing", args.gradient_checkpointing)) if not on)
-        warnings.warn(f"--method full on SDXL trains {n_trained / 1e9:.1f} B parameters, whose fp32 weights, gradients "
-                      f"and AdamW moments take {16 * n_trained / 2**30:.0f} GB of GPU memory before activations (8-bit "
-                      f"Adam: {10 * n_trained / 2**30:.0f} GB){f'; add {advice}' if advice else ''}, or train a LoRA "
-                      "(--method lora, SDXL's default).", stacklevel=2)
-    problem = memory.problem(f"training at {resolution} px", max(step_bytes, memory.drawing_bytes(
-        model, resolution, resolution, batch=4)), 0, device, "choose a smaller --resolution (or --use-8bit-adam on a GPU)")
+    problem = memory.training_problem(model, parts, text_parts, args, resolution, device)
     if problem:
         fail(problem)
     base_dtypes = {name: next(m.parameters()).dtype for name, m in parts.items()}  # the export keeps them
@@ -257,29 +240,16 @@ def train(args, out):
             return context[inverse.to(device)], None if pooled is None else pooled[inverse.to(device)]
         return cached_text[0][which.to(device)], None if cached_text[1] is None else cached_text[1][which.to(device)]
 
-    # one learning rate for the UNet side, one for the text side, one for a new word
-    word_lr = args.lr if args.method == "textual-inversion" else args.text_encoder_lr or METHOD_LR["textual-inversion"]
-    rates, params = {"unet": args.lr, "text": args.text_encoder_lr or args.lr, "word": word_lr}, {}
-    for name, module in trained.items():
-        for key, p in module.named_parameters():
-            side = "word" if name == "new_word" else "text" if name in text_parts or key.startswith("lora_te") else "unet"
-            params.setdefault(side, []).append(p)
-    groups = [{"params": ps, "lr": rates[side]} for side, ps in params.items()]
-    if args.use_8bit_adam:
-        import bitsandbytes  # noqa: F811
-        optimizer = bitsandbytes.optim.AdamW8bit(groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
-    else:  # diffusers' DreamBooth defaults; on CUDA one fused kernel updates all parameters
-        optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8,
-                                      fused=device.type == "cuda")
+    optimizer = optimizer_for(trained, text_parts, args, device, word_lr=METHOD_LR["textual-inversion"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(args.lr_schedule, args.warmup_steps, args.steps,
                                                                        lr=args.lr))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # fp16 gradients underflow unscaled
     schedule = NoiseSchedule(model.prediction_type)
     # What a full disk would have to make room for: a checkpoint (weights and Adam's two moments,
     # fp32) and the exported model, twice (the diffusers folder and the single file).
-    export_dtype = lambda name: DTYPES[args.save_dtype] if args.save_dtype else base_dtypes[name]
+    export_dtypes = {name: DTYPES[args.save_dtype] if args.save_dtype else base_dtypes[name] for name in parts}
     needed_bytes = sum(12 * p.numel() for m in trained.values() for p in m.parameters()) + (args.method == "full") * \
-        sum(2 * p.numel() * export_dtype(name).itemsize for name, m in parts.items() for p in m.parameters())
+        sum(2 * p.numel() * export_dtypes[name].itemsize for name, m in parts.items() for p in m.parameters())
     disk_full = lambda: disk_full_is_an_error(out, needed_bytes, "the run (its checkpoint and model)",
                                               "continue with --resume (the last checkpoint is kept)")
 
@@ -458,7 +428,7 @@ def train(args, out):
         stop_if_not_finite(step + 1, losses[0])
 
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -495,31 +465,10 @@ def train(args, out):
     if not writes:
         distributed.barrier()  # the first process exports; the others wait for it, then are done
         return
-    rows = [json.loads(line) for line in open(log_path)] if log_path.exists() else []
     for name in ("unet", *text_parts):
         parts[name].eval()
-    lora_file, word_file = out / "lora.safetensors", out / f"{identifier}.safetensors"
-    about = {"ss_output_name": "lora", "ss_sd_model_name": Path(args.model).name, "ss_steps": str(last),
-             "ss_learning_rate": str(args.lr), "ss_training_comment": f"minidb DreamBooth: {instance_prompt}",
-             "minidb": json.dumps({"identifier": identifier, "class": subjects[0].class_name, "method": args.method,
-                                   **({"subjects": settings["subjects"]} if args.concepts else {})})}
-    sample, elsewhere = how_to_use(args, out, model, subjects, lora_file if "lora" in trained else None,
-                                   word_file if "new_word" in trained else None)
-    with disk_full():
-        plot_losses(rows, out / "loss.png")
-        if args.method == "full":
-            for name, module in parts.items():  # the chosen dtype, else the base's: frozen parts come out as they went in
-                module.to(export_dtype(name))
-            replace_folder(out / "model", lambda tmp: save_diffusers(model, tmp))
-            save_single_file(model, out / "model.safetensors")
-        if "lora" in trained:  # kohya's format, in fp16 as LoRAs are shared
-            save_kohya(trained["lora"], lora_file, metadata=about)
-        if "new_word" in trained:
-            trained["new_word"].save(word_file, metadata={"minidb": about["minidb"]})
-        text = readme(args, settings, model, subjects, sample, elsewhere)
-        atomic_write(out / "README.md", lambda tmp: Path(tmp).write_text(text))
-    written = ([out / "model", out / "model.safetensors"] if args.method == "full" else []) + \
-        ([lora_file] if "lora" in trained else []) + ([word_file] if "new_word" in trained else [])
+    with disk_full():  # the files the method made, and the run's README (minidb/export.py)
+        written, sample = export(args, settings, out, model, parts, trained, subjects, last, export_dtypes)
     print(f"wrote {', '.join(map(str, written))}\ndraw with: {sample}")
     distributed.barrier()
 

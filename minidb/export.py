@@ -1,7 +1,46 @@
-"""What a finished train.py run hands over besides its files: the command that draws with it, how
-AUTOMATIC1111, ComfyUI and diffusers load what it wrote, and the run's README that says both."""
+"""What a finished train.py run hands over: the files its method made (the personalized model as a
+diffusers folder and one original-layout file, kohya's LoRA file, or an embedding), the command that
+draws with them, how AUTOMATIC1111, ComfyUI and diffusers load them, and the run's README that says it."""
 
 import json
+from pathlib import Path
+
+from minidb.dreambooth import plot_losses
+from minidb.files import atomic_write, replace_folder
+from minidb.lora import save_kohya
+from minidb.save import save_diffusers, save_single_file
+
+
+def export(args, settings, out, model, parts, trained, subjects, steps, dtypes):
+    """Write the run's results into `out`; returns ([the paths written for other tools], the sample.py
+    command). Full fine-tuning exports every part in `dtypes[name]` (--save-dtype, else the base's own,
+    so frozen parts come out as they went in); LoRA goes out in kohya's format, fp16 as LoRAs are shared."""
+    identifier = subjects[0].identifier
+    lora_file, word_file = out / "lora.safetensors", out / f"{identifier}.safetensors"
+    about = {"ss_output_name": "lora", "ss_sd_model_name": Path(args.model).name, "ss_steps": str(steps),
+             "ss_learning_rate": str(args.lr), "ss_training_comment": f"minidb DreamBooth: {subjects[0].instance_prompt}",
+             "minidb": json.dumps({"identifier": identifier, "class": subjects[0].class_name, "method": args.method,
+                                   **({"subjects": settings["subjects"]} if args.concepts else {})})}
+    sample, elsewhere = how_to_use(args, out, model, subjects, lora_file if "lora" in trained else None,
+                                   word_file if "new_word" in trained else None)
+    log = out / "log.jsonl"
+    plot_losses([json.loads(line) for line in open(log)] if log.exists() else [], out / "loss.png")
+    written = []
+    if args.method == "full":
+        for name, module in parts.items():
+            module.to(dtypes[name])
+        replace_folder(out / "model", lambda tmp: save_diffusers(model, tmp))
+        save_single_file(model, out / "model.safetensors")
+        written += [out / "model", out / "model.safetensors"]
+    if "lora" in trained:
+        save_kohya(trained["lora"], lora_file, metadata=about)
+        written.append(lora_file)
+    if "new_word" in trained:
+        trained["new_word"].save(word_file, metadata={"minidb": about["minidb"]})
+        written.append(word_file)
+    text = readme(args, settings, model, subjects, sample, elsewhere)
+    atomic_write(out / "README.md", lambda tmp: Path(tmp).write_text(text))
+    return written, sample
 
 
 def how_to_use(args, out, model, subjects, lora_file=None, word_file=None):

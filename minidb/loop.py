@@ -1,5 +1,5 @@
 """The machinery of train.py's loop, so that the loop itself reads as the story: which examples each
-step takes, with which random draws; the learning-rate schedule; the drift score.
+step takes, with which random draws; the optimizer and its learning-rate schedule; the drift score.
 
 Examples. A step trains on --batch-size subject examples and as many class-prior examples, in
 --grad-accum micro-batches, across the processes of a torchrun launch. Every process draws the
@@ -89,6 +89,24 @@ class Examples:
 
     def load(self, state):
         self.orders = {pool: (s["order"], s["taken"]) for pool, s in state.items()}
+
+
+def optimizer_for(trained, text_parts, args, device, word_lr):
+    """AdamW with diffusers' DreamBooth settings over what trains, one learning rate per side: --lr for
+    the UNet side (its weights or adapters), --text-encoder-lr (else --lr) for the text side, and for
+    a new word --text-encoder-lr, else `word_lr` (textual inversion's default), or under --method
+    textual-inversion its --lr. 8-bit with --use-8bit-adam; on CUDA one fused kernel updates all."""
+    word_lr = args.lr if args.method == "textual-inversion" else args.text_encoder_lr or word_lr
+    rates, params = {"unet": args.lr, "text": args.text_encoder_lr or args.lr, "word": word_lr}, {}
+    for name, module in trained.items():
+        for key, p in module.named_parameters():
+            side = "word" if name == "new_word" else "text" if name in text_parts or key.startswith("lora_te") else "unet"
+            params.setdefault(side, []).append(p)
+    groups = [{"params": ps, "lr": rates[side]} for side, ps in params.items()]
+    if args.use_8bit_adam:
+        import bitsandbytes
+        return bitsandbytes.optim.AdamW8bit(groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    return torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8, fused=torch.device(device).type == "cuda")
 
 
 def drift_score(model, schedule, latents, text, noise, t, resolution, batch=4):

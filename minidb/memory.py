@@ -8,6 +8,7 @@ the limit may still run out.
 """
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -72,3 +73,22 @@ def problem(what, on_device, in_ram, device, advice):
         return (f"{what} needs about {in_ram / 1e9:,.1f} GB of memory beyond the model's weights "
                 f"(a rough estimate), but this machine has {ram / 1e9:,.1f} GB available; {advice}.")
     return None
+
+
+def training_problem(model, parts, text_parts, args, resolution, device):
+    """train.py's check, as one sentence or None. Drawing the class prior 4 images at a time, or a step:
+    the trained parameters' fp32 gradients and AdamW's two moments (8-bit: one byte each), plus a
+    forward's activations. Full fine-tuning of SDXL also gets a warning of what its weights alone take."""
+    n_trained = 0 if args.method != "full" else sum(  # adapters and a new word are megabytes at most
+        p.numel() for name in (["unet", *text_parts] if args.train_text_encoder else ["unet"])
+        for p in parts[name].parameters())
+    step_bytes = (4 + (2 if args.use_8bit_adam else 8)) * n_trained + drawing_bytes(model, resolution, resolution)
+    if model.version == "SDXL" and args.method == "full":
+        advice = " and ".join(flag for flag, on in (("--use-8bit-adam", args.use_8bit_adam),
+                                                    ("--gradient-checkpointing", args.gradient_checkpointing)) if not on)
+        warnings.warn(f"--method full on SDXL trains {n_trained / 1e9:.1f} B parameters, whose fp32 weights, gradients "
+                      f"and AdamW moments take {16 * n_trained / 2**30:.0f} GB of GPU memory before activations (8-bit "
+                      f"Adam: {10 * n_trained / 2**30:.0f} GB){f'; add {advice}' if advice else ''}, or train a LoRA "
+                      "(--method lora, SDXL's default).", stacklevel=3)
+    return problem(f"training at {resolution} px", max(step_bytes, drawing_bytes(model, resolution, resolution, batch=4)),
+                   0, device, "choose a smaller --resolution (or --use-8bit-adam on a GPU)")
