@@ -172,7 +172,34 @@ def disk_full_is_an_error(folder, needed_bytes, what, advice):
 
 def write_safetensors(path, tensors, metadata=None):
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(path, lambda tmp: _save_file(tensors, tmp, metadata))
+
+
+def _save_file(tensors, filename, metadata):
+    """safetensors' save_file, with a full disk raised as the OSError it is: safetensors reports it as
+    its own error ("I/O error: No space left on device (os error 28)"), which would escape the
+    handlers that turn a full disk into a sentence (disk_full_is_an_error)."""
+    try:
+        save_file(tensors, filename, metadata=metadata)
+    except SafetensorError as e:
+        for code in (errno.ENOSPC, errno.EDQUOT):
+            if f"(os error {code})" in str(e):
+                raise OSError(code, os.strerror(code), str(filename)) from None
+        raise
+
+
+def write_pickle(path, obj):
+    """torch.save(obj, path), with a full disk raised as the OSError it is. Given a path, torch.save's
+    writer reports a failed write as a RuntimeError ("unexpected pos"); given a file object, the
+    OSError comes first, and the writer's RuntimeError at closing hides it. (Not atomic: the caller
+    writes into a temporary folder. Read back with weights_only=True: tensors and plain values only.)"""
+    try:
+        with open(path, "wb") as f:
+            torch.save(obj, f)
+    except RuntimeError as e:
+        if isinstance(e.__context__, OSError):
+            raise e.__context__ from None
+        raise
 
 
 def write_json(path, obj):

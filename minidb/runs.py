@@ -18,9 +18,8 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
 
-from minidb.files import ModelFileError, fsync, read_tensors, write_safetensors
+from minidb.files import ModelFileError, fsync, read_tensors, write_pickle, write_safetensors
 
 RUNS = Path("runs")
 # Everything a run writes into its folder (hidden names are temporary files and the lock).
@@ -182,7 +181,7 @@ def save_state(folder, step, modules, extra, keep=1):
         tmp.mkdir(parents=True)
         for name, module in modules.items():
             write_safetensors(tmp / f"{name}.safetensors", {k: v.float() for k, v in module.state_dict().items()})
-        torch.save({"step": step, **extra}, tmp / "state.pt")
+        write_pickle(tmp / "state.pt", {"step": step, **extra})
         fsync(tmp / "state.pt")
         fsync(tmp)
     except BaseException:

@@ -7,6 +7,7 @@ import errno
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 
 import train
 from minidb import dreambooth, files, runs
@@ -142,7 +144,7 @@ def test_a_kill_at_any_instant_of_a_resave_leaves_one_complete_checkpoint(tmp_pa
     module = torch.nn.Linear(3, 2)
     folder = tmp_path / "checkpoints"
     calls = {"n": 0, "kill_at": None}
-    real = {"replace": os.replace, "rmtree": runs.shutil.rmtree, "write": runs.write_safetensors, "save": torch.save}
+    real = {"replace": os.replace, "rmtree": runs.shutil.rmtree, "write": runs.write_safetensors, "save": runs.write_pickle}
 
     def counted(name):
         def call(*args, **kwargs):
@@ -152,9 +154,9 @@ def test_a_kill_at_any_instant_of_a_resave_leaves_one_complete_checkpoint(tmp_pa
             return real[name](*args, **kwargs)
         return call
 
-    for name, target in (("replace", runs.os), ("rmtree", runs.shutil), ("write", runs), ("save", runs.torch)):
+    for name, target in (("replace", runs.os), ("rmtree", runs.shutil), ("write", runs), ("save", runs)):
         monkeypatch.setattr(target, {"replace": "replace", "rmtree": "rmtree", "write": "write_safetensors",
-                                     "save": "save"}[name], counted(name))
+                                     "save": "write_pickle"}[name], counted(name))
     runs.save_state(folder, 5, {"unet": module}, {"step_marker": torch.tensor(5)})
     n_calls = calls["n"]
     for kill_at in range(1, n_calls + 1):
@@ -180,23 +182,32 @@ def test_writes_are_fsynced_file_then_folder(tmp_path, monkeypatch):
 
 
 def fill_disk_on(monkeypatch, name):
-    """The next write of a file called `name` writes half of it, then finds the disk full."""
-    real = files.save_file
+    """The next write of a file called `name` finds the disk full. A safetensors file writes half of
+    itself, then fails as safetensors' save_file fails on a full disk (its own error, checked on a
+    2 MB tmpfs: "Error while serializing: I/O error: No space left on device (os error 28)"). The
+    checkpoint's state.pt is written by torch.save into /dev/full, where every write fails with ENOSPC."""
+    real_save, real_open = files.save_file, open
 
     def save_file(tensors, filename, metadata=None):
         if Path(filename).name.startswith(f".{name}."):
             Path(filename).write_bytes(b"half a file")
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(tensors, filename, metadata=metadata)
+            raise SafetensorError(f"Error while serializing: I/O error: No space left on device (os error {errno.ENOSPC})")
+        return real_save(tensors, filename, metadata=metadata)
+
+    def full_open(file, mode="r", *args, **kwargs):
+        return real_open("/dev/full" if Path(file).name == name and "w" in mode else file, mode, *args, **kwargs)
 
     monkeypatch.setattr(files, "save_file", save_file)
+    monkeypatch.setattr(files, "open", full_open, raising=False)
 
 
-def test_a_full_disk_keeps_the_last_checkpoint_leaves_no_debris_and_resumes(world, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("full_on", ["unet.safetensors", pytest.param("state.pt", marks=pytest.mark.skipif(
+    not (os.path.exists("/dev/full") and stat.S_ISCHR(os.stat("/dev/full").st_mode)), reason="needs /dev/full"))])
+def test_a_full_disk_keeps_the_last_checkpoint_leaves_no_debris_and_resumes(world, tmp_path, capsys, monkeypatch, full_on):
     out = tmp_path / "out"
     run(world, out, "--save-every", 2, steps=2)  # a finished 2-step run, then train it on to 4
     before = (out / "checkpoints" / "step-000002" / "unet.safetensors").read_bytes()
-    fill_disk_on(monkeypatch, "unet.safetensors")
+    fill_disk_on(monkeypatch, full_on)
     err = refused(capsys, base_args(world, out) + ["--steps", 4, "--resume", "--save-dtype", "fp32"])
     assert f"The disk holding {out} is full" in err and "MB are free" in err and "--resume" in err
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000002"]  # no half-written temp folder
