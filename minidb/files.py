@@ -166,8 +166,13 @@ def disk_full_is_an_error(folder, needed_bytes, what, advice):
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         free = shutil.disk_usage(next(p for p in (Path(folder), *Path(folder).parents) if p.exists())).free
-        raise DiskFull(f"The disk holding {folder} is full: {what} needs about {needed_bytes / 1e6:,.0f} MB and "
-                       f"{free / 1e6:,.0f} MB are free; free some space, then {advice}.") from None
+        raise DiskFull(f"The disk holding {folder} is full: {what} needs about {_size(needed_bytes)} and "
+                       f"{_size(free)} are free; free some space, then {advice}.") from None
+
+
+def _size(n):
+    """Bytes for a person: MB, or kB below one MB (a PNG's few kB are not '0 MB')."""
+    return f"{n / 1e6:,.0f} MB" if n >= 1e6 else f"{n / 1e3:,.0f} kB"
 
 
 def write_safetensors(path, tensors, metadata=None):

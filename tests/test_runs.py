@@ -217,6 +217,16 @@ def test_a_full_disk_keeps_the_last_checkpoint_leaves_no_debris_and_resumes(worl
     assert runs.latest_state(out / "checkpoints").name == "step-000004" and (out / "model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("needed,free,says", [(25_000, 4_000, "needs about 25 kB and 4 kB are free"),
+                                               (134_000_000, 63_000_000, "needs about 134 MB and 63 MB are free")])
+def test_a_full_disk_names_sizes_a_person_can_read(tmp_path, monkeypatch, needed, free, says):
+    # a PNG of a few kB was "about 0 MB" next to "0 MB free"
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - free, free))
+    with pytest.raises(files.DiskFull, match=says):
+        with files.disk_full_is_an_error(tmp_path, needed, "the next image", "draw again"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+
 def test_a_full_disk_during_the_export_leaves_no_temp_folder(world, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     fill_disk_on(monkeypatch, "diffusion_pytorch_model.safetensors")
