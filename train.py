@@ -45,7 +45,7 @@ from minidb.data import DataError, load_images
 from minidb.export import export
 from minidb.dreambooth import NewWord, class_prior, dreambooth_loss, min_snr_weights, pick_identifier, pick_new_word
 from minidb.fetch import default_model
-from minidb.files import DiskFull, ModelFileError, atomic_write, disk_full_is_an_error
+from minidb.files import DiskFull, ModelFileError, atomic_write, disk_full_is_an_error, room_problem
 from minidb.load import load
 from minidb.concepts import name_subjects, read_subjects
 from minidb.lora import LoRA
@@ -252,6 +252,10 @@ def train(args, out):
         sum(2 * p.numel() * export_dtypes[name].itemsize for name, m in parts.items() for p in m.parameters())
     disk_full = lambda: disk_full_is_an_error(out, needed_bytes, "the run (its checkpoint and model)",
                                               "continue with --resume (the last checkpoint is kept)")
+    problem = writes and room_problem(out, needed_bytes, "the run (its checkpoint and model)",
+                                      "free some space, or choose another --out")
+    if problem:
+        fail(problem)
 
     # Which photo and prior image each example shows, and its noise (minidb/loop.py): subjects take turns.
     latent_shape = (model.unet.cfg.in_channels, latent_side, latent_side)

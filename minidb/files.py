@@ -170,6 +170,15 @@ def disk_full_is_an_error(folder, needed_bytes, what, advice):
                        f"{_size(free)} are free; free some space, then {advice}.") from None
 
 
+def room_problem(folder, needed_bytes, what, advice):
+    """One sentence if the disk holding `folder` has less free than `what` needs, else None: checked
+    before the work starts, so that a long run does not find a full disk at its first checkpoint."""
+    free = shutil.disk_usage(folder).free
+    if free >= needed_bytes:
+        return None
+    return f"The disk holding {folder} has {_size(free)} free, but {what} needs about {_size(needed_bytes)}; {advice}."
+
+
 def _size(n):
     """Bytes for a person: MB, or kB below one MB (a PNG's few kB are not '0 MB')."""
     return f"{n / 1e6:,.0f} MB" if n >= 1e6 else f"{n / 1e3:,.0f} kB"

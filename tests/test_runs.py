@@ -227,6 +227,17 @@ def test_a_full_disk_names_sizes_a_person_can_read(tmp_path, monkeypatch, needed
             raise OSError(errno.ENOSPC, "No space left on device")
 
 
+def test_a_disk_without_room_for_the_run_is_refused_before_training(world, tmp_path, capsys, monkeypatch):
+    # The tiny model's checkpoint and export take about a megabyte; the disk has 1 kB free.
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    out = tmp_path / "out"
+    err = refused(capsys, base_args(world, out) + ["--steps", 4, "--save-dtype", "fp32"])
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert line.startswith(f"error: The disk holding {out} has 1 kB free, but the run (its checkpoint and model) "
+                           "needs about ") and line.endswith("; free some space, or choose another --out.")
+    assert not (out / "checkpoints").exists() and not (out / "log.jsonl").exists()
+
+
 def test_a_full_disk_during_the_export_leaves_no_temp_folder(world, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     fill_disk_on(monkeypatch, "diffusion_pytorch_model.safetensors")
