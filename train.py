@@ -240,7 +240,7 @@ def train(args, out):
             return context[inverse.to(device)], None if pooled is None else pooled[inverse.to(device)]
         return cached_text[0][which.to(device)], None if cached_text[1] is None else cached_text[1][which.to(device)]
 
-    optimizer = optimizer_for(trained, text_parts, args, device, word_lr=METHOD_LR["textual-inversion"])
+    optimizer = optimizer_for(trained, text_parts, args, device, word_default=METHOD_LR["textual-inversion"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(args.lr_schedule, args.warmup_steps, args.steps,
                                                                        lr=args.lr))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # fp16 gradients underflow unscaled

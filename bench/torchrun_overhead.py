@@ -87,7 +87,7 @@ def main():
                 "--steps", str(args.steps), "--method", args.method, "--class-images", "4", "--sample-steps", "2",
                 "--drift-images", "0", "--class-cache", str(tmp / "cache"), "--mixed-precision", precision,
                 "--validation-images", "1"]
-        train("python", [*argv[:argv.index("--steps") + 1], "1", *argv[argv.index("--steps") + 2:]], tmp / "warm")
+        train("python", [*argv, "--steps", "1"], tmp / "warm")  # fills the class cache (the last --steps counts)
         rows = []
         for r in range(args.rounds):
             order = ["python", "torchrun"] if r % 2 == 0 else ["torchrun", "python"]

@@ -91,12 +91,12 @@ class Examples:
         self.orders = {pool: (s["order"], s["taken"]) for pool, s in state.items()}
 
 
-def optimizer_for(trained, text_parts, args, device, word_lr):
+def optimizer_for(trained, text_parts, args, device, word_default):
     """AdamW with diffusers' DreamBooth settings over what trains, one learning rate per side: --lr for
     the UNet side (its weights or adapters), --text-encoder-lr (else --lr) for the text side, and for
-    a new word --text-encoder-lr, else `word_lr` (textual inversion's default), or under --method
+    a new word --text-encoder-lr, else `word_default` (textual inversion's rate), or under --method
     textual-inversion its --lr. 8-bit with --use-8bit-adam; on CUDA one fused kernel updates all."""
-    word_lr = args.lr if args.method == "textual-inversion" else args.text_encoder_lr or word_lr
+    word_lr = args.lr if args.method == "textual-inversion" else args.text_encoder_lr or word_default
     rates, params = {"unet": args.lr, "text": args.text_encoder_lr or args.lr, "word": word_lr}, {}
     for name, module in trained.items():
         for key, p in module.named_parameters():

@@ -18,7 +18,6 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-
 from minidb.files import ModelFileError, fsync, read_tensors, write_pickle, write_safetensors
 
 RUNS = Path("runs")
