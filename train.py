@@ -30,45 +30,27 @@ if __name__ == "__main__":  # Ctrl-C in the seconds torch takes to import: a sen
     signal.signal(signal.SIGINT, lambda *_: (print("\ninterrupted.", file=sys.stderr), os._exit(130)))
 
 import json
-import tempfile
 import time
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from minidb import distributed, memory, runs
-from minidb.cli import cpu_bf16, fail, run
+from minidb.cli import FinishTheStep, cpu_bf16, fail, run
 from minidb.data import DataError, load_images
-from minidb.export import export
+from minidb.export import DTYPES, disk_needed, export
 from minidb.dreambooth import NewWord, class_prior, dreambooth_loss, min_snr_weights, pick_identifier, pick_new_word
 from minidb.fetch import default_model
 from minidb.files import DiskFull, ModelFileError, atomic_write, disk_full_is_an_error, room_problem
 from minidb.load import load
 from minidb.concepts import name_subjects, read_subjects
 from minidb.lora import LoRA
-from minidb.loop import Examples, drift_score, lr_factor, optimizer_for
+from minidb.loop import Examples, PromptText, drift_score, lr_factor, optimizer_for, validation_grid
 from minidb.options import METHOD_LR, check, is_sdxl, parse_args, with_method_defaults
-from minidb.pipeline import DEFAULTS, added_conditioning, decode, encode_tokens, grid, sample_latents, token_ids
-from minidb.schedulers import NUM_TRAIN_TIMESTEPS, NoiseSchedule
-
-
-def run_folder(args):
-    """The folder this run writes to: --out, runs/latest on --resume, or a new runs/dreambooth-N."""
-    if args.out is not None:
-        out = Path(args.out)
-    elif args.resume:
-        out = (runs.RUNS / "latest").resolve()
-    else:
-        out = runs.new_run_folder()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out).close()
-    except OSError as e:
-        raise runs.RunError(f"Cannot write to --out {out} ({e.strerror}); choose another folder.") from None
-    return out
+from minidb.pipeline import DEFAULTS, added_conditioning
+from minidb.schedulers import NoiseSchedule
 
 
 def main(argv=None):
@@ -83,7 +65,7 @@ def main(argv=None):
         out = problem = None
         if rank == 0:  # one process owns the run folder; the others learn where it is, or why it cannot be
             try:
-                out = run_folder(args)
+                out = runs.run_folder(args.out, args.resume)
                 held.enter_context(runs.locked(out))
                 runs.check_folder(out, args.resume, args.overwrite)
             except runs.RunError as e:
@@ -141,10 +123,7 @@ def train(args, out):
     if problem:
         fail(problem)
     for subject in subjects:
-        print(f"subject: {subject.identifier} ({subject.class_name}), {len(subject.photos.pixels)} images at "
-              f"{resolution}px from {subject.images}, instance prompt {subject.instance_prompt!r}"
-              + (f" ({sum(c is not None for c in subject.photos.captions)} own captions)"
-                 if any(subject.photos.captions) else "") + f", class prompt {subject.class_prompt!r}")
+        print(subject.describe(resolution))
     identifier, instance_prompt, class_prompt = subjects[0].identifier, subjects[0].instance_prompt, subjects[0].class_prompt
     print(f"run folder: {out}\n{model.version} ({model.prediction_type}), {device}, mixed precision {precision}")
     rank, world = distributed.rank_and_world()
@@ -220,36 +199,16 @@ def train(args, out):
     model.unet.gradient_checkpointing = args.gradient_checkpointing
     for name in text_parts:
         parts[name].encoder.gradient_checkpointing = args.gradient_checkpointing and text_trains
-    ids = [token_ids(tokenizer, prompts, args.long_prompts).to(device)  # (P, 77), or (P, k, 77) for long prompts
-           for tokenizer in (model.tokenizer, model.tokenizer_2) if tokenizer is not None]
-
-    def encode_text(which):
-        """Prompts (indices into `prompts`) -> (context, pooled or None), as sample.py encodes them
-        (minidb/pipeline.py), but with gradients when text trains."""
-        return encode_tokens(model, *(i[which] for i in ids))
-
-    if not text_trains:
-        with torch.no_grad(), autocast:
-            cached_text = encode_text(torch.arange(len(prompts), device=device))
-
-    def text_for(which):
-        """The context and pooled vector of each example's prompt."""
-        if text_trains:
-            unique, inverse = which.unique(return_inverse=True)  # each prompt encoded once per micro-batch
-            context, pooled = encode_text(unique.to(device))
-            return context[inverse.to(device)], None if pooled is None else pooled[inverse.to(device)]
-        return cached_text[0][which.to(device)], None if cached_text[1] is None else cached_text[1][which.to(device)]
+    text_for = PromptText(model, prompts, args.long_prompts, text_trains, autocast, device)  # indices -> text
 
     optimizer = optimizer_for(trained, text_parts, args, device, word_default=METHOD_LR["textual-inversion"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(args.lr_schedule, args.warmup_steps, args.steps,
                                                                        lr=args.lr))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # fp16 gradients underflow unscaled
     schedule = NoiseSchedule(model.prediction_type)
-    # What a full disk would have to make room for: a checkpoint (weights and Adam's two moments,
-    # fp32) and the exported model, twice (the diffusers folder and the single file).
+    # What a full disk would have to make room for (minidb/export.py): checked now, and named if it fills.
     export_dtypes = {name: DTYPES[args.save_dtype] if args.save_dtype else base_dtypes[name] for name in parts}
-    needed_bytes = sum(12 * p.numel() for m in trained.values() for p in m.parameters()) + (args.method == "full") * \
-        sum(2 * p.numel() * export_dtypes[name].itemsize for name, m in parts.items() for p in m.parameters())
+    needed_bytes = disk_needed(trained, parts, export_dtypes, full=args.method == "full")
     disk_full = lambda: disk_full_is_an_error(out, needed_bytes, "the run (its checkpoint and model)",
                                               "continue with --resume (the last checkpoint is kept)")
     problem = writes and room_problem(out, needed_bytes, "the run (its checkpoint and model)",
@@ -276,10 +235,6 @@ def train(args, out):
         print(f"resuming from {path} at step {start}")
     if start >= args.steps:
         print(f"the run in {out} already reached step {start}; pass a larger --steps to continue it")
-    # the drift watch's fixed noise and timesteps, spread evenly over the schedule
-    drift_generator = torch.Generator().manual_seed(args.seed + DRIFT_SEED)
-    drift_noise = torch.randn((args.drift_images, *latent_shape), generator=drift_generator)
-    drift_t = torch.linspace(0, NUM_TRAIN_TIMESTEPS - 1, args.drift_images).round().long()
 
     def stop_if_not_finite(step, loss=None):
         """A NaN or infinite loss or weight poisons everything after it: stop before it is saved."""
@@ -313,33 +268,20 @@ def train(args, out):
             return
         rows = [[s.instance_prompt, s.new_scene, s.class_prompt] for s in subjects] + \
             ([[p.replace("[V]", identifier) for p in args.validation_prompt]] if args.validation_prompt else [])
-        model.unet.eval()
         with autocast:
-            images = [[decode(model, sample_latents(model, p, n=args.validation_images, steps=args.sample_steps,
-                                                    seed=args.seed, height=resolution, width=resolution, progress=False,
-                                                    long_prompts=args.long_prompts, **DEFAULTS[model.version])) for p in row]
-                      for row in rows]
-        model.unet.train()
-        cols = max(len(row) for row in rows) * args.validation_images
-        blank = Image.new("RGB", (resolution, resolution), "white")
-        tiles = [tile for row in images for tile in ([im for per_prompt in row for im in per_prompt] + [blank] * cols)[:cols]]
+            picture = validation_grid(model, rows, args.validation_images, args.sample_steps, args.seed, resolution,
+                                      args.long_prompts)
         path = out / "validation" / f"step-{step:06d}.png"
         with disk_full():
-            atomic_write(path, lambda tmp: grid(tiles, cols=cols).save(tmp, format="PNG"))
+            atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
             atomic_write(path.with_suffix(".txt"), lambda tmp: Path(tmp).write_text(
                 "".join(" | ".join(row) + "\n" for row in rows)))
 
     def drift():
-        """The drift score: the prior loss of the model as it is now on the held-out class images
-        (mean over their fixed noise and timesteps, over every class prompt)."""
-        if not drift_sets or not writes:
-            return None
-        model.unet.eval()
-        with torch.no_grad(), autocast:
-            score = sum(drift_score(model, schedule, latents, text_for(torch.full((len(latents),), prompts.index(p))),
-                                    drift_noise, drift_t, resolution) for p, latents in drift_sets.items())
-        model.unet.train()
-        return score / len(drift_sets)
+        """The drift score now (minidb/loop.py): the held-out class images' prior loss."""
+        if drift_sets and writes:
+            with autocast:
+                return drift_score(model, schedule, drift_sets, text_for, prompts, args.seed + DRIFT_SEED, resolution)
 
     # ---- the training loop ----
     log_path = out / "log.jsonl"
@@ -350,23 +292,6 @@ def train(args, out):
         if writes:
             atomic_write(out / "settings.json", lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=2)))
 
-    # Ctrl-C finishes the current step, then saves a checkpoint, so a resumed run is exactly the
-    # uninterrupted one. A second Ctrl-C quits at once.
-    stop = []
-
-    def on_interrupt(signum, frame):
-        # Under torchrun a Ctrl-C reaches every process twice (from the terminal, then passed on by the
-        # launcher), so there the second one is not "quit now": the launcher kills what does not stop.
-        if stop and not torchrun:
-            raise KeyboardInterrupt
-        if not stop and writes:
-            print("\nCtrl-C: saving a checkpoint after this step"
-                  + ("" if torchrun else " (press again to quit without saving)"), file=sys.stderr)
-        stop.append(signum)
-
-    torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-    previous_handler = signal.signal(signal.SIGINT, on_interrupt)
     @torch.no_grad()
     def crop_and_encode(subject, i, top, left):  # --random-crop: this example's square of the photo, encoded now
         return encode(subject.photos.whole[i][None, :, top:top + resolution, left:left + resolution])
@@ -405,6 +330,7 @@ def train(args, out):
 
     # Under torchrun, DistributedDataParallel averages the gradients of what trains over the processes.
     denoise = distributed.wrap(distributed.Step(trained, forward), device)
+    stop = FinishTheStep(announce=writes)  # Ctrl-C: this step ends, a checkpoint is saved (minidb/cli.py)
     if drift_base is None and start == 0:
         drift_base = drift()  # the frozen base model's figure: nothing has trained yet
     per_micro = args.batch_size * world  # examples in one micro-batch, over all processes
@@ -460,7 +386,7 @@ def train(args, out):
                 print(f"interrupted: saved {path}; continue with the same command plus --resume", file=sys.stderr)
             sys.exit(130)
     bar.close()
-    signal.signal(signal.SIGINT, previous_handler)
+    stop.restore()
 
     # ---- save the result: the files each method gives ----
     last = max(args.steps, start)
@@ -477,7 +403,6 @@ def train(args, out):
     distributed.barrier()
 
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 DRIFT_SEED = 10**6  # the drift watch draws its class images with --seed + this: never the trained ones
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ ends it with exit code 130, the shell's code for SIGINT.
 
 import argparse
 import math
+import os
 import re
 import signal
 import sys
@@ -96,6 +97,32 @@ def cpu_bf16():
 def fail(message, code=2):
     print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
+
+
+class FinishTheStep:
+    """Ctrl-C during training: let the current step finish, then save a checkpoint, so that a resumed
+    run is exactly the uninterrupted one. True once asked. A second Ctrl-C quits at once, except under
+    torchrun: there a Ctrl-C reaches every process twice (from the terminal, then passed on by the
+    launcher), and the launcher itself kills what does not stop."""
+
+    def __init__(self, announce=True):
+        self.asked, self.announce = False, announce
+        self.torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+        self.previous = signal.signal(signal.SIGINT, self._on_ctrl_c)
+
+    def _on_ctrl_c(self, signum, frame):
+        if self.asked and not self.torchrun:
+            raise KeyboardInterrupt
+        if not self.asked and self.announce:
+            print("\nCtrl-C: saving a checkpoint after this step"
+                  + ("" if self.torchrun else " (press again to quit without saving)"), file=sys.stderr)
+        self.asked = True
+
+    def __bool__(self):
+        return self.asked
+
+    def restore(self):
+        signal.signal(signal.SIGINT, self.previous)
 
 
 def run(main, interrupted="interrupted."):

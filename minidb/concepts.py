@@ -37,6 +37,13 @@ class Subject:
         """A context the photos never show: the validation grid's test of recontextualization."""
         return f"a photo of a {self.identifier} {self.class_name} on the beach"
 
+    def describe(self, resolution):
+        """The line train.py prints for this subject at the start."""
+        own = (f" ({sum(c is not None for c in self.photos.captions)} own captions)"
+               if any(self.photos.captions) else "")
+        return (f"subject: {self.identifier} ({self.class_name}), {len(self.photos.pixels)} images at {resolution}px "
+                f"from {self.images}, instance prompt {self.instance_prompt!r}{own}, class prompt {self.class_prompt!r}")
+
     def prompt_of(self, i):
         """The prompt photo i trains with: its own caption, else the instance prompt."""
         caption = self.photos.captions[i]

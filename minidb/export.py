@@ -5,10 +5,23 @@ draws with them, how AUTOMATIC1111, ComfyUI and diffusers load them, and the run
 import json
 from pathlib import Path
 
-from minidb.dreambooth import plot_losses
+import torch
+
+from minidb.plot import plot_losses
 from minidb.files import atomic_write, replace_folder
 from minidb.lora import save_kohya
 from minidb.save import save_diffusers, save_single_file
+
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # --save-dtype
+
+
+def disk_needed(trained, parts, dtypes, full):
+    """Bytes a run will write, at most: a checkpoint (what trains, and Adam's two moments, all fp32) and,
+    when the whole model is exported, each part in its export dtype twice (the diffusers folder and the
+    single file)."""
+    return sum(12 * p.numel() for m in trained.values() for p in m.parameters()) + full * sum(
+        2 * p.numel() * dtypes[name].itemsize for name, m in parts.items() for p in m.parameters())
 
 
 def export(args, settings, out, model, parts, trained, subjects, steps, dtypes):

@@ -1,5 +1,6 @@
 """The machinery of train.py's loop, so that the loop itself reads as the story: which examples each
-step takes, with which random draws; the optimizer and its learning-rate schedule; the drift score.
+step takes, with which random draws; the optimizer and its learning-rate schedule; the prompts' text;
+the validation grid; the drift score.
 
 Examples. A step trains on --batch-size subject examples and as many class-prior examples, in
 --grad-accum micro-batches, across the processes of a torchrun launch. Every process draws the
@@ -16,8 +17,9 @@ per pass (the orders are saved, so a resumed run continues them exactly).
 import math
 
 import torch
+from PIL import Image
 
-from minidb.pipeline import added_conditioning
+from minidb.pipeline import DEFAULTS, added_conditioning, decode, encode_tokens, grid, sample_latents, token_ids
 from minidb.schedulers import NUM_TRAIN_TIMESTEPS
 
 SCHEDULES = ("constant", "cosine", "linear", "polynomial")
@@ -109,18 +111,67 @@ def optimizer_for(trained, text_parts, args, device, word_default):
     return torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8, fused=torch.device(device).type == "cuda")
 
 
-def drift_score(model, schedule, latents, text, noise, t, resolution, batch=4):
-    """The prior-preservation loss of `model` on class-prior latents it never trained on, with fixed
-    noise and timesteps: it rises as "a dog" turns into *this* dog. `text` is (context, pooled) of the
-    class prompt, one row per latent. Mean over the latents, in fp32."""
-    total = 0.0
-    for k in range(0, len(latents), batch):
-        device = next(model.unet.parameters()).device
-        x0, n, step = (v[k:k + batch].to(device) for v in (latents, noise, t))
-        context, pooled = (None if v is None else v[k:k + batch] for v in text)
-        y = None if pooled is None else torch.cat([
-            added_conditioning(pooled[j:j + 1], (resolution, resolution), (0, 0), (resolution, resolution))
-            for j in range(len(x0))])
-        pred = model.unet(schedule.add_noise(x0, n, step), step, context, y)
-        total += (pred.float() - schedule.target(x0, n, step).float()).square().mean(dim=(1, 2, 3)).sum().item()
-    return total / len(latents)
+class PromptText:
+    """The text side of every prompt the run trains with: prompt indices -> (context, pooled or None),
+    as sample.py encodes them (minidb/pipeline.py). Encoded once and kept when the text side is frozen;
+    when it trains, each micro-batch's prompts are encoded afresh, each prompt once, with gradients."""
+
+    def __init__(self, model, prompts, long_prompts, trains, autocast, device):
+        self.model, self.trains, self.device = model, trains, device
+        self.ids = [token_ids(tokenizer, prompts, long_prompts).to(device)  # (P, 77), or (P, k, 77) when long
+                    for tokenizer in (model.tokenizer, model.tokenizer_2) if tokenizer is not None]  # SDXL: two
+        if not trains:
+            with torch.no_grad(), autocast:
+                self.kept = self.encode(torch.arange(len(prompts), device=device))
+
+    def encode(self, which):
+        return encode_tokens(self.model, *(ids[which] for ids in self.ids))
+
+    def __call__(self, which):
+        if self.trains:
+            unique, inverse = which.unique(return_inverse=True)
+            context, pooled = self.encode(unique.to(self.device))
+        else:
+            (context, pooled), inverse = self.kept, which
+        inverse = inverse.to(self.device)
+        return context[inverse], None if pooled is None else pooled[inverse]
+
+
+def validation_grid(model, rows, n, steps, seed, resolution, long_prompts):
+    """The validation picture: a row per list of prompts, `n` seeds per prompt, each drawn as sample.py
+    draws by default (DDIM at 7.5, SDXL Euler at 5.0); a short row is padded with white."""
+    model.unet.eval()
+    images = [[decode(model, sample_latents(model, p, n=n, steps=steps, seed=seed, height=resolution, width=resolution,
+                                            progress=False, long_prompts=long_prompts, **DEFAULTS[model.version]))
+               for p in row] for row in rows]
+    model.unet.train()
+    cols = max(len(row) for row in rows) * n
+    blank = Image.new("RGB", (resolution, resolution), "white")
+    return grid([tile for row in images for tile in ([im for per_prompt in row for im in per_prompt] + [blank] * cols)[:cols]],
+                cols=cols)
+
+
+@torch.no_grad()
+def drift_score(model, schedule, sets, text_for, prompts, seed, resolution, batch=4):
+    """The drift score: the prior-preservation loss of `model` as it is now, on class-prior latents it
+    never trained on (`sets`: class prompt -> latents), with fixed noise (drawn from `seed`) and
+    timesteps spread evenly over the schedule. It rises as "a dog" turns into *this* dog. The mean over
+    the latents of each class prompt, then over the prompts, in fp32; `text_for` as PromptText."""
+    model.unet.eval()
+    device = next(model.unet.parameters()).device
+    scores = []
+    for prompt, latents in sets.items():
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
+        t = torch.linspace(0, NUM_TRAIN_TIMESTEPS - 1, len(latents)).round().long()
+        context, pooled = text_for(torch.full((len(latents),), prompts.index(prompt)))
+        total = 0.0
+        for k in range(0, len(latents), batch):
+            x0, n, step = (v[k:k + batch].to(device) for v in (latents, noise, t))
+            y = None if pooled is None else torch.cat([
+                added_conditioning(pooled[k + j:k + j + 1], (resolution, resolution), (0, 0), (resolution, resolution))
+                for j in range(len(x0))])
+            pred = model.unet(schedule.add_noise(x0, n, step), step, context[k:k + batch], y)
+            total += (pred.float() - schedule.target(x0, n, step).float()).square().mean(dim=(1, 2, 3)).sum().item()
+        scores.append(total / len(latents))
+    model.unet.train()
+    return sum(scores) / len(scores)

@@ -15,6 +15,7 @@
 import json
 import os
 import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -51,6 +52,23 @@ def new_run_folder(root=RUNS, name="dreambooth"):
     folder = root / f"{name}-{n}"
     folder.mkdir(parents=True)
     point_latest(root, folder)
+    return folder
+
+
+def run_folder(out, resume):
+    """The folder a run writes to: `out` (--out) if given, runs/latest on --resume, else a new
+    runs/dreambooth-N; made, and checked writable."""
+    if out is not None:
+        folder = Path(out)
+    elif resume:
+        folder = (RUNS / "latest").resolve()
+    else:
+        folder = new_run_folder()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise RunError(f"Cannot write to --out {folder} ({e.strerror}); choose another folder.") from None
     return folder
 
 

@@ -20,7 +20,7 @@ from PIL import Image
 from safetensors import SafetensorError
 
 import train
-from minidb import dreambooth, files, runs
+from minidb import files, plot, runs
 from minidb.load import load
 from test_bad_input import Payload
 from test_train import ROOT, run, world  # noqa: F401  (world is a fixture)
@@ -425,20 +425,20 @@ def test_frozen_parts_are_exported_bit_identical_in_the_base_dtype(world, tmp_pa
 
 
 def test_loss_plot_pieces():
-    assert dreambooth.ema([4.0, 4.0, 4.0], span=9) == [4.0, 4.0, 4.0]  # bias-corrected: no pull towards 0
+    assert plot.ema([4.0, 4.0, 4.0], span=9) == [4.0, 4.0, 4.0]  # bias-corrected: no pull towards 0
     a = 2 / (3 + 1)
-    assert dreambooth.ema([0.0, 1.0], span=3)[1] == pytest.approx(a / (1 - (1 - a) ** 2))
-    assert dreambooth.nice_ticks(0, 0.23) == pytest.approx([0, 0.05, 0.1, 0.15, 0.2])
-    assert dreambooth.nice_ticks(1, 800) == pytest.approx([200, 400, 600, 800])
+    assert plot.ema([0.0, 1.0], span=3)[1] == pytest.approx(a / (1 - (1 - a) ** 2))
+    assert plot.nice_ticks(0, 0.23) == pytest.approx([0, 0.05, 0.1, 0.15, 0.2])
+    assert plot.nice_ticks(1, 800) == pytest.approx([200, 400, 600, 800])
 
 
 def test_loss_plot_draws_both_smoothed_curves(tmp_path):
     g = torch.Generator().manual_seed(0)
     rows = [{"step": s + 1, "instance_loss": 0.3 + 0.2 * torch.rand(1, generator=g).item() * (s % 7 == 0),
              "prior_loss": 0.1 + 0.001 * s} for s in range(200)]
-    dreambooth.plot_losses(rows, tmp_path / "loss.png")
+    plot.plot_losses(rows, tmp_path / "loss.png")
     image = Image.open(tmp_path / "loss.png").convert("RGB")
     pixels = {image.getpixel((x, y)) for x in range(image.width) for y in range(image.height)}
-    for _, color in dreambooth.SERIES.values():
+    for _, color in plot.SERIES.values():
         assert color in pixels  # the moving average
         assert tuple(c + (255 - c) // 2 for c in color) in pixels  # the raw points, faint
