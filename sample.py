@@ -37,7 +37,7 @@ from minidb.fetch import DEFAULT_MODEL, default_model, how_to_get_weights
 from minidb.files import DiskFull, ModelFileError, disk_full_is_an_error
 from minidb.info import HELP as MODEL_HELP
 from minidb.load import load
-from minidb.lora import merge_lora
+from minidb.lora_files import merge_lora
 from minidb.pipeline import DEFAULTS, SAMPLER_NAMES, SAMPLERS, bf16_for_autocast, decode, grid, sample_latents
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -14,7 +14,7 @@ import torch
 from minidb.cli import path_and_scale
 from minidb.files import ModelFileError, replace_folder
 from minidb.load import load
-from minidb.lora import merge_lora
+from minidb.lora_files import merge_lora
 from minidb.save import save_diffusers, save_single_file
 
 HELP = """\

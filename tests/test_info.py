@@ -125,7 +125,8 @@ def test_unusable_metadata_is_an_error_not_a_description(tiny_file, tmp_path, ca
 
 
 def test_merge_lora_writes_the_base_plus_the_lora(tiny_file, tmp_path, capsys):
-    from minidb.lora import LoRA, merge_lora, save_kohya
+    from minidb.lora import LoRA, save_kohya
+    from minidb.lora_files import merge_lora
     model = load(tiny_file)
     lora = LoRA(model, rank=2)
     with torch.no_grad():

@@ -26,7 +26,8 @@ from conftest import assert_close, diffusers
 from minidb import text_encoder as te, unet as un
 from minidb.files import ModelFileError
 from minidb.load import load
-from minidb.lora import LoRA, merge_lora, naming, read_lora, save_kohya
+from minidb.lora import LoRA, naming, save_kohya
+from minidb.lora_files import merge_lora, read_lora
 from minidb.pipeline import decode, sample_latents
 from minidb.save import save_single_file
 from test_bad_input import one_sentence

@@ -408,7 +408,7 @@ def addnet_hash(path):
 
 def test_lora_is_merged_and_recorded_as_a1111_does(models, adapters, tmp_path):
     from minidb.load import load
-    from minidb.lora import merge_lora
+    from minidb.lora_files import merge_lora
     from minidb.pipeline import decode, sample_latents
     lora, _ = adapters
     r = sample("--model", models[1], "--prompt", "a red ball", "--lora", f"{lora}:0.5", "--steps", "3", "--seed", "9",

@@ -28,7 +28,8 @@ from minidb import text_encoder as te, unet as un
 from minidb.dreambooth import NewWord
 from minidb.files import ModelFileError
 from minidb.load import load
-from minidb.lora import LoRA, merge_lora, save_kohya
+from minidb.lora import LoRA, save_kohya
+from minidb.lora_files import merge_lora
 from minidb.options import is_sdxl, parse_args, with_method_defaults
 from minidb.pipeline import encode_prompt
 from minidb.save import save_single_file

@@ -209,7 +209,7 @@ def load_run(folder):
     """(model, identifier) of a train.py run, whatever its method: its exported model, or the base model
     with the run's LoRA merged and its new word attached."""
     from minidb.dreambooth import NewWord
-    from minidb.lora import merge_lora
+    from minidb.lora_files import merge_lora
     folder = Path(folder)
     settings = json.loads((folder / "settings.json").read_text())
     full = settings.get("method", "full") == "full"

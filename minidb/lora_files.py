@@ -1,0 +1,222 @@
+"""LoRA files from elsewhere, read strictly and merged into the weights: what `sample.py --lora` and
+`python -m minidb.info --merge-lora` use. The adapters themselves and kohya's names are in minidb/lora.py.
+
+Tools name the same layers in different ways, and `read_lora` takes each of them (kohya's, above all):
+    lora_unet_input_blocks_1_1_proj_in.lora_down.weight         ComfyUI: the original path
+    unet.down_blocks.0.attentions.0.proj_in.lora_A.weight        diffusers / PEFT: lora_A down, lora_B up
+    text_encoder.text_model.encoder.layers.0.mlp.fc1.lora_A.weight   (text_model. only before transformers 5;
+                                                                      SDXL's second: text_encoder_2.)
+    unet.<path>.lora.down.weight, <path>.processor.to_q_lora.down.weight,
+    text_encoder.<path>.lora_linear_layer.down.weight               older diffusers files
+diffusers keeps alpha in the file's metadata (`lora_adapter_metadata`: lora_alpha, alpha_pattern, as
+PEFT's LoraConfig) rather than in `alpha` tensors; with neither, alpha = rank.
+
+A file is refused in one sentence, before any weight changes, when a tensor finds no layer, a shape
+does not fit, it was made for another model family, or it is another adapter kind (LoHa, LoKr, DoRA).
+
+Legend: r rank, O/I a layer's output/input channels, k its kernel size.
+"""
+
+import json
+import math
+import re
+
+import torch
+
+from minidb.files import ModelFileError, read_tensors
+from minidb.lora import UNET, naming, text_parts
+
+# (end of a key, what it holds); the part before it names the layer. Mutually exclusive endings.
+SUFFIXES = [(".lora_down.weight", "down"), (".lora_up.weight", "up"), (".alpha", "alpha"),  # kohya
+            (".lora_A.weight", "down"), (".lora_B.weight", "up"),  # PEFT, diffusers
+            (".lora.down.weight", "down"), (".lora.up.weight", "up"),  # older diffusers ...
+            (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"),
+            ("_lora.down.weight", "down"), ("_lora.up.weight", "up")]  # ... attention processors: to_q_lora
+# Other adapter kinds (LyCORIS, DoRA): an update that is not up @ down.
+OTHER_KINDS = {"hada_w": "LoHa", "lokr_w": "LoKr", "lora_mid": "Tucker-decomposed LoCon", "dora_scale": "DoRA",
+               "lora_magnitude_vector": "DoRA", "oft_": "OFT", "diff": "full-difference", "diff_b": "full-difference"}
+FULL_MODEL = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conv_in.", "encoder.conv_in.")
+
+
+def _split(key):
+    """'<layer>.lora_down.weight' -> ('<layer>', 'down'); None for keys of no LoRA layout."""
+    for end, role in SUFFIXES:
+        if key.endswith(end):
+            name = key[: -len(end)]
+            if end.startswith("_lora"):  # x.attn1.processor.to_out -> x.attn1.to_out.0; CLIP: to_q -> q_proj
+                name = name.replace(".processor.", ".")
+                name = re.sub(r"self_attn\.to_(q|k|v|out)$", r"self_attn.\1_proj", name)
+                name = re.sub(r"\.to_out$", ".to_out.0", name)
+            return name, role
+    return None
+
+
+def _aliases(model):
+    """Every name a file may give a layer -> (part, minidb name, diffusers path)."""
+    aliases = {}
+    for kohya, (part, name, path) in naming(model).items():
+        if part == "unet":  # kohya's SD and SDXL names (the original path's is ComfyUI's too), diffusers with and
+            # without the unet. prefix
+            names = [kohya, UNET + path.replace(".", "_"), UNET + name.replace(".", "_"), "unet." + path, path]
+        else:  # text_encoder. or SDXL's text_encoder_2.
+            names = [kohya, f"{part}.{path}", f"{part}.{name}"]
+        aliases.update(dict.fromkeys(names, (part, name, path)))
+    return aliases
+
+
+def _made_for(tensors, metadata):
+    """Which model family a LoRA was made for, from kohya's metadata or else its shapes; None if unsure."""
+    version, v2 = metadata.get("ss_base_model_version", ""), metadata.get("ss_v2")
+    for prefix, family in (("sdxl", "SDXL"), ("sd_v2", "SD 2.x"), ("sd_v1", "SD 1.x")):
+        if version.startswith(prefix):
+            return family
+    if v2 in ("True", "False"):
+        return "SD 2.x" if v2 == "True" else "SD 1.x"
+    if any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for k in tensors):
+        return "SDXL"
+    context = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}  # the text width attn2's to_k / to_v read
+    downs = [(split[0], t) for key, t in tensors.items() if (split := _split(key)) and split[1] == "down" and t.ndim >= 2]
+    for name, t in downs:
+        if re.search(r"attn2[._]to_[kv]$", name) and t.shape[1] in context:
+            return context[t.shape[1]]
+    if any(re.search(r"transformer_blocks[._][1-9]", name) for name, _ in downs):  # SD 1.x / 2.x: depth 1
+        return "SDXL"
+    for name, t in downs:
+        if re.search(r"proj_(in|out)$", name):  # 1x1 convs in SD 1.x, Linear from SD 2.x on
+            return "SD 1.x" if t.ndim == 4 else "SD 2.x"
+    return None
+
+
+def _check_family(path, model, tensors, metadata):
+    """Refuse a LoRA that says, or whose shapes show, that it was made for another model family."""
+    family = _made_for(tensors, metadata)
+    if family and family != model.version:
+        raise ModelFileError(f"{path} is a LoRA for {family}, but the model is {model.version}; "
+                             f"apply it to an {family} model.")
+
+
+def _fail(path, model, tensors, metadata, problem):
+    """One sentence for a file that does not fit the model: the family if that is why, else `problem`."""
+    _check_family(path, model, tensors, metadata)
+    raise ModelFileError(f"{path} {problem}.")
+
+
+def _first(items, n=3):
+    return ", ".join(items[:n]) + (", ..." if len(items) > n else "")
+
+
+def _peft_scale(settings, part, name_in_file, rank):
+    """alpha / rank as PEFT's LoraConfig in diffusers' metadata says, for one layer (alpha = rank if none)."""
+    get = lambda key, default=None: settings.get(f"{part}.{key}", default)  # noqa: E731
+    alpha = get("lora_alpha", rank)
+    for pattern, value in (get("alpha_pattern") or {}).items():  # matched as PEFT's get_pattern_key does
+        if re.match(rf"(.*\.)?({pattern})$", name_in_file):
+            alpha = value
+            break
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        return None
+    return alpha / (math.sqrt(rank) if get("use_rslora") else rank)  # rsLoRA: alpha / sqrt(r)
+
+
+def _read(path, model):
+    """The file's adapters, each checked against its layer -> [(part, layer, down, up, alpha / rank)]."""
+    tensors, metadata = read_tensors(path)
+    if isinstance(tensors.get("state_dict"), dict):  # a training checkpoint
+        tensors = tensors["state_dict"]
+    tensors = {k: t for k, t in tensors.items() if isinstance(t, torch.Tensor)}
+    if not any(_split(k) and _split(k)[1] != "alpha" for k in tensors):
+        if any(k.startswith(FULL_MODEL) for k in tensors):
+            raise ModelFileError(f"{path} is a full model checkpoint, not a LoRA; load it as the base model instead.")
+        raise ModelFileError(f"{path} holds no LoRA tensors (lora_down/lora_up or lora_A/lora_B), so it is not a LoRA.")
+    for key in tensors:
+        kind = re.search(r"\.(hada_w|lokr_w|lora_mid|dora_scale|lora_magnitude_vector|oft_|diff$|diff_b$)", key)
+        if kind:
+            raise ModelFileError(f"{path} is a {OTHER_KINDS[kind[1]]} adapter ({key}), which minidb does not read; "
+                                 "it reads plain LoRA and LoCon files.")
+    _check_family(path, model, {}, metadata)  # what kohya's metadata says
+
+    aliases, layers, unknown = _aliases(model), {}, []
+    for key in sorted(tensors):
+        split = _split(key)
+        layer = aliases.get(split[0]) if split else None
+        if layer is None:
+            unknown.append(key)
+            continue
+        held = layers.setdefault(layer, {})
+        if split[1] in held:
+            _fail(path, model, tensors, metadata, f"names the layer {layer[2]} twice ({held[split[1]][0]} and {key})")
+        held[split[1]] = (key, split[0])
+    if unknown:
+        _fail(path, model, tensors, metadata, f"has {len(unknown)} tensor{'s' * (len(unknown) > 1)} matching "
+              f"no layer of this {model.version} model ({_first(unknown)}); it was made for another model, or by a "
+              "tool whose names minidb does not know")
+    settings, adapters = _peft_settings(path, metadata), []
+    for (part, name, ref), held in layers.items():
+        if "down" not in held or "up" not in held:
+            has, lacks = ("down", "up") if "down" in held else ("up" if "up" in held else "alpha", "down")
+            _fail(path, model, tensors, metadata, f"has {held[has][0]} without its {lacks} weight, so the file is incomplete")
+        layer = getattr(model, part).get_submodule(name)
+        (down_key, name_in_file), (up_key, _) = held["down"], held["up"]
+        down, up, w = tensors[down_key], tensors[up_key], layer.weight
+        rank = down.shape[0] if down.ndim else 0
+        kernel = (1, 1) if w.ndim == 4 else ()  # a conv's up is 1x1; its down has the layer's kernel
+        if rank == 0 or down.shape != (rank, *w.shape[1:]) or up.shape != (w.shape[0], rank, *kernel):
+            _fail(path, model, tensors, metadata, f"has {down_key} of shape {tuple(down.shape)} and {up_key} of "
+                  f"shape {tuple(up.shape)}, which do not fit the layer {ref} of shape {tuple(w.shape)}")
+        if "alpha" in held:
+            alpha_key = held["alpha"][0]
+            if tensors[alpha_key].numel() != 1:
+                _fail(path, model, tensors, metadata, f"has {alpha_key} of shape {tuple(tensors[alpha_key].shape)} "
+                      "where one number belongs")
+            scale = tensors[alpha_key].item() / rank
+        else:
+            scale = _peft_scale(settings, part, name_in_file.removeprefix(f"{part}."), rank)
+            if scale is None:
+                _fail(path, model, tensors, metadata, f"has lora_adapter_metadata whose {part} lora_alpha for "
+                      f"{name_in_file} is not a number")
+        adapters.append((part, layer, down, up, scale))
+    return adapters
+
+
+def _peft_settings(path, metadata):
+    """diffusers' `lora_adapter_metadata`: a JSON object of LoraConfig fields prefixed with unet. / text_encoder."""
+    raw = metadata.get("lora_adapter_metadata")
+    if raw is None:
+        return {}
+    try:
+        settings = json.loads(raw)
+    except json.JSONDecodeError:
+        settings = None
+    if not isinstance(settings, dict):
+        raise ModelFileError(f"{path} has lora_adapter_metadata that is not a JSON object of LoRA settings; "
+                             "the file is damaged, so download or export it again.")
+    return settings
+
+
+def _delta(layer, down, up, scale):
+    """The layer's fp32 weight update: (O, r) @ (r, I*k*k) -> (O, I[, k, k]), times alpha / rank."""
+    w = layer.weight
+    up, down = (t.to(device=w.device, dtype=torch.float32) for t in (up, down))
+    return (up.flatten(1) @ down.flatten(1)).reshape(w.shape) * scale
+
+
+def read_lora(path, model):
+    """A LoRA file -> [(layer, fp32 weight update at scale 1)], strictly: every tensor must find its layer
+    with fitting shapes, or one sentence (ModelFileError) says what does not."""
+    return [(layer, _delta(layer, down, up, scale)) for _, layer, down, up, scale in _read(path, model)]
+
+
+def merge_lora(model, path, scale=1.0):
+    """W += scale * update for every layer the LoRA file adapts, in fp32, cast back to the layer's dtype.
+    The model then samples exactly as fast as without. Returns {part: number of layers merged}, the parts
+    being unet, text_encoder and SDXL's text_encoder_2."""
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"The LoRA scale must be a finite number, not {scale!r}.")
+    adapters = _read(path, model)  # everything is checked before any weight changes
+    merged = dict.fromkeys(["unet", *text_parts(model)], 0)
+    with torch.no_grad():
+        for part, layer, down, up, s in adapters:  # one update in memory at a time
+            w = layer.weight
+            w.copy_((w.float() + scale * _delta(layer, down, up, s)).to(w.dtype))
+            merged[part] += 1
+    return merged
