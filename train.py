@@ -47,7 +47,7 @@ from minidb.files import DiskFull, ModelFileError, atomic_write, disk_full_is_an
 from minidb.load import load
 from minidb.concepts import name_subjects, read_subjects
 from minidb.lora import LoRA
-from minidb.loop import Examples, PromptText, drift_score, lr_factor, optimizer_for, validation_grid
+from minidb.loop import Examples, PromptText, assemble, drift_score, lr_factor, optimizer_for, validation_grid
 from minidb.options import METHOD_LR, check, is_sdxl, parse_args, with_method_defaults
 from minidb.pipeline import DEFAULTS, added_conditioning
 from minidb.schedulers import NoiseSchedule
@@ -292,34 +292,8 @@ def train(args, out):
         if writes:
             atomic_write(out / "settings.json", lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=2)))
 
-    @torch.no_grad()
-    def crop_and_encode(subject, i, top, left):  # --random-crop: this example's square of the photo, encoded now
+    def crop_encode(subject, i, top, left):  # --random-crop: this example's square of the photo, encoded now
         return encode(subject.photos.whole[i][None, :, top:top + resolution, left:left + resolution])
-
-    def assemble(batch):
-        """Examples -> x0, noise, t, prompt indices and SDXL sizes: the subject examples first, then their
-        class-prior examples (the order dreambooth_loss expects)."""
-        x0, noise, t, which, sizes = [], [], [], [], []
-        for part in ("photo", "prior"):
-            for example in (e for e in batch if e.get(part) is not None):
-                subject, i = subjects[example["subject"]], example[part]
-                if part == "prior":
-                    means, stds, prior_sizes = priors[subject.class_prompt]
-                    mean, std, size, prompt = means[i], stds[i], prior_sizes[i], prompts.index(subject.class_prompt)
-                elif args.random_crop:
-                    (mean, std), size = crop_and_encode(subject, i, *example["crop"]), (
-                        subject.photos.original_sizes[i], example["crop"])
-                    mean, std, prompt = mean[0], std[0], subject.prompt_ids[i]
-                else:
-                    mean, std, size, prompt = subject.mean[i], subject.std[i], subject.sizes[i], subject.prompt_ids[i]
-                eps, n, step_t = example[part + "_draws"]
-                x0.append((mean + std * eps) * scale)  # a VAE sample, scaled
-                noise.append(n)
-                t.append(step_t)
-                which.append(prompt)
-                sizes.append(size)
-        return torch.stack(x0).to(device), torch.stack(noise).to(device), torch.stack(t).to(device), \
-            torch.tensor(which), sizes
 
     def forward(x_t, t, which, sizes):
         """The denoiser's prediction for a micro-batch: its prompts' text, SDXL's added conditioning, the UNet."""
@@ -343,7 +317,8 @@ def train(args, out):
             # every process draws the whole micro-batch's examples and keeps its own share (minidb/loop.py)
             batch = examples.draw((step * args.grad_accum + micro) * per_micro, per_micro, latent_shape,
                                   args.offset_noise)[rank * args.batch_size:(rank + 1) * args.batch_size]
-            x0, noise, t, which, sizes = assemble(batch)
+            x0, noise, t, which, sizes = assemble(batch, subjects, priors, prompts, scale, device,
+                                                  crop_encode if args.random_crop else None)
             x_t = schedule.add_noise(x0, noise, t)
             target = schedule.target(x0, noise, t)  # ε, or v for v-prediction models
             last = micro == args.grad_accum - 1  # DDP averages the gradients across processes once, at the end

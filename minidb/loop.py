@@ -1,6 +1,6 @@
 """The machinery of train.py's loop, so that the loop itself reads as the story: which examples each
-step takes, with which random draws; the optimizer and its learning-rate schedule; the prompts' text;
-the validation grid; the drift score.
+step takes, with which random draws, and as which tensors; the prompts' text; the optimizer and its
+learning-rate schedule; the validation grid; the drift score.
 
 Examples. A step trains on --batch-size subject examples and as many class-prior examples, in
 --grad-accum micro-batches, across the processes of a torchrun launch. Every process draws the
@@ -91,6 +91,35 @@ class Examples:
 
     def load(self, state):
         self.orders = {pool: (s["order"], s["taken"]) for pool, s in state.items()}
+
+
+def assemble(batch, subjects, priors, prompts, scale, device, crop_encode=None):
+    """Drawn examples -> x0, noise, t, prompt indices and SDXL sizes (each example's size as taken and
+    its crop), the subject examples first, then their class-prior examples (the order dreambooth_loss
+    expects). A subject carries its photos' VAE Gaussians (.mean, .std), .sizes and .prompt_ids;
+    `priors` maps a class prompt to (means, stds, sizes) of its images. With --random-crop,
+    `crop_encode(subject, photo, top, left)` encodes the example's square of the photo."""
+    x0, noise, t, which, sizes = [], [], [], [], []
+    for part in ("photo", "prior"):
+        for example in (e for e in batch if e.get(part) is not None):
+            subject, i = subjects[example["subject"]], example[part]
+            if part == "prior":
+                means, stds, prior_sizes = priors[subject.class_prompt]
+                mean, std, size, prompt = means[i], stds[i], prior_sizes[i], prompts.index(subject.class_prompt)
+            elif crop_encode:
+                (mean, std), size = crop_encode(subject, i, *example["crop"]), (
+                    subject.photos.original_sizes[i], example["crop"])
+                mean, std, prompt = mean[0], std[0], subject.prompt_ids[i]
+            else:
+                mean, std, size, prompt = subject.mean[i], subject.std[i], subject.sizes[i], subject.prompt_ids[i]
+            eps, n, step_t = example[part + "_draws"]
+            x0.append((mean + std * eps) * scale)  # a VAE sample, scaled
+            noise.append(n)
+            t.append(step_t)
+            which.append(prompt)
+            sizes.append(size)
+    return torch.stack(x0).to(device), torch.stack(noise).to(device), torch.stack(t).to(device), \
+        torch.tensor(which), sizes
 
 
 def optimizer_for(trained, text_parts, args, device, word_default):
