@@ -37,6 +37,7 @@ from minidb.convert import (native_to_diffusers_names, openclip_to_native, text_
                             unet_blocks, unet_config_from_diffusers, vae_attention_shape, vae_blocks,
                             vae_config_from_diffusers)
 from minidb.files import ModelFileError, read_json, read_tensors
+from minidb.runs import given_as_model
 from minidb.tokenizer import Tokenizer
 from minidb.unet import SIZE_FEATURES
 
@@ -209,7 +210,7 @@ def _load_diffusers(folder, dtype, device, prediction_type):
         raise ModelFileError(f"{folder} is the SDXL refiner (its only text encoder is text_encoder_2/); minidb "
                              "supports SD 1.x, 2.x and SDXL text-to-image models only, not this kind yet.")
     if not (has["unet"] and has["vae"] and has["text_encoder"]):
-        raise ModelFileError(f"{folder} is not a diffusers model folder: it needs unet/, vae/ and text_encoder/ "
+        raise ModelFileError(given_as_model(folder) or f"{folder} is not a diffusers model folder: it needs unet/, vae/ and text_encoder/ "
                              "subfolders with config.json files.")
     cfgs = {"unet": _config(folder / "unet" / "config.json", unet_config_from_diffusers),
             "vae": _config(folder / "vae" / "config.json", vae_config_from_diffusers),

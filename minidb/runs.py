@@ -146,6 +146,26 @@ def _saved(folder):
         return {}
 
 
+def given_as_model(folder):
+    """One sentence for a train.py run folder passed where a model belongs (sample.py --model runs/latest):
+    the file it made, and how to use it; None if `folder` is no run folder."""
+    folder = Path(folder)
+    if not (folder / "settings.json").is_file():
+        return None
+    base, words = _saved(folder).get("model"), sorted(set(folder.glob("*.safetensors")) - {
+        folder / "model.safetensors", folder / "lora.safetensors"})
+    if (folder / "model.safetensors").is_file():
+        use = f"its personalized model is {folder / 'model.safetensors'}, so load that"
+    elif (folder / "lora.safetensors").is_file():
+        use = f"it trained a LoRA, so load its base model{f' ({base})' if base else ''} with --lora " \
+              f"{folder / 'lora.safetensors'}"
+    elif words:
+        use = f"it trained a new word, so load its base model{f' ({base})' if base else ''} with --embedding {words[0]}"
+    else:
+        use = "it has exported nothing yet; let it finish, or continue it with train.py --resume"
+    return f"{folder} is a train.py run folder, not a model: {use}."
+
+
 # Flags whose default can change under a run: the model (the toy one until SD 1.5 is fetched) and the
 # steps (the toy model's went from 800 to 1,200). A resume that leaves them out keeps the run's own.
 # (Not --lr: with --scale-lr the saved rate is already scaled; a changed default rate is refused, named.)

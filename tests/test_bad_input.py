@@ -48,6 +48,33 @@ def test_folder_that_is_not_a_diffusers_model(tmp_path):
     assert "is not a diffusers model folder" in one_sentence(e)
 
 
+@pytest.mark.parametrize("made", ["model", "lora", "word", "nothing"])
+def test_a_run_folder_given_as_a_model_names_what_to_load(tiny, tmp_path, made):
+    """`sample.py --model runs/latest` is a natural slip: the sentence names the file the run made and
+    how to use it, and the model it names loads."""
+    run = tmp_path / "dreambooth-1"
+    run.mkdir()
+    (run / "settings.json").write_text(json.dumps({"model": "weights/base.safetensors"}))
+    (run / "checkpoints").mkdir()
+    if made == "model":
+        save_single_file(tiny[0], run / "model.safetensors")
+    elif made in ("lora", "word"):
+        (run / ("lora.safetensors" if made == "lora" else "sks.safetensors")).write_bytes(b"")
+    with pytest.raises(ModelFileError) as e:
+        load(run)
+    message = one_sentence(e)
+    assert message.startswith(f"{run} is a train.py run folder, not a model: ")
+    if made == "model":
+        assert f"its personalized model is {run / 'model.safetensors'}" in message
+        assert load(run / "model.safetensors").version == "SD 1.x"  # what it names loads
+    elif made == "lora":
+        assert f"base model (weights/base.safetensors) with --lora {run / 'lora.safetensors'}" in message
+    elif made == "word":
+        assert f"base model (weights/base.safetensors) with --embedding {run / 'sks.safetensors'}" in message
+    else:
+        assert "exported nothing yet" in message
+
+
 def test_diffusers_folder_without_weights(tiny, tmp_path):
     save_diffusers(tiny[0], tmp_path / "m")
     os.remove(tmp_path / "m" / "vae" / "diffusion_pytorch_model.safetensors")
