@@ -32,6 +32,10 @@ class ModelFileError(ValueError):
 def read_tensors(path):
     """Read every tensor of a weights file -> (dict name -> tensor, safetensors metadata or {})."""
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*") if p.suffix in (".safetensors", ".ckpt", ".pt"))
+        held = f" (it holds {', '.join(inside[:3])}{', ...' if len(inside) > 3 else ''})" if inside else ""
+        raise ModelFileError(f"{path} is a folder, not a weights file; pass the file itself{held}.")
     if not path.is_file():
         raise ModelFileError(f"{path} does not exist; check the path.")
     if path.suffix == ".safetensors":

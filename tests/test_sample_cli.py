@@ -448,6 +448,8 @@ def test_embedding_is_a_word_and_recorded_as_a1111_does(models, adapters, tmp_pa
     ("--lora", lambda tmp, models: models[1], "is a full model checkpoint, not a LoRA"),
     ("--lora", lambda tmp, models: f"{models[1]}:20", "argument --lora: must be between -10 and 10, not 20"),
     ("--embedding", lambda tmp, models: models[1], "is not a textual-inversion embedding"),
+    ("--lora", lambda tmp, models: models[1].parent, "is a folder, not a weights file; pass the file itself (it holds "),
+    ("--embedding", lambda tmp, models: tmp, "is a folder, not a weights file; pass the file itself."),
 ])
 def test_adapters_that_do_not_fit_are_one_sentence(models, tmp_path, flag, make, message):
     r = sample("--model", models[1], "--prompt", "x", flag, make(tmp_path, models), "--out", tmp_path / "out")
