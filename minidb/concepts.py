@@ -14,6 +14,7 @@ minidb/data.py) replaces the instance prompt for that photo, with "[V]" read as 
 
 import json
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,6 +86,12 @@ def read_subjects(args):
             folder = path.parent / folder
         subjects.append(Subject(str(folder), concept["class"], concept.get("identifier"),
                                 concept.get("instance_prompt"), concept.get("class_prompt")))
+    folders = [Path(s.images).resolve() for s in subjects]
+    for k, folder in enumerate(folders):
+        if folder in folders[:k]:  # most likely an entry copied and not edited
+            warnings.warn(f"--concepts {path}: entries {folders.index(folder) + 1} and {k + 1} both train on the "
+                          f"photos in {subjects[k].images}, so their identifiers will name the same subject; give "
+                          "each entry its own folder if that is not what you meant.")
     return subjects
 
 

@@ -4,12 +4,15 @@ score and several subjects in one run (tiny model, CPU)."""
 
 import json
 import shutil
+import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
 from PIL import Image
 
 import train
+from minidb.concepts import read_subjects
 from minidb.files import read_tensors
 from minidb.loop import Examples, lr_factor
 from test_train import draw_subject, run, world  # noqa: F401  (world is a fixture)
@@ -196,6 +199,23 @@ def test_a_bad_concepts_file_is_one_sentence(world, tmp_path, capsys, content, w
     line = refused(capsys, ["--concepts", concepts, "--model", world / "base", "--out", tmp_path / "run",
                             "--resolution", 32, "--class-cache", tmp_path / "cache"])
     assert words in line, line
+
+
+def test_two_concepts_on_one_folder_are_warned_of(tmp_path):
+    """A concepts.json entry copied and not edited trains two identifiers on the same photos: a warning
+    that names the entries; distinct folders (even written differently) give none."""
+    for name in "ab":
+        (tmp_path / name).mkdir()
+    concepts = tmp_path / "concepts.json"
+    concepts.write_text(json.dumps([{"images": "a", "class": "dog"}, {"images": "b", "class": "dog"},
+                                    {"images": str(tmp_path / "a"), "class": "cat"}]))
+    with pytest.warns(UserWarning, match=r"entries 1 and 3 both train on the photos in "):
+        read_subjects(SimpleNamespace(concepts=concepts))
+    concepts.write_text(json.dumps([{"images": "a", "class": "dog"}, {"images": "./b", "class": "dog"}]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert [s.images for s in read_subjects(SimpleNamespace(concepts=concepts))] == [
+            str(tmp_path / "a"), str(tmp_path / "b")]
 
 
 def test_concepts_and_images_do_not_mix(world, tmp_path, capsys):
