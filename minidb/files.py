@@ -16,7 +16,7 @@ import re
 import shutil
 import tempfile
 import zipfile
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -69,11 +69,21 @@ _ALLOWED_GLOBALS = [
 ]
 
 
+def _allowed_globals():
+    """_ALLOWED_GLOBALS for the next torch.load: scoped to it from torch 2.5 on (safe_globals). torch 2.4
+    has only the process-wide list, and takes no name aliases: there the plain classes are added, and a
+    checkpoint holding Lightning's callback is refused in one sentence, as any unknown object is."""
+    if hasattr(torch.serialization, "safe_globals"):
+        return torch.serialization.safe_globals(_ALLOWED_GLOBALS)
+    torch.serialization.add_safe_globals([g for g, _ in _ALLOWED_GLOBALS if g is not _LightningCallback])
+    return nullcontext()
+
+
 def _read_pickle(path):
     # mmap keeps the file's pages on disk until each tensor is used: no second copy in RAM.
     # Only the zip-based format (torch >= 1.6) can be memory-mapped.
     try:
-        with torch.serialization.safe_globals(_ALLOWED_GLOBALS):
+        with _allowed_globals():
             data = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         if "GLOBAL" not in str(e):  # not a refused object: bytes that are no pickle at all
