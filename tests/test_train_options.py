@@ -89,6 +89,18 @@ def test_the_log_follows_the_schedule_and_scale_lr_multiplies(world, tmp_path):
     assert [r["lr"] for r in log(out)] == pytest.approx([peak * lr_factor("cosine", 2, 6)(s) for s in range(6)])
 
 
+def test_a_warm_up_as_long_as_the_run_is_warned_of(world, tmp_path):
+    """The rate climbs for the whole run and never reaches --lr (the log shows it): a warning says so; a
+    warm-up shorter than the run gives none."""
+    with pytest.warns(UserWarning, match=r"--warmup-steps 3 is not shorter than the run \(--steps 3\), so the "
+                                         r"learning rate never reaches --lr 0.001"):
+        out = run(world, tmp_path / "long", "--warmup-steps", 3, "--lr", 1e-3, steps=3)
+    assert max(r["lr"] for r in log(out)) < 1e-3
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="--warmup-steps")
+        run(world, tmp_path / "short", "--warmup-steps", 2, "--lr", 1e-3, steps=3)
+
+
 def test_resume_from_an_earlier_step_sets_later_checkpoints_aside_and_continues_exactly(world, tmp_path):
     straight = run(world, tmp_path / "straight", "--save-every", 2, "--checkpoints-keep", 3, steps=6)
     assert sorted(p.name for p in (straight / "checkpoints").iterdir()) == ["step-000002", "step-000004", "step-000006"]
