@@ -176,6 +176,11 @@ def main(argv=None):
         model = load(args.model, dtype=dtype, device=device, prediction_type=args.prediction_type)
     except ModelFileError as e:
         fail(str(e))
+    stems = [Path(path).stem.lower() for path in args.embedding]
+    twice = next((word for k, word in enumerate(stems) if word in stems[:k]), None)
+    if twice:
+        paths = ", ".join(path for path, word in zip(args.embedding, stems) if word == twice)
+        fail(f"--embedding gives the word {twice!r} twice ({paths}); give each word once.")
     try:  # adapters are merged into the weights, so drawing is exactly as fast as without them
         loras = [(Path(path).stem, scale, merge_lora(model, path, scale)) for path, scale in args.lora]
         words = [NewWord.from_file(model, path).attach(model.text_encoder, model.text_encoder_2)

@@ -117,8 +117,9 @@ class NewWord(nn.Module):
         try:
             return cls(model, word, [v.to(next(model.text_encoder.parameters()).device) for v in vectors])
         except ValueError as e:
-            raise ModelFileError(f"{path} cannot be used as the word {word!r}: {str(e).rstrip('.')}; rename the file.") \
-                from None
+            reason = str(e).rstrip(".")
+            raise ModelFileError(f"{path} cannot be used as the word {word!r}: {reason[0].lower() + reason[1:]}; "
+                                 "rename the file.") from None
 
     def save(self, path, metadata=None):
         """The embedding file: `emb_params` (n, C), which AUTOMATIC1111 (word = file name), ComfyUI and

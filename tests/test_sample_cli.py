@@ -444,6 +444,25 @@ def test_embedding_is_a_word_and_recorded_as_a1111_does(models, adapters, tmp_pa
     assert "TI hashes" not in parse_a1111(Image.open(runs["without"]).text["parameters"])
 
 
+def test_an_embedding_whose_name_cannot_be_a_word_is_one_sentence(models, adapters, tmp_path):
+    """The file's name is the word: a name with a space, an existing token, or one word given twice (the
+    same file, or one copied under another case) is refused in one sentence that says what to do."""
+    _, emb = adapters
+    for name in ("my word", "ball", "ABZ"):
+        shutil.copy(emb, tmp_path / f"{name}.safetensors")
+    cases = [([tmp_path / "my word.safetensors"], "cannot be used as the word 'my word': a new word must be one "
+              "lower-case word, not 'my word'; rename the file."),
+             ([tmp_path / "ball.safetensors"], "cannot be used as the word 'ball': 'ball' is already a token"),
+             ([emb, tmp_path / "ABZ.safetensors"], f"--embedding gives the word 'abz' twice ({emb}, "
+              f"{tmp_path / 'ABZ.safetensors'}); give each word once.")]
+    for paths, message in cases:
+        r = sample("--model", models[1], "--prompt", "x", *[a for p in paths for a in ("--embedding", p)],
+                   "--out", tmp_path / "out")
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("flag,make,message", [
     ("--lora", lambda tmp, models: models[1], "is a full model checkpoint, not a LoRA"),
     ("--lora", lambda tmp, models: f"{models[1]}:20", "argument --lora: must be between -10 and 10, not 20"),
