@@ -43,7 +43,7 @@ def main(argv=None):
     parser.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None,
                         help="override the detected prediction type (default: detect, see below)")
     parser.add_argument("--convert", metavar="OUT", default=None,
-                        help="also write the model to OUT: a .safetensors path gives a single file, "
+                        help="also write the model to OUT: a .safetensors path gives a single file (never a pickle: not .ckpt), "
                              "any other path a diffusers folder")
     parser.add_argument("--overwrite", action="store_true", help="let --convert replace an existing OUT")
     parser.add_argument("--merge-lora", type=path_and_scale, action="append", default=[], metavar="LORA[:SCALE]",
@@ -93,10 +93,17 @@ def fail(message):  # one sentence for the user, exit status 2
     return 2
 
 
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
 def target_problem(out, overwrite):
     """Why --convert must not write to `out`, or None. Only --overwrite replaces an existing file or
     non-empty folder (such as a trained model), and never a file by a folder or a folder by a file."""
     single = out.suffix == ".safetensors"
+    if out.suffix.lower() in PICKLE_SUFFIXES:  # a user asking for a .ckpt wants one file, not a folder of that name
+        return (f"--convert {out} asks for a {out.suffix} file, which minidb does not write (a pickle can carry "
+                f"code); name it {out.with_suffix('.safetensors')}, which AUTOMATIC1111 and ComfyUI read, or give "
+                "a folder name for the diffusers layout.")
     if not out.exists() or out.is_dir() and not single and not any(out.iterdir()):
         return None  # an empty folder holds nothing to lose
     if not overwrite:

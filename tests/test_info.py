@@ -106,6 +106,18 @@ def test_overwrite_replaces_the_target_whole(tiny_file, tmp_path, capsys):
     assert "is a file and would be replaced by a diffusers folder" in error_line(capsys)
 
 
+@pytest.mark.parametrize("suffix", [".ckpt", ".pt", ".bin"])
+def test_convert_to_a_pickle_name_is_refused_not_made_a_folder(tiny_file, tmp_path, capsys, suffix):
+    """--convert model.ckpt wants one file; minidb writes no pickles, and it used to make a diffusers folder
+    of that name. One sentence names the .safetensors path to use instead, and nothing is written."""
+    target = tmp_path / f"model{suffix}"
+    assert main([str(tiny_file), "--convert", str(target)]) == 2
+    line = error_line(capsys)
+    assert f"--convert {target} asks for a {suffix} file, which minidb does not write" in line
+    assert f"name it {tmp_path / 'model.safetensors'}" in line
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_convert_into_an_unwritable_place(tiny_file, tmp_path):
     (tmp_path / "a-file").write_text("x")
     for target in ("a-file/out", "a-file/out.safetensors"):  # a folder cannot be made inside a file
