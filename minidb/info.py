@@ -43,8 +43,8 @@ def main(argv=None):
     parser.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None,
                         help="override the detected prediction type (default: detect, see below)")
     parser.add_argument("--convert", metavar="OUT", default=None,
-                        help="also write the model to OUT: a .safetensors path gives a single file (never a pickle: not .ckpt), "
-                             "any other path a diffusers folder")
+                        help="also write the model to OUT: a .safetensors path gives a single file, any other path a "
+                             "diffusers folder (no .ckpt: minidb writes no pickles, which can carry code)")
     parser.add_argument("--overwrite", action="store_true", help="let --convert replace an existing OUT")
     parser.add_argument("--merge-lora", type=path_and_scale, action="append", default=[], metavar="LORA[:SCALE]",
                         help="merge a LoRA into the model first, at SCALE (default 1), so that --convert writes "
