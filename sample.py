@@ -132,6 +132,9 @@ def check(args):
         return (f"No model at {args.model}: pass a diffusers folder, a .safetensors / .ckpt file or a Hugging Face "
                 "Hub id (owner/name) to --model.")
     out = Path(args.out)
+    if out.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp") and not out.is_dir():
+        return (f"--out {args.out} looks like a picture's name, but --out is the folder the pictures go into "
+                f"(each named by its number and seed); pass a folder, such as --out {out.parent / out.stem}.")
     nearest = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())  # the folder is made later
     if not nearest.is_dir():
         return f"--out {args.out} cannot be a folder: {nearest} is a file; choose another --out."

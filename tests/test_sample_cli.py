@@ -295,6 +295,20 @@ def test_out_that_is_a_file(models, tmp_path):
     assert (tmp_path / "file").read_text() == "not a folder"
 
 
+def test_out_named_like_a_picture_is_refused_unless_such_a_folder_exists(models, tmp_path):
+    """--out cat.png would have made a folder called cat.png: one sentence says --out is a folder and
+    offers one. A folder that really has such a name is used as it is."""
+    r = sample("--model", models[1], "--prompt", "x", "--out", tmp_path / "cat.png")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert (f"--out {tmp_path / 'cat.png'} looks like a picture's name, but --out is the folder the pictures go "
+            f"into (each named by its number and seed); pass a folder, such as --out {tmp_path / 'cat'}.") in r.stderr
+    assert not (tmp_path / "cat.png").exists()
+    (tmp_path / "shots.png").mkdir()
+    r = sample("--model", models[1], "--prompt", "x", "--steps", 2, "--height", 32, "--out", tmp_path / "shots.png")
+    assert r.returncode == 0, r.stderr
+    assert len(list((tmp_path / "shots.png").glob("*.png"))) == 1
+
+
 def test_model_that_fails_to_load(tmp_path):
     (tmp_path / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header")
     r = sample("--model", tmp_path / "broken.safetensors", "--prompt", "x", "--out", tmp_path / "out")
