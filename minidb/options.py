@@ -215,6 +215,11 @@ def check(args):
             return "--use-8bit-adam needs bitsandbytes (pip install bitsandbytes, CUDA only); or leave the flag off."
     if args.resume and args.out is None and not (runs.RUNS / "latest").is_dir():
         return f"--resume without --out continues {runs.RUNS / 'latest'}, which does not exist; pass the run's --out."
+    if args.out is not None and Path(args.out).suffix.lower() in (".safetensors", ".ckpt", ".pt", ".bin") \
+            and not Path(args.out).is_dir():
+        return (f"--out {args.out} looks like a model file's name, but --out is the run's folder (the model is "
+                f"written into it, as model.safetensors and more); pass a folder, such as --out "
+                f"{Path(args.out).parent / Path(args.out).stem}.")
     if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
         return f"--out {args.out} is a file, not a folder; choose a folder."
     if args.resume and args.out is not None and not Path(args.out).is_dir():

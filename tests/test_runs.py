@@ -98,6 +98,15 @@ def test_out_naming_a_file(world, tmp_path, capsys):
     assert (tmp_path / "file").read_text() == "x"
 
 
+def test_out_named_like_a_model_file_is_refused(world, tmp_path, capsys):
+    """--out dog.safetensors would have made a run folder of that name: --out is the run's folder."""
+    err = refused(capsys, base_args(world, tmp_path / "dog.safetensors"))
+    assert (f"--out {tmp_path / 'dog.safetensors'} looks like a model file's name, but --out is the run's folder "
+            f"(the model is written into it, as model.safetensors and more); pass a folder, such as --out "
+            f"{tmp_path / 'dog'}.") in err
+    assert list(tmp_path.iterdir()) == []
+
+
 def poison(monkeypatch, at_call, how):
     """Make train.py's loss (how="loss") or its gradient (how="gradient") NaN from the at_call-th step on."""
     calls, real = [], train.dreambooth_loss
