@@ -9,7 +9,9 @@ import torch
 
 import train
 from minidb.fetch import TOY_MODEL
-from minidb.toy.lab import EXAMPLES, SIZE, generate, load_probe, to_tensor
+from minidb.toy.base import SIZE, to_tensor
+from minidb.toy.lab import EXAMPLES
+from minidb.toy.measure import generate, load_probe
 from minidb.load import load
 from minidb.toy.probe import probe_scene, read
 from minidb.toy.world import CLASSES, render, which_subject

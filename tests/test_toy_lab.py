@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from minidb.files import read_tensors
-from minidb.toy import base, lab
+from minidb.toy import base, lab, measure
 
 TINY = ["--vae-steps", "3", "--vae-ch", "32", "--steps", "4", "--batch", "2", "--pictures", "8", "--save-every", "2"]
 
@@ -56,7 +56,7 @@ def test_off_palette_counts_smeared_pixels_and_no_drawn_ones():
     from minidb.toy.world import COLOURS, WHITE, random_scene, render
     colours = {tuple(((c + 1) * 127.5).round().int().tolist()) for c in palette()}
     assert set(COLOURS.values()) | {WHITE} <= colours
-    pictures = lab.to_tensor([render(random_scene(random.Random(i))) for i in range(8)])
+    pictures = base.to_tensor([render(random_scene(random.Random(i))) for i in range(8)])
     assert off_palette(pictures).max() == 0
     blurred = torch.nn.functional.avg_pool2d(pictures, 5, stride=1, padding=2, count_include_pad=False)
     assert 0.02 < off_palette(blurred).mean() < 0.5
@@ -93,7 +93,7 @@ def test_evaluate_draws_the_subject_in_every_place(tmp_path, capsys):
     from PIL import Image
     lab.main(["evaluate", "--n", "2", "--steps", "2", "--picture", str(tmp_path / "placed.png")])
     picture = Image.open(tmp_path / "placed.png")
-    assert picture.size == (2 * 2 * lab.SIZE, 2 * len(lab.PLACES) * lab.SIZE)
+    assert picture.size == (2 * 2 * base.SIZE, 2 * len(measure.PLACES) * base.SIZE)
     row = capsys.readouterr().out.splitlines()
     assert any(line.startswith("| subject rate, in a place |") for line in row)
 
@@ -104,7 +104,7 @@ def test_generate_in_bf16_changes_the_arithmetic_not_the_picture():
     from minidb.fetch import TOY_MODEL
     from minidb.load import load
     model = load(TOY_MODEL, dtype=torch.float32)
-    fp32 = lab.generate(model, "a photo of a red ball on the snow", 2, 0, 4)
-    bf16 = lab.generate(model, "a photo of a red ball on the snow", 2, 0, 4, bf16=True)
+    fp32 = measure.generate(model, "a photo of a red ball on the snow", 2, 0, 4)
+    bf16 = measure.generate(model, "a photo of a red ball on the snow", 2, 0, 4, bf16=True)
     difference = (fp32 - bf16).abs()
     assert difference.max() > 0 and difference.mean() < 0.05  # 0.05 on [-1, 1] is 6/255
