@@ -189,7 +189,7 @@ def check(args):
         return how_to_get_weights() if Path(args.model) == Path(DEFAULT_MODEL) else \
             f"No model at {args.model}: pass a diffusers folder, a .safetensors / .ckpt file or a Hugging Face Hub " \
             "id (owner/name) to --model."
-    if args.warmup_steps >= args.steps:  # the rate would climb for the whole run and never reach --lr
+    if args.steps and args.warmup_steps >= args.steps:  # the rate would climb for the whole run and never reach --lr
         warnings.warn(f"--warmup-steps {args.warmup_steps} is not shorter than the run (--steps {args.steps}), so "
                       f"the learning rate never reaches --lr {args.lr:g}; shorten the warm-up if that is not meant.")
     if args.resolution is not None and args.resolution % 8:
