@@ -26,6 +26,7 @@ photos smaller than R, which are upscaled and come out blurry. One file is decod
 memory holds full-size pixels of a single photo only.
 """
 
+import os
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -91,6 +92,14 @@ def load_images(folder, resolution, flip=False, whole=False):
                       f"{', '.join(unreadable)}.", stacklevel=2)
     if not images:
         raise DataError(f"{folder} has no readable JPEG, PNG or WebP photos; put the photos to train on there.")
+    read = [folder / Path(name).with_suffix(".txt") for name in names]
+    read = [r for r in read if r.exists()]  # samefile: on a case-insensitive disk Photo1.txt is photo1.txt
+    orphans = sorted(t.name for t in folder.glob("*.txt")
+                     if not t.name.startswith(".") and not any(os.path.samefile(t, r) for r in read))
+    if orphans:  # most likely a caption whose name does not match its photo's: Photo1.txt for photo1.jpg
+        warnings.warn(f"{len(orphans)} caption file(s) in {folder} have no photo of the same name and are not used: "
+                      f"{', '.join(orphans[:5])}{', ...' if len(orphans) > 5 else ''} (photo.jpg takes its caption "
+                      "from photo.txt).", stacklevel=2)
     if small:
         warnings.warn(f"{len(small)} photo(s) in {folder} are smaller than {resolution} pixels on the short side "
                       f"and were upscaled, which blurs them; use larger photos if you can: {', '.join(small)}.",

@@ -294,3 +294,19 @@ def test_file_instead_of_folder(tmp_path):
     with pytest.raises(DataError) as e:
         load_images(tmp_path / "dog.png", 16)
     assert "not a folder" in one_sentence(e)
+
+
+# ----- captions -----
+
+def test_a_caption_without_its_photo_is_warned_of_and_the_others_are_read(tmp_path):
+    """photo.txt captions photo.jpg; a caption whose name matches no photo (Photo1.txt beside photo1.png)
+    would otherwise be dropped without a word."""
+    for name in ("photo1", "photo2"):
+        Image.new("RGB", (16, 16), RED).save(tmp_path / f"{name}.png")
+    (tmp_path / "photo1.txt").write_text("a [V] dog on grass\n")
+    assert load_quietly(tmp_path, 16).captions == ["a [V] dog on grass", None]  # matched: no warning
+    (tmp_path / "Photo2.txt").write_text("a [V] dog asleep")
+    with pytest.warns(UserWarning, match=r"1 caption file\(s\) in .* have no photo of the same name and are not "
+                                         r"used: Photo2.txt \(photo.jpg takes its caption from photo.txt\)."):
+        photos = load_images(tmp_path, 16)
+    assert photos.captions == ["a [V] dog on grass", None]
