@@ -29,7 +29,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.run import ROWS, TRAINING, build, machine, task  # noqa: E402
+from bench.models import build  # noqa: E402
+from bench.rows import ROWS, TRAINING, task  # noqa: E402
+from bench.run import machine  # noqa: E402
 
 BF16_ROWS = ["unet-32", "unet-64", "train-step", "vae-decode-256", "sample"]
 IMPLS = ["minidb+bf16", "minidb", "diffusers", "diffusers+bf16"]
@@ -67,10 +69,10 @@ def worker(row, impl, threads, tmp):
         fn = minidb_sampler(size, "compile" in modes)
     else:
         if base == "minidb" and "bf16" in modes and row not in TRAINING:  # inference: bf16 conv/linear weights
-            import bench.run
+            import bench.rows  # task() builds its parts through bench.rows.build
             from minidb.pipeline import bf16_for_autocast
-            plain = bench.run.build
-            bench.run.build = lambda *a, **k: bf16_for_autocast(plain(*a, **k))
+            plain = bench.rows.build
+            bench.rows.build = lambda *a, **k: bf16_for_autocast(plain(*a, **k))
         fn = task(row, base, "cpu", size, tmp)
         if "compile" in modes:
             raise SystemExit("--compile is measured on the sample row only")

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 def worker(setting, device, size, batch=1):
     import torch
     import torch.nn.functional as F
-    from bench.run import build, rss_gb
+    from bench.models import build, rss_gb
     from minidb.vae import LATENT_SCALE
     torch.set_num_threads(2)
     from minidb.lora import LoRA, save_kohya

@@ -1,7 +1,7 @@
-"""bench/run.py's SDXL rows measure like against like: at tiny SDXL-shaped presets, minidb's and
-diffusers' UNets compute the same thing from the same weights and conditioning, the LoRA rows train
-the same number of parameters (with checkpointing too), and the load row's file, written one
-tensor at a time, is what safetensors, minidb and diffusers (offline) all read."""
+"""bench/run.py's SDXL rows (defined in bench/rows.py) measure like against like: at tiny SDXL-shaped
+presets, minidb's and diffusers' UNets compute the same thing from the same weights and conditioning,
+the LoRA rows train the same number of parameters (with checkpointing too), and the load row's file,
+written one tensor at a time, is what safetensors, minidb and diffusers (offline) all read."""
 
 import dataclasses
 
@@ -13,7 +13,7 @@ from conftest import diffusers  # noqa: F401  (skips without diffusers)
 from minidb import text_encoder as te, unet as un, vae as va
 from test_sdxl import TINY_G, TINY_L, TINY_SDXL_UNET
 
-run = pytest.importorskip("bench.run")  # python -m pytest runs from the repository root
+rows = pytest.importorskip("bench.rows")  # python -m pytest runs from the repository root
 from bench.checkpoints import prepare_load_files, write_streamed  # noqa: E402
 
 
@@ -42,7 +42,7 @@ def test_streamed_safetensors_read_back(tmp_path):
 
 def test_sdxl_unet_row_computes_the_same_in_both(tiny_sdxl, tmp_path):
     with torch.no_grad():
-        ours, theirs = (run.task("sdxl-unet", impl, "cpu", 16, tmp_path)() for impl in ("minidb", "diffusers"))
+        ours, theirs = (rows.task("sdxl-unet", impl, "cpu", 16, tmp_path)() for impl in ("minidb", "diffusers"))
     assert ours.shape == (2, 4, 16, 16)
     assert torch.allclose(ours, theirs, atol=1e-5 * theirs.abs().max().item()) and theirs.abs().max() > 1e-3
 
@@ -50,7 +50,7 @@ def test_sdxl_unet_row_computes_the_same_in_both(tiny_sdxl, tmp_path):
 @pytest.mark.parametrize("row", ["sdxl-lora-step", "sdxl-lora-step-gc"])
 def test_sdxl_lora_rows_train_the_same_layers(tiny_sdxl, tmp_path, row):
     with torch.enable_grad():
-        steps = [run.task(row, impl, "cpu", 64, tmp_path) for impl in ("minidb", "diffusers")]
+        steps = [rows.task(row, impl, "cpu", 64, tmp_path) for impl in ("minidb", "diffusers")]
         for step in steps:
             step()  # the first step checks that every adapter got a gradient
     assert steps[0].trained == steps[1].trained > 0
@@ -59,5 +59,5 @@ def test_sdxl_lora_rows_train_the_same_layers(tiny_sdxl, tmp_path, row):
 def test_sdxl_load_row_reads_the_same_weights_in_both(tiny_sdxl, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the row sets it in its own process; here it is put back
     prepare_load_files(tmp_path, "SDXL")
-    sums = [run.loader(impl, "cpu", tmp_path, "SDXL")() for impl in ("minidb", "diffusers")]
+    sums = [rows.loader(impl, "cpu", tmp_path, "SDXL")() for impl in ("minidb", "diffusers")]
     assert sums[0] == pytest.approx(sums[1], rel=1e-6) and sums[0] != 0
