@@ -81,7 +81,9 @@ def load_images(folder, resolution, flip=False, whole=False):
             if min(w, h) < resolution:
                 small.append(f"{path.name} ({w}×{h})")
         except UnidentifiedImageError:
-            unreadable.append(f"{path.name} (not a JPEG, PNG or WebP image)")
+            unreadable.append(f"{path.name} (" + ("HEIC, as iPhones save photos: export it as JPEG"
+                                                  if path.suffix.lower() in (".heic", ".heif")
+                                                  else "not a JPEG, PNG or WebP image") + ")")
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             unreadable.append(f"{path.name} ({str(e).splitlines()[0] if str(e) else 'damaged'})")
         else:

@@ -256,6 +256,7 @@ def test_unreadable_files_are_skipped_with_one_warning(tmp_path):
     (tmp_path / "random.jpg").write_bytes(rng.bytes(5000))
     (tmp_path / "notes.md").write_text("shot on a sunny day\n")
     Image.new("RGB", (16, 16), RED).save(tmp_path / "old.bmp")  # a real image, but not a format we read
+    (tmp_path / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic" + rng.bytes(200))  # an iPhone's photo
     (tmp_path / ".DS_Store").write_bytes(rng.bytes(100))  # hidden: ignored, not reported
     (tmp_path / "more").mkdir()  # folders are not photos either
     with pytest.warns(UserWarning) as record:
@@ -265,6 +266,7 @@ def test_unreadable_files_are_skipped_with_one_warning(tmp_path):
     assert "\n" not in message
     for bad in ["truncated.jpg", "random.jpg", "notes.md", "old.bmp"]:
         assert bad in message
+    assert "IMG_0001.HEIC (HEIC, as iPhones save photos: export it as JPEG)" in message
     assert ".DS_Store" not in message and "more" not in message and "good" not in message
     assert names == ["good.png", "good2.jpg"] and images.shape == (2, 3, 16, 16)
 
