@@ -365,6 +365,9 @@ def train(args, out):
 
     # ---- save the result: the files each method gives ----
     last = max(args.steps, start)
+    if writes:  # on SD this takes a while (a checkpoint with Adam's moments, a grid of drawings): say so
+        made = {"full": "model", "lora": "LoRA", "textual-inversion": "embedding"}[args.method]
+        print(f"saving the checkpoint of step {last}, drawing the last validation grid, exporting the {made}...")
     checkpoint(last)  # so --resume with a larger --steps can continue; it also refuses NaN weights
     validate(last)
     if not writes:
