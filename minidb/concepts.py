@@ -14,6 +14,7 @@ minidb/data.py) replaces the instance prompt for that photo, with "[V]" read as 
 
 import json
 import random
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,6 +109,12 @@ def name_subjects(subjects, tokenizer, pick, seed):
             if word not in used:
                 subject.identifier = word
                 used.add(word)
-        subject.instance_prompt = subject.instance_prompt or f"a photo of a {subject.identifier} {subject.class_name}"
+        given = subject.instance_prompt
+        subject.instance_prompt = (given or f"a photo of a [V] {subject.class_name}").replace(
+            "[V]", subject.identifier)  # [V] stands for the identifier, as in captions and validation prompts
         subject.class_prompt = subject.class_prompt or f"a photo of a {subject.class_name}"
+        if not re.search(rf"(?<!\w){re.escape(subject.identifier)}(?!\w)", subject.instance_prompt, re.IGNORECASE):
+            warnings.warn(f"The instance prompt {given!r} does not name the identifier {subject.identifier}, so the "
+                          "subject is learned under its other words and the prior loss pulls against it; write "
+                          f"[V] where the identifier goes, e.g. 'a photo of a [V] {subject.class_name}'.")
     return None

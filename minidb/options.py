@@ -50,7 +50,7 @@ def parse_args(argv, doc):
     a("--lora-rank", type=number(int, low=1, high=1024), default=None, help="rank of the LoRA adapters (default: 16)")
     a("--lora-alpha", type=number(float, above=0), default=None, help="LoRA alpha; updates are scaled by "
       "alpha/rank (default: the rank)")
-    a("--instance-prompt", default=None, type=text, help="caption of the subject photos (default: 'a photo of a [V] CLASS')")
+    a("--instance-prompt", default=None, type=text, help="caption of the subject photos; [V] stands for the identifier (default: 'a photo of a [V] CLASS')")
     a("--class-prompt", default=None, type=text, help="prompt of the prior images (default: 'a photo of a CLASS')")
     a("--long-prompts", action="store_true", help="read prompts over 75 tokens whole, in 75-token chunks whose "
       "encodings are concatenated, as AUTOMATIC1111 does (default: cut at 75 tokens, as diffusers, with a warning)")

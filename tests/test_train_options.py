@@ -145,8 +145,20 @@ def test_a_photo_caption_stands_in_for_the_instance_prompt(world, tmp_path):
         photo.with_suffix(".txt").write_text("[V] on grass, a ball\n")
     captioned = run(world, tmp_path / "captioned", "--images", photos, steps=2)
     prompted = run(world, tmp_path / "prompted", "--instance-prompt", f"{identifier} on grass, a ball", steps=2)
-    a, b = weights(captioned), weights(prompted)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    bracketed = run(world, tmp_path / "bracketed", "--instance-prompt", "[V] on grass, a ball", steps=2)
+    a, b, c = weights(captioned), weights(prompted), weights(bracketed)
+    assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)  # [V] is the identifier everywhere
+    assert json.load(open(bracketed / "settings.json"))["instance_prompt"] == f"{identifier} on grass, a ball"
+
+
+def test_an_instance_prompt_without_the_identifier_is_warned_of(world, tmp_path):
+    """'a photo of my ball' trains the subject under words every ball shares, against the prior loss."""
+    with pytest.warns(UserWarning, match=r"The instance prompt 'a photo of my ball' does not name the identifier "
+                                         r"\w+, so the subject is learned under its other words"):
+        run(world, tmp_path / "mine", "--instance-prompt", "a photo of my ball", steps=1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="The instance prompt")
+        run(world, tmp_path / "upper", "--identifier", "zwx", "--instance-prompt", "a photo of ZWX ball", steps=1)
 
 
 def test_random_crops_stay_inside_the_photo_and_reach_both_edges():
