@@ -25,6 +25,7 @@ import argparse
 import re
 import secrets
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -111,6 +112,9 @@ def parse_args(argv=None):
 
 def check(args):
     """Every problem with the arguments that can be found before loading anything, as one sentence."""
+    if "[V]" in args.prompt:  # the docs' placeholder, copied as it is
+        warnings.warn("The prompt holds [V], which the model reads as those letters; write the identifier your "
+                      "train.py run printed instead (its README.md names it).")
     for name in ("height", "width"):
         value = getattr(args, name)
         if value is not None and value % 8:

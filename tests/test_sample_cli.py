@@ -351,6 +351,18 @@ def test_long_prompt_warns_then_runs(models, tmp_path):
     assert len(list(tmp_path.glob("*.png"))) == 1
 
 
+def test_the_docs_placeholder_in_a_prompt_is_warned_of_then_drawn(models, tmp_path):
+    """[V] copied from the docs is read as the letters [V]: a warning names what to write instead."""
+    r = sample("--model", models[1], "--prompt", "a photo of a [V] dog", "--steps", "2", "--height", "32",
+               "--out", tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "warning: The prompt holds [V], which the model reads as those letters; write the identifier" in r.stderr
+    assert len(list(tmp_path.glob("*.png"))) == 1
+    r = sample("--model", models[1], "--prompt", "a photo of a sks dog", "--steps", "2", "--height", "32",
+               "--out", tmp_path / "plain")
+    assert r.returncode == 0 and "[V]" not in r.stderr, r.stderr
+
+
 def test_help_says_what_each_sampler_is_and_the_default_size(capsys):
     with pytest.raises(SystemExit) as e:
         main_of_sample()(["--help"])
