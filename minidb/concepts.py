@@ -41,9 +41,10 @@ class Subject:
 
     def describe(self, resolution):
         """The line train.py prints for this subject at the start."""
-        own = (f" ({sum(c is not None for c in self.photos.captions)} own captions)"
-               if any(self.photos.captions) else "")
-        return (f"subject: {self.identifier} ({self.class_name}), {len(self.photos.pixels)} images at {resolution}px "
+        n, captioned = len(self.photos.pixels), sum(c is not None for c in self.photos.captions)
+        own = (" (1 photo uses its own caption)" if captioned == 1 else
+               f" ({captioned} photos use their own captions)" if captioned else "")
+        return (f"subject: {self.identifier} ({self.class_name}), {n} image{'s' * (n != 1)} at {resolution}px "
                 f"from {self.images}, instance prompt {self.instance_prompt!r}{own}, class prompt {self.class_prompt!r}")
 
     def prompt_of(self, i):
