@@ -260,6 +260,10 @@ def from_original(tensors, metadata, path, dtype=None, device=torch.device("cpu"
     """A model from a single file's tensors in the original layout (on the meta device they give the
     shapes of a real-size model without its memory: tests/test_sdxl_files.py)."""
     kind = single_file.unsupported(tensors)
+    if kind and kind.startswith(("a LoRA", "a textual-inversion")):  # an add-on that minidb does read, elsewhere
+        use = f"--lora {path} (python -m minidb.info --merge-lora bakes it into a model file)" \
+            if kind.startswith("a LoRA") else f"--embedding {path}"
+        raise ModelFileError(f"{path} is {kind}; draw with a base model and this file: sample.py {use}.")
     if kind:
         raise ModelFileError(f"{path} is {kind}; minidb supports SD 1.x, 2.x and SDXL text-to-image models only, "
                              "not this kind yet.")

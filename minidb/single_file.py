@@ -52,6 +52,8 @@ def unsupported(tensors):
         return "a ControlNet"
     if any("lora_" in k for k in keys):
         return "a LoRA, not a full model"
+    if set(keys) in ({"emb_params"}, {"clip_l", "clip_g"}) or any(k.startswith("string_to_param") for k in keys):
+        return "a textual-inversion embedding, not a full model"
     if any(k.startswith(XL_REFINER) for k in keys):
         return "the SDXL refiner (its only text encoder is OpenCLIP-bigG, at conditioner.embedders.0.model.*)"
     kind = next((words for key, words in OTHER_SCHEDULES.items() if key in tensors), None)

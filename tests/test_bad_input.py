@@ -149,7 +149,6 @@ def with_unet_input(tensors, channels):
      lambda t: {**t, "conditioner.embedders.1.model.ln_final.weight": torch.ones(4)}),
     ("an inpainting model", lambda t: with_unet_input(t, 9)),
     ("an InstructPix2Pix model", lambda t: with_unet_input(t, 8)),
-    ("a LoRA, not a full model", lambda t: {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.ones(4, 4)}),
     ("a standalone VAE", lambda t: {k.removeprefix("first_stage_model."): v for k, v in t.items() if k.startswith("first_stage_model.")}),
     ("not a Stable Diffusion checkpoint", lambda t: {"weight": torch.ones(3)}),
     ("a UNet without a text encoder", lambda t: {k: v for k, v in t.items() if not k.startswith("cond_stage_model.")}),
@@ -160,6 +159,22 @@ def test_unsupported_kinds_are_named(tiny, tmp_path, kind, make):
         load(tmp_path / "m.safetensors")
     message = one_sentence(e)
     assert kind in message and "not this kind yet" in message
+
+
+@pytest.mark.parametrize("kind,tensors,use", [
+    ("a LoRA", {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.ones(4, 4)}, "--lora"),
+    ("a textual-inversion embedding", {"emb_params": torch.ones(2, 32)}, "--embedding"),
+    ("a textual-inversion embedding", {"clip_l": torch.ones(1, 768), "clip_g": torch.ones(1, 1280)}, "--embedding"),
+])
+def test_an_add_on_given_as_a_model_says_how_to_use_it(tmp_path, kind, tensors, use):
+    """A LoRA or an embedding is not refused as an unknown kind: minidb reads them, with a base model."""
+    save_file(tensors, tmp_path / "addon.safetensors")
+    with pytest.raises(ModelFileError) as e:
+        load(tmp_path / "addon.safetensors")
+    message = one_sentence(e)
+    assert message.startswith(f"{tmp_path / 'addon.safetensors'} is {kind}, not a full model; draw with a base model "
+                              f"and this file: sample.py {use} {tmp_path / 'addon.safetensors'}")
+    assert "not this kind yet" not in message
 
 
 def test_unexpected_tensors_are_named(tiny, tmp_path):
