@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from minidb import hub, memory, pnginfo
-from minidb.cli import SEED_MAX, check_device, cpu_bf16, fail, number, path_and_scale, run, text
+from minidb.cli import DTYPES, SEED_MAX, check_device, cpu_bf16, fail, number, path_and_scale, run, text
 from minidb.dreambooth import NewWord
 from minidb.fetch import DEFAULT_MODEL, default_model, how_to_get_weights
 from minidb.files import DiskFull, ModelFileError, disk_full_is_an_error
@@ -41,7 +41,6 @@ from minidb.load import load
 from minidb.lora_files import merge_lora
 from minidb.pipeline import DEFAULTS, SAMPLER_NAMES, SAMPLERS, bf16_for_autocast, decode, grid, sample_latents
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SIZE_MAX = 8192  # 16x SD 1.x's own side: a guard against typos; the memory estimate decides what fits
 N_MAX = 1000  # the grid of 1000 512-px images is already 16384 x 16384 pixels
 GUIDANCE_MAX = 30  # A1111's own slider stops at 30; SD's pictures are burnt long before (1e30 draws black)

@@ -38,9 +38,9 @@ import torch
 from tqdm import tqdm
 
 from minidb import distributed, memory, runs
-from minidb.cli import FinishTheStep, cpu_bf16, fail, run
+from minidb.cli import DTYPES, FinishTheStep, cpu_bf16, fail, run
 from minidb.data import DataError, load_images
-from minidb.export import DTYPES, disk_needed, export
+from minidb.export import disk_needed, export
 from minidb.dreambooth import NewWord, class_prior, dreambooth_loss, min_snr_weights, pick_identifier, pick_new_word
 from minidb.fetch import default_model
 from minidb.files import DiskFull, ModelFileError, atomic_write, disk_full_is_an_error, room_problem

@@ -15,6 +15,7 @@ import warnings
 
 import torch
 
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --dtype, --save-dtype
 SEED_MAX = 2**63 - 1  # torch.Generator takes 64 bits; batches use seed + i, which must still fit
 
 

@@ -5,15 +5,10 @@ draws with them, how AUTOMATIC1111, ComfyUI and diffusers load them, and the run
 import json
 from pathlib import Path
 
-import torch
-
 from minidb.plot import plot_losses
 from minidb.files import atomic_write, replace_folder
 from minidb.lora import save_kohya
 from minidb.save import save_diffusers, save_single_file
-
-
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # --save-dtype
 
 
 def disk_needed(trained, parts, dtypes, full):

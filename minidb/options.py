@@ -10,7 +10,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from minidb import hub, runs, single_file
-from minidb.cli import SEED_MAX, check_device, number, text
+from minidb.cli import DTYPES, SEED_MAX, check_device, number, text
 from minidb.fetch import DEFAULT_MODEL, TOY_MODEL, how_to_get_weights
 from minidb.files import ModelFileError, read_tensors
 from minidb.info import HELP as MODEL_HELP
@@ -103,7 +103,7 @@ def parse_args(argv, doc):
       "frozen model, never trained on) whose prior loss is logged at each validation as the drift score (not for "
       "textual-inversion, whose model cannot drift); "
       "0 turns it off (default: %(default)s)")
-    a("--save-dtype", choices=["fp16", "bf16", "fp32"], default=None, help="full only: dtype of the exported "
+    a("--save-dtype", choices=list(DTYPES), default=None, help="full only: dtype of the exported "
       "model (default: the base model's own, so the frozen parts come out bit-identical)")
     a("--seed", type=number(int, low=0, high=SEED_MAX), default=0, help="seed for everything random; same seed, same run (bitwise, on the CPU) (default: %(default)s)")
     a("--prediction-type", choices=["epsilon", "v_prediction"], default=None,
