@@ -271,13 +271,14 @@ def loader(impl, device, tmp, family):
 TRAINING = ("train-step", "lora-step", "sdxl-lora-step", "sdxl-lora-step-gc")
 
 
-def worker(row, impl, device, threads, tmp):
+def worker(row, impl, device, threads, tmp, runs=None):
     import torch
     import diffusers  # noqa: F401  both implementations pay for the same imports
     torch.set_num_threads(threads)
     torch.set_grad_enabled(row in TRAINING)
     _, cpu_size, gpu_size, cpu_runs, gpu_runs = ROWS[row]
-    size, runs = (gpu_size, gpu_runs) if device == "cuda" else (cpu_size, cpu_runs)
+    size, default_runs = (gpu_size, gpu_runs) if device == "cuda" else (cpu_size, cpu_runs)
+    runs = runs or default_runs
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     baseline = rss_gb("VmRSS")
     fn = task(row, impl, device, size, tmp)

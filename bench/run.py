@@ -45,12 +45,13 @@ def machine(device):
     return f"{cpu}, {os.cpu_count()} cores"
 
 
-def run_row(row, device, threads, tmp):
+def run_row(row, device, threads, tmp, runs=None):
     """Both implementations, each in its own process -> the row's figures."""
     figures = {}
     for impl in ("minidb", "diffusers"):
         r = subprocess.run([sys.executable, __file__, "--device", device, "--threads", str(threads),
-                            "--worker", row, impl, tmp], capture_output=True, text=True)
+                            *(["--runs", str(runs)] if runs else []), "--worker", row, impl, tmp],
+                           capture_output=True, text=True)
         if r.returncode:
             sys.exit(f"error: {row} / {impl} failed:\n{r.stderr[-3000:]}")
         figures[impl] = json.loads(r.stdout.strip().splitlines()[-1])
@@ -89,15 +90,19 @@ def main():
     p.add_argument("--rows", nargs="*", default=[r for r in ROWS if r not in SDXL_ROWS], choices=list(ROWS) + ["sdxl"],
                    help="rows to run (default: all but the SDXL ones; 'sdxl' means every SDXL row)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (default: 2)")
+    p.add_argument("--runs", type=int, default=None,
+                   help="timed runs per implementation, after the warm-up (default: each row's own count in bench/rows.py)")
     p.add_argument("--json", default=str(ROOT / "bench" / "results.json"), help="where to write the figures")
     p.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)  # ROW IMPL TMP: internal
     p.add_argument("--prepare", nargs=2, help=argparse.SUPPRESS)  # FAMILY TMP: internal
     args = p.parse_args()
+    if args.runs is not None and args.runs < 1:
+        p.error(f"--runs must be at least 1, not {args.runs}.")
     if args.prepare:
         print(prepare_load_files(args.prepare[1], args.prepare[0]))
         return
     if args.worker:
-        print(json.dumps(worker(args.worker[0], args.worker[1], args.device, args.threads, args.worker[2])))
+        print(json.dumps(worker(args.worker[0], args.worker[1], args.device, args.threads, args.worker[2], args.runs)))
         return
     import torch
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -112,7 +117,7 @@ def main():
                 if r.returncode:
                     sys.exit(f"error: preparing the {family} checkpoint failed:\n{r.stderr[-3000:]}")
                 file_gb[row] = int(r.stdout.split()[-1]) / 2**30
-            results.append(run_row(row, args.device, args.threads, tmp))
+            results.append(run_row(row, args.device, args.threads, tmp, args.runs))
             if family:
                 (Path(tmp) / LOAD_FILES[family]).unlink()  # SDXL's is 6.9 GB
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": machine(args.device), "device": args.device,
