@@ -8,6 +8,7 @@ The variants, in this order (the costly compile last, so a run cut short keeps t
     diffusers       diffusers' UNet2DConditionModel, eager: the reference
     minidb          minidb's UNet, eager: what sample.py runs
     channels_last   minidb's UNet with its weights and input in channels-last layout
+    cuda_graph      minidb's UNet replayed as a CUDA graph, as sample.py does on a GPU (minidb/graphs.py)
     compile         torch.compile(minidb's UNet), default mode; the compile's seconds are reported
 Each: the median of --runs timed forwards after a warm-up, and its largest difference from the
 diffusers output (identical weights, bench/models.py). Each line is printed as soon as it is measured.
@@ -27,8 +28,9 @@ sys.path.insert(0, str(ROOT))
 
 from bench.models import build  # noqa: E402
 from bench.rows import sdxl_call, sdxl_conditioning  # noqa: E402
+from minidb.graphs import UnetGraph  # noqa: E402
 
-VARIANTS = ["diffusers", "minidb", "channels_last", "compile"]
+VARIANTS = ["diffusers", "minidb", "channels_last", "cuda_graph", "compile"]
 
 
 def timed(fn, runs, sync):
@@ -79,7 +81,7 @@ def main():
                 inp = x.contiguous(memory_format=torch.channels_last)
             else:
                 unet = unet.to(memory_format=torch.contiguous_format)
-            model = torch.compile(unet) if variant == "compile" else unet
+            model = {"compile": lambda: torch.compile(unet), "cuda_graph": lambda: UnetGraph(unet)}.get(variant, lambda: unet)()
             fn = sdxl_call(model, "minidb")
         with torch.no_grad():
             first, median, out = timed(lambda: fn(inp if variant != "diffusers" else x, t, ctx, pooled, time_ids),
