@@ -195,8 +195,9 @@ def sampler(impl, device, dtype, size, tmp):
 def sdxl_sampler(impl, device, size, tmp):
     """Text to image with SDXL's pipeline in both: fp16 on the GPU (both tools' default there: sample.py's
     --dtype, diffusers' torch_dtype examples), the VAE decoding in fp32 (minidb as sample.py does it,
-    diffusers by force_upcast). The function returns the seconds of its two phases: prompt encoding +
-    denoising, and decoding to a PIL image."""
+    diffusers by force_upcast). On the GPU minidb replays its UNet steps as a CUDA graph, as sample.py does
+    (minidb/graphs.py). The function returns the seconds of its two phases: prompt encoding + denoising,
+    and decoding to a PIL image."""
     import diffusers
     import torch
     import transformers

@@ -24,6 +24,15 @@ def tiny_sdxl():
                            text_encoder_2=te.TextEncoder(TINY_G))
 
 
+def on_gpu(model, dtype=None):
+    """Every part of the model on the GPU (in dtype, if given), in eval mode."""
+    for part in (model.unet, model.vae, model.text_encoder, model.text_encoder_2):
+        if part is not None:
+            part.to("cuda") if dtype is None else part.to("cuda", dtype)
+            part.eval()
+    return model
+
+
 def counting_replays(monkeypatch):
     replays = []
     replay = torch.cuda.CUDAGraph.replay
@@ -36,8 +45,9 @@ def test_off_the_gpu_the_unet_runs_as_always(monkeypatch):
     model.unet.eval()
     assert not can_graph(model.unet, torch.zeros(1))
     monkeypatch.setattr(UnetGraph, "__call__", lambda *a: pytest.fail("a CUDA graph was used on the CPU"))
-    a = sample_latents(model, "a dog", steps=3, progress=False)
-    b = sample_latents(model, "a dog", steps=3, progress=False, cuda_graph=False)
+    kw = dict(steps=3, height=32, width=32, progress=False)
+    a = sample_latents(model, "a dog", **kw)
+    b = sample_latents(model, "a dog", cuda_graph=False, **kw)
     assert torch.equal(a, b)
 
 
@@ -45,8 +55,7 @@ def test_off_the_gpu_the_unet_runs_as_always(monkeypatch):
 @pytest.mark.parametrize("sampler", list(SAMPLERS))
 @pytest.mark.parametrize("family", ["SD 1.x", "SDXL"])
 def test_replayed_steps_equal_eager_steps(family, sampler, monkeypatch):
-    model = (tiny_model() if family == "SD 1.x" else tiny_sdxl()).to("cuda")
-    model.unet.eval()
+    model = on_gpu(tiny_model() if family == "SD 1.x" else tiny_sdxl())
     kw = dict(steps=4, sampler=sampler, seed=3, height=32, width=32, progress=False, n=2)
     eager = sample_latents(model, "a photo of sks dog", "blurry", cuda_graph=False, **kw)
     replays = counting_replays(monkeypatch)
@@ -57,8 +66,7 @@ def test_replayed_steps_equal_eager_steps(family, sampler, monkeypatch):
 
 @gpu
 def test_fp16_replays_equal_eager(monkeypatch):
-    model = tiny_sdxl().to("cuda", torch.float16)
-    model.unet.eval()
+    model = on_gpu(tiny_sdxl(), torch.float16)
     kw = dict(steps=5, sampler="euler", seed=0, height=32, width=32, progress=False)
     eager = sample_latents(model, "a dog", cuda_graph=False, **kw)
     replays = counting_replays(monkeypatch)
@@ -69,7 +77,7 @@ def test_fp16_replays_equal_eager(monkeypatch):
 
 @gpu
 def test_training_mode_and_autocast_stay_eager(monkeypatch):
-    model = tiny_model().to("cuda")
+    model = on_gpu(tiny_model())
     replays = counting_replays(monkeypatch)
     model.unet.train()
     sample_latents(model, "a dog", steps=3, height=32, width=32, progress=False)
@@ -81,8 +89,7 @@ def test_training_mode_and_autocast_stay_eager(monkeypatch):
 
 @gpu
 def test_a_unet_that_cannot_be_recorded_runs_eagerly(monkeypatch):
-    model = tiny_model().to("cuda")
-    model.unet.eval()
+    model = on_gpu(tiny_model())
     kw = dict(steps=4, seed=1, height=32, width=32, progress=False)
     eager = sample_latents(model, "a dog", cuda_graph=False, **kw)
 
