@@ -1,21 +1,24 @@
 """Say what a checkpoint is and prove that minidb loads it: `python -m minidb.info MODEL`.
 
 Prints the version, the prediction type and how it was decided, the configs and the parameter
-counts; with --convert it also writes the model in the other layout. An existing target (such as a
+counts; with --convert it also writes the model in the other layout. Given a LoRA or an embedding
+instead, it says what that holds (family, layers, rank and alpha, the word) and how to draw with it. An existing target (such as a
 trained model) is only replaced with --overwrite, and then atomically: a crash leaves the old one.
 """
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import torch
 
 from minidb.cli import path_and_scale
-from minidb.files import ModelFileError, replace_folder
+from minidb.files import ModelFileError, read_tensors, replace_folder
 from minidb.load import load
-from minidb.lora_files import merge_lora
+from minidb.lora_files import describe_lora, merge_lora
 from minidb.save import save_diffusers, save_single_file
+from minidb.single_file import unsupported
 
 HELP = """\
 MODEL is a diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/;
@@ -62,7 +65,16 @@ def main(argv=None):
             second = f" and {n['text_encoder_2']} second-text-encoder" if "text_encoder_2" in n else ""
             print(f"merged {path} at scale {scale:g}: {n['unet']} UNet, {n['text_encoder']} text-encoder{second} layers")
     except ModelFileError as e:
-        return fail(str(e))
+        try:  # a LoRA or an embedding: say what it holds (not with --convert or --merge-lora, which need a model)
+            lines = None if args.convert or args.merge_lora else describe_addon(Path(args.model))
+        except ModelFileError as refusal:  # an adapter kind minidb cannot use
+            return fail(str(refusal))
+        if lines is None:
+            return fail(str(e))
+        print(f"{args.model}: {lines[0][1]}")
+        for heading, text in lines[1:]:
+            print(f"  {heading:10s} {text}")
+        return 0
 
     print(f"{args.model}: {model.version}, predicts {model.prediction_type}, trained at {model.resolution} px")
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
@@ -86,6 +98,57 @@ def main(argv=None):
             return fail(f"cannot write {out} ({e.strerror or e}); choose a place you can write to.")
         print(f"wrote {out}")
     return 0
+
+
+def describe_addon(path):
+    """A LoRA's or an embedding's description as (heading, text) lines, the kind first and how to draw
+    with it last; None for any other file."""
+    if not path.is_file():
+        return None
+    try:
+        tensors, metadata = read_tensors(path)
+    except ModelFileError:
+        return None
+    kind = unsupported(tensors) or ""
+    if kind.startswith("a LoRA"):
+        (family, lines), use, subject = describe_lora(path, tensors, metadata), f"--lora {path}", None
+    elif kind.startswith("a textual-inversion"):
+        (family, lines), use, subject = describe_embedding(path, tensors), f"--embedding {path}", path.stem.lower()
+    else:
+        return None
+    try:
+        made = json.loads(metadata.get("minidb", "null"))
+    except json.JSONDecodeError:
+        made = None
+    steps = f", {metadata['ss_steps']} steps" if "ss_steps" in metadata else ""
+    base = f" on {metadata['ss_sd_model_name']}" if "ss_sd_model_name" in metadata else ""
+    if isinstance(made, dict) and isinstance(made.get("identifier"), str):  # kohya's ss_* and minidb's own record
+        lines.append(("trained", f"by minidb ({made.get('method')}{steps}{base}): identifier {made['identifier']}, "
+                                 f"class {made.get('class')}"))
+        subject = f"{made['identifier']} {made.get('class')}"
+    elif base:
+        lines.append(("trained", base.strip() + steps))
+    model = f"<an {family} model>" if family else "<its base model>"
+    prompt = f"a photo of {subject}" if subject else "..."
+    return lines + [("use", f'python sample.py --model {model} {use} --prompt "{prompt}"')]
+
+
+def describe_embedding(path, tensors):
+    """AUTOMATIC1111's embedding layouts: emb_params (n, C), string_to_param in a .pt, SDXL's clip_l and
+    clip_g -> (the family it was made for or None, [(heading, text)])."""
+    if isinstance(tensors.get("string_to_param"), dict):
+        tensors = tensors["string_to_param"]
+    tensors = {k: t for k, t in tensors.items() if isinstance(t, torch.Tensor)}
+    if "clip_l" in tensors and "clip_g" in tensors:
+        family, layout, vectors = "SDXL", "clip_l and clip_g", [tensors["clip_l"], tensors["clip_g"]]
+    else:
+        name = "emb_params" if "emb_params" in tensors else next(iter(tensors))
+        family, layout, vectors = {768: "SD 1.x", 1024: "SD 2.x"}.get(tensors[name].shape[-1]), name, [tensors[name]]
+    n = vectors[0].reshape(-1, vectors[0].shape[-1]).shape[0]
+    wide = " + ".join(str(v.shape[-1]) for v in vectors)
+    return family, [("kind", f"a textual-inversion embedding for {family or 'an unknown model family'}, "
+                             f"AUTOMATIC1111's layout ({layout})"),
+                    ("word", f"{path.stem.lower()} (the file's name), {n} vector{'s' * (n > 1)} of {wide} numbers")]
 
 
 def fail(message):  # one sentence for the user, exit status 2

@@ -101,6 +101,14 @@ def _fail(path, model, tensors, metadata, problem):
     raise ModelFileError(f"{path} {problem}.")
 
 
+def _refuse_other_kinds(path, tensors):
+    for key in tensors:
+        kind = re.search(r"\.(hada_w|lokr_w|lora_mid|dora_scale|lora_magnitude_vector|oft_|diff$|diff_b$)", key)
+        if kind:
+            raise ModelFileError(f"{path} is a {OTHER_KINDS[kind[1]]} adapter ({key}), which minidb does not read; "
+                                 "it reads plain LoRA and LoCon files.")
+
+
 def _first(items, n=3):
     return ", ".join(items[:n]) + (", ..." if len(items) > n else "")
 
@@ -128,11 +136,7 @@ def _read(path, model):
         if any(k.startswith(FULL_MODEL) for k in tensors):
             raise ModelFileError(f"{path} is a full model checkpoint, not a LoRA; load it as the base model instead.")
         raise ModelFileError(f"{path} holds no LoRA tensors (lora_down/lora_up or lora_A/lora_B), so it is not a LoRA.")
-    for key in tensors:
-        kind = re.search(r"\.(hada_w|lokr_w|lora_mid|dora_scale|lora_magnitude_vector|oft_|diff$|diff_b$)", key)
-        if kind:
-            raise ModelFileError(f"{path} is a {OTHER_KINDS[kind[1]]} adapter ({key}), which minidb does not read; "
-                                 "it reads plain LoRA and LoCon files.")
+    _refuse_other_kinds(path, tensors)
     _check_family(path, model, {}, metadata)  # what kohya's metadata says
 
     aliases, layers, unknown = _aliases(model), {}, []
@@ -191,6 +195,47 @@ def _peft_settings(path, metadata):
         raise ModelFileError(f"{path} has lora_adapter_metadata that is not a JSON object of LoRA settings; "
                              "the file is damaged, so download or export it again.")
     return settings
+
+
+def _part_of(name):
+    """Which part of the model a layer name in a file belongs to, by its prefix."""
+    for prefixes, part in ((("lora_te2_", "text_encoder_2."), "text_encoder_2"),
+                           (("lora_te1_", "lora_te_", "text_encoder."), "text_encoder")):
+        if name.startswith(prefixes):
+            return part
+    return "unet"
+
+
+def describe_lora(path, tensors, metadata):
+    """What a LoRA file holds, without a model to apply it to (`python -m minidb.info LORA`): (the family
+    it was made for or None, [(heading, text)] on its layout, layers, ranks and alphas). Other adapter
+    kinds are one sentence (ModelFileError), since minidb cannot use them."""
+    _refuse_other_kinds(path, tensors)
+    roles = {}
+    for key, t in tensors.items():
+        if (split := _split(key)) and isinstance(t, torch.Tensor):
+            roles.setdefault(split[1], {})[split[0]] = t
+    downs, alphas = roles.get("down", {}), roles.get("alpha", {})
+    layout = ("kohya's (AUTOMATIC1111, ComfyUI)" if any(k.startswith("lora_") for k in tensors) else
+              "diffusers' / PEFT's" if any(".lora_A." in k for k in tensors) else "an older diffusers")
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in downs.values()})
+    family = _made_for(tensors, metadata)
+    parts = {"unet": "UNet", "text_encoder": "text encoder", "text_encoder_2": "second text encoder"}
+    counts = [f"{n} {words}" for part, words in parts.items() if (n := sum(_part_of(name) == part for name in downs))]
+    convs = sum(t.ndim == 4 and t.shape[-1] > 1 for t in downs.values())  # LoCon: 3x3 convolutions adapted too
+    ranks = sorted({t.shape[0] for t in downs.values()})
+    if alphas:
+        values, source = sorted({round(float(t.float().reshape(-1)[0]), 4) for t in alphas.values()}), ""
+    else:
+        settings = _peft_settings(path, metadata)
+        values = sorted({v for k, v in settings.items() if k.endswith(".lora_alpha") and isinstance(v, (int, float))})
+        source = " (lora_adapter_metadata)" if values else " (none given: alpha = rank)"
+        values = values or ranks
+    scale = f", scale {values[0] / ranks[0]:g}" if len(ranks) == len(values) == 1 else ""
+    return family, [
+        ("kind", f"a LoRA for {family or 'an unknown model family'}, {layout} layout, {' and '.join(dtypes)}"),
+        ("layers", ", ".join(counts) + (f" ({convs} of them 3x3 convolutions: LoCon)" if convs else "")),
+        ("rank", f"{', '.join(map(str, ranks))}; alpha {', '.join(f'{a:g}' for a in values)}{source}{scale}")]
 
 
 def _delta(layer, down, up, scale):

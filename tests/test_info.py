@@ -156,3 +156,73 @@ def test_merge_lora_writes_the_base_plus_the_lora(tiny_file, tmp_path, capsys):
     assert any(not torch.equal(a[k], v) for k, v in load(tiny_file).unet.state_dict().items())
     assert main([str(tiny_file), "--merge-lora", str(tmp_path / "l.safetensors")]) == 2
     assert "add --convert OUT" in capsys.readouterr().err
+
+
+# ---- a LoRA or an embedding: what it holds and how to draw with it ----
+
+def described(capsys, path, *args):
+    """main()'s exit status and its lines {heading: text} (the first line under 'kind')."""
+    status = main([str(path), *map(str, args)])
+    out = capsys.readouterr().out.splitlines()
+    lines = {"kind": out[0].split(": ", 1)[1]} if out else {}
+    lines.update(line.strip().split(None, 1) for line in out[1:])
+    return status, lines
+
+
+def test_info_describes_a_lora_minidb_trained(tmp_path, capsys):
+    from minidb.lora import LoRA, save_kohya
+    lora = LoRA(tiny_model(), rank=4, alpha=2, text_encoder=True)
+    about = {"ss_steps": "400", "ss_sd_model_name": "base.safetensors",
+             "minidb": json.dumps({"identifier": "zwx", "class": "cup", "method": "lora"})}
+    save_kohya(lora, tmp_path / "lora.safetensors", metadata=about)
+    status, lines = described(capsys, tmp_path / "lora.safetensors")
+    assert status == 0
+    assert lines["kind"] == "a LoRA for SD 1.x, kohya's (AUTOMATIC1111, ComfyUI) layout, float16"
+    names = [name for name, _ in lora.named_children()]  # kohya's names: lora_unet_..., lora_te_...
+    unet, text = sum(n.startswith("lora_unet_") for n in names), sum(n.startswith("lora_te_") for n in names)
+    assert unet and text and unet + text == len(names)
+    assert lines["layers"] == f"{unet} UNet, {text} text encoder"
+    assert lines["rank"] == f"4; alpha 2, scale {2 / 4:g}"
+    assert lines["trained"] == "by minidb (lora, 400 steps on base.safetensors): identifier zwx, class cup"
+    assert lines["use"] == (f'python sample.py --model <an SD 1.x model> --lora {tmp_path / "lora.safetensors"} '
+                            '--prompt "a photo of zwx cup"')
+
+
+def test_info_describes_a_peft_lora_and_its_metadata_alpha(tmp_path, capsys):
+    layer = "unet.down_blocks.0.attentions.0.transformer_blocks.1.attn2.to_k"  # depth 2: SDXL's shapes
+    tensors = {f"{layer}.lora_A.weight": torch.ones(8, 2048), f"{layer}.lora_B.weight": torch.ones(640, 8),
+               "text_encoder_2.text_model.encoder.layers.0.mlp.fc1.lora_A.weight": torch.ones(8, 1280),
+               "text_encoder_2.text_model.encoder.layers.0.mlp.fc1.lora_B.weight": torch.ones(5120, 8)}
+    save_file(tensors, tmp_path / "p.safetensors",
+              metadata={"lora_adapter_metadata": json.dumps({"unet.r": 8, "unet.lora_alpha": 4})})
+    status, lines = described(capsys, tmp_path / "p.safetensors")
+    assert status == 0
+    assert lines["kind"] == "a LoRA for SDXL, diffusers' / PEFT's layout, float32"
+    assert lines["layers"] == "1 UNet, 1 second text encoder"
+    assert lines["rank"] == f"8; alpha 4 (lora_adapter_metadata), scale {4 / 8:g}"
+    assert "trained" not in lines and lines["use"].endswith('--prompt "..."')
+
+
+@pytest.mark.parametrize("tensors,family,numbers", [
+    ({"emb_params": torch.ones(3, 768)}, "SD 1.x", "3 vectors of 768 numbers"),
+    ({"emb_params": torch.ones(1, 1024)}, "SD 2.x", "1 vector of 1024 numbers"),
+    ({"clip_l": torch.ones(2, 768), "clip_g": torch.ones(2, 1280)}, "SDXL", "2 vectors of 768 + 1280 numbers"),
+])
+def test_info_describes_an_embedding(tmp_path, capsys, tensors, family, numbers):
+    save_file(tensors, tmp_path / "Zwx.safetensors")
+    status, lines = described(capsys, tmp_path / "Zwx.safetensors")
+    assert status == 0
+    assert lines["kind"].startswith(f"a textual-inversion embedding for {family}, AUTOMATIC1111's layout (")
+    assert lines["word"] == f"zwx (the file's name), {numbers}"  # the word is the file's name, lower-cased
+    assert lines["use"] == (f"python sample.py --model <an {family} model> --embedding {tmp_path / 'Zwx.safetensors'} "
+                            '--prompt "a photo of zwx"')
+
+
+def test_info_refuses_other_adapter_kinds_and_conversions_of_add_ons(tmp_path, capsys):
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a": torch.ones(2, 2)}, tmp_path / "h.safetensors")
+    assert main([str(tmp_path / "h.safetensors")]) == 2
+    assert "is a LoHa adapter" in error_line(capsys)
+    save_file({"emb_params": torch.ones(1, 768)}, tmp_path / "w.safetensors")
+    assert main([str(tmp_path / "w.safetensors"), "--convert", str(tmp_path / "out.safetensors")]) == 2
+    assert "draw with a base model and this file: sample.py --embedding" in error_line(capsys)
+    assert not (tmp_path / "out.safetensors").exists()
