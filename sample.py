@@ -36,6 +36,7 @@ from minidb.cli import DTYPES, SEED_MAX, check_device, cpu_bf16, fail, number, p
 from minidb.dreambooth import NewWord
 from minidb.fetch import DEFAULT_MODEL, default_model, how_to_get_weights
 from minidb.files import DiskFull, ModelFileError, disk_full_is_an_error
+from minidb.graphs import UnetGraph
 from minidb.info import HELP as MODEL_HELP
 from minidb.load import load
 from minidb.lora_files import merge_lora
@@ -235,13 +236,13 @@ def main(argv=None):
     out = Path(args.out)
     taken = [int(m[1]) for f in out.glob("*.png") if (m := re.match(r"(\d{5})-", f.name))]
     first = max(taken, default=-1) + 1  # continue numbering; never overwrite earlier images
-    images = []
+    images, graph = [], UnetGraph(model.unet)  # on a GPU the UNet is recorded once, for every picture
     for i in range(args.n):
         try:
             with autocast:
                 latents = sample_latents(model, args.prompt, args.negative_prompt, n=1, steps=args.steps,
                                          guidance=args.guidance, seed=seed + i, height=height, width=width,
-                                         sampler=args.sampler, long_prompts=args.long_prompts)
+                                         sampler=args.sampler, long_prompts=args.long_prompts, graph=graph)
                 image = decode(model, latents)[0]
         except RuntimeError as e:
             if not out_of_memory(e):

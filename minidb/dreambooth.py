@@ -22,6 +22,7 @@ from tqdm import tqdm
 from minidb import hub
 from minidb.distributed import barrier, rank_and_world
 from minidb.files import ModelFileError, atomic_write, read_tensors, write_safetensors
+from minidb.graphs import UnetGraph
 from minidb.pipeline import sample_latents
 
 # ---- the identifier ----
@@ -222,12 +223,13 @@ def class_prior(model, model_path, prompt, count, resolution, sampler, steps, gu
     barrier()
     have = _valid_prefix(folder, count)
     mine = shard(have, count, batch, rank, world)
+    graph = UnetGraph(model.unet)  # on a GPU: one recording of the UNet for every batch of the same size
     with tqdm(total=len(mine) * batch, desc=f"class prior '{prompt}'" + (f" (process {rank})" if world > 1 else ""),
               disable=not mine) as bar:
         for first in mine:
             n = min(batch, count - first)
             latents = sample_latents(model, prompt, n=n, steps=steps, guidance=guidance, seed=seed + first,
-                                     height=resolution, width=resolution, sampler=sampler, progress=False)
+                                     height=resolution, width=resolution, sampler=sampler, progress=False, graph=graph)
             for j in range(n):
                 write_safetensors(folder / f"{first + j:05d}.safetensors", {"latent": latents[j].float()})
             bar.update(n)

@@ -7,19 +7,23 @@ work on the GPU takes about as long as its launch on the CPU, so the GPU waits. 
 the whole forward once and then launches it as one unit: the same kernels on the same memory, with no
 Python between them (PyTorch's "CUDA Graphs" notes).
 
-    step 1:  eager, on a side stream: the warm-up that CUDA graphs ask for (cuDNN and cuBLAS pick their
-             algorithms and workspaces), and already the step's real output
-    step 2:  copy the inputs into fixed buffers, record the forward into a graph, replay it
-    step k:  copy the inputs into the same buffers, replay
+    first call:   eager, on a side stream: the warm-up that CUDA graphs ask for (cuDNN and cuBLAS pick
+                  their algorithms and workspaces), and already that step's real output
+    second call:  copy the inputs into fixed buffers, record the forward into a graph, replay it
+    later calls:  copy the inputs into the same buffers, replay
+    other shapes: the recording is dropped and the three steps start again
 
-The recording's memory lives as long as the UnetGraph, which sample_latents drops when it returns, so
-nothing stays allocated between pictures. Only for CUDA, a UNet in eval mode, and no autocast (whose
-weight cache does not mix with graphs); everywhere else the UNet runs as it always does.
+The recording holds one forward's activations for as long as the UnetGraph lives: sample_latents makes
+one per call unless it is handed one to keep (sample.py and the class prior keep one for all their
+pictures, so each run records once). Only for CUDA, a UNet in eval mode, and no autocast (whose weight
+cache does not mix with graphs); everywhere else the UNet runs as it always does.
 """
 
 import warnings
 
 import torch
+
+_side_streams = {}  # device -> the one side stream for warm-ups, so that their cached memory is reused
 
 
 def can_graph(unet, x):
@@ -30,24 +34,31 @@ class UnetGraph:
     """Call as the UNet itself: graph(x, t, context, y) -> the UNet's output for these inputs."""
 
     def __init__(self, unet):
-        self.unet, self.graph, self.inputs, self.output, self.failed = unet, None, None, None, False
+        self.unet, self.failed = unet, False
+        self.graph = self.inputs = self.output = None
 
     def __call__(self, x, t, context, y=None):
         t = torch.as_tensor(t, device=x.device)  # a device tensor, so the recording reads it from memory
+        values = (x, t, context, y)
         if self.failed:
-            return self.unet(x, t, context, y)
-        if self.inputs is None:  # step 1: eager on a side stream, the warm-up
-            side = torch.cuda.Stream(x.device)
+            return self.unet(*values)
+        if self.inputs is not None and [(v.shape, v.dtype) for v in self.inputs if v is not None] != \
+                [(v.shape, v.dtype) for v in values if v is not None]:
+            self.graph = self.inputs = self.output = None  # other shapes: record again
+        if self.inputs is None:  # the warm-up, eager on a side stream
+            if x.device not in _side_streams:
+                _side_streams[x.device] = torch.cuda.Stream(x.device)
+            side = _side_streams[x.device]
             side.wait_stream(torch.cuda.current_stream(x.device))
             with torch.cuda.stream(side):
-                out = self.unet(x, t, context, y)
+                out = self.unet(*values)
             torch.cuda.current_stream(x.device).wait_stream(side)
-            self.inputs = [v.clone() if v is not None else None for v in (x, t, context, y)]
+            self.inputs = [v.clone() if v is not None else None for v in values]
             return out
-        for buffer, value in zip(self.inputs, (x, t, context, y)):
+        for buffer, value in zip(self.inputs, values):
             if buffer is not None:
                 buffer.copy_(value)
-        if self.graph is None:  # step 2: record
+        if self.graph is None:  # record
             try:
                 self.graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(self.graph):
@@ -55,6 +66,6 @@ class UnetGraph:
             except RuntimeError as e:  # an operation that cannot be recorded: eager from here on
                 warnings.warn(f"the UNet could not be recorded as a CUDA graph ({e}); sampling runs it eagerly.")
                 self.failed, self.graph = True, None
-                return self.unet(x, t, context, y)
+                return self.unet(*values)
         self.graph.replay()
         return self.output.clone()  # the next replay overwrites self.output

@@ -123,11 +123,12 @@ def initial_noise(n, height, width, seed, channels=4, factor=8):
 
 @torch.no_grad()
 def sample_latents(model, prompt, negative_prompt="", n=1, steps=50, guidance=7.5, seed=0, height=512, width=512,
-                   sampler="ddim", progress=True, long_prompts=False, cuda_graph=True):
+                   sampler="ddim", progress=True, long_prompts=False, cuda_graph=True, graph=None):
     """Run the denoising loop; returns the final latents (n, 4, H/8, W/8), still scaled by 0.18215.
     With long_prompts, the prompt and the negative prompt are read whole (encode_prompt); when their
     lengths differ, the two halves of guidance go through the UNet separately, as A1111 does.
-    On a GPU the UNet's steps are replayed as a CUDA graph (minidb/graphs.py) unless cuda_graph=False."""
+    On a GPU the UNet's steps are replayed as a CUDA graph (minidb/graphs.py) unless cuda_graph=False:
+    `graph`, a UnetGraph(model.unet) kept by the caller, records once for many calls; else each call records."""
     p = next(model.unet.parameters())
     context, pooled = encode_prompt(model, [prompt], long_prompts)  # one encoding serves every image
     y = added_conditioning(pooled, (height, width)) if pooled is not None else None  # SDXL
@@ -154,7 +155,7 @@ def sample_latents(model, prompt, negative_prompt="", n=1, steps=50, guidance=7.
     noise, generator = initial_noise(n, height, width, seed, model.unet.cfg.in_channels, factor)
     x = (noise * solver.init_noise_sigma).to(p.device, p.dtype)
     graphed = cuda_graph and torch.is_tensor(context) and can_graph(model.unet, x)
-    unet = UnetGraph(model.unet) if graphed else model.unet
+    unet = (graph or UnetGraph(model.unet)) if graphed else model.unet
 
     for t in tqdm(solver.timesteps, desc="denoising", disable=not progress, leave=False):
         x_in = solver.scale_model_input(torch.cat([x, x]) if guide else x, t)

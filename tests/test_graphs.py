@@ -99,3 +99,20 @@ def test_a_unet_that_cannot_be_recorded_runs_eagerly(monkeypatch):
     with pytest.warns(UserWarning, match="could not be recorded as a CUDA graph"):
         fallback = sample_latents(model, "a dog", **kw)
     torch.testing.assert_close(fallback, eager, rtol=1e-5, atol=1e-5)
+
+
+@gpu
+def test_a_kept_graph_records_once_and_again_for_other_shapes(monkeypatch):
+    """sample.py and the class prior keep one UnetGraph for all their pictures: recorded once while the
+    shapes stay, recorded again when they change, equal to eager throughout."""
+    model = on_gpu(tiny_model())
+    graph = UnetGraph(model.unet)
+    replays = counting_replays(monkeypatch)
+    recordings = []
+    for seed, size in [(0, 32), (1, 32), (2, 32), (3, 48)]:
+        kw = dict(steps=3, seed=seed, height=size, width=size, progress=False)
+        eager = sample_latents(model, "a dog", cuda_graph=False, **kw)
+        torch.testing.assert_close(sample_latents(model, "a dog", graph=graph, **kw), eager, rtol=1e-5, atol=1e-5)
+        recordings.append(graph.graph)
+    assert recordings[0] is recordings[1] is recordings[2] and recordings[3] is not recordings[2]
+    assert len(replays) == 2 + 3 + 3 + 2  # the warm-up and the recording's step come once per shape
