@@ -24,6 +24,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")  # PyTorch's pickles: read with weights_only, never written
+WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)  # what a weights file's name ends with
+
 
 class ModelFileError(ValueError):
     """A model file or folder that minidb cannot use. The message is one sentence for the user."""
@@ -33,7 +36,7 @@ def read_tensors(path):
     """Read every tensor of a weights file -> (dict name -> tensor, safetensors metadata or {})."""
     path = Path(path)
     if path.is_dir():
-        inside = sorted(p.name for p in path.glob("*") if p.suffix in (".safetensors", ".ckpt", ".pt"))
+        inside = sorted(p.name for p in path.glob("*") if p.suffix.lower() in WEIGHT_SUFFIXES)
         held = f" (it holds {', '.join(inside[:3])}{', ...' if len(inside) > 3 else ''})" if inside else ""
         raise ModelFileError(f"{path} is a folder, not a weights file; pass the file itself{held}.")
     if not path.is_file():

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from minidb.cli import path_and_scale
-from minidb.files import ModelFileError, read_tensors, replace_folder
+from minidb.files import PICKLE_SUFFIXES, ModelFileError, read_tensors, replace_folder
 from minidb.load import load
 from minidb.lora_files import describe_lora, merge_lora
 from minidb.save import save_diffusers, save_single_file
@@ -154,9 +154,6 @@ def describe_embedding(path, tensors):
 def fail(message):  # one sentence for the user, exit status 2
     print(f"error: {message}", file=sys.stderr)
     return 2
-
-
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
 def target_problem(out, overwrite):

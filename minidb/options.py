@@ -12,7 +12,7 @@ from safetensors import SafetensorError, safe_open
 from minidb import hub, runs, single_file
 from minidb.cli import DTYPES, SEED_MAX, check_device, number, text
 from minidb.fetch import DEFAULT_MODEL, TOY_MODEL, how_to_get_weights
-from minidb.files import ModelFileError, read_tensors
+from minidb.files import WEIGHT_SUFFIXES, ModelFileError, read_tensors
 from minidb.info import HELP as MODEL_HELP
 from minidb.loop import SCHEDULES
 
@@ -215,7 +215,7 @@ def check(args):
             return "--use-8bit-adam needs bitsandbytes (pip install bitsandbytes, CUDA only); or leave the flag off."
     if args.resume and args.out is None and not (runs.RUNS / "latest").is_dir():
         return f"--resume without --out continues {runs.RUNS / 'latest'}, which does not exist; pass the run's --out."
-    if args.out is not None and Path(args.out).suffix.lower() in (".safetensors", ".ckpt", ".pt", ".bin") \
+    if args.out is not None and Path(args.out).suffix.lower() in WEIGHT_SUFFIXES \
             and not Path(args.out).is_dir():
         return (f"--out {args.out} looks like a model file's name, but --out is the run's folder (the model is "
                 f"written into it, as model.safetensors and more); pass a folder, such as --out "
