@@ -14,8 +14,8 @@ Python between them (PyTorch's "CUDA Graphs" notes).
     other shapes: the recording is dropped and the three steps start again
 
 The recording holds one forward's activations for as long as the UnetGraph lives: sample_latents makes
-one per call unless it is handed one to keep (sample.py and the class prior keep one for all their
-pictures, so each run records once). Only for CUDA, a UNet in eval mode, and no autocast (whose weight
+one per call unless it is handed one to keep (sample.py, the class prior and each validation grid keep
+one for all their pictures, so each records once). Only for CUDA, a UNet in eval mode, and no autocast (whose weight
 cache does not mix with graphs); everywhere else the UNet runs as it always does.
 """
 

@@ -19,6 +19,7 @@ import math
 import torch
 from PIL import Image
 
+from minidb.graphs import UnetGraph
 from minidb.pipeline import DEFAULTS, added_conditioning, decode, encode_tokens, grid, sample_latents, token_ids
 from minidb.schedulers import NUM_TRAIN_TIMESTEPS
 
@@ -170,8 +171,10 @@ def validation_grid(model, rows, n, steps, seed, resolution, long_prompts):
     """The validation picture: a row per list of prompts, `n` seeds per prompt, each drawn as sample.py
     draws by default (DDIM at 7.5, SDXL Euler at 5.0); a short row is padded with white."""
     model.unet.eval()
+    graph = UnetGraph(model.unet)  # on a GPU (without autocast): one recording for the whole grid
     images = [[decode(model, sample_latents(model, p, n=n, steps=steps, seed=seed, height=resolution, width=resolution,
-                                            progress=False, long_prompts=long_prompts, **DEFAULTS[model.version]))
+                                            progress=False, long_prompts=long_prompts, graph=graph,
+                                            **DEFAULTS[model.version]))
                for p in row] for row in rows]
     model.unet.train()
     cols = max(len(row) for row in rows) * n
