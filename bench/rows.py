@@ -171,6 +171,7 @@ def sampler(impl, device, dtype, size, tmp):
     import diffusers
     import torch
     import transformers
+    from minidb.graphs import UnetGraph
     from minidb.load import StableDiffusion
     from minidb.pipeline import decode, sample_latents
     from minidb.save import scheduler_config
@@ -180,8 +181,9 @@ def sampler(impl, device, dtype, size, tmp):
     if impl == "minidb":
         model = StableDiffusion(Tokenizer.for_version("SD 1.x"), parts["text"], parts["vae"], parts["unet"],
                                 "SD 1.x", "epsilon")
+        graph = UnetGraph(model.unet)  # kept from picture to picture, as sample.py keeps it
         return lambda steps=50: decode(model, sample_latents(model, prompt, steps=steps, guidance=7.5, seed=0, height=size,
-                                                    width=size, progress=False))
+                                                             width=size, progress=False, graph=graph))
     Tokenizer.for_version("SD 1.x").save(Path(tmp) / "tok")
     pipe = diffusers.StableDiffusionPipeline(
         vae=parts["vae"], text_encoder=parts["text"], tokenizer=transformers.CLIPTokenizer.from_pretrained(Path(tmp) / "tok"),
@@ -201,6 +203,7 @@ def sdxl_sampler(impl, device, size, tmp):
     import diffusers
     import torch
     import transformers
+    from minidb.graphs import UnetGraph
     from minidb.load import StableDiffusion
     from minidb.pipeline import decode, sample_latents
     from minidb.save import scheduler_config
@@ -212,11 +215,12 @@ def sdxl_sampler(impl, device, size, tmp):
     if impl == "minidb":
         model = StableDiffusion(Tokenizer.for_version("SD 1.x"), parts["text"], parts["vae"].float(), parts["unet"],
                                 "SDXL", "epsilon", Tokenizer.for_version("SD 2.x"), parts["text_2"])
+        graph = UnetGraph(model.unet)  # kept from picture to picture, as sample.py keeps it
 
         def run(steps=SDXL_STEPS):
             t0 = time.perf_counter()
             latents = sample_latents(model, prompt, steps=steps, guidance=5.0, seed=0, height=size, width=size,
-                                     sampler="euler", progress=False)
+                                     sampler="euler", progress=False, graph=graph)
             sync()
             t1 = time.perf_counter()
             decode(model, latents)
