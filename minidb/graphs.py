@@ -30,6 +30,26 @@ def can_graph(unet, x):
     return x.is_cuda and not unet.training and not torch.is_autocast_enabled("cuda")
 
 
+def warm_up(fn, device):
+    """fn() run eagerly on the device's side stream, after the work queued before it and before what follows."""
+    if device not in _side_streams:
+        _side_streams[device] = torch.cuda.Stream(device)
+    side, current = _side_streams[device], torch.cuda.current_stream(device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        out = fn()
+    current.wait_stream(side)
+    return out
+
+
+def record(fn):
+    """fn recorded as a CUDA graph, not run -> (the graph, the tensors each replay writes)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 class UnetGraph:
     """Call as the UNet itself: graph(x, t, context, y) -> the UNet's output for these inputs."""
 
@@ -45,24 +65,16 @@ class UnetGraph:
         if self.inputs is not None and [(v.shape, v.dtype) for v in self.inputs if v is not None] != \
                 [(v.shape, v.dtype) for v in values if v is not None]:
             self.graph = self.inputs = self.output = None  # other shapes: record again
-        if self.inputs is None:  # the warm-up, eager on a side stream
-            if x.device not in _side_streams:
-                _side_streams[x.device] = torch.cuda.Stream(x.device)
-            side = _side_streams[x.device]
-            side.wait_stream(torch.cuda.current_stream(x.device))
-            with torch.cuda.stream(side):
-                out = self.unet(*values)
-            torch.cuda.current_stream(x.device).wait_stream(side)
-            self.inputs = [v.clone() if v is not None else None for v in values]
+        if self.inputs is None:  # the warm-up, whose output is this step's
+            out = warm_up(lambda: self.unet(*values), x.device)
+            self.inputs = [v.clone() if v is not None else None for v in values]  # the recording's fixed inputs
             return out
         for buffer, value in zip(self.inputs, values):
             if buffer is not None:
                 buffer.copy_(value)
-        if self.graph is None:  # record
+        if self.graph is None:
             try:
-                self.graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(self.graph):
-                    self.output = self.unet(*self.inputs)
+                self.graph, self.output = record(lambda: self.unet(*self.inputs))
             except RuntimeError as e:  # an operation that cannot be recorded: eager from here on
                 warnings.warn(f"the UNet could not be recorded as a CUDA graph ({e}); sampling runs it eagerly.")
                 self.failed, self.graph = True, None
