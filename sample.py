@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from minidb import hub, memory, pnginfo
+from minidb import hub, memory, pnginfo, runs
 from minidb.cli import DTYPES, SEED_MAX, check_device, cpu_bf16, fail, number, path_and_scale, run, text
 from minidb.dreambooth import NewWord
 from minidb.fetch import DEFAULT_MODEL, default_model, how_to_get_weights
@@ -112,9 +112,6 @@ def parse_args(argv=None):
 
 def check(args):
     """Every problem with the arguments that can be found before loading anything, as one sentence."""
-    if "[V]" in args.prompt:  # the docs' placeholder, copied as it is
-        warnings.warn("The prompt holds [V], which the model reads as those letters; write the identifier your "
-                      "train.py run printed instead (its README.md names it).")
     for name in ("height", "width"):
         value = getattr(args, name)
         if value is not None and value % 8:
@@ -145,6 +142,22 @@ def check(args):
     if not os.access(nearest, os.W_OK | os.X_OK):
         return f"Cannot write to --out {args.out} ({nearest} is not writable); choose another folder."
     return None
+
+
+def fill_identifier(prompt, paths):
+    """[V], the docs' placeholder for the subject, read as the identifier that the files given (a model, LoRA
+    or embedding that train.py exported) record, when they record exactly one; else a warning, and the
+    model reads the letters [V]."""
+    if "[V]" not in prompt:
+        return prompt
+    found = runs.recorded_identifiers(paths)
+    if len(found) == 1:
+        print(f"[V] in the prompt is read as {found[0]}, the identifier that the train.py run recorded in its files.")
+        return prompt.replace("[V]", found[0])
+    these = f"; these files record {', '.join(found)}" if found else ""
+    warnings.warn("The prompt holds [V], which the model reads as those letters; write the identifier your "
+                  f"train.py run printed instead (its README.md names it{these}).")
+    return prompt
 
 
 def save_png(image, path, parameters, settings):
@@ -194,6 +207,7 @@ def main(argv=None):
                  for path in args.embedding]
     except ModelFileError as e:
         fail(str(e))
+    args.prompt = fill_identifier(args.prompt, [args.model, *(path for path, _ in args.lora), *args.embedding])
     for name, value in DEFAULTS[model.version].items():  # the version's own, unless asked otherwise
         setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
     if model.vae.cfg.force_upcast:  # SDXL's VAE overflows in fp16, SD's can; it runs once per image

@@ -38,7 +38,7 @@ def export(args, settings, out, model, parts, trained, subjects, steps, dtypes):
         for name, module in parts.items():
             module.to(dtypes[name])
         replace_folder(out / "model", lambda tmp: save_diffusers(model, tmp))
-        save_single_file(model, out / "model.safetensors")
+        save_single_file(model, out / "model.safetensors", metadata={"minidb_run": about["minidb"]})  # its identifier
         written += [out / "model", out / "model.safetensors"]
     if "lora" in trained:
         save_kohya(trained["lora"], lora_file, metadata=about)

@@ -46,6 +46,17 @@ def read_tensors(path):
     return _read_pickle(path), {}
 
 
+def read_metadata(path):
+    """A .safetensors file's metadata alone, no tensors read; {} for anything else or a file that cannot be read."""
+    if Path(path).suffix != ".safetensors" or not Path(path).is_file():
+        return {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError, RuntimeError, ValueError):
+        return {}
+
+
 def _read_safetensors(path):
     try:
         with safe_open(str(path), framework="pt") as f:

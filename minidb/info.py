@@ -17,6 +17,7 @@ from minidb.cli import path_and_scale
 from minidb.files import PICKLE_SUFFIXES, ModelFileError, read_tensors, replace_folder
 from minidb.load import load
 from minidb.lora_files import describe_lora, merge_lora
+from minidb.runs import recorded_identifiers
 from minidb.save import save_diffusers, save_single_file
 from minidb.single_file import unsupported
 
@@ -87,6 +88,9 @@ def main(argv=None):
     for name in ("tokenizer", "tokenizer_2"):
         if getattr(model, name) is not None:
             print(f"  {name:14s} pads with id {getattr(model, name).pad_id}")
+    identifiers = recorded_identifiers([args.model])
+    if identifiers:  # a model train.py exported
+        print(f"  {'identifier':14s} {', '.join(identifiers)}: the subject train.py trained; sample.py reads [V] as it")
     if args.convert:
         out = Path(args.convert)
         try:

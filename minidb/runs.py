@@ -19,7 +19,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from minidb.files import ModelFileError, fsync, read_tensors, write_pickle, write_safetensors
+from minidb.files import ModelFileError, fsync, read_metadata, read_tensors, write_pickle, write_safetensors
 
 RUNS = Path("runs")
 # Everything a run writes into its folder (hidden names are temporary files and the lock).
@@ -164,6 +164,22 @@ def given_as_model(folder):
     else:
         use = "it has exported nothing yet; let it finish, or continue it with train.py --resume"
     return f"{folder} is a train.py run folder, not a model: {use}."
+
+
+def recorded_identifiers(paths):
+    """The subject identifiers train.py recorded in the files it exported: a model's "minidb_run" entry, a
+    LoRA's or an embedding's "minidb" entry (a --concepts run lists its subjects). In order, each once."""
+    found = []
+    for path in paths:
+        metadata = read_metadata(path)
+        for key in ("minidb_run", "minidb"):  # a model's "minidb" entry holds its configs, with no identifier
+            try:
+                run = json.loads(metadata.get(key, "null"))
+            except json.JSONDecodeError:
+                continue
+            subjects = run.get("subjects") if isinstance(run, dict) and isinstance(run.get("subjects"), list) else [run]
+            found += [s["identifier"] for s in subjects if isinstance(s, dict) and isinstance(s.get("identifier"), str)]
+    return list(dict.fromkeys(found))
 
 
 # Flags whose default can change under a run: the model (the toy one until SD 1.5 is fetched) and the

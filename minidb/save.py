@@ -115,7 +115,7 @@ def single_file_tensors(model):
     return tensors
 
 
-def save_single_file(model, path, dtype=None):
-    """Write the whole model as one original-layout .safetensors file."""
-    metadata = {"format": "pt", "minidb": json.dumps(model.configs())}
+def save_single_file(model, path, dtype=None, metadata=None):
+    """Write the whole model as one original-layout .safetensors file (with `metadata`'s text entries too)."""
+    metadata = {"format": "pt", **(metadata or {}), "minidb": json.dumps(model.configs())}
     write_safetensors(path, _cast(single_file_tensors(model), dtype), metadata=metadata)

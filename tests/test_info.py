@@ -42,6 +42,14 @@ def test_describes_and_converts_a_model(tmp_path):
 
     r = run(tmp_path / "folder", "--prediction-type", "epsilon")
     assert r.returncode == 0 and "predicts epsilon" in r.stdout
+    assert "identifier" not in r.stdout  # no train.py run recorded one
+
+
+def test_info_names_the_identifier_an_exported_model_records(tmp_path, capsys):
+    run = json.dumps({"identifier": "zwx", "class": "cup", "method": "full"})
+    save_single_file(tiny_model(), tmp_path / "model.safetensors", metadata={"minidb_run": run})
+    assert main([str(tmp_path / "model.safetensors")]) == 0
+    assert "  identifier     zwx: the subject train.py trained; sample.py reads [V] as it" in capsys.readouterr().out
 
 
 def test_bad_model_is_one_line_without_traceback(tmp_path):

@@ -363,6 +363,28 @@ def test_the_docs_placeholder_in_a_prompt_is_warned_of_then_drawn(models, tmp_pa
     assert r.returncode == 0 and "[V]" not in r.stderr, r.stderr
 
 
+def test_the_placeholder_is_read_as_the_identifier_the_files_record(tmp_path):
+    """A model (or LoRA) that train.py exported records its identifier: [V] in a prompt is read as it when
+    the files record one, and warned of, naming them, when they record two."""
+    from minidb.lora import LoRA, save_kohya
+    run = lambda identifier: json.dumps({"identifier": identifier, "class": "dog", "method": "full"})  # noqa: E731
+    save_single_file(tiny_model(), tmp_path / "model.safetensors", metadata={"minidb_run": run("zwx")})
+    r = sample("--model", tmp_path / "model.safetensors", "--prompt", "a photo of a [V] dog", "--steps", "2",
+               "--height", "32", "--out", tmp_path / "one")
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+    assert "[V] in the prompt is read as zwx" in r.stdout
+    (png,) = (tmp_path / "one").glob("*.png")
+    assert json.loads(dict((key, value) for _, key, value in text_chunks(png))["minidb"])["prompt"] == "a photo of a zwx dog"
+
+    save_kohya(LoRA(tiny_model(), rank=2), tmp_path / "lora.safetensors", metadata={"minidb": run("qpv")})
+    r = sample("--model", tmp_path / "model.safetensors", "--lora", tmp_path / "lora.safetensors", "--prompt",
+               "a photo of a [V] dog", "--steps", "2", "--height", "32", "--out", tmp_path / "two")
+    assert r.returncode == 0, r.stderr
+    assert "warning: The prompt holds [V]" in r.stderr and "these files record zwx, qpv" in r.stderr
+    (png,) = (tmp_path / "two").glob("*.png")
+    assert json.loads(dict((key, value) for _, key, value in text_chunks(png))["minidb"])["prompt"] == "a photo of a [V] dog"
+
+
 def test_help_says_what_each_sampler_is_and_the_default_size(capsys):
     with pytest.raises(SystemExit) as e:
         main_of_sample()(["--help"])

@@ -17,6 +17,7 @@ from conftest import assert_close, diffusers
 from minidb.dreambooth import dreambooth_loss, min_snr_weights, pick_identifier, rare_tokens
 from minidb.files import read_tensors
 from minidb.load import load
+from minidb.runs import recorded_identifiers
 from minidb.schedulers import NoiseSchedule
 from minidb.tokenizer import Tokenizer
 from test_load_save import reference_pipeline
@@ -114,6 +115,7 @@ def test_end_to_end_run_writes_everything_and_loads_in_diffusers(world, tmp_path
     assert Image.open(out / "validation" / "step-000004.png").size == (96, 32)  # 3 prompts side by side
     identifier = json.load(open(out / "settings.json"))["identifier"]
     assert identifier in (out / "README.md").read_text()
+    assert recorded_identifiers([out / "model.safetensors"]) == [identifier]  # sample.py reads [V] as it
 
     # the two exports are the same model; diffusers reads the folder with equal outputs
     single, folder = load(out / "model.safetensors"), load(out / "model")
