@@ -27,8 +27,9 @@ PARTS = {"SD 1.x": {"unet": ("SD1", 0), "vae": ("SD", 1), "text": ("SD1", 2)},
          "SDXL": {"unet": ("SDXL", 0), "vae": ("SDXL", 1), "text": ("SDXL_L", 2), "text_2": ("SDXL_G", 3)}}
 
 
-def build(part, impl, device, dtype, family="SD 1.x"):
-    """One part with seeded weights, as minidb's or diffusers' / transformers' module (same tensors)."""
+def build(part, impl, device, dtype, family="SD 1.x", cfg=None):
+    """One part with seeded weights, as minidb's or diffusers' / transformers' module (same tensors);
+    `cfg`: a config of minidb's in place of the family's preset."""
     import diffusers
     import torch
     import transformers
@@ -38,7 +39,7 @@ def build(part, impl, device, dtype, family="SD 1.x"):
     preset, seed = PARTS[family][part]
     module, cls = {"unet": (un, un.UNet), "vae": (va, va.AutoencoderKL), "text": (te, te.TextEncoder),
                    "text_2": (te, te.TextEncoder)}[part]
-    cfg = getattr(module, preset)
+    cfg = cfg or getattr(module, preset)
     with torch.device("meta"):
         ours = cls(cfg)
     ours = random_(ours.to_empty(device=device), seed).to(dtype).eval()

@@ -76,7 +76,8 @@ def task(row, impl, device, size, tmp):
                 unet.gradient_checkpointing = True
             else:
                 unet.enable_gradient_checkpointing()
-        ctx, pooled, time_ids = sdxl_conditioning(g, device, torch.float32)
+        # The text side as both scripts hand it over: from text encoders held in that dtype too.
+        ctx, pooled, time_ids = sdxl_conditioning(g, device, dtype)
         unet = sdxl_call(unet, impl)
         return train_step(lambda x, t: unet(x, t, ctx, pooled, time_ids), params, 1e-4, device, size, g)
     if row.startswith("vae"):

@@ -54,7 +54,7 @@ def graphed_step(device, size, g):
     """(the step function, the recording's seconds)."""
     unet = build("unet", "minidb", device, torch.bfloat16, "SDXL").train().requires_grad_(False)
     params = lora_params(unet, "minidb", LORA_SDXL, "SDXL")
-    ctx, pooled, time_ids = sdxl_conditioning(g, device, torch.float32)
+    ctx, pooled, time_ids = sdxl_conditioning(g, device, torch.bfloat16)  # as bench/rows.py's row
     y = torch.cat([pooled, size_features(time_ids)], dim=1)
     lat = size // 8
     sample = (torch.randn(2, 4, lat, lat, device=device), torch.tensor([100, 700], device=device), ctx, y)

@@ -82,9 +82,23 @@ class Adapter(nn.Module):
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))  # kohya's init (PyTorch's Linear default)
         nn.init.zeros_(self.lora_up.weight)  # so that step 0 is the base model
         self.register_buffer("alpha", torch.tensor(float(alpha)))
+        # The scale as a Python number: a tensor would cost a kernel each call, and on a GPU the eager
+        # step is bound by its kernel launches. A loaded state (--resume) brings its own alpha.
+        self.scale = float(alpha) / rank
+        self.register_load_state_dict_post_hook(lambda module, _: setattr(module, "scale", module.alpha.item() / rank))
 
-    def forward(self, x):  # the scale applied to the rank-wide middle, the smallest tensor on the way
-        return self.lora_up(self.lora_down(x) * (self.alpha / self.lora_down.weight.shape[0]))
+    def forward(self, x):  # the scale applied to the rank-wide middle, the smallest tensor on the way;
+        h = self.lora_down(x)  # at alpha = rank (the default) there is nothing to apply
+        return self.lora_up(h if self.scale == 1 else h * self.scale)
+
+    def add_to(self, output, x):
+        """output + self(x). For a Linear, one addmm projects up, scales and adds: one kernel for three."""
+        if isinstance(self.lora_up, nn.Conv2d):
+            return output + self(x).to(output.dtype)
+        h = self.lora_down(x)
+        flat = torch.addmm(output.reshape(-1, output.shape[-1]).to(h.dtype), h.reshape(-1, h.shape[-1]),
+                           self.lora_up.weight.t(), alpha=self.scale)
+        return flat.view(output.shape).to(output.dtype)
 
 
 def _add_update(adapter):
@@ -92,7 +106,7 @@ def _add_update(adapter):
         x = args[0]
         if not torch.is_autocast_enabled(x.device.type):  # an fp16 model, fp32 adapters (under autocast the
             x = x.to(adapter.lora_down.weight.dtype)      # adapter's matmuls cast for themselves: no fp32 copy)
-        return output + adapter(x).to(output.dtype)
+        return adapter.add_to(output, x)
     return hook
 
 

@@ -61,3 +61,16 @@ def test_sdxl_load_row_reads_the_same_weights_in_both(tiny_sdxl, tmp_path, monke
     prepare_load_files(tmp_path, "SDXL")
     sums = [rows.loader(impl, "cpu", tmp_path, "SDXL")() for impl in ("minidb", "diffusers")]
     assert sums[0] == pytest.approx(sums[1], rel=1e-6) and sums[0] != 0
+
+
+def test_op_count_counts_kernels_and_leaves_out_views():
+    """bench/op_count.py counts what launches a kernel: the matmul, the add, and a reshape that has to
+    copy; not a transpose, a reshape that needn't copy, or a detach."""
+    from bench.op_count import Launches
+    a, b = torch.randn(3, 4), torch.randn(4, 5)
+    with Launches() as launched:
+        ((a.t().t() @ b).reshape(-1) + 1).detach()
+    assert launched.ops == {"mm": 1, "add": 1}
+    with Launches() as launched:
+        (a @ b).t().reshape(-1)  # the transpose is not contiguous: the reshape copies it
+    assert launched.ops == {"mm": 1, "clone": 1}

@@ -344,6 +344,50 @@ def test_merge_equals_attached_and_leaves_no_hooks(folder, tmp_path):
     assert not any(m._forward_hooks for m in [*model.unet.modules(), *model.text_encoder.modules()])
 
 
+def test_the_scale_follows_alpha_when_built_and_when_loaded(folder):
+    """The adapter keeps alpha / rank as a Python number. It must equal the alpha buffer after a state is
+    loaded (--resume), and at alpha = rank the update is up(down(x)) itself."""
+    model = load(folder)
+    ids, x, t = inputs(model)
+    base = ours(model, ids, x, t)
+    trained = random_lora(model, rank=3, alpha=5.0).attach()
+    attached = ours(model, ids, x, t)
+    trained.detach()
+    resumed = random_lora(model, rank=3, alpha=3.0, seed=1)  # scale 1 until the state arrives
+    resumed.load_state_dict(trained.state_dict(), strict=True)
+    resumed.attach()
+    assert_same(ours(model, ids, x, t), attached, base)
+    resumed.detach()
+    g = torch.Generator().manual_seed(2)
+    for lora, scale in ((resumed, 5.0 / 3), (random_lora(model, rank=3, alpha=3.0), 1.0)):
+        for name, adapter in lora.named_children():
+            if isinstance(lora.bases[name], torch.nn.Linear):
+                probe = torch.randn(2, adapter.lora_down.weight.shape[1], generator=g)
+                update = adapter.lora_up.weight @ adapter.lora_down.weight * scale
+                assert_close(adapter(probe), probe @ update.T, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.25])
+def test_the_fused_update_adds_what_the_adapter_computes(scale):
+    """add_to folds the up projection, the scale and the sum into one addmm: under bf16 autocast, and
+    for an fp16 layer output with fp32 adapters (no autocast), it equals output + up(down(x)) * scale
+    and keeps the output's dtype and shape."""
+    from minidb.lora import Adapter
+    g = torch.Generator().manual_seed(0)
+    adapter = Adapter(torch.nn.Linear(24, 40), rank=4, alpha=4 * scale)
+    with torch.no_grad():
+        adapter.lora_up.weight.copy_(torch.randn(40, 4, generator=g))
+    x, output = torch.randn(2, 5, 24, generator=g), torch.randn(2, 5, 40, generator=g)
+    expected = output + (x @ adapter.lora_down.weight.T) @ adapter.lora_up.weight.T * scale
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = adapter.add_to(output.bfloat16(), x)
+    assert fused.dtype == torch.bfloat16 and fused.shape == output.shape
+    assert_close(fused.float(), expected, rtol=0.02, atol=0.05 * expected.abs().max().item())
+    fused = adapter.add_to(output.half(), x)  # the hook's fp16 model: x already in the adapter's fp32
+    assert fused.dtype == torch.float16
+    assert_close(fused.float(), expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item())
+
+
 def test_attached_adapters_train_under_checkpointing_and_autocast(tmp_path):
     reference_pipeline("SD 1.x", tmp_path).save_pretrained(tmp_path / "model")
     model = load(tmp_path / "model")
