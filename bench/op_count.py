@@ -16,8 +16,10 @@ does not depend on the widths. Counted: every op but views and host-side bookkee
 (with the loss) and in the backward; AdamW is left out (one foreach update of the same parameters
 on both sides).
 
-The CPU's autocast stands in for the GPU's. The GPU's also runs LayerNorm and GroupNorm in fp32, which
-adds casts, about as many on both sides; so the ratios here are somewhat lower than the GPU's would be.
+The CPU's autocast stands in for the GPU's, with one difference made up for: CUDA's autocast runs
+LayerNorm and GroupNorm in fp32 (it casts their bf16 input, weight and bias up, and their consumers cast
+the fp32 output back down), the CPU's in the dtype they come in. `cuda_norms()` makes the CPU do as CUDA
+does, on both sides; --cpu-norms leaves the CPU's way.
 """
 
 import argparse
@@ -25,6 +27,7 @@ import collections
 import dataclasses
 import json
 import sys
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -60,6 +63,26 @@ class Launches(TorchDispatchMode):
         if not func.is_view and name not in HOST_ONLY:
             self.ops[name] += 1
         return func(*args, **(kwargs or {}))
+
+
+@contextmanager
+def cuda_norms():
+    """Under the CPU's autocast, F.layer_norm and F.group_norm (which nn.LayerNorm and nn.GroupNorm
+    call) run in fp32 on fp32 copies of their lower-precision tensors, as CUDA's autocast runs them."""
+    originals = F.layer_norm, F.group_norm
+
+    def in_fp32(norm):
+        def run(*args):
+            if not torch.is_autocast_enabled("cpu"):
+                return norm(*args)
+            with torch.autocast("cpu", enabled=False):
+                return norm(*[a.float() if torch.is_tensor(a) else a for a in args])  # fp32 stays as it is
+        return run
+    F.layer_norm, F.group_norm = in_fp32(F.layer_norm), in_fp32(F.group_norm)
+    try:
+        yield
+    finally:
+        F.layer_norm, F.group_norm = originals
 
 
 def step_counts(row, impl):
@@ -112,13 +135,16 @@ def step_counts(row, impl):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS), help="which (default: all)")
+    p.add_argument("--cpu-norms", action="store_true", help="leave LayerNorm and GroupNorm as the CPU's "
+                   "autocast runs them (in bf16), rather than in fp32 as CUDA's does")
     p.add_argument("--json", default=None, help="also write the counts here")
     args = p.parse_args()
     torch.manual_seed(0)
     results = {}
     print(f"{'row':<20}{'phase':<10}{'minidb':>8}{'diffusers':>11}{'ratio':>7}  ops that differ (minidb - diffusers)")
     for row in args.rows:
-        counts = {impl: step_counts(row, impl) for impl in ("minidb", "diffusers")}
+        with nullcontext() if args.cpu_norms else cuda_norms():
+            counts = {impl: step_counts(row, impl) for impl in ("minidb", "diffusers")}
         results[row] = {impl: {phase: dict(ops) for phase, ops in c.items()} for impl, c in counts.items()}
         totals = collections.Counter(), collections.Counter()
         for phase in counts["minidb"]:
@@ -132,7 +158,8 @@ def main():
         results[row]["ratio"] = round(n / m, 3)
         print(f"{row:<20}{'step':<10}{n:>8}{m:>11}{n / m:>7.2f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"torch": torch.__version__, "rows": results}, indent=1) + "\n")
+        Path(args.json).write_text(json.dumps({"torch": torch.__version__, "norms": "as the CPU's autocast runs them" if args.cpu_norms
+                                          else "in fp32, as CUDA's autocast runs them", "rows": results}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

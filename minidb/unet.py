@@ -165,10 +165,12 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
 
     def forward(self, x, context):
-        n = self.norm1(x)
+        # Autocast on a GPU returns a LayerNorm in fp32, and each layer that reads it would cast it back
+        # (six for norm1 with LoRA adapters): cast it once, to the dtype the layers compute in anyway.
+        n = self.norm1(x).to(x.dtype)
         x = x + self.attn1(n, n)  # self-attention: the pixels attend to each other
-        x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
+        x = x + self.attn2(self.norm2(x).to(x.dtype), context)
+        return x + self.ff(self.norm3(x).to(x.dtype))
 
 
 class SpatialTransformer(nn.Module):

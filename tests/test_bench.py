@@ -74,3 +74,33 @@ def test_op_count_counts_kernels_and_leaves_out_views():
     with Launches() as launched:
         (a @ b).t().reshape(-1)  # the transpose is not contiguous: the reshape copies it
     assert launched.ops == {"mm": 1, "clone": 1}
+
+
+def test_a_norm_returned_in_fp32_is_cast_once_and_the_block_computes_the_same():
+    """Under CUDA's autocast a LayerNorm returns fp32, and each layer reading it casts it to bf16 again.
+    minidb's transformer block casts each norm's output once instead. With the CPU made to run norms as
+    CUDA does (bench/op_count.py's cuda_norms), the block's output is bit for bit what each layer casting
+    for itself gives, and it casts 2 times fewer: norm1 feeds to_q, to_k and to_v (3 casts -> 1), norm2
+    and norm3 one layer each (1 -> 1)."""
+    from bench.op_count import Launches, cuda_norms
+    from minidb.unet import BasicTransformerBlock
+    torch.manual_seed(0)
+    block = BasicTransformerBlock(64, 32, heads=2, head_dim=32, upcast=False).to(torch.bfloat16)
+    x, context = torch.randn(2, 16, 64).bfloat16(), torch.randn(2, 7, 32).bfloat16()
+
+    def each_layer_casts(x):  # the block's forward without its casts
+        n = block.norm1(x)
+        x = x + block.attn1(n, n)
+        x = x + block.attn2(block.norm2(x), context)
+        return x + block.ff(block.norm3(x))
+
+    with torch.no_grad(), cuda_norms(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert block.norm1(x).dtype == torch.float32  # the emulation holds
+        with Launches() as once:
+            ours = block(x, context)
+        with Launches() as each:
+            theirs = each_layer_casts(x)
+    assert ours.dtype == theirs.dtype == torch.bfloat16 and torch.equal(ours, theirs)
+    assert each.ops["_to_copy"] - once.ops["_to_copy"] == 2
+    assert {op: n for op, n in once.ops.items() if op != "_to_copy"} == \
+        {op: n for op, n in each.ops.items() if op != "_to_copy"}
