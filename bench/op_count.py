@@ -1,9 +1,9 @@
 """How many kernels one step asks for, minidb against diffusers: the count of ATen ops each side
 dispatches, without a GPU.
 
-    python bench/op_count.py --json bench/results-op-count.json      # about a minute, on the CPU
+    python bench/op_count.py --json bench/results-op-count.json      # under a minute, on the CPU
 
-Why count: on the GPU the eager SDXL step is bound by its launches rather than its arithmetic. Sampling's
+Why count: on the GPU the eager SDXL step looks bound by its launches rather than its arithmetic. Sampling's
 UNet forward took 76 ms eager and 44 ms replayed as a CUDA graph on the H100, and the LoRA step's times
 swing by 30% within one process (bench/RESULTS.md). Where that holds, a step's time follows the number
 of kernels it launches, and that number is the same on every machine.
