@@ -7,8 +7,8 @@
 # 2. issue 13's last open target, the SDXL LoRA step at most 0.8x diffusers' time: diffusers + PEFT,
 #    minidb eager, and minidb with its UNet forward and backward replayed as CUDA graphs, in one process
 #    (bench/sdxl_lora_graph.py). minidb's eager step now launches 0.75x the kernels diffusers + PEFT's
-#    does (bench/op_count.py, counted on the CPU, before: 0.96x): this is its first timing. If the graph wins by more,
-#    train.py's step is where it goes next;
+#    does (bench/op_count.py, counted on the CPU; before: 0.96x): this is its first timing. If the graph
+#    wins by more, train.py's step is where it goes next;
 # 3. the sampling rows again, now that one recording serves every picture (sample.py's way);
 # 4. last, so that running out of time loses only it: the checkpointed LoRA row, which swung most.
 set -o pipefail

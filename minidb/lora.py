@@ -83,7 +83,7 @@ class Adapter(nn.Module):
         nn.init.zeros_(self.lora_up.weight)  # so that step 0 is the base model
         self.register_buffer("alpha", torch.tensor(float(alpha)))
         # The scale as a Python number: a tensor would cost a kernel each call, and on a GPU the eager
-        # step is bound by its kernel launches. A loaded state (--resume) brings its own alpha.
+        # step appears bound by its kernel launches. A loaded state (--resume) brings its own alpha.
         self.scale = float(alpha) / rank
         self.register_load_state_dict_post_hook(lambda module, _: setattr(module, "scale", module.alpha.item() / rank))
 
