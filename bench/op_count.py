@@ -20,12 +20,19 @@ The CPU's autocast stands in for the GPU's, with one difference made up for: CUD
 LayerNorm and GroupNorm in fp32 (it casts their bf16 input, weight and bias up, and their consumers cast
 the fp32 output back down), the CPU's in the dtype they come in. `cuda_norms()` makes the CPU do as CUDA
 does, on both sides; --cpu-norms leaves the CPU's way.
+
+The SDXL LoRA rows (a bf16 base) count diffusers twice: with PEFT's adapters in fp32, as minidb's (the settings the timed
+rows use), and left in bf16, as diffusers' script trains them under --mixed_precision bf16 (it casts
+them to fp32 only under fp16). A count is not a time: ops differ in what they cost the host (a cast
+that autocast dispatches costs less than a Python module call), so it says where time may go, and the
+GPU says how much.
 """
 
 import argparse
 import collections
 import dataclasses
 import json
+import math
 import sys
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -52,7 +59,9 @@ HOST_ONLY = {"_unsafe_view", "detach", "empty", "empty_like", "empty_strided", "
 
 
 class Launches(TorchDispatchMode):
-    """Counts the ops dispatched under it by name, views and host-only ops left out."""
+    """Counts the ops dispatched under it by name, views and host-only ops left out. A batched
+    `_foreach_copy_` (minidb's adapter casts) counts as the kernels CUDA launches for it: one per 64
+    tensors (multi_tensor_apply's limit for two lists, each tensor here within one 65536-element chunk)."""
 
     def __init__(self):
         super().__init__()
@@ -60,7 +69,10 @@ class Launches(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
-        if not func.is_view and name not in HOST_ONLY:
+        if name == "_foreach_copy_":
+            assert all(t.numel() <= 65536 for t in args[0])
+            self.ops[name] += math.ceil(len(args[0]) / 64)
+        elif not func.is_view and name not in HOST_ONLY:
             self.ops[name] += 1
         return func(*args, **(kwargs or {}))
 
@@ -86,8 +98,11 @@ def cuda_norms():
 
 
 def step_counts(row, impl):
-    """{phase: Counter of op names} for one step of `row` on `impl`'s UNet (after one warm-up step)."""
+    """{phase: Counter of op names} for one step of `row` on `impl`'s UNet (after one warm-up step).
+    impl "diffusers-bf16": diffusers with PEFT's adapters left in bf16, as its scripts train them
+    under --mixed_precision bf16 (bench/rows.py lora_params)."""
     family, cfg, targets, checkpointing = ROWS[row]
+    impl, peft_fp32 = impl.removesuffix("-bf16"), not impl.endswith("-bf16")
     g = torch.Generator().manual_seed(0)
     sdxl = family == "SDXL"
     base_dtype = torch.bfloat16 if sdxl or targets is None else torch.float32  # as bench/rows.py on a GPU
@@ -109,7 +124,7 @@ def step_counts(row, impl):
             predict()
         return {"forward": forward.ops}
     unet.train().requires_grad_(False)
-    params = lora_params(unet, impl, targets, family)
+    params = lora_params(unet, impl, targets, family, peft_fp32)
     if checkpointing:
         if impl == "minidb":
             unet.gradient_checkpointing = True
@@ -144,7 +159,9 @@ def main():
     print(f"{'row':<20}{'phase':<10}{'minidb':>8}{'diffusers':>11}{'ratio':>7}  ops that differ (minidb - diffusers)")
     for row in args.rows:
         with nullcontext() if args.cpu_norms else cuda_norms():
-            counts = {impl: step_counts(row, impl) for impl in ("minidb", "diffusers")}
+            bf16_base = ROWS[row][0] == "SDXL" and ROWS[row][2] is not None  # where PEFT's adapters come in bf16
+            impls = ("minidb", "diffusers") + (("diffusers-bf16",) if bf16_base else ())
+            counts = {impl: step_counts(row, impl) for impl in impls}
         results[row] = {impl: {phase: dict(ops) for phase, ops in c.items()} for impl, c in counts.items()}
         totals = collections.Counter(), collections.Counter()
         for phase in counts["minidb"]:
@@ -157,6 +174,10 @@ def main():
         n, m = sum(totals[0].values()), sum(totals[1].values())
         results[row]["ratio"] = round(n / m, 3)
         print(f"{row:<20}{'step':<10}{n:>8}{m:>11}{n / m:>7.2f}")
+        if "diffusers-bf16" in counts:
+            m = sum(sum(ops.values()) for ops in counts["diffusers-bf16"].values())
+            results[row]["ratio_to_bf16_adapters"] = round(n / m, 3)
+            print(f"{row:<20}{'step':<10}{n:>8}{m:>11}{n / m:>7.2f}  against diffusers with PEFT's adapters in bf16")
     if args.json:
         Path(args.json).write_text(json.dumps({"torch": torch.__version__, "norms": "as the CPU's autocast runs them" if args.cpu_norms
                                           else "in fp32, as CUDA's autocast runs them", "rows": results}, indent=1) + "\n")

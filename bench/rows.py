@@ -43,8 +43,10 @@ LORA_KOHYA = LORA_SDXL + ["proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 
 
 def task(row, impl, device, size, tmp):
-    """Build what the row needs; return a function that runs the measured work once."""
+    """Build what the row needs; return a function that runs the measured work once. impl "diffusers-bf16":
+    diffusers with PEFT's adapters left in bf16, as its scripts train them under bf16 (lora_params)."""
     import torch
+    impl, peft_fp32 = impl.removesuffix("-bf16"), not impl.endswith("-bf16")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     g = torch.Generator().manual_seed(0)
     out = (lambda r: r.sample) if impl == "diffusers" else (lambda r: r)
@@ -63,14 +65,14 @@ def task(row, impl, device, size, tmp):
         if row == "train-step":
             params, lr = list(unet.parameters()), 5e-6
         else:  # the base frozen, rank-16 adapters on kohya's default layers; diffusers' through PEFT
-            params, lr = lora_params(unet.requires_grad_(False), impl, LORA_KOHYA, "SD 1.x"), 1e-4
+            params, lr = lora_params(unet.requires_grad_(False), impl, LORA_KOHYA, "SD 1.x", peft_fp32), 1e-4
         ctx = torch.randn(2, 77, 768, generator=g).to(device)
         return train_step(lambda x, t: out(unet(x, t, ctx)), params, lr, device, size, g)
     if row.startswith("sdxl-lora-step"):
         # As diffusers' train_dreambooth_lora_sdxl.py: the frozen UNet in the mixed-precision dtype
-        # (bf16 on the GPU), the adapters in fp32 (its cast_training_params), autocast.
+        # (bf16 on the GPU), autocast; the adapters in fp32 on both sides (lora_params).
         unet = build("unet", impl, device, dtype, "SDXL").train().requires_grad_(False)
-        params = lora_params(unet, impl, LORA_SDXL, "SDXL")
+        params = lora_params(unet, impl, LORA_SDXL, "SDXL", peft_fp32)
         if row.endswith("-gc"):
             if impl == "minidb":
                 unet.gradient_checkpointing = True
@@ -117,9 +119,12 @@ def sdxl_call(unet, impl):
     return lambda x, t, ctx, pooled, time_ids: unet(x, t, ctx, torch.cat([pooled, size_features(time_ids)], dim=1))
 
 
-def lora_params(unet, impl, targets, version):
+def lora_params(unet, impl, targets, version, peft_fp32=True):
     """Rank-16 adapters (alpha 16) on `targets` of a frozen UNet; returns the trained parameters.
-    minidb's LoRA targets kohya's default set; adapters outside `targets` are dropped before attaching."""
+    minidb's LoRA targets kohya's default set; adapters outside `targets` are dropped before attaching.
+    minidb's adapters are fp32. PEFT makes them in the base's dtype; diffusers' LoRA scripts cast them to
+    fp32 (cast_training_params) only under --mixed_precision fp16, so under bf16 they train in bf16.
+    peft_fp32 (the default) casts them up, for equal settings; False leaves them as PEFT made them."""
     import types
     import torch
     if impl == "minidb":
@@ -135,7 +140,7 @@ def lora_params(unet, impl, targets, version):
     from peft import LoraConfig
     unet.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian", target_modules=targets))
     params = [p for p in unet.parameters() if p.requires_grad]
-    for p in params:  # fp32 adapters on a bf16 base, as minidb's (diffusers' cast_training_params)
+    for p in params if peft_fp32 else []:  # fp32 adapters on a bf16 base, as minidb's
         p.data = p.data.float()
     return params
 

@@ -7,7 +7,9 @@ forward and backward were replayed as CUDA graphs, as sampling's UNet is (minidb
 The steps, in one process, one after the other (each model freed before the next), as bench/run.py's
 sdxl-lora-step row builds them (rank-16 adapters on to_q/k/v/out of a frozen bf16 UNet, fp32 adapters,
 bf16 autocast, 1 instance + 1 class latent, prior loss, AdamW):
-    diffusers   diffusers' UNet with PEFT's LoRA, eager
+    diffusers   diffusers' UNet with PEFT's LoRA, eager, its adapters in fp32 as minidb's (equal settings)
+    diffusers-bf16  the same with PEFT's adapters in bf16, as diffusers' script trains them under
+                --mixed_precision bf16 (it casts them to fp32 only under fp16)
     minidb      minidb's UNet with its LoRA hooks, eager: what train.py runs
     graph       the same, its UNet forward and backward recorded by torch.cuda.make_graphed_callables
                 (the loss and AdamW stay eager); the recording's seconds are reported
@@ -33,7 +35,7 @@ from bench.models import build  # noqa: E402
 from bench.rows import LORA_SDXL, lora_params, sdxl_conditioning, task, train_step  # noqa: E402
 from minidb.unet import size_features  # noqa: E402
 
-VARIANTS = ["diffusers", "minidb", "graph"]
+VARIANTS = ["diffusers", "diffusers-bf16", "minidb", "graph"]
 
 
 class UnetWithAdapters(torch.nn.Module):
@@ -102,8 +104,9 @@ def main():
                    "trained": step.trained,
                    "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None}
             rows.append(row)
-            base = rows[0]["seconds"] if rows[0]["variant"] == "diffusers" else None
-            print(f"{variant:10s} {row['seconds'] * 1e3:8.1f} ms" + (f"  x{row['seconds'] / base:.3f} diffusers' time" if base else "")
+            bases = {r["variant"]: r["seconds"] for r in rows if r["variant"].startswith("diffusers")}
+            print(f"{variant:14s} {row['seconds'] * 1e3:8.1f} ms"
+                  + "".join(f"  {row['seconds'] / s:.3f}x {name}" for name, s in bases.items() if name != variant)
                   + f"  spread {min(times) * 1e3:.0f}-{max(times) * 1e3:.0f} ms"
                   + (f"  peak {row['peak_gpu_gb']:.2f} GB" if row["peak_gpu_gb"] else "")
                   + (f"  recorded in {recording:.1f} s" if recording else ""), flush=True)

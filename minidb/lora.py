@@ -24,6 +24,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from minidb.convert import native_to_diffusers_names, unet_blocks
 from minidb.files import write_safetensors
@@ -86,18 +87,28 @@ class Adapter(nn.Module):
         # step appears bound by its kernel launches. A loaded state (--resume) brings its own alpha.
         self.scale = float(alpha) / rank
         self.register_load_state_dict_post_hook(lambda module, _: setattr(module, "scale", module.alpha.item() / rank))
+        self.cast = None  # (down, up) in autocast's dtype for this forward, when the LoRA cast them all at once
+
+    def weights(self):
+        return self.cast or (self.lora_down.weight, self.lora_up.weight)
 
     def forward(self, x):  # the scale applied to the rank-wide middle, the smallest tensor on the way;
-        h = self.lora_down(x)  # at alpha = rank (the default) there is nothing to apply
-        return self.lora_up(h if self.scale == 1 else h * self.scale)
+        down, up = self.weights()  # at alpha = rank (the default) there is nothing to apply
+        if isinstance(self.lora_up, nn.Conv2d):
+            h = F.conv2d(x, down, None, self.lora_down.stride, self.lora_down.padding)
+        else:
+            h = F.linear(x, down)
+        h = h if self.scale == 1 else h * self.scale
+        return F.conv2d(h, up) if isinstance(self.lora_up, nn.Conv2d) else F.linear(h, up)
 
     def add_to(self, output, x):
         """output + self(x). For a Linear, one addmm projects up, scales and adds: one kernel for three."""
         if isinstance(self.lora_up, nn.Conv2d):
             return output + self(x).to(output.dtype)
-        h = self.lora_down(x)
-        flat = torch.addmm(output.reshape(-1, output.shape[-1]).to(h.dtype), h.reshape(-1, h.shape[-1]),
-                           self.lora_up.weight.t(), alpha=self.scale)
+        down, up = self.weights()
+        h = F.linear(x, down)
+        flat = torch.addmm(output.reshape(-1, output.shape[-1]).to(h.dtype), h.reshape(-1, h.shape[-1]), up.t(),
+                           alpha=self.scale)
         return flat.view(output.shape).to(output.dtype)
 
 
@@ -107,6 +118,46 @@ def _add_update(adapter):
         if not torch.is_autocast_enabled(x.device.type):  # an fp16 model, fp32 adapters (under autocast the
             x = x.to(adapter.lora_down.weight.dtype)      # adapter's matmuls cast for themselves: no fp32 copy)
         return adapter.add_to(output, x)
+    return hook
+
+
+class _CastAll(torch.autograd.Function):
+    """Many weights (of one dtype) to another dtype in one batched copy, and their gradients back in one.
+    Autocast does the same numbers weight by weight: two kernels per weight and step, 2240 for SDXL's
+    560 adapters, where CUDA's batched copy takes one kernel per 64 tensors (bench/op_count.py)."""
+
+    @staticmethod
+    def forward(ctx, dtype, *weights):
+        ctx.set_materialize_grads(False)
+        ctx.dtype = weights[0].dtype
+        copies = [torch.empty_like(w, dtype=dtype) for w in weights]
+        torch._foreach_copy_(copies, weights)
+        return tuple(copies)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        given = [g for g in grads if g is not None]  # None: a weight this forward did not use
+        back = [torch.empty_like(g, dtype=ctx.dtype) for g in given]
+        torch._foreach_copy_(back, given)
+        back = iter(back)
+        return (None, *[None if g is None else next(back) for g in grads])
+
+
+def _cast_all(adapters):
+    """A forward pre-hook for a model part: under autocast, with gradients, give its adapters their
+    weights in autocast's dtype for this forward, all cast at once; otherwise their own weights (and
+    autocast casts as usual). The copies stay until the part's next forward, so that a block that
+    gradient checkpointing recomputes in the backward finds the same ones."""
+    def hook(part, args):
+        device = adapters[0].lora_down.weight.device.type
+        if not (torch.is_grad_enabled() and torch.is_autocast_enabled(device)):
+            for a in adapters:
+                a.cast = None
+            return
+        copies = _CastAll.apply(torch.get_autocast_dtype(device), *[w for a in adapters for w in
+                                                                    (a.lora_down.weight, a.lora_up.weight)])
+        for i, a in enumerate(adapters):
+            a.cast = copies[2 * i:2 * i + 2]
     return hook
 
 
@@ -132,19 +183,27 @@ class LoRA(nn.Module):
         for kohya, layer in _kohya_targets(model, text_encoder):
             self.add_module(kohya, Adapter(layer, rank, self.alpha).to(layer.weight.device))
             self.bases[kohya] = layer
+        self.parts = {UNET: model.unet, **{prefix: getattr(model, part) for part, prefix in text_parts(model).items()}}
         self.handles = []
 
     def attach(self):
         """Add each adapter's update to its layer's output: forward hooks, which autocast casts like any
-        layer, and which run again when torch.utils.checkpoint recomputes a block."""
+        layer, and which run again when torch.utils.checkpoint recomputes a block. Under autocast each
+        model part's forward first casts all its adapters' weights at once (_cast_all)."""
         self.detach()
         self.handles = [self.bases[k].register_forward_hook(_add_update(a)) for k, a in self.named_children()]
+        for prefix, part in self.parts.items():
+            adapters = [a for k, a in self.named_children() if k.startswith(prefix)]
+            if adapters:
+                self.handles.append(part.register_forward_pre_hook(_cast_all(adapters)))
         return self
 
     def detach(self):
         for handle in self.handles:
             handle.remove()
         self.handles = []
+        for adapter in self.children():
+            adapter.cast = None
         return self
 
 
