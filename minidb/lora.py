@@ -138,7 +138,8 @@ class _CastAll(torch.autograd.Function):
     def backward(ctx, *grads):
         given = [g for g in grads if g is not None]  # None: a weight this forward did not use
         back = [torch.empty_like(g, dtype=ctx.dtype) for g in given]
-        torch._foreach_copy_(back, given)
+        if given:
+            torch._foreach_copy_(back, given)
         back = iter(back)
         return (None, *[None if g is None else next(back) for g in grads])
 
@@ -183,6 +184,17 @@ class LoRA(nn.Module):
         for kohya, layer in _kohya_targets(model, text_encoder):
             self.add_module(kohya, Adapter(layer, rank, self.alpha).to(layer.weight.device))
             self.bases[kohya] = layer
+        for part, prefix in text_parts(model).items() if text_encoder else ():
+            cfg = getattr(model, part).cfg
+            if cfg.skip_last and not cfg.projection:  # SDXL's CLIP-L: its context is the penultimate layer's
+                # output, and with no pooled vector asked of it nothing runs its last layer. kohya adapts that
+                # layer all the same (its files and counts have it); frozen, its adapters stay as they start,
+                # and DistributedDataParallel does not wait for gradients that never come.
+                unread = tuple(f"{prefix}text_model_encoder_layers_{i}_"
+                               for i in range(cfg.layers - cfg.skip_last, cfg.layers))
+                for kohya, adapter in self.named_children():
+                    if kohya.startswith(unread):
+                        adapter.requires_grad_(False)
         self.parts = {UNET: model.unet, **{prefix: getattr(model, part) for part, prefix in text_parts(model).items()}}
         self.handles = []
 

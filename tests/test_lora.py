@@ -474,6 +474,46 @@ def test_adapter_weights_cast_at_once_train_bit_for_bit_as_autocast_casting_each
     assert all(a.cast is None for a in at_once.children())  # detach lets go of the copies
 
 
+def test_the_cast_copies_follow_the_weights_over_steps_accumulation_and_validation(tmp_path, monkeypatch):
+    """Three optimizer steps of two micro-batches each, a forward without gradients between steps, under
+    bf16 autocast with checkpointing: the losses and the trained weights bit for bit those of autocast
+    casting each weight itself (copies kept from an earlier forward would train on stale weights)."""
+    import minidb.lora
+    reference_pipeline("SD 1.x", tmp_path).save_pretrained(tmp_path / "model")
+    model = load(tmp_path / "model")
+    model.unet.requires_grad_(False)
+    model.text_encoder.requires_grad_(False)
+    model.unet.gradient_checkpointing = model.text_encoder.encoder.gradient_checkpointing = True
+    ids, x, t = inputs(model)
+    start = random_lora(model).state_dict()
+
+    def train():
+        lora = random_lora(model)
+        lora.load_state_dict(start)
+        lora.attach()
+        optimizer = torch.optim.AdamW(lora.parameters(), lr=1e-2)
+        losses = []
+        for _ in range(3):
+            for _ in range(2):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    loss = model.unet(x, t, model.text_encoder(ids)).float().square().mean()
+                (loss / 2).backward()
+                losses.append(loss.item())
+            optimizer.step()
+            optimizer.zero_grad()
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # as a validation grid
+                model.unet(x, t, model.text_encoder(ids))
+        lora.detach()
+        return losses, lora.state_dict()
+
+    losses, weights = train()
+    with monkeypatch.context() as m:
+        m.setattr(minidb.lora, "_cast_all", lambda adapters: lambda part, args: None)  # autocast casts each weight
+        losses_each, weights_each = train()
+    assert losses == losses_each and len(set(losses)) == 3  # (the micro-batches of a step share their input)
+    assert all(torch.equal(weights[k], weights_each[k]) for k in weights)
+
+
 @pytest.fixture(scope="module")
 def sd1(tmp_path_factory):
     """A tiny SD 1.x model and, beside it, LoRA files and others to give it."""

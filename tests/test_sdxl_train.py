@@ -297,3 +297,26 @@ def test_mixed_precision_keeps_the_frozen_base_in_its_dtype(world, tmp_path, mon
     lora = load_file(out / "lora.safetensors")
     assert any(k.startswith("lora_te2_") for k in lora) and all(torch.isfinite(v).all() for v in lora.values())
     assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_up" in k)  # the adapters moved from zero
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_every_adapter_that_can_learn_gets_a_gradient_and_the_unread_layer_stays_frozen(world, precision):
+    """Nothing runs SDXL's CLIP-L past its penultimate layer, so the adapters of its last layer (kohya
+    has them: its counts and files do) are frozen; every other adapter gets a gradient from one step, as
+    DistributedDataParallel requires of what it trains, with and without autocast's batched casts."""
+    from minidb.pipeline import added_conditioning, encode_tokens
+    model = load(world / "base")
+    for part in (model.unet, model.text_encoder, model.text_encoder_2):
+        part.requires_grad_(False)
+    lora = LoRA(model, rank=2, text_encoder=True).attach()
+    last = f"lora_te1_text_model_encoder_layers_{model.text_encoder.cfg.layers - 1}_"
+    frozen = {k for k, a in lora.named_children() if not a.lora_down.weight.requires_grad}
+    assert frozen == {k for k in lora.bases if k.startswith(last)} and len(frozen) == 6  # q, k, v, out, fc1, fc2
+    assert not any(p.requires_grad for k in frozen for p in lora.get_submodule(k).parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        prompt = ["a photo of sks ball"]
+        context, pooled = encode_tokens(model, model.tokenizer(prompt), model.tokenizer_2(prompt))
+        pred = model.unet(torch.randn(1, 4, 8, 8), torch.tensor([500]), context, added_conditioning(pooled, (64, 64)))
+    pred.float().square().mean().backward()
+    for name, p in lora.named_parameters():
+        assert (p.grad is not None) == p.requires_grad, name
