@@ -21,9 +21,9 @@ LayerNorm and GroupNorm in fp32 (it casts their bf16 input, weight and bias up, 
 the fp32 output back down), the CPU's in the dtype they come in. `cuda_norms()` makes the CPU do as CUDA
 does, on both sides; --cpu-norms leaves the CPU's way.
 
-The SDXL LoRA rows (a bf16 base) count diffusers twice: with PEFT's adapters in fp32, as minidb's (the settings the timed
-rows use), and left in bf16, as diffusers' script trains them under --mixed_precision bf16 (it casts
-them to fp32 only under fp16). A count is not a time: ops differ in what they cost the host (a cast
+The SDXL LoRA rows (a bf16 base) count diffusers twice: with PEFT's adapters in fp32, as minidb's (the
+settings the timed rows use), and left in bf16, as diffusers' script trains them under
+--mixed_precision bf16 (it casts them to fp32 only under fp16). A count is not a time: ops differ in what they cost the host (a cast
 that autocast dispatches costs less than a Python module call), so it says where time may go, and the
 GPU says how much.
 """

@@ -94,12 +94,10 @@ class Adapter(nn.Module):
 
     def forward(self, x):  # the scale applied to the rank-wide middle, the smallest tensor on the way;
         down, up = self.weights()  # at alpha = rank (the default) there is nothing to apply
-        if isinstance(self.lora_up, nn.Conv2d):
-            h = F.conv2d(x, down, None, self.lora_down.stride, self.lora_down.padding)
-        else:
-            h = F.linear(x, down)
+        conv = isinstance(self.lora_up, nn.Conv2d)
+        h = F.conv2d(x, down, None, self.lora_down.stride, self.lora_down.padding) if conv else F.linear(x, down)
         h = h if self.scale == 1 else h * self.scale
-        return F.conv2d(h, up) if isinstance(self.lora_up, nn.Conv2d) else F.linear(h, up)
+        return F.conv2d(h, up) if conv else F.linear(h, up)
 
     def add_to(self, output, x):
         """output + self(x). For a Linear, one addmm projects up, scales and adds: one kernel for three."""
@@ -170,8 +168,8 @@ class LoRA(nn.Module):
     to_out.0, ff.net.0.proj, ff.net.2); with text_encoder=True also each CLIP layer's self_attn q_proj,
     k_proj, v_proj, out_proj and mlp fc1, fc2 (in both of SDXL's text encoders). Each adapter is a
     submodule named as kohya names it, so `state_dict()` keys are the file's keys. alpha None means
-    alpha = rank (scale 1). The adapters are fp32 on the model's device, trainable; the model itself
-    is left as it is.
+    alpha = rank (scale 1). The adapters are fp32 on the model's device, trainable (but for those of a
+    layer nothing runs: SDXL's CLIP-L's last); the model itself is left as it is.
     """
 
     def __init__(self, model, rank=16, alpha=None, text_encoder=False):
