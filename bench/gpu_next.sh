@@ -7,8 +7,8 @@
 #    and the LoRA's batched casts under CUDA's autocast against autocast casting each weight;
 # 2. issue 13's last open target, the SDXL LoRA step at most 0.8x diffusers' time: diffusers + PEFT
 #    (its adapters in fp32 as minidb's, and in bf16 as diffusers' script leaves them under bf16), minidb
-#    eager, and minidb with its UNet forward and backward replayed as CUDA graphs, in one process
-#    (bench/sdxl_lora_graph.py). minidb's eager step now launches 0.59x the kernels of diffusers + PEFT
+#    eager, and minidb with its UNet forward and backward replayed as CUDA graphs, side by side in one
+#    process and timed in turns, so that a drift within the process slows all alike (bench/sdxl_lora_graph.py). minidb's eager step now launches 0.59x the kernels of diffusers + PEFT
 #    with fp32 adapters, 0.75x with bf16 ones (bench/op_count.py, counted on the CPU; two sessions ago:
 #    0.96x): this is its first timing. If the graph wins by more, train.py's step is where it goes next;
 # 3. the SDXL sampling row again, now that one recording serves every picture (sample.py's way);

@@ -42,9 +42,11 @@ LORA_SDXL = ["to_q", "to_k", "to_v", "to_out.0"]
 LORA_KOHYA = LORA_SDXL + ["proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 
 
-def task(row, impl, device, size, tmp):
+def task(row, impl, device, size, tmp, cfg=None):
     """Build what the row needs; return a function that runs the measured work once. impl "diffusers-bf16":
-    diffusers with PEFT's adapters left in bf16, as its scripts train them under bf16 (lora_params)."""
+    diffusers with PEFT's adapters left in bf16, as its scripts train them under bf16 (lora_params).
+    cfg: a UNet config of minidb's in place of the SDXL LoRA rows' preset (a narrow one, to try a script
+    on the CPU)."""
     import torch
     impl, peft_fp32 = impl.removesuffix("-bf16"), not impl.endswith("-bf16")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -71,7 +73,7 @@ def task(row, impl, device, size, tmp):
     if row.startswith("sdxl-lora-step"):
         # As diffusers' train_dreambooth_lora_sdxl.py: the frozen UNet in the mixed-precision dtype
         # (bf16 on the GPU), autocast; the adapters in fp32 on both sides (lora_params).
-        unet = build("unet", impl, device, dtype, "SDXL").train().requires_grad_(False)
+        unet = build("unet", impl, device, dtype, "SDXL", cfg).train().requires_grad_(False)
         params = lora_params(unet, impl, LORA_SDXL, "SDXL", peft_fp32)
         if row.endswith("-gc"):
             if impl == "minidb":
