@@ -315,4 +315,7 @@ def worker(row, impl, device, threads, tmp, runs=None):
     return {"seconds": times, "phases": phases, "trained": getattr(fn, "trained", None),
             "checksum": result if isinstance(result, float) else None,  # load: the sum of every weight
             "peak_rss_gb": rss_gb("VmHWM"), "baseline_rss_gb": baseline,
-            "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None}
+            "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
+            # Reserved counts what allocated leaves out: a CUDA graph's private pool (sampling keeps one
+            # recorded since the warm-up), whose memory no live tensor holds between replays.
+            "peak_gpu_reserved_gb": torch.cuda.max_memory_reserved() / 2**30 if device == "cuda" else None}

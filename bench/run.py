@@ -69,6 +69,8 @@ def run_row(row, device, threads, tmp, runs=None):
          "time_ratio": med["minidb"] / med["diffusers"], "minidb_mem_gb": m[mem],
          "diffusers_mem_gb": d[mem], "mem_ratio": m[mem] / d[mem], "runs": len(m["seconds"]),
          "all_seconds": {"minidb": m["seconds"], "diffusers": d["seconds"]}}
+    if device == "cuda":
+        r["peak_gpu_reserved_gb"] = {"minidb": m["peak_gpu_reserved_gb"], "diffusers": d["peak_gpu_reserved_gb"]}
     if m["trained"]:
         r["trained_params"] = m["trained"]
     if m["phases"]:  # sampling: steps per second of the denoising loop alone, and the decode's seconds
@@ -78,6 +80,9 @@ def run_row(row, device, threads, tmp, runs=None):
             r[f"{impl}_decode_s"] = statistics.median(p["decode"] for p in f["phases"])
     print(f"{row:17s} minidb {r['minidb_s']:8.3f}s {r['minidb_mem_gb']:6.2f}GB | diffusers {r['diffusers_s']:8.3f}s "
           f"{r['diffusers_mem_gb']:6.2f}GB | time x{r['time_ratio']:.2f} mem x{r['mem_ratio']:.2f}", flush=True)
+    if device == "cuda":
+        print(f"{'':17s} peak reserved by PyTorch's allocator: {m['peak_gpu_reserved_gb']:.2f} GB vs "
+              f"{d['peak_gpu_reserved_gb']:.2f} GB", flush=True)
     if m["phases"]:
         print(f"{'':17s} denoising {r['minidb_it_per_s']:.2f} it/s vs {r['diffusers_it_per_s']:.2f} it/s, "
               f"decode {r['minidb_decode_s']:.3f}s vs {r['diffusers_decode_s']:.3f}s", flush=True)

@@ -20,7 +20,8 @@ fp32 adapters, bf16 autocast, 1 instance + 1 class latent, prior loss, AdamW):
 Besides the time, each row gives the time until step() returned, before the GPU is waited for: where it is
 well below the time, the host ran ahead and the GPU's arithmetic bounds the step; where it is about the
 time, either the GPU waited for launches, or the launch queue was full (the graph variant tells them apart).
-The peak is the variant's own: the memory it holds plus its steps' highest use above that.
+The peak is the variant's own: the memory it holds (reserved, so that a graph's private pool counts) plus
+its steps' highest use above that.
 The evidence for trying it: sampling's eager UNet step is launch-bound on the H100 (76 ms eager, 43 ms
 replayed), and the LoRA rows' times spread by 30% within one process (bench/RESULTS.md), as
 launch-bound work does. The adapters add about as many kernels again as the UNet has.
@@ -111,7 +112,9 @@ def main():
         for variant in args.variants:  # all built first, then timed in turns
             g = torch.Generator().manual_seed(0)
             sync()
-            before = torch.cuda.memory_allocated() if cuda else 0
+            if cuda:
+                torch.cuda.empty_cache()
+            before = torch.cuda.memory_reserved() if cuda else 0
             recording = None
             if variant == "graph":
                 steps[variant], recording = graphed_step(args.device, args.size, g, cfg)
@@ -120,8 +123,10 @@ def main():
             for _ in range(2):  # warm-ups
                 steps[variant]()
             sync()
+            if cuda:  # what the variant holds: weights, adapters, AdamW's state, a graph's private pool
+                torch.cuda.empty_cache()  # (reserved, not allocated: between replays no tensor holds the pool)
             rows[variant] = {"variant": variant, "recording_s": recording, "trained": steps[variant].trained,
-                             "held_gb": ((torch.cuda.memory_allocated() - before) / 2**30) if cuda else None,
+                             "held_gb": ((torch.cuda.memory_reserved() - before) / 2**30) if cuda else None,
                              "all_seconds": [], "all_host_seconds": [], "step_gb": 0.0}
             print(f"built {variant}" + (f", recorded in {recording:.1f} s" if recording else ""), flush=True)
         for i in range(args.runs):

@@ -223,7 +223,7 @@ def class_prior(model, model_path, prompt, count, resolution, sampler, steps, gu
     barrier()
     have = _valid_prefix(folder, count)
     mine = shard(have, count, batch, rank, world)
-    graph = UnetGraph(model.unet)  # on a GPU: one recording of the UNet for every batch of the same size
+    graph = UnetGraph(model.unet)  # on a GPU without autocast (--mixed-precision no): one recording for every batch
     with tqdm(total=len(mine) * batch, desc=f"class prior '{prompt}'" + (f" (process {rank})" if world > 1 else ""),
               disable=not mine) as bar:
         for first in mine:
