@@ -99,11 +99,20 @@ FIELD_TYPES = {int: (_whole, "a whole number"), bool: (lambda v: isinstance(v, b
                tuple: (lambda v: isinstance(v, list) and all(_whole(x) for x in v), "a list of whole numbers")}
 
 
+# Whole-number fields where 0 means "none" or "unused"; every other size, channel, layer or head count
+# is at least 1 (sample_size 0, say, would build a model that fails at its first convolution).
+MAY_BE_ZERO = {"num_heads", "head_dim", "attention_levels", "transformer_depth", "transformer_depth_middle",
+               "adm_in_channels", "skip_last", "projection"}
+
+
 def _types_problem(cls, d, name):
     for f in fields(cls):
         test, words = FIELD_TYPES[f.type]
-        if not test(d[f.name]):
-            return f"{name}.{f.name} is {json.dumps(d[f.name])}, not {words}"
+        value = d[f.name]
+        if not test(value):
+            return f"{name}.{f.name} is {json.dumps(value)}, not {words}"
+        if f.type in (int, tuple) and f.name not in MAY_BE_ZERO and 0 in (value if f.type is tuple else [value]):
+            return f"{name}.{f.name} is {json.dumps(value)}, but a size, channel, layer or head count cannot be 0"
     if cls is te.TextEncoderConfig and d["activation"] not in TEXT_ACTIVATIONS:
         return f"{name}.activation is {json.dumps(d['activation'])}, not one of {TEXT_ACTIVATIONS}"
     return None

@@ -14,6 +14,7 @@ import os
 import pickle
 import re
 import shutil
+import struct
 import tempfile
 import zipfile
 from contextlib import contextmanager, nullcontext
@@ -41,14 +42,14 @@ def read_tensors(path):
         raise ModelFileError(f"{path} is a folder, not a weights file; pass the file itself{held}.")
     if not path.is_file():
         raise ModelFileError(f"{path} does not exist; check the path.")
-    if path.suffix == ".safetensors":
+    if path.suffix.lower() == ".safetensors":
         return _read_safetensors(path)
     return _read_pickle(path), {}
 
 
 def read_metadata(path):
     """A .safetensors file's metadata alone, no tensors read; {} for anything else or a file that cannot be read."""
-    if Path(path).suffix != ".safetensors" or not Path(path).is_file():
+    if Path(path).suffix.lower() != ".safetensors" or not Path(path).is_file():
         return {}
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -101,16 +102,28 @@ def _read_pickle(path):
             data = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         if "GLOBAL" not in str(e):  # not a refused object: bytes that are no pickle at all
-            raise ModelFileError(f"{path} is not a PyTorch checkpoint or safetensors file ({_pickle_problem(e)}); "
-                                 "check the path, or download or export it again.") from None
+            raise _not_a_checkpoint(path, f" ({_pickle_problem(e)})") from None
         raise ModelFileError(f"{path} holds pickled Python objects besides tensors ({_unsafe_global(e)}), and "
                              "loading them could run code; convert it to .safetensors with a tool you trust.") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as e:
+    except (KeyError, IndexError, ValueError, TypeError, AssertionError):
+        # Other bytes that are no pickle (a text file, a safetensors file named .pt, a damaged legacy .ckpt):
+        # torch's unpickler reads them as opcodes and fails in any of these ways.
+        raise _not_a_checkpoint(path) from None
+    except (RuntimeError, EOFError, struct.error, zipfile.BadZipFile):
+        # A file that ends early. torch's own text is a paragraph of advice, cut off if quoted whole.
+        raise ModelFileError(f"{path} is not a complete PyTorch checkpoint; it may be truncated or corrupt, "
+                             "so download or export it again.") from None
+    except OSError as e:
         raise ModelFileError(f"{path} is not a readable PyTorch checkpoint ({_first_line(e)}); "
                              "it may be truncated or corrupt.") from None
     if not isinstance(data, dict):
         raise ModelFileError(f"{path} holds a {type(data).__name__}, not a dictionary of tensors.")
     return data
+
+
+def _not_a_checkpoint(path, problem=""):
+    return ModelFileError(f"{path} is not a PyTorch checkpoint or safetensors file{problem}; "
+                          "check the path, or download or export it again.")
 
 
 def _unsafe_global(error):

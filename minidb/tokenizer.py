@@ -125,18 +125,19 @@ class Tokenizer:
                 f"Tokenizer folder {folder} does not exist; pass the tokenizer/ folder of a diffusers checkpoint."
             )
         if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-            vocab = read_json(folder / "vocab.json")
-            lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
-            merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
+            vocab_file, merges_file = folder / "vocab.json", folder / "merges.txt"
+            vocab, merges = read_json(vocab_file), _read_merges_txt(merges_file)
         elif (folder / "tokenizer.json").is_file():  # transformers 5 saves only this file
-            model = read_json(folder / "tokenizer.json")["model"]
-            vocab = model["vocab"]
-            merges = [tuple(m.split() if isinstance(m, str) else m) for m in model["merges"]]
+            vocab_file = merges_file = folder / "tokenizer.json"
+            vocab, merges = _read_tokenizer_json(vocab_file)
         else:
             raise ModelFileError(
                 f"Tokenizer folder {folder} has neither vocab.json with merges.txt nor tokenizer.json; "
                 "pass the tokenizer/ folder of a diffusers checkpoint."
             )
+        _check_vocab(vocab, vocab_file)
+        _check_merges(merges, vocab, merges_file, vocab_file.name)
+        merges = [tuple(m) for m in merges]
         pad_token = _pad_token(folder)
         if pad_token not in vocab:
             raise ModelFileError(f"The pad token {pad_token!r} named in {folder} is not in its vocab.json.")
@@ -234,6 +235,56 @@ class Tokenizer:
 
     def __len__(self) -> int:
         return len(self.vocab)
+
+
+def _unusable(path: Path, problem: str) -> ModelFileError:
+    return ModelFileError(f"{path} is not a usable CLIP tokenizer file ({problem}); "
+                          "download or export the model's tokenizer/ folder again.")
+
+
+def _read_merges_txt(path: Path) -> list[list[str]]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise _unusable(path, "it is not UTF-8 text") from None
+    return [line.split() for line in lines if line and not line.startswith("#version")]
+
+
+def _read_tokenizer_json(path: Path) -> tuple:
+    """The vocabulary and merges of a tokenizer.json as found; _check_vocab and _check_merges judge them."""
+    saved = read_json(path)
+    model = saved.get("model") if isinstance(saved, dict) else None
+    if not isinstance(model, dict):
+        raise _unusable(path, 'it has no "model" entry')
+    merges = model.get("merges")
+    if isinstance(merges, list):  # older files write a merge as "a b", newer ones as ["a", "b"]
+        merges = [m.split() if isinstance(m, str) else m for m in merges]
+    return model.get("vocab"), merges
+
+
+def _check_vocab(vocab, path: Path) -> None:
+    if not isinstance(vocab, dict):
+        raise _unusable(path, "its vocabulary is not a JSON object of token ids")
+    is_id = lambda i: isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(vocab)
+    bad = next((token for token, i in vocab.items() if not is_id(i)), None)
+    if bad is not None:
+        raise _unusable(path, f"it gives {bad!r} the id {json.dumps(vocab[bad])[:40]}, not one of 0 to {len(vocab) - 1}")
+
+
+def _check_merges(merges, vocab: dict, path: Path, vocab_name: str) -> None:
+    """Refuse a merges list that the tokenizers library would fail on with a paragraph of its own, or,
+    given none at all, take quietly and then spell every word letter by letter."""
+    if not isinstance(merges, list):
+        raise _unusable(path, "it has no list of merges")
+    is_pair = lambda m: isinstance(m, list) and len(m) == 2 and all(isinstance(t, str) for t in m)
+    bad = next((m for m in merges if not is_pair(m)), None)
+    if bad is not None:
+        raise _unusable(path, f"the merge {json.dumps(bad, ensure_ascii=False)[:60]} is not two tokens")
+    if len(merges) != NUM_MERGES:  # none, or cut short by an interrupted download
+        raise _unusable(path, f"it holds {len(merges):,} merges where CLIP has {NUM_MERGES:,}")
+    unknown = next((m for m in merges if not {m[0], m[1], m[0] + m[1]} <= vocab.keys()), None)
+    if unknown is not None:
+        raise _unusable(path, f"the merge {' '.join(unknown)!r} makes tokens that {vocab_name} lacks")
 
 
 def _pad_token(folder: Path) -> str:

@@ -3,6 +3,9 @@
 import json
 import os
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +16,8 @@ from minidb.files import ModelFileError
 from minidb.load import load
 from minidb.save import save_diffusers, save_single_file
 from conftest import tiny_model
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -95,13 +100,16 @@ def test_broken_safetensors(tiny, tmp_path, damage):
     assert "not a readable safetensors file" in one_sentence(e)
 
 
-def test_truncated_ckpt(tiny, tmp_path):
-    torch.save({"state_dict": tiny[1]}, tmp_path / "m.ckpt")
+@pytest.mark.parametrize("zipped", [True, False], ids=["zip", "legacy"])
+def test_truncated_ckpt(tiny, tmp_path, zipped):
+    torch.save({"state_dict": tiny[1]}, tmp_path / "m.ckpt", _use_new_zipfile_serialization=zipped)
     data = (tmp_path / "m.ckpt").read_bytes()
     (tmp_path / "m.ckpt").write_bytes(data[: len(data) // 3])
     with pytest.raises(ModelFileError) as e:
         load(tmp_path / "m.ckpt")
-    assert "not a readable PyTorch checkpoint" in one_sentence(e)
+    # our own sentence, not torch's paragraph cut off mid-sentence ("... This is an internal miniz error. If ...")
+    assert one_sentence(e) == (f"{tmp_path / 'm.ckpt'} is not a complete PyTorch checkpoint; it may be truncated "
+                               "or corrupt, so download or export it again.")
 
 
 class Payload:
@@ -317,6 +325,11 @@ def edited(m, part, **fields):
     (lambda m: edited(m, "unet", channel_mult=None), "unet.channel_mult is null, not a list of whole numbers"),
     (lambda m: edited(m, "unet", linear_proj=0), "unet.linear_proj is 0, not true or false"),
     (lambda m: edited(m, "vae", ch=-32), "vae.ch is -32, not a whole number"),
+    # a size, channel, layer or head count of 0 (sample_size 0 failed only at the first convolution)
+    (lambda m: edited(m, "unet", sample_size=0), "unet.sample_size is 0, but a size, channel, layer or head count"),
+    (lambda m: edited(m, "unet", channel_mult=[1, 0]), "unet.channel_mult is [1, 0], but"),
+    (lambda m: edited(m, "vae", z_channels=0), "vae.z_channels is 0, but"),
+    (lambda m: edited(m, "text_encoder", heads=0), "text_encoder.heads is 0, but"),
     (lambda m: edited(m, "text_encoder", activation="banana"), 'text_encoder.activation is "banana", not one of'),
 ])
 def test_unusable_minidb_metadata(tiny, tmp_path, edit, words):
@@ -343,6 +356,32 @@ def test_a_file_that_is_no_checkpoint_at_all(tmp_path):
         load(tmp_path / "notes.ckpt")
     message = one_sentence(e)
     assert "is not a PyTorch checkpoint or safetensors file" in message and "pickled" not in message
+
+
+@pytest.mark.parametrize("content", [b"hello\n", b"a", b"\x80\x02X\x02\x00\x00\x00\xff\xfe."],
+                         ids=["key_error", "index_error", "unicode_error"])
+def test_bytes_that_are_no_pickle_fail_in_other_ways(tmp_path, content):
+    """Besides UnpicklingError, torch's weights-only unpickler fails on stray bytes with KeyError (b"hello":
+    'h' looks up memo slot 101), IndexError (b"a" pops an empty stack) or UnicodeDecodeError; these used to
+    escape as tracebacks."""
+    (tmp_path / "x.pt").write_bytes(content)
+    with pytest.raises(ModelFileError) as e:
+        files.read_tensors(tmp_path / "x.pt")
+    assert "is not a PyTorch checkpoint or safetensors file" in one_sentence(e)
+
+
+def test_cli_exits_2_on_bytes_that_are_no_pickle(tmp_path):
+    (tmp_path / "x.pt").write_text("hello\n")
+    done = subprocess.run([sys.executable, "-m", "minidb.info", str(tmp_path / "x.pt")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "is not a PyTorch checkpoint or safetensors file" in done.stderr
+
+
+def test_upper_case_safetensors_suffix_is_read_as_safetensors(tiny, tmp_path):
+    save_single_file(tiny[0], tmp_path / "M.SAFETENSORS")
+    assert files.read_metadata(tmp_path / "M.SAFETENSORS")["minidb"] == tiny[2]["minidb"]
+    assert load(tmp_path / "M.SAFETENSORS").unet.cfg == tiny[0].unet.cfg
 
 
 def test_metadata_written_before_sdxl_fields_existed_still_loads(tiny, tmp_path):

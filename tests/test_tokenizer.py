@@ -20,6 +20,7 @@ import transformers  # noqa: E402
 
 from minidb.files import ModelFileError  # noqa: E402
 from minidb.tokenizer import BOS, CONTEXT_LENGTH, DEFAULT_BPE_PATH, EOS, VOCAB_SIZE, Tokenizer  # noqa: E402
+from test_bad_input import one_sentence  # noqa: E402
 
 BPE_PATH = Path(__file__).resolve().parent.parent / "weights" / "bpe_simple_vocab_16e6.txt.gz"
 SD1_PAD, SD2_PAD = EOS, 0  # SD 1.x pads with <|endoftext|>, SD 2.x with '!'
@@ -303,3 +304,42 @@ def test_non_clip_vocabulary_is_a_clear_error(tmp_path):
         f.write("#version: 0.2\n")  # no merges: the special tokens land at ids 512 and 513
     with pytest.raises(ModelFileError, match="not CLIP's"):
         Tokenizer.from_openai_bpe(tmp_path / "tiny.txt.gz")
+
+
+def _first_merges_line(folder):
+    return (folder / "merges.txt").read_text(encoding="utf-8").splitlines()[1]
+
+
+BROKEN_FILES = {  # name -> (file, what to write, words the sentence holds)
+    "merges_latin1": ("merges.txt", b"#version: 0.2\n\xff\xfe a\n", "it is not UTF-8 text"),
+    "merges_line_of_one": ("merges.txt", "#version: 0.2\ngarbage\n", 'the merge ["garbage"] is not two tokens'),
+    "merges_empty": ("merges.txt", "", "it holds 0 merges where CLIP has 48,894"),
+    "merges_cut_short": ("merges.txt", lambda folder: (folder / "merges.txt").read_text(encoding="utf-8")[:5000],
+                         "merges where CLIP has 48,894"),
+    "merges_unknown_tokens": ("merges.txt", lambda folder: (folder / "merges.txt").read_text(encoding="utf-8")
+                              .replace(_first_merges_line(folder), "\u2603 \u2604", 1),
+                              "makes tokens that vocab.json lacks"),
+    "vocab_id_not_a_number": ("vocab.json", lambda folder: json.dumps(
+        {**json.loads((folder / "vocab.json").read_text(encoding="utf-8")), "a</w>": "x"}),
+        "it gives 'a</w>' the id \"x\""),
+    "vocab_a_list": ("vocab.json", "[]", "its vocabulary is not a JSON object of token ids"),
+    "tokenizer_json_empty": ("tokenizer.json", "{}", 'it has no "model" entry'),
+    "tokenizer_json_a_list": ("tokenizer.json", "[]", 'it has no "model" entry'),
+    "tokenizer_json_no_merges": ("tokenizer.json", '{"model": {"vocab": {"a": 0}}}', "it has no list of merges"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN_FILES))
+def test_broken_tokenizer_file_is_one_sentence_naming_it(saved, tmp_path, case):
+    """A damaged tokenizer/ folder is refused naming the file, rather than failing inside the tokenizers
+    library (or, for an empty merges.txt, quietly spelling every prompt letter by letter)."""
+    name, content, words = BROKEN_FILES[case]
+    if name != "tokenizer.json":  # tokenizer.json is read only when vocab.json and merges.txt are absent
+        for good in ("vocab.json", "merges.txt"):
+            (tmp_path / good).write_bytes((saved[SD1_PAD] / good).read_bytes())
+    content = content(saved[SD1_PAD]) if callable(content) else content
+    (tmp_path / name).write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+    with pytest.raises(ModelFileError) as e:
+        Tokenizer.from_folder(tmp_path)
+    message = one_sentence(e)
+    assert message.startswith(f"{tmp_path / name} is not a usable CLIP tokenizer file (") and words in message, message
