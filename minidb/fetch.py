@@ -151,6 +151,27 @@ def file_sha256(path, progress=False, desc=None):
     return h.hexdigest()
 
 
+def url_problem(url):
+    """Why url is not an address to download from, as a sentence for argparse, or None. A file:// URL has no
+    host and needs none."""
+    try:
+        parts = urlparse(url)
+    except ValueError as e:  # e.g. "Invalid IPv6 URL"
+        return f"--url {url!r} is not a valid address ({e}); give an https:// URL"
+    if not parts.scheme or not (parts.netloc or parts.scheme == "file"):
+        return f"--url {url!r} is not a full address with a host; give an https:// URL"
+    return None
+
+
+def file_in_the_way(error):
+    """For an OSError that met a file where a folder should be (mkdir's FileExistsError, NotADirectoryError):
+    that file, the path itself or one of its parents. Else None."""
+    if not isinstance(error, (FileExistsError, NotADirectoryError)) or not error.filename:
+        return None
+    path = Path(os.fsdecode(error.filename))
+    return next((p for p in (path, *path.parents) if p.is_file()), None)
+
+
 def _by_hand(url, out, what):
     return (f"Could not download {url}: {what}; open that address in a browser (logged in to Hugging "
             f"Face if the model asks for it) and save the file as {out}.")
@@ -177,14 +198,21 @@ def main(argv=None):
         parser.error("--url needs --sha256 too, so that the download can be verified")
     if len(args.sha256) != 64 or any(c not in "0123456789abcdefABCDEF" for c in args.sha256):
         parser.error(f"--sha256 must be 64 hexadecimal digits, not {args.sha256!r}")
-    out = Path(args.out) if args.out else WEIGHTS / Path(urlparse(args.url).path).name
+    if problem := url_problem(args.url):
+        parser.error(problem)
+    name = Path(urlparse(args.url).path).name
+    if not args.out and name in ("", ".."):
+        parser.error(f"--url {args.url!r} does not end in a file name; give --out too")
+    out = Path(args.out) if args.out else WEIGHTS / name
     try:
         fetch(args.url, args.sha256, out)
     except FetchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # the disk side: a folder we cannot create, a file we cannot write
-        print(f"error: {e.filename or out}: {e.strerror}; choose another --out.", file=sys.stderr)
+        blocker = file_in_the_way(e)
+        what = f"{blocker} is a file, not a folder" if blocker else f"{e.filename or out}: {e.strerror}"
+        print(f"error: {what}; choose another --out.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         kept = f": {part_path(out)} is kept; run the same command again to resume" if part_path(out).exists() else ""

@@ -247,3 +247,28 @@ def test_known_models_match_the_weights_readme():
         repo, file = re.fullmatch(r"https://huggingface.co/(.+)/resolve/main/(.+)", url).groups()
         row = next(line for line in readme.splitlines() if line.startswith("|") and f"`{file}`" in line)
         assert f"`{repo}`" in row and f"{size:,}" in row and f"`{sha256}`" in row
+
+
+@pytest.mark.parametrize("url", ["http://[::1", "", "http:///model.safetensors", "notaurl", "https://example.com/"])
+def test_cli_refuses_an_address_it_cannot_download(tmp_path, monkeypatch, capsys, url):
+    """A malformed, empty or hostless --url, or one that names no file when --out is not given, is refused
+    as an address before anything is written (no traceback, no 'weights: Is a directory')."""
+    from minidb import fetch as f
+    monkeypatch.setattr(f, "WEIGHTS", tmp_path)
+    with pytest.raises(SystemExit) as e:
+        f.main(["--url", url, "--sha256", SHA])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err and list(tmp_path.iterdir()) == []
+    last = err.splitlines()[-1]
+    assert last.startswith(f"python -m minidb.fetch: error: --url {url!r} ")
+    assert last.endswith("give --out too" if url.endswith("/") else "give an https:// URL")
+
+
+def test_cli_names_the_file_that_stands_where_a_folder_should_be(tmp_path, capsys):
+    from minidb import fetch as f
+    afile = tmp_path / "afile"
+    afile.write_bytes(b"keep me")
+    for out in (afile / "m.safetensors", afile / "sub" / "m.safetensors"):
+        assert f.main(["--url", f"http://127.0.0.1:{closed_port()}/m.safetensors", "--sha256", SHA, "--out", str(out)]) == 2
+        assert capsys.readouterr().err == f"error: {afile} is a file, not a folder; choose another --out.\n"
+    assert afile.read_bytes() == b"keep me"

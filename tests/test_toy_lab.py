@@ -108,3 +108,56 @@ def test_generate_in_bf16_changes_the_arithmetic_not_the_picture():
     bf16 = measure.generate(model, "a photo of a red ball on the snow", 2, 0, 4, bf16=True)
     difference = (fp32 - bf16).abs()
     assert difference.max() > 0 and difference.mean() < 0.05  # 0.05 on [-1, 1] is 6/255
+
+
+def lab_error(capsys, *argv):
+    """Run the lab with bad input -> its one line of stderr, after checking exit code 2 and no traceback."""
+    with pytest.raises(SystemExit) as e:
+        lab.main(list(argv))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    return err.splitlines()[-1]
+
+
+def test_bad_models_and_paths_end_in_one_sentence(tmp_path, capsys):
+    """A missing or corrupt --model/--probe/--vae-from, or an --out the lab cannot write, fails before any
+    training or sampling with one sentence and exit code 2."""
+    nope, trunc, afile = tmp_path / "nope.safetensors", tmp_path / "trunc.safetensors", tmp_path / "afile"
+    trunc.write_bytes(b"\x40\x00\x00\x00\x00\x00\x00\x00{")  # a header length, then the header cut off
+    afile.write_text("keep me")
+    cases = [(["evaluate", "--model", str(nope), "--identifier", "zq", "--n", "1", "--steps", "1"], f"No model at {nope}"),
+             (["evaluate", "--probe", str(trunc), "--n", "1", "--steps", "1"], f"{trunc} is not a readable safetensors file"),
+             (["train-base", "--vae-from", str(nope), "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o.safetensors"),
+               *TINY], f"No model at {nope}"),
+             (["examples", "--out", str(afile)], f"{afile} is a file, not a folder; choose another path."),
+             (["examples", "--out", str(afile / "sub")], f"{afile} is a file, not a folder; choose another path.")]
+    for argv, words in cases:
+        line = lab_error(capsys, *argv)
+        assert line.startswith(f"error: {words}") and line.endswith("."), line
+    assert afile.read_text() == "keep me" and not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize("argv", [["evaluate", "--n", "0"], ["evaluate", "--steps", "0"], ["evaluate", "--seed", "-1"],
+                                  ["tune", "--n", "0"], ["methods", "--steps", "0"], ["train-probe", "--seed", "-1"]])
+def test_counts_are_checked_before_any_work(monkeypatch, capsys, argv):
+    def no_work(args):
+        raise AssertionError(f"{args.command} started with {argv[1]} {argv[2]}")
+    for command in ("run_evaluate", "run_compare", "run_train_probe"):
+        monkeypatch.setattr(lab, command, no_work)
+    assert f"argument {argv[1]}:" in lab_error(capsys, *argv)
+
+
+def test_a_failed_train_py_run_ends_the_sweep_with_one_sentence(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(lab, "TUNING_EXAMPLES", tmp_path / "tuning-subject")
+    line = lab_error(capsys, "tune", "--seeds", "0", "--out", str(tmp_path / "runs"), "--train-args=--no-such-flag")
+    assert line == "error: train.py stopped with exit code 2; fix what it says above and run again."
+
+
+def test_the_command_exits_2_without_a_traceback(tmp_path):
+    import os
+    import subprocess
+    import sys
+    (tmp_path / "afile").write_text("")
+    r = subprocess.run([sys.executable, "-m", "minidb.toy.lab", "examples", "--out", "afile"], cwd=tmp_path,
+                       env={**os.environ, "PYTHONPATH": str(lab.ROOT)}, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr == "error: afile is a file, not a folder; choose another path.\n"

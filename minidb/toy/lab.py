@@ -17,16 +17,19 @@ import argparse
 import json
 import math
 import random
+import subprocess
 from pathlib import Path
 
 import torch
 
+from minidb.cli import fail, number
+from minidb.data import DataError
 from minidb.dreambooth import pick_identifier
-from minidb.fetch import TOY_MODEL
-from minidb.cli import number
-from minidb.files import write_safetensors
+from minidb.fetch import TOY_MODEL, file_in_the_way
+from minidb.files import ModelFileError, write_safetensors
 from minidb.load import load
 from minidb.pipeline import bf16_for_autocast, decode, grid, sample_latents
+from minidb.runs import RunError
 from minidb.tokenizer import Tokenizer
 from minidb.toy.base import SIZE, TOY_VAE, to_tensor, train_base
 from minidb.toy.measure import PLACES, TOY_PROBE, evaluate, evaluate_base, load_probe, mean_spread, no_nan
@@ -119,7 +122,6 @@ def load_run(folder):
 def run_compare(args):
     """A table of the paper in miniature: each variant trained on the subject for several seeds, each
     run exactly as a user would type it, then measured. Finished runs (README.md written) are reused."""
-    import subprocess
     import sys
     tuning = args.command == "tune"
     variants = {f"lr {lr}": ["--lr", lr] for lr in args.lrs} if tuning else VARIANTS[args.command]
@@ -237,14 +239,14 @@ def main(argv=None):
     pr.add_argument("--model", default=str(TOY_MODEL), help="its VAE softens half the training pictures")
     pr.add_argument("--out", default=str(TOY_PROBE), help="where to write the probe (default: %(default)s)")
     pr.add_argument("--steps", type=number(int, low=1), default=3000, help="training steps (default: %(default)s)")
-    pr.add_argument("--seed", type=int, default=0, help="seed for its pictures and weights (default: %(default)s)")
+    pr.add_argument("--seed", type=number(int, low=0), default=0, help="seed for its pictures and weights (default: %(default)s)")
     ev = sub.add_parser("evaluate", help="subject fidelity, prompt fidelity, PRES, DIV of models")
     ev.add_argument("--model", nargs="+", default=[str(TOY_MODEL)], help="one or more models, compared side by side")
     ev.add_argument("--identifier", default=None, help="the [V] token (default: from the run's settings.json)")
     ev.add_argument("--probe", default=str(TOY_PROBE), help="the measuring probe (default: %(default)s)")
-    ev.add_argument("--n", type=int, default=4, help="images per prompt (default: %(default)s)")
-    ev.add_argument("--steps", type=int, default=25, help="DDIM steps (default: %(default)s)")
-    ev.add_argument("--seed", type=int, default=0, help="seed of the sampling noise; each prompt uses its own offset from it (default: %(default)s)")
+    ev.add_argument("--n", type=number(int, low=1), default=4, help="images per prompt (default: %(default)s)")
+    ev.add_argument("--steps", type=number(int, low=1), default=25, help="DDIM steps (default: %(default)s)")
+    ev.add_argument("--seed", type=number(int, low=0), default=0, help="seed of the sampling noise; each prompt uses its own offset from it (default: %(default)s)")
     ev.add_argument("--picture", default=None, help="also write the subject's generations in each place, as a grid")
     ev.add_argument("--bf16", action="store_true", help="sample under bf16 autocast, as sample.py does by default "
                     "on a CPU with native bf16 (the probe still reads in fp32)")
@@ -269,15 +271,26 @@ def main(argv=None):
             ab.add_argument("--lrs", nargs="+", default=["5e-6", "2e-5", "5e-5", "1e-4", "2e-4"], type=rate,
                             help="the learning rates to sweep (default: %(default)s)")
         ab.add_argument("--out", default=f"runs/{name}", help="folder for the runs; finished ones are reused (default: %(default)s)")
-        ab.add_argument("--n", type=int, default=4, help="images per prompt (default: %(default)s)")
-        ab.add_argument("--steps", type=int, default=25, help="DDIM steps (default: %(default)s)")
+        ab.add_argument("--n", type=number(int, low=1), default=4, help="images per prompt (default: %(default)s)")
+        ab.add_argument("--steps", type=number(int, low=1), default=25, help="DDIM steps (default: %(default)s)")
         ab.add_argument("--json", default=str(ROOT / "bench" / f"toy-{name}.json"),
                         help="where to write the measurements (default: %(default)s)")
         ab.add_argument("--picture", default=str(ROOT / "docs" / f"toy-{name}.png"),
                         help="where to write the picture (default: %(default)s)")
     args = p.parse_args(argv)
-    {"examples": lambda a: write_examples(a.out, a.tuning), "train-base": train_base, "base": run_base, "train-probe": run_train_probe,
-     "evaluate": run_evaluate, "ablation": run_compare, "methods": run_compare, "tune": run_compare}[args.command](args)
+    command = {"examples": lambda a: write_examples(a.out, a.tuning), "train-base": train_base, "base": run_base,
+               "train-probe": run_train_probe, "evaluate": run_evaluate, "ablation": run_compare, "methods": run_compare,
+               "tune": run_compare}[args.command]
+    try:
+        command(args)
+    except (ModelFileError, DataError, RunError) as e:  # a model, probe or run folder that cannot be used
+        fail(str(e))
+    except subprocess.CalledProcessError as e:  # train.py has printed its own error above
+        fail(f"train.py stopped with exit code {e.returncode}; fix what it says above and run again.")
+    except OSError as e:  # a path given here that cannot be read or written
+        blocker = file_in_the_way(e)
+        fail(f"{blocker} is a file, not a folder; choose another path." if blocker else
+             f"{e.filename or 'a file'}: {e.strerror or e}; check the path, and that it can be written.")
 
 
 if __name__ == "__main__":
