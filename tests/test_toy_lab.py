@@ -4,7 +4,7 @@ with --resume writes the same model as one that ran straight through."""
 import pytest
 import torch
 
-from minidb.files import read_tensors
+from minidb.files import read_tensors, write_safetensors
 from minidb.toy import base, lab, measure
 
 TINY = ["--vae-steps", "3", "--vae-ch", "32", "--steps", "4", "--batch", "2", "--pictures", "8", "--save-every", "2"]
@@ -46,6 +46,11 @@ def test_train_base_refuses_to_clobber_or_change_a_run(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         lab.main(["train-base", "--vae-ch", "48"])
     assert e.value.code == 2 and "multiple of 32" in capsys.readouterr().err
+    kept = {f: f.read_bytes() for f in (tmp_path / "run").rglob("*") if f.is_file()}
+    with pytest.raises(SystemExit) as e:  # a VAE file that cannot be read loses nothing, even with --overwrite
+        train_base(tmp_path, "run", "--overwrite", "--vae-from", str(tmp_path / "nope.safetensors"))
+    assert e.value.code == 2 and "No model at" in capsys.readouterr().err
+    assert {f: f.read_bytes() for f in (tmp_path / "run").rglob("*") if f.is_file()} == kept
 
 
 def test_off_palette_counts_smeared_pixels_and_no_drawn_ones():
@@ -125,7 +130,10 @@ def test_bad_models_and_paths_end_in_one_sentence(tmp_path, capsys):
     nope, trunc, afile = tmp_path / "nope.safetensors", tmp_path / "trunc.safetensors", tmp_path / "afile"
     trunc.write_bytes(b"\x40\x00\x00\x00\x00\x00\x00\x00{")  # a header length, then the header cut off
     afile.write_text("keep me")
-    cases = [(["evaluate", "--model", str(nope), "--identifier", "zq", "--n", "1", "--steps", "1"], f"No model at {nope}"),
+    not_probe = tmp_path / "not-probe.safetensors"
+    write_safetensors(not_probe, {"weight": torch.zeros(2)})
+    cases = [(["evaluate", "--probe", str(not_probe), "--n", "1", "--steps", "1"], f"{not_probe} is not a toy probe"),
+             (["evaluate", "--model", str(nope), "--identifier", "zq", "--n", "1", "--steps", "1"], f"No model at {nope}"),
              (["evaluate", "--probe", str(trunc), "--n", "1", "--steps", "1"], f"{trunc} is not a readable safetensors file"),
              (["train-base", "--vae-from", str(nope), "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o.safetensors"),
                *TINY], f"No model at {nope}"),

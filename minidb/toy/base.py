@@ -197,6 +197,8 @@ def train_base(args):
     t0, work = time.time(), Path(args.work)
     recipe = {k: getattr(args, k) for k in RECIPE}
     settings = work / "settings.json"
+    # A VAE to reuse is loaded before the work folder is touched, so that a bad file loses no earlier run.
+    given_vae = load(args.vae_from, dtype=torch.float32).vae.requires_grad_(False) if args.vae_from else None
     if settings.exists() and not args.resume and not args.overwrite:
         fail(f"{work} holds an earlier train-base run; continue it with --resume, or start over with --overwrite.")
     if args.resume:
@@ -213,8 +215,8 @@ def train_base(args):
         work.mkdir(parents=True)
         write_json(settings, recipe)
     vae_file = work / "vae.safetensors"
-    if args.vae_from:  # stage 1 is deterministic by seed: an earlier run's VAE is the same one
-        vae = load(args.vae_from, dtype=torch.float32).vae.requires_grad_(False)
+    if given_vae is not None:  # stage 1 is deterministic by seed: an earlier run's VAE is the same one
+        vae = given_vae
         print(f"VAE taken from {args.vae_from}")
     elif vae_file.is_file():
         vae = va.AutoencoderKL(dataclasses.replace(TOY_VAE, ch=args.vae_ch))

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from minidb.files import read_tensors
+from minidb.files import ModelFileError, read_tensors
 from minidb.pipeline import decode, grid, sample_latents
 from minidb.toy.base import SIZE, to_tensor
 from minidb.toy.probe import Probe, diversity, off_palette, read, similarity
@@ -30,7 +30,11 @@ def property_colours(colour):
 
 def load_probe(path=TOY_PROBE):
     probe = Probe()
-    probe.load_state_dict(read_tensors(path)[0], strict=True)
+    try:
+        probe.load_state_dict(read_tensors(path)[0], strict=True)
+    except RuntimeError:  # torch's message lists every missing and unexpected name: hundreds of lines
+        raise ModelFileError(f"{path} is not a toy probe (its tensors do not match a probe's names and shapes); "
+                             "pass a file that `python -m minidb.toy.lab train-probe` wrote.") from None
     return probe.eval()
 
 
