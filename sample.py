@@ -26,7 +26,7 @@ import re
 import secrets
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from pathlib import Path
 
 import torch
@@ -141,6 +141,15 @@ def check(args):
         return f"--out {args.out} cannot be a folder: {nearest} is a file; choose another --out."
     if not os.access(nearest, os.W_OK | os.X_OK):
         return f"Cannot write to --out {args.out} ({nearest} is not writable); choose another folder."
+    made = [p for p in (out, *out.parents) if not p.exists()]  # the deepest first
+    try:
+        runs.run_folder(out, resume=False)  # made and written to, as train.py checks its --out
+    except runs.RunError as e:
+        return str(e)
+    finally:  # made only to prove it can be: a run that fails before its first image leaves nothing behind
+        for folder in made:
+            with suppress(OSError):
+                folder.rmdir()
     return None
 
 
@@ -167,6 +176,19 @@ def save_png(image, path, parameters, settings):
             pnginfo.save_png(image, path, parameters, settings)
     except DiskFull as e:
         fail(e)
+    except OSError as e:
+        fail(f"Cannot write {path} ({e.strerror or e}); choose another --out.")
+
+
+def not_finite(args, dtype_name):
+    """Why a picture came out as NaN or infinite numbers, as far as sample.py can tell, in one sentence."""
+    files = [args.model, *(path for path, _ in args.lora), *args.embedding]
+    weights = (f"{' or '.join(map(str, files))} likely hold{'s' * (len(files) == 1)} broken weights (NaN, or numbers "
+               "far too large)")
+    if dtype_name == "fp16":  # fp16 overflows past 65504; bf16 and fp32 reach 3e38
+        return (f"The picture came out as NaN or infinite numbers, so it was not saved: fp16 likely overflowed, so "
+                f"draw again with --dtype fp32 (if that fails too, {weights}).")
+    return f"The picture came out as NaN or infinite numbers, so it was not saved: {weights}; use other files."
 
 
 def out_of_memory(e):
@@ -257,6 +279,8 @@ def main(argv=None):
                 latents = sample_latents(model, args.prompt, args.negative_prompt, n=1, steps=args.steps,
                                          guidance=args.guidance, seed=seed + i, height=height, width=width,
                                          sampler=args.sampler, long_prompts=args.long_prompts, graph=graph)
+                if not torch.isfinite(latents).all():  # the last guard: a black picture is not saved
+                    fail(not_finite(args, dtype_name))
                 image = decode(model, latents)[0]
         except RuntimeError as e:
             if not out_of_memory(e):

@@ -60,6 +60,31 @@ def pick_new_word(tokenizer, rng):
 # ---- a new word: textual inversion (Gal et al. 2022, arXiv 2208.01618) ----
 
 
+def embedding_vectors(path, tensors):
+    """An embedding file's tensors -> {name: vectors (n, C)}, checked: AUTOMATIC1111's `emb_params`, or
+    `string_to_param` in a .pt; SDXL's `clip_l` and `clip_g`; or any file of one tensor (diffusers')."""
+    if isinstance(tensors.get("string_to_param"), dict):
+        tensors = tensors["string_to_param"]
+    found = {name: t for name, t in tensors.items() if isinstance(t, torch.Tensor)}
+    if "clip_l" in found and "clip_g" in found:
+        names = ["clip_l", "clip_g"]
+    elif "emb_params" in found or len(found) == 1:
+        names = ["emb_params" if "emb_params" in found else next(iter(found))]
+    else:
+        names = []
+    if not names or any(found[name].ndim not in (1, 2) for name in names):
+        raise ModelFileError(f"{path} is not a textual-inversion embedding (one tensor of vectors, e.g. "
+                             f"emb_params, or SDXL's clip_l and clip_g); it holds {', '.join(list(tensors)[:3]) or 'nothing'}.")
+    for name in names:
+        if found[name].numel() == 0:
+            raise ModelFileError(f"{path} holds no vectors ({name} has the shape {tuple(found[name].shape)}); the file "
+                                 "is damaged, so make it again.")
+        if not torch.isfinite(found[name]).all():
+            raise ModelFileError(f"{path} holds NaN or infinite numbers in {name}, which draw black pictures; the file "
+                                 "is damaged, so make it again.")
+    return {name: found[name].reshape(-1, found[name].shape[-1]) for name in names}
+
+
 class NewWord(nn.Module):
     """A word the model did not know, learned as n embedding vectors while all else stays as it was.
 
@@ -93,17 +118,8 @@ class NewWord(nn.Module):
     def from_file(cls, model, path):
         """An embedding file: AUTOMATIC1111's (`emb_params`, or `string_to_param` in a .pt; SDXL's `clip_l`
         and `clip_g`), or any file of one tensor (diffusers'). The word is the file's name, as in AUTOMATIC1111."""
-        tensors = read_tensors(path)[0]
-        if isinstance(tensors.get("string_to_param"), dict):
-            tensors = tensors["string_to_param"]
-        found = [t for t in tensors.values() if isinstance(t, torch.Tensor)]
-        sdxl_file = isinstance(tensors.get("clip_l"), torch.Tensor) and isinstance(tensors.get("clip_g"), torch.Tensor)
-        vectors = [tensors["clip_l"], tensors["clip_g"]] if sdxl_file else \
-            [tensors.get("emb_params", found[0] if len(found) == 1 else None)]
-        if vectors[0] is None or any(v.ndim not in (1, 2) for v in vectors):
-            raise ModelFileError(f"{path} is not a textual-inversion embedding (one tensor of vectors, e.g. "
-                                 f"emb_params, or SDXL's clip_l and clip_g); it holds {', '.join(list(tensors)[:3]) or 'nothing'}.")
-        vectors = [v.reshape(-1, v.shape[-1]) for v in vectors]
+        vectors = list(embedding_vectors(path, read_tensors(path)[0]).values())
+        sdxl_file = len(vectors) == 2
         widths = [e.cfg.width for e in (model.text_encoder, model.text_encoder_2) if e]
         if [v.shape[1] for v in vectors] != widths:
             made_for = " (made for SDXL)" if sdxl_file else {768: " (made for SD 1.x)", 1024: " (made for SD 2.x)"}.get(

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from minidb.cli import path_and_scale
+from minidb.dreambooth import embedding_vectors
 from minidb.files import PICKLE_SUFFIXES, ModelFileError, read_tensors, replace_folder
 from minidb.load import load
 from minidb.lora_files import describe_lora, merge_lora
@@ -94,7 +95,7 @@ def main(argv=None):
     if args.convert:
         out = Path(args.convert)
         try:
-            if out.suffix == ".safetensors":
+            if out.suffix.lower() == ".safetensors":
                 save_single_file(model, out)
             else:
                 replace_folder(out, lambda tmp: save_diffusers(model, tmp))
@@ -140,16 +141,10 @@ def describe_addon(path):
 def describe_embedding(path, tensors):
     """AUTOMATIC1111's embedding layouts: emb_params (n, C), string_to_param in a .pt, SDXL's clip_l and
     clip_g -> (the family it was made for or None, [(heading, text)])."""
-    if isinstance(tensors.get("string_to_param"), dict):
-        tensors = tensors["string_to_param"]
-    tensors = {k: t for k, t in tensors.items() if isinstance(t, torch.Tensor)}
-    if "clip_l" in tensors and "clip_g" in tensors:
-        family, layout, vectors = "SDXL", "clip_l and clip_g", [tensors["clip_l"], tensors["clip_g"]]
-    else:
-        name = "emb_params" if "emb_params" in tensors else next(iter(tensors))
-        family, layout, vectors = {768: "SD 1.x", 1024: "SD 2.x"}.get(tensors[name].shape[-1]), name, [tensors[name]]
-    n = vectors[0].reshape(-1, vectors[0].shape[-1]).shape[0]
-    wide = " + ".join(str(v.shape[-1]) for v in vectors)
+    vectors = embedding_vectors(path, tensors)  # checked as sample.py reads them
+    layout, (n, width) = " and ".join(vectors), next(iter(vectors.values())).shape
+    family = "SDXL" if len(vectors) == 2 else {768: "SD 1.x", 1024: "SD 2.x"}.get(width)
+    wide = " + ".join(str(v.shape[-1]) for v in vectors.values())
     return family, [("kind", f"a textual-inversion embedding for {family or 'an unknown model family'}, "
                              f"AUTOMATIC1111's layout ({layout})"),
                     ("word", f"{path.stem.lower()} (the file's name), {n} vector{'s' * (n > 1)} of {wide} numbers")]
@@ -163,7 +158,10 @@ def fail(message):  # one sentence for the user, exit status 2
 def target_problem(out, overwrite):
     """Why --convert must not write to `out`, or None. Only --overwrite replaces an existing file or
     non-empty folder (such as a trained model), and never a file by a folder or a folder by a file."""
-    single = out.suffix == ".safetensors"
+    single = out.suffix.lower() == ".safetensors"
+    parent = next(p for p in out.parents if p.exists())  # the folders below it are made when writing
+    if not parent.is_dir():
+        return f"cannot write {out}: {parent} is a file, not a folder; choose another path."
     if out.suffix.lower() in PICKLE_SUFFIXES:  # a user asking for a .ckpt wants one file, not a folder of that name
         return (f"--convert {out} asks for a {out.suffix} file, which minidb does not write (a pickle can carry "
                 f"code); name it {out.with_suffix('.safetensors')}, which AUTOMATIC1111 and ComfyUI read, or give "

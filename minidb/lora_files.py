@@ -20,6 +20,7 @@ Legend: r rank, O/I a layer's output/input channels, k its kernel size.
 import json
 import math
 import re
+import sys
 
 import torch
 
@@ -113,17 +114,49 @@ def _first(items, n=3):
     return ", ".join(items[:n]) + (", ..." if len(items) > n else "")
 
 
+def _pattern(key):
+    """An alpha_pattern key as PEFT's get_pattern_key matches it against a layer's name."""
+    return re.compile(rf"(.*\.)?({key})$")
+
+
+def _finite_number(x):
+    # JSON reads NaN and Infinity, and whole numbers too large for a float (alpha / rank would overflow)
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and abs(x) <= sys.float_info.max
+
+
 def _peft_scale(settings, part, name_in_file, rank):
     """alpha / rank as PEFT's LoraConfig in diffusers' metadata says, for one layer (alpha = rank if none)."""
     get = lambda key, default=None: settings.get(f"{part}.{key}", default)  # noqa: E731
     alpha = get("lora_alpha", rank)
-    for pattern, value in (get("alpha_pattern") or {}).items():  # matched as PEFT's get_pattern_key does
-        if re.match(rf"(.*\.)?({pattern})$", name_in_file):
+    for key, value in (get("alpha_pattern") or {}).items():
+        if _pattern(key).match(name_in_file):
             alpha = value
             break
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        return None
     return alpha / (math.sqrt(rank) if get("use_rslora") else rank)  # rsLoRA: alpha / sqrt(r)
+
+
+def _problem(tensors, keys, shape=None, layer="each other"):
+    """What makes one layer's tensors ({role: key}) unusable, or None: a down without its up or the reverse,
+    a down and an up that do not fit a layer of `shape` (described as `layer`; without the model, the shape
+    the two imply), an alpha that is not one number, or numbers that are not finite (black pictures)."""
+    if "down" not in keys or "up" not in keys:
+        has, lacks = ("down", "up") if "down" in keys else ("up" if "up" in keys else "alpha", "down")
+        return f"has {keys[has]} without its {lacks} weight, so the file is incomplete"
+    down, up = tensors[keys["down"]], tensors[keys["up"]]
+    rank = down.shape[0] if down.ndim else 0
+    if shape is None:
+        shape = (up.shape[0] if up.ndim else 0, *down.shape[1:])
+    kernel = (1, 1) if len(shape) == 4 else ()  # a conv's up is 1x1; its down has the layer's kernel
+    fits = len(shape) in (2, 4) and down.shape == (rank, *shape[1:]) and up.shape == (shape[0], rank, *kernel)
+    if rank == 0 or not fits:
+        return (f"has {keys['down']} of shape {tuple(down.shape)} and {keys['up']} of shape {tuple(up.shape)}, which "
+                f"do not fit {layer}")
+    if "alpha" in keys and tensors[keys["alpha"]].numel() != 1:
+        return f"has {keys['alpha']} of shape {tuple(tensors[keys['alpha']].shape)} where one number belongs"
+    for key in keys.values():
+        if not torch.isfinite(tensors[key]).all():
+            return f"has {key} holding NaN or infinite numbers, so the file is damaged; download or export it again"
+    return None
 
 
 def _read(path, model):
@@ -156,28 +189,17 @@ def _read(path, model):
               "tool whose names minidb does not know")
     settings, adapters = _peft_settings(path, metadata), []
     for (part, name, ref), held in layers.items():
-        if "down" not in held or "up" not in held:
-            has, lacks = ("down", "up") if "down" in held else ("up" if "up" in held else "alpha", "down")
-            _fail(path, model, tensors, metadata, f"has {held[has][0]} without its {lacks} weight, so the file is incomplete")
+        keys = {role: key for role, (key, _) in held.items()}
         layer = getattr(model, part).get_submodule(name)
-        (down_key, name_in_file), (up_key, _) = held["down"], held["up"]
-        down, up, w = tensors[down_key], tensors[up_key], layer.weight
-        rank = down.shape[0] if down.ndim else 0
-        kernel = (1, 1) if w.ndim == 4 else ()  # a conv's up is 1x1; its down has the layer's kernel
-        if rank == 0 or down.shape != (rank, *w.shape[1:]) or up.shape != (w.shape[0], rank, *kernel):
-            _fail(path, model, tensors, metadata, f"has {down_key} of shape {tuple(down.shape)} and {up_key} of "
-                  f"shape {tuple(up.shape)}, which do not fit the layer {ref} of shape {tuple(w.shape)}")
-        if "alpha" in held:
-            alpha_key = held["alpha"][0]
-            if tensors[alpha_key].numel() != 1:
-                _fail(path, model, tensors, metadata, f"has {alpha_key} of shape {tuple(tensors[alpha_key].shape)} "
-                      "where one number belongs")
-            scale = tensors[alpha_key].item() / rank
+        problem = _problem(tensors, keys, layer.weight.shape, f"the layer {ref} of shape {tuple(layer.weight.shape)}")
+        if problem:
+            _fail(path, model, tensors, metadata, problem)
+        down, up, name_in_file = tensors[keys["down"]], tensors[keys["up"]], held["down"][1]
+        rank = down.shape[0]
+        if "alpha" in keys:
+            scale = tensors[keys["alpha"]].item() / rank
         else:
             scale = _peft_scale(settings, part, name_in_file.removeprefix(f"{part}."), rank)
-            if scale is None:
-                _fail(path, model, tensors, metadata, f"has lora_adapter_metadata whose {part} lora_alpha for "
-                      f"{name_in_file} is not a number")
         adapters.append((part, layer, down, up, scale))
     return adapters
 
@@ -191,10 +213,30 @@ def _peft_settings(path, metadata):
         settings = json.loads(raw)
     except json.JSONDecodeError:
         settings = None
-    if not isinstance(settings, dict):
-        raise ModelFileError(f"{path} has lora_adapter_metadata that is not a JSON object of LoRA settings; "
-                             "the file is damaged, so download or export it again.")
+    problem = _alphas_problem(settings) if isinstance(settings, dict) else "that is not a JSON object of LoRA settings"
+    if problem:
+        raise ModelFileError(f"{path} has lora_adapter_metadata {problem}; the file is damaged, so download or "
+                             "export it again.")
     return settings
+
+
+def _alphas_problem(settings):
+    """What is wrong with the alphas in PEFT's settings, or None: each must be a finite number, and each
+    alpha_pattern key a regular expression."""
+    for name, value in settings.items():
+        if name.endswith(".lora_alpha") and not _finite_number(value):
+            return f"whose {name} is {json.dumps(value)}, not a finite number"
+        if name.endswith(".alpha_pattern") and value is not None:
+            if not isinstance(value, dict):
+                return f"whose {name} is not a JSON object of layer patterns and their alphas"
+            for key, alpha in value.items():
+                try:
+                    _pattern(key)
+                except re.error as e:
+                    return f"whose {name} holds {key!r}, which is not a regular expression ({e.msg})"
+                if not _finite_number(alpha):
+                    return f"whose {name} gives {key!r} the alpha {json.dumps(alpha)}, not a finite number"
+    return None
 
 
 def _part_of(name):
@@ -211,11 +253,15 @@ def describe_lora(path, tensors, metadata):
     it was made for or None, [(heading, text)] on its layout, layers, ranks and alphas). Other adapter
     kinds are one sentence (ModelFileError), since minidb cannot use them."""
     _refuse_other_kinds(path, tensors)
-    roles = {}
+    layers = {}
     for key, t in tensors.items():
         if (split := _split(key)) and isinstance(t, torch.Tensor):
-            roles.setdefault(split[1], {})[split[0]] = t
-    downs, alphas = roles.get("down", {}), roles.get("alpha", {})
+            layers.setdefault(split[0], {})[split[1]] = key
+    for keys in layers.values():  # what reading checks, short of fitting the model's layers
+        if problem := _problem(tensors, keys):
+            raise ModelFileError(f"{path} {problem}.")
+    downs = {name: tensors[keys["down"]] for name, keys in layers.items()}
+    alphas = {name: tensors[keys["alpha"]] for name, keys in layers.items() if "alpha" in keys}
     layout = ("kohya's (AUTOMATIC1111, ComfyUI)" if any(k.startswith("lora_") for k in tensors) else
               "diffusers' / PEFT's" if any(".lora_A." in k for k in tensors) else "an older diffusers")
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in downs.values()})
@@ -224,10 +270,10 @@ def describe_lora(path, tensors, metadata):
     counts = [f"{n} {words}" for part, words in parts.items() if (n := sum(_part_of(name) == part for name in downs))]
     convs = sum(t.ndim == 4 and t.shape[-1] > 1 for t in downs.values())  # LoCon: 3x3 convolutions adapted too
     ranks = sorted({t.shape[0] for t in downs.values()})
+    settings = _peft_settings(path, metadata)
     if alphas:
         values, source = sorted({round(float(t.float().reshape(-1)[0]), 4) for t in alphas.values()}), ""
     else:
-        settings = _peft_settings(path, metadata)
         values = sorted({v for k, v in settings.items() if k.endswith(".lora_alpha") and isinstance(v, (int, float))})
         source = " (lora_adapter_metadata)" if values else " (none given: alpha = rank)"
         values = values or ranks
@@ -254,14 +300,21 @@ def read_lora(path, model):
 def merge_lora(model, path, scale=1.0):
     """W += scale * update for every layer the LoRA file adapts, in fp32, cast back to the layer's dtype.
     The model then samples exactly as fast as without. Returns {part: number of layers merged}, the parts
-    being unet, text_encoder and SDXL's text_encoder_2."""
+    being unet, text_encoder and SDXL's text_encoder_2. A merged weight that is not finite (an alpha or
+    weights too large for the model's dtype, or NaN already in the model) stops the merge with ModelFileError
+    before that layer changes, but the layers before it are merged then: load the model again."""
     if not (isinstance(scale, (int, float)) and math.isfinite(scale)):
         raise ValueError(f"The LoRA scale must be a finite number, not {scale!r}.")
-    adapters = _read(path, model)  # everything is checked before any weight changes
+    adapters = _read(path, model)  # everything in the file is checked before any weight changes
     merged = dict.fromkeys(["unet", *text_parts(model)], 0)
     with torch.no_grad():
         for part, layer, down, up, s in adapters:  # one update in memory at a time
             w = layer.weight
-            w.copy_((w.float() + scale * _delta(layer, down, up, s)).to(w.dtype))
+            new = (w.float() + scale * _delta(layer, down, up, s)).to(w.dtype)
+            if not torch.isfinite(new).all():  # checked here, as made, rather than in a second pass over the model
+                raise ModelFileError(f"{path} at scale {scale:g} gives weights that are not finite numbers in "
+                                     f"{str(w.dtype).removeprefix('torch.')}: its alpha or weights are far too large, "
+                                     "or the model already held NaN; use another LoRA file or model.")
+            w.copy_(new)
             merged[part] += 1
     return merged

@@ -234,3 +234,58 @@ def test_info_refuses_other_adapter_kinds_and_conversions_of_add_ons(tmp_path, c
     assert main([str(tmp_path / "w.safetensors"), "--convert", str(tmp_path / "out.safetensors")]) == 2
     assert "draw with a base model and this file: sample.py --embedding" in error_line(capsys)
     assert not (tmp_path / "out.safetensors").exists()
+
+
+# ---- broken add-ons, odd --convert targets and merges that would write NaN ----
+
+LAYER = "lora_unet_down_blocks_0_attentions_0_proj_in"  # a 1x1 conv of 32 channels in the tiny model
+
+
+@pytest.mark.parametrize("tensors,words", [
+    ({f"{LAYER}.lora_down.weight": torch.zeros(0, 32, 1, 1), f"{LAYER}.lora_up.weight": torch.zeros(32, 0, 1, 1)},
+     "of shape (32, 0, 1, 1), which do not fit each other."),  # rank 0
+    ({f"{LAYER}.lora_down.weight": torch.tensor(1.0), f"{LAYER}.lora_up.weight": torch.zeros(32, 1, 1, 1)},
+     f"has {LAYER}.lora_down.weight of shape () and"),
+    ({f"{LAYER}.lora_down.weight": torch.zeros(2, 32, 1, 1), f"{LAYER}.lora_up.weight": torch.zeros(32, 2, 1, 1),
+      f"{LAYER}.alpha": torch.zeros(0)}, f"has {LAYER}.alpha of shape (0,) where one number belongs."),
+    ({f"{LAYER}.lora_down.weight": torch.zeros(2, 32, 1, 1), f"{LAYER}.lora_up.weight": torch.zeros(32, 2, 1, 1),
+      f"{LAYER}.alpha": torch.tensor(float("nan"))}, f"has {LAYER}.alpha holding NaN or infinite numbers"),
+    ({"emb_params": torch.zeros(0, 32)}, "holds no vectors (emb_params has the shape (0, 32))"),
+    ({"emb_params": torch.zeros(0)}, "holds no vectors (emb_params has the shape (0,))"),
+    ({"emb_params": torch.tensor(1.0)}, "is not a textual-inversion embedding"),
+])
+def test_info_refuses_add_ons_that_sample_py_refuses(tmp_path, capsys, tensors, words):
+    """A LoRA with rank 0, a 0-d down or an empty alpha, or an embedding of no vectors: the same sentence
+    reading it would give, not a traceback and not a description."""
+    save_file(tensors, tmp_path / "addon.safetensors")
+    assert main([str(tmp_path / "addon.safetensors")]) == 2
+    assert words in error_line(capsys) and capsys.readouterr().out == ""
+
+
+def test_convert_to_an_upper_case_safetensors_name_writes_one_file(tiny_file, tmp_path):
+    assert main([str(tiny_file), "--convert", str(tmp_path / "UP.SAFETENSORS")]) == 0
+    assert (tmp_path / "UP.SAFETENSORS").is_file()
+
+
+def test_convert_under_a_file_says_the_parent_is_a_file(tiny_file, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("x")
+    assert main([str(tiny_file), "--convert", str(tmp_path / "a-file" / "x.safetensors")]) == 2
+    assert f"{tmp_path / 'a-file'} is a file, not a folder; choose another path." in error_line(capsys)
+    assert (tmp_path / "a-file").read_text() == "x"
+
+
+def test_merge_that_overflows_writes_no_model(tiny_file, tmp_path, capsys):
+    """A finite but absurd alpha (3e38) makes the merged weights infinite: refused, nothing written."""
+    from minidb.lora import LoRA, save_kohya
+    lora = LoRA(load(tiny_file), rank=2)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_up" in name:
+                p.fill_(100.0)
+    save_kohya(lora, tmp_path / "l.safetensors", dtype=torch.float32)
+    tensors = load_file(tmp_path / "l.safetensors")
+    save_file({k: torch.tensor(3e38) if k.endswith(".alpha") else t for k, t in tensors.items()}, tmp_path / "l.safetensors")
+    assert main([str(tiny_file), "--merge-lora", str(tmp_path / "l.safetensors"),
+                 "--convert", str(tmp_path / "merged.safetensors")]) == 2
+    assert "gives weights that are not finite numbers in float32" in error_line(capsys)
+    assert not (tmp_path / "merged.safetensors").exists()

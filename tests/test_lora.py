@@ -575,3 +575,40 @@ def test_sd1_lora_on_sd2_model(sd1):
         with pytest.raises(ModelFileError) as e:
             read_lora(tmp / name, load(tmp / "SD 2.x"))
         assert "is a LoRA for SD 1.x, but the model is SD 2.x; apply it to an SD 1.x model." in one_sentence(e)
+
+
+ALPHA = UP.replace(".lora_up.weight", ".alpha")
+PEFT = "lora_adapter_metadata"  # diffusers' PEFT settings; the files below have no alpha tensors, so these count
+NOT_FINITE = {  # case: (a change to sd1.safetensors' tensors, its metadata or None, what the sentence says)
+    "alpha_pattern a list": (None, '{"unet.alpha_pattern": [1, 2]}',
+                             "has lora_adapter_metadata whose unet.alpha_pattern is not a JSON object of layer"),
+    "alpha_pattern no regex": (None, '{"unet.alpha_pattern": {"(": 4}}',
+                               "whose unet.alpha_pattern holds '(', which is not a regular expression"),
+    "lora_alpha NaN": (None, '{"unet.lora_alpha": NaN}', "whose unet.lora_alpha is NaN, not a finite number"),
+    "alpha_pattern inf": (None, '{"unet.alpha_pattern": {"to_k": -Infinity}}',
+                          "whose unet.alpha_pattern gives 'to_k' the alpha -Infinity, not a finite number"),
+    "alpha NaN": (lambda t: t.update({ALPHA: torch.tensor(float("nan"))}), None,
+                  f"has {ALPHA} holding NaN or infinite numbers, so the file is damaged"),
+    "up inf": (lambda t: t.update({UP: torch.full_like(t[UP], float("inf"))}), None,
+               f"has {UP} holding NaN or infinite numbers"),
+    "merged weights overflow": (None, '{"unet.lora_alpha": 1e308}', "at scale 1 gives weights that are not finite "
+                                "numbers in float32: its alpha or weights are far too large"),
+}
+
+
+@pytest.mark.parametrize("case", list(NOT_FINITE))
+def test_bad_alphas_and_numbers_that_are_not_finite_are_one_sentence(sd1, case, tmp_path):
+    """A NaN or infinite alpha, scale or weight would merge into NaN weights that draw black pictures."""
+    model, tmp = sd1
+    change, settings, words = NOT_FINITE[case]
+    tensors = load_file(tmp / "sd1.safetensors")
+    if settings:
+        tensors = {k: t for k, t in tensors.items() if not k.endswith(".alpha")}
+    if change:
+        change(tensors)
+    save_file(tensors, tmp_path / "bad.safetensors", metadata={PEFT: settings} if settings else None)
+    before = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    with pytest.raises(ModelFileError) as e:
+        merge_lora(model, tmp_path / "bad.safetensors")
+    assert words in one_sentence(e)
+    assert all(torch.equal(v, before[k]) for k, v in model.unet.state_dict().items())

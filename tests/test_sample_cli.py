@@ -545,3 +545,71 @@ def test_the_cpu_default_is_bf16_autocast_where_native_and_close_to_fp32(models,
         assert 0 < np.abs(default - exact).mean() < 8  # bf16 keeps about 3 significant digits
     else:
         assert np.array_equal(default, exact)
+
+
+# ---- an --out that cannot be made, a PNG that cannot be written, a picture that is not finite ----
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="Linux's /proc, where no folder can be made")
+def test_out_that_cannot_be_made_is_refused_before_drawing(models, capsys):
+    """/proc passes a writability check (for root), but no folder can be made in it."""
+    with pytest.raises(SystemExit) as e:
+        main_of_sample()(["--model", str(models[0]), "--prompt", "x", "--out", "/proc/minidb-test"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "error: Cannot write to --out /proc/minidb-test (" in err and "Traceback" not in err
+
+
+def test_the_out_check_leaves_no_folder_behind_when_the_run_fails(models, tmp_path, capsys):
+    from safetensors.torch import save_file
+    save_file({"emb_params": torch.zeros(0, 32)}, tmp_path / "abz.safetensors")
+    out = tmp_path / "new" / "out"
+    with pytest.raises(SystemExit) as e:
+        main_of_sample()(["--model", str(models[1]), "--prompt", "x", "--embedding", str(tmp_path / "abz.safetensors"),
+                          "--out", str(out)])
+    assert e.value.code == 2 and "holds no vectors (emb_params has the shape (0, 32))" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_png_that_cannot_be_written_is_one_sentence(models, tmp_path, capsys, monkeypatch):
+    import errno
+    from PIL import Image as PILImage
+
+    def save(self, fp, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(PILImage.Image, "save", save)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        main_of_sample()(["--model", str(models[0]), "--prompt", "x", "--steps", "1", "--height", "32", "--seed", "5",
+                          "--dtype", "fp32", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert f"error: Cannot write {out / '00000-5.png'} (Permission denied); choose another --out." in err
+    assert list(out.iterdir()) == []  # no temporary file left
+
+
+def test_a_picture_that_comes_out_not_finite_is_not_saved(models, tmp_path, capsys):
+    """Vectors of 1e38 are finite, so the embedding is read, but they overflow the text encoder: NaN latents,
+    which would be a black PNG."""
+    from safetensors.torch import save_file
+    save_file({"emb_params": torch.full((1, 32), 1e38)}, tmp_path / "zqb.safetensors")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        main_of_sample()(["--model", str(models[1]), "--prompt", "a photo of zqb", "--embedding",
+                          str(tmp_path / "zqb.safetensors"), "--steps", "1", "--height", "32", "--dtype", "fp32",
+                          "--out", str(out)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert (f"error: The picture came out as NaN or infinite numbers, so it was not saved: {models[1]} or "
+            f"{tmp_path / 'zqb.safetensors'} likely hold broken weights (NaN, or numbers far too large); use other "
+            "files.") in err
+    assert not out.exists()
+
+
+def test_a_picture_not_finite_in_fp16_suggests_fp32():
+    import types
+    import sample
+    args = types.SimpleNamespace(model="m.safetensors", lora=[], embedding=[])
+    sentence = sample.not_finite(args, "fp16")
+    assert "fp16 likely overflowed, so draw again with --dtype fp32" in sentence
+    assert "m.safetensors likely holds" in sentence
+    assert "\n" not in sentence and sentence.endswith(".")

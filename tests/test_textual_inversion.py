@@ -115,3 +115,23 @@ def test_embeddings_that_do_not_fit_are_one_sentence(folder, tmp_path):
     with pytest.raises(ModelFileError) as e:
         NewWord.from_file(load(folder), tmp_path / "a photo.safetensors")
     assert "rename the file" in one_sentence(e)
+
+
+@pytest.mark.parametrize("tensors,words", [
+    ({"emb_params": torch.zeros(0, 32)}, "holds no vectors (emb_params has the shape (0, 32))"),
+    ({"emb_params": torch.zeros(0)}, "holds no vectors (emb_params has the shape (0,))"),
+    ({"emb_params": torch.tensor(1.0)}, "is not a textual-inversion embedding"),
+    ({"emb_params": torch.full((1, 32), float("nan"))}, "holds NaN or infinite numbers in emb_params"),
+    ({"emb_params": torch.full((2, 32), float("-inf"))}, "holds NaN or infinite numbers in emb_params"),
+])
+def test_empty_and_non_finite_embeddings_are_one_sentence(folder, tmp_path, tensors, words):
+    """0 vectors, 0-wide ones (which would not even reshape) and NaN ones (black pictures) are refused."""
+    from safetensors.torch import save_file
+    save_file(tensors, tmp_path / "abz.safetensors")
+    with pytest.raises(ModelFileError) as e:
+        NewWord.from_file(load(folder), tmp_path / "abz.safetensors")
+    assert words in one_sentence(e)
+    torch.save({"string_to_param": {"*": tensors["emb_params"]}}, tmp_path / "abz.pt")  # AUTOMATIC1111's .pt
+    with pytest.raises(ModelFileError) as e:
+        NewWord.from_file(load(folder), tmp_path / "abz.pt")
+    assert words.replace("emb_params", "*") in one_sentence(e)
