@@ -128,6 +128,8 @@ def train(args, out):
     print(f"run folder: {out}\n{model.version} ({model.prediction_type}), {device}, mixed precision {precision}")
     rank, world = distributed.rank_and_world()
     writes = rank == 0  # only the first process writes; the others wait at barriers
+    if args.overwrite and writes:  # only now that the model, photos and subjects are good: a bad one keeps the old run
+        runs.clear(out)
     if args.scale_lr:  # diffusers' --scale_lr: the rate grows with the images per step
         args.lr *= args.batch_size * args.grad_accum * world
     settings = {**vars(args), "identifier": identifier, "instance_prompt": instance_prompt,
@@ -244,11 +246,12 @@ def train(args, out):
             return
         bar.close()
         kept = runs.latest_state(out / "checkpoints")
+        kept = f"the last good checkpoint {kept} is kept" if kept else "no checkpoint was written"
+        causes = (f"a learning rate too high (--lr {args.lr:g})" + ", too large a --prior-weight" * (args.prior_weight > 0)
+                  + ", fp16 overflow (try --mixed-precision bf16)" * (precision == "fp16"))
         fail(f"The {'loss' if loss is not None else 'trained weights'} became NaN or infinite at step {step}, so "
-             f"training stopped: the learning rate ({args.lr:g}) is likely too high"
-             f"{' or fp16 overflowed (try --mixed-precision bf16)' if precision == 'fp16' else ''}; "
-             f"{f'the last good checkpoint {kept} is kept' if kept else 'no checkpoint was written'} and no model "
-             "was exported, so start over with --overwrite and a lower --lr.", code=1)
+             f"training stopped; that usually means {causes} or a base model with broken weights; {kept} and no model "
+             "was exported, so start over with --overwrite once the cause is fixed.", code=1)
 
     def checkpoint(step):
         stop_if_not_finite(step)
@@ -287,8 +290,7 @@ def train(args, out):
     log_path = out / "log.jsonl"
     with disk_full():
         if writes and log_path.exists():  # keep the log in step with the checkpoint we resume from
-            rows = [line for line in open(log_path) if json.loads(line)["step"] <= start]
-            atomic_write(log_path, lambda tmp: Path(tmp).write_text("".join(rows)))
+            runs.trim_log(log_path, start)
         if writes:
             atomic_write(out / "settings.json", lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=2)))
 

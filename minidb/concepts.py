@@ -60,9 +60,11 @@ def read_subjects(args):
     path = Path(args.concepts)
     try:
         concepts = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"--concepts {path} cannot be read ({getattr(e, 'strerror', None) or e.__class__.__name__}); "
+    except OSError as e:
+        raise DataError(f"--concepts {path} cannot be read ({e.strerror or e.__class__.__name__}); "
                         "check the path.") from None
+    except UnicodeDecodeError:
+        raise DataError(f"--concepts {path} is not UTF-8 text; save it as UTF-8.") from None
     except ValueError as e:
         raise DataError(f"--concepts {path} is not valid JSON ({e}); it must be a list of "
                         '{"images": ..., "class": ...} objects.') from None

@@ -48,8 +48,8 @@ def parse_args(argv, doc):
       "too (pivotal tuning); textual-inversion always does this")
     a("--num-vectors", type=number(int, low=1, high=16), default=None, help="embedding vectors of the new word (default: 1)")
     a("--lora-rank", type=number(int, low=1, high=1024), default=None, help="rank of the LoRA adapters (default: 16)")
-    a("--lora-alpha", type=number(float, above=0), default=None, help="LoRA alpha; updates are scaled by "
-      "alpha/rank (default: the rank)")
+    a("--lora-alpha", type=number(float, above=0, high=LORA_ALPHA_MAX), default=None, help="LoRA alpha, at most "
+      f"{LORA_ALPHA_MAX}; updates are scaled by alpha/rank (default: the rank)")
     a("--instance-prompt", default=None, type=text, help="caption of the subject photos; [V] stands for the identifier (default: 'a photo of a [V] CLASS')")
     a("--class-prompt", default=None, type=text, help="prompt of the prior images (default: 'a photo of a CLASS')")
     a("--long-prompts", action="store_true", help="read prompts over 75 tokens whole, in 75-token chunks whose "
@@ -73,9 +73,11 @@ def parse_args(argv, doc):
     a("--flip", action="store_true", help="also train on mirrored copies of the photos")
     a("--random-crop", action="store_true", help="a random square of each photo every step, not its centre "
       "(each crop is encoded anew: slower)")
-    a("--prior-weight", type=number(float, low=0), default=None, help="λ, the weight of the prior-preservation loss; "
-      "0 turns it off (default: 1; 0 for textual-inversion, whose frozen model cannot drift)")
-    a("--class-images", type=count, default=200, help="how many prior images the frozen model draws (default: %(default)s)")
+    a("--prior-weight", type=number(float, low=0, high=PRIOR_WEIGHT_MAX), default=None, help="λ, the weight of the "
+      f"prior-preservation loss, at most {PRIOR_WEIGHT_MAX}; 0 turns it off (default: 1; 0 for textual-inversion, "
+      "whose frozen model cannot drift)")
+    a("--class-images", type=number(int, low=0, high=CLASS_IMAGES_MAX), default=200, help="how many prior images the "
+      f"frozen model draws, at most {CLASS_IMAGES_MAX} (default: %(default)s)")
     a("--class-dir", default=None, help="use your own class photos from this folder instead of drawing them")
     a("--class-cache", default=str(Path.home() / ".cache" / "minidb" / "class-prior"),
       help="where drawn prior images are cached as latents, shared between runs (default: %(default)s)")
@@ -117,6 +119,10 @@ METHOD_LR = {"full": 5e-6, "lora": 1e-4, "textual-inversion": 5e-3}  # the paper
 STEPS = 800
 TOY_LR, TOY_STEPS = {"full": 1e-4}, {"full": 1200}  # the toy model's own: its 10 M-parameter UNet barely moves at
 # the paper's 5e-6 (`python -m minidb.toy.lab tune`, on a held-out subject; docs/toy-world.md)
+# Upper bounds, far past any recipe: past them a run only overflows (alpha/rank as a float32 scale, a loss
+# weighted past fp32's range) or runs out of memory (the class prior is held in memory, its cache files
+# are numbered with five digits).
+LORA_ALPHA_MAX, PRIOR_WEIGHT_MAX, CLASS_IMAGES_MAX = 10_000, 1_000, 100_000
 METHOD_FLAGS = {"lora_rank": ("lora",), "lora_alpha": ("lora",), "train_text_encoder": ("full", "lora"),
                 "new_token": ("full", "lora"), "save_dtype": ("full",)}  # flags that mean nothing to other methods
 
@@ -181,6 +187,10 @@ def check(args):
     if args.concepts is not None and args.new_token:
         return ("--concepts trains one identifier per subject in the model; a new word (--new-token, "
                 "textual-inversion) is learned for one subject per run, so train those one at a time.")
+    word = args.identifier if args.new_token else None  # as minidb/tokenizer.py's add_word will require
+    if word is not None and (word != word.lower() or any(c.isspace() for c in word)):
+        return (f"--identifier {word!r} must be one lower-case word to become a new word (prompts are read in lower "
+                "case); spell it so, or leave --identifier out.")
     try:
         model = hub.local_path(args.model)  # a Hub id: downloaded now, or one sentence why it cannot be
     except ModelFileError as e:

@@ -19,7 +19,10 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from minidb.files import ModelFileError, fsync, read_metadata, read_tensors, write_pickle, write_safetensors
+import torch
+
+from minidb.files import (ModelFileError, atomic_write, fsync, read_metadata, read_tensors, write_pickle,
+                          write_safetensors)
 
 RUNS = Path("runs")
 # Everything a run writes into its folder (hidden names are temporary files and the lock).
@@ -111,7 +114,8 @@ def locked(folder):
 
 
 def check_folder(folder, resume, overwrite):
-    """Refuse a folder the run may not use as asked, or clear it for --overwrite."""
+    """Refuse a folder the run may not use as asked. (What --overwrite deletes is deleted later, by
+    clear(), once the new run has loaded its model and photos: a bad new input must not cost the old run.)"""
     if resume and overwrite:
         raise RunError("--resume continues a run and --overwrite deletes it; pass one of them.")
     entries = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
@@ -123,10 +127,8 @@ def check_folder(folder, resume, overwrite):
                        f"{', ...' if len(foreign) > 3 else ''}); choose a new or empty folder.")
     state = latest_state(folder / "checkpoints")
     if overwrite:
-        for name in entries:
-            path = folder / name
-            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-    elif resume and state is None:
+        return
+    if resume and state is None:
         raise RunError(f"--resume found no checkpoint in {folder}; to start over there, run without --resume "
                        "and with --overwrite.")
     elif not resume and state is not None:
@@ -135,6 +137,13 @@ def check_folder(folder, resume, overwrite):
     elif not resume and entries:
         raise RunError(f"--out {folder} holds a run that stopped before its first checkpoint; pass --overwrite "
                        "to delete it and start over, or choose another --out.")
+
+
+def clear(folder):
+    """Delete the run in `folder` for --overwrite, which check_folder found to be a run (the lock stays)."""
+    for path in folder.iterdir():
+        if not path.name.startswith("."):
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
 def _saved(folder):
@@ -210,6 +219,10 @@ def check_resume_settings(folder, settings):
         if key in RESUMABLE_CHANGES or key not in saved:
             continue
         old = saved[key]
+        if key in PATH_FLAGS and old is not None and not isinstance(old, str):
+            raise RunError(f"{folder / 'settings.json'} records {flag(key)} as {old!r}, which is not a path, so the "
+                           "file was edited or damaged; put back the path the run started with, or start over with "
+                           "--overwrite.")
         if key in PATH_FLAGS and value is not None and old is not None:
             same = Path(value).resolve() == Path(old).resolve()
         else:
@@ -217,6 +230,21 @@ def check_resume_settings(folder, settings):
         if not same:
             raise RunError(f"{flag(key)} is {value!r} now but the run in {folder} started with {old!r}, and "
                            f"changing it would not continue the same run; resume with {old!r}, or start a new run.")
+
+
+def trim_log(path, step):
+    """On --resume, keep log.jsonl in step with the checkpoint resumed from: its rows up to `step`. A line
+    that is no row (a kill tore the last one mid-write) is dropped, and each kept row ends its line, so
+    that the rows the run goes on to append are whole."""
+    rows = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and type(row.get("step")) is int and row["step"] <= step:
+            rows.append(line + "\n")
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(rows)))
 
 
 # ---- checkpoints ----
@@ -293,20 +321,58 @@ def resume_point(folder, what):
     return path
 
 
+class BadCheckpoint(ModelFileError):
+    """What load_state found wrong with a checkpoint, as a clause of its sentence."""
+
+
 def load_state(path, modules, required=("step", "optimizer", "scheduler", "scaler", "generator", "orders")):
     """Restore the trained modules' weights from a checkpoint folder; return its extra state, which
-    must hold the `required` entries."""
+    must hold the `required` entries, each of the type save_state wrote."""
     try:
         for name, module in modules.items():
             tensors, _ = read_tensors(Path(path) / f"{name}.safetensors")
+            if not all(_finite(t) for t in tensors.values()):  # training on from it would only give NaN again
+                raise BadCheckpoint(f"its {name}.safetensors holds NaN or infinite weights")
             module.load_state_dict({k: v.to(next(module.parameters()).dtype) for k, v in tensors.items()}, strict=True)
         state = read_tensors(Path(path) / "state.pt")[0]  # weights_only: a planted pickle never runs
         for key in required:
             if key not in state:
-                raise ModelFileError(f"it has no {key!r} entry")
+                raise BadCheckpoint(f"it has no {key!r} entry")
+        for key, value in state.items():
+            if not _fits(key, value):
+                raise BadCheckpoint(f"its {key!r} entry is damaged")
     except (ModelFileError, RuntimeError) as e:
         reason = ("it holds pickled objects besides tensors, which minidb never loads" if "pickled" in str(e) else
-                  str(e) if str(e).startswith("it has no") else "a file in it is truncated or does not fit the model")
+                  str(e) if isinstance(e, BadCheckpoint) else "a file in it is truncated or does not fit the model")
         raise RunError(f"The checkpoint {path} cannot be resumed ({reason}); start the run over with "
                        "--overwrite.") from None
     return state
+
+
+def _finite(x):
+    return not torch.is_tensor(x) or not x.is_floating_point() or bool(torch.isfinite(x).all())
+
+
+def _fits(key, value):
+    """Whether a state.pt entry is what save_state wrote: a hand-edited or foreign one is refused here, not
+    met as a TypeError from deep inside torch; and Adam's moments must be finite, as the weights are."""
+    whole = lambda v: type(v) is int and v >= 0
+    if key == "step":
+        return whole(value)
+    if key in ("scheduler", "scaler"):
+        return isinstance(value, dict)
+    if key == "generator":  # torch.Generator.get_state()
+        return isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.dim() == 1
+    if key == "orders":  # minidb/loop.py's Examples.state()
+        return isinstance(value, dict) and all(
+            isinstance(s, dict) and isinstance(s.get("order"), torch.Tensor) and s["order"].dtype == torch.long
+            and s["order"].dim() == 1 and whole(s.get("taken")) for s in value.values())
+    if key == "optimizer":
+        groups, moments = (value.get("param_groups"), value.get("state")) if isinstance(value, dict) else (None, None)
+        return (isinstance(groups, list) and all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                                                 for g in groups)
+                and isinstance(moments, dict) and all(isinstance(m, dict) and all(map(_finite, m.values()))
+                                                      for m in moments.values()))
+    if key == "drift_base":
+        return value is None or isinstance(value, float)
+    return True  # an entry only its own caller reads (minidb/toy/base.py's python_rng)

@@ -4,6 +4,7 @@ folder always names its way out, --resume continues only the same run, and one f
 (The table of bad inputs and their messages is docs/bad-input.md.)"""
 
 import errno
+import json
 import os
 import shutil
 import signal
@@ -22,7 +23,7 @@ from safetensors import SafetensorError
 import train
 from minidb import files, plot, runs
 from minidb.load import load
-from test_bad_input import Payload
+from test_bad_input import Payload, one_sentence
 from test_train import ROOT, run, world  # noqa: F401  (world is a fixture)
 
 
@@ -53,13 +54,18 @@ def base_args(world, out):
     (["--snr-gamma", "nan"], "argument --snr-gamma: must be a finite number"),
     (["--snr-gamma", "-5"], "argument --snr-gamma: must be above 0"),
     (["--prior-weight", "nan"], "argument --prior-weight: must be a finite number"),
-    (["--prior-weight", "-1"], "argument --prior-weight: must be at least 0"),
+    (["--prior-weight", "-1"], "argument --prior-weight: must be between 0 and 1000, not -1"),
     (["--warmup-steps", "-10"], "argument --warmup-steps: must be at least 0"),
     (["--text-encoder-lr", "-1"], "argument --text-encoder-lr: must be above 0"),
     (["--steps", "0"], "argument --steps: must be at least 1"),
     (["--steps", "1.5"], "argument --steps: '1.5' is not a whole number"),
     (["--sample-steps", "0"], "argument --sample-steps: must be between 1 and 999"),
-    (["--class-images", "-1"], "argument --class-images: must be at least 0"),
+    (["--class-images", "-1"], "argument --class-images: must be between 0 and 100000, not -1"),
+    (["--class-images", "1000000000000000"], "argument --class-images: must be between 0 and 100000"),
+    (["--prior-weight", "1e308"], "argument --prior-weight: must be between 0 and 1000"),
+    (["--lora-alpha", "1e308"], "argument --lora-alpha: must be above 0 and at most 10000"),
+    (["--method", "textual-inversion", "--identifier", "two words"],
+     "--identifier 'two words' must be one lower-case word to become a new word"),
     (["--seed", str(2**64)], "argument --seed: must be between 0 and"),
     (["--resolution", "30"], "--resolution must be a multiple of 8"),
     (["--resolution", "100000"], "argument --resolution: must be between 8 and 2048"),
@@ -127,7 +133,9 @@ def test_a_nan_loss_stops_the_run_keeps_the_last_checkpoint_and_exports_nothing(
     out = tmp_path / "out"
     poison(monkeypatch, 3, "loss")
     err = refused(capsys, base_args(world, out) + ["--steps", 4, "--save-every", 2], code=1)
-    assert "The loss became NaN or infinite at step 3" in err and "learning rate" in err
+    assert "The loss became NaN or infinite at step 3" in err
+    assert ("that usually means a learning rate too high (--lr 5e-06), too large a --prior-weight or a base model "
+            "with broken weights") in err  # the likely causes, none of them claimed
     assert f"the last good checkpoint {out / 'checkpoints' / 'step-000002'} is kept" in err
     assert not (out / "model.safetensors").exists() and not (out / "model").exists()
     kept, _ = files.read_tensors(out / "checkpoints" / "step-000002" / "unet.safetensors")
@@ -295,6 +303,24 @@ def test_overwrite_never_deletes_files_that_are_not_a_run(world, tmp_path, capsy
     assert (out / "thesis.pdf").read_bytes() == b"precious"
 
 
+def test_overwrite_keeps_the_old_run_until_the_new_one_has_set_up(world, tmp_path, capsys):
+    """A bad photo folder or a damaged model given with --overwrite must not cost the run already there."""
+    out = tmp_path / "out"
+    (out / "checkpoints" / "step-000002").mkdir(parents=True)  # an old run, as check_folder sees one
+    for name in ("settings.json", "log.jsonl", "model.safetensors", "checkpoints/step-000002/state.pt"):
+        (out / name).write_text("old")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "cut.safetensors").write_bytes((world / "base" / "unet" / "diffusion_pytorch_model.safetensors")
+                                               .read_bytes()[:1000])
+    for bad in (["--images", tmp_path / "empty"], ["--model", tmp_path / "cut.safetensors"]):
+        refused(capsys, base_args(world, out) + bad + ["--overwrite"])
+        assert (out / "model.safetensors").read_text() == "old"
+        assert (out / "checkpoints" / "step-000002" / "state.pt").read_text() == "old"
+    train.main([str(a) for a in base_args(world, out) + ["--steps", 1, "--overwrite"]])  # good inputs: replaced
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000001"]
+    assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == [1]
+
+
 def test_a_second_run_on_the_same_folder_is_refused(world, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
@@ -346,7 +372,8 @@ def test_resume_without_steps_or_model_continues_the_run_as_it_began(world, tmp_
     assert all(torch.equal(x, y) for x, y in zip(a.unet.state_dict().values(), b.unet.state_dict().values()))
 
 
-@pytest.mark.parametrize("damage", ["truncated state", "truncated weights", "planted pickle", "missing entry"])
+@pytest.mark.parametrize("damage", ["truncated state", "truncated weights", "planted pickle", "missing entry",
+                                    "nan weights"])
 def test_a_damaged_checkpoint_is_one_sentence(world, tmp_path, capsys, damage):
     out = tmp_path / "out"
     run(world, out, steps=1)
@@ -359,12 +386,82 @@ def test_a_damaged_checkpoint_is_one_sentence(world, tmp_path, capsys, damage):
         (ckpt / "unet.safetensors").write_bytes(data[: len(data) // 2])
     elif damage == "planted pickle":
         torch.save({"step": 1, "x": Payload(str(marker))}, ckpt / "state.pt")
+    elif damage == "nan weights":  # not "the last good checkpoint" to train on from
+        weights, _ = files.read_tensors(ckpt / "unet.safetensors")
+        files.write_safetensors(ckpt / "unet.safetensors", {k: v * float("nan") for k, v in weights.items()})
     else:
         torch.save({"step": 1}, ckpt / "state.pt")
     err = refused(capsys, base_args(world, out) + ["--resume", "--steps", 2, "--save-dtype", "fp32"])
     (line,) = [line for line in err.splitlines() if line.startswith("error:")]
     assert line.startswith(f"error: The checkpoint {ckpt} cannot be resumed (") and line.endswith("--overwrite.")
     assert not marker.exists()
+    if damage == "nan weights":
+        assert "(its unet.safetensors holds NaN or infinite weights)" in line
+
+
+def a_checkpoint(folder):
+    """A checkpoint as train.py saves one (a module trained one step with AdamW), and that module."""
+    module = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(module.parameters())
+    module(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    extra = {"optimizer": optimizer.state_dict(), "scheduler": {"last_epoch": 1}, "scaler": {},
+             "generator": torch.Generator().get_state(), "drift_base": 0.5,
+             "orders": {"instance-0": {"order": torch.randperm(3), "taken": 1}}}
+    return runs.save_state(folder, 1, {"unet": module}, extra), module
+
+
+@pytest.mark.parametrize("entry,value", [
+    ("optimizer", {"state": {}, "param_groups": "x"}), ("generator", torch.zeros(3)), ("step", "two"),
+    ("orders", [1, 2]), ("orders", {"instance-0": {"order": torch.zeros(3), "taken": 1}}), ("drift_base", "x"),
+    ("optimizer", "inf moments"), ("unet", "nan weights")])
+def test_a_checkpoint_with_entries_of_the_wrong_type_or_nan_is_refused_before_training(tmp_path, entry, value):
+    """Valid pickles of the wrong types, or non-finite numbers, in a checkpoint: one sentence naming what is
+    wrong, not a TypeError from inside torch, nor a run that diverges again from it."""
+    path, module = a_checkpoint(tmp_path)
+    assert runs.load_state(path, {"unet": module})["step"] == 1  # the checkpoint as saved loads
+    state = torch.load(path / "state.pt", weights_only=True)
+    if entry == "unet":
+        files.write_safetensors(path / "unet.safetensors", {k: v * float("nan") for k, v in module.state_dict().items()})
+    elif entry == "optimizer" and value == "inf moments":
+        state["optimizer"]["state"][0]["exp_avg"] = torch.full((2, 3), float("inf"))
+    else:
+        state[entry] = value
+    torch.save(state, path / "state.pt")
+    with pytest.raises(runs.RunError) as e:
+        runs.load_state(path, {"unet": module})
+    message = one_sentence(e)
+    assert message.startswith(f"The checkpoint {path} cannot be resumed (its ")
+    assert ("unet.safetensors holds NaN or infinite weights" if entry == "unet" else f"'{entry}' entry is damaged") \
+        in message
+
+
+def test_resume_refuses_a_settings_file_with_a_path_that_is_no_path(tmp_path):
+    (tmp_path / "settings.json").write_text(json.dumps({"model": 5, "images": "photos"}))
+    with pytest.raises(runs.RunError) as e:
+        runs.check_resume_settings(tmp_path, {"model": "base.safetensors", "images": "photos"})
+    assert f"{tmp_path / 'settings.json'} records --model as 5, which is not a path" in one_sentence(e)
+
+
+def test_a_log_torn_by_a_kill_is_trimmed_to_the_resumed_step(tmp_path):
+    """A kill mid-write leaves a partial last line: on --resume it is dropped with the rows after the
+    checkpoint, and a last row that lost only its newline is kept and ended, so the next row is whole."""
+    log = tmp_path / "log.jsonl"
+    rows = [json.dumps({"step": n, "loss": 0.5}) for n in (1, 2, 3)]
+    log.write_text("\n".join(rows) + '\n{"step": 4, "lo')
+    runs.trim_log(log, 2)
+    assert log.read_text() == rows[0] + "\n" + rows[1] + "\n"
+    log.write_text("\n".join(rows))
+    runs.trim_log(log, 3)
+    assert log.read_text() == "\n".join(rows) + "\n"
+
+
+def test_resume_after_a_kill_mid_log_line_continues_the_log(world, tmp_path):
+    out = run(world, tmp_path / "out", steps=1)
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"step": 2, "lo')
+    run(world, out, "--resume", steps=2)
+    assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == [1, 2]
 
 
 def test_a_damaged_class_prior_cache_file_is_drawn_again(world, tmp_path):

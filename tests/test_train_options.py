@@ -13,8 +13,10 @@ from PIL import Image
 
 import train
 from minidb.concepts import read_subjects
+from minidb.data import DataError
 from minidb.files import read_tensors
 from minidb.loop import Examples, lr_factor
+from test_bad_input import one_sentence
 from test_train import draw_subject, run, world  # noqa: F401  (world is a fixture)
 
 
@@ -223,6 +225,14 @@ def test_a_bad_concepts_file_is_one_sentence(world, tmp_path, capsys, content, w
     line = refused(capsys, ["--concepts", concepts, "--model", world / "base", "--out", tmp_path / "run",
                             "--resolution", 32, "--class-cache", tmp_path / "cache"])
     assert words in line, line
+
+
+def test_a_concepts_file_that_is_not_utf8_says_so(tmp_path):
+    concepts = tmp_path / "concepts.json"
+    concepts.write_bytes('[{"images": "a", "class": "café"}]'.encode("latin-1"))
+    with pytest.raises(DataError) as e:
+        read_subjects(SimpleNamespace(concepts=concepts))
+    assert one_sentence(e) == f"--concepts {concepts} is not UTF-8 text; save it as UTF-8."
 
 
 def test_two_concepts_on_one_folder_are_warned_of(tmp_path):
