@@ -139,7 +139,7 @@ def is_sdxl(path):
     if path.is_dir():
         return (path / "text_encoder_2" / "config.json").is_file()
     try:
-        if path.suffix == ".safetensors":
+        if path.suffix.lower() == ".safetensors":
             with safe_open(str(path), framework="pt") as f:  # the header only
                 keys = list(f.keys())
         else:
