@@ -137,27 +137,33 @@ def main():
                 row["all_seconds"].append(seconds)
                 row["all_host_seconds"].append(host)
                 row["step_gb"] = max(row["step_gb"], peak / 2**30)
-        for row in rows.values():
-            row["seconds"], row["host_seconds"] = statistics.median(row["all_seconds"]), statistics.median(row["all_host_seconds"])
-            if cuda:
-                row["peak_gpu_gb"] = row["held_gb"] + row["step_gb"]  # what it would peak at alone
-        for variant, row in rows.items():
-            times = row["all_seconds"]
-            # Against each diffusers variant: the ratio of medians, and the median of the rounds' ratios
-            # (a drift that slows a whole round cancels out of the second).
-            row["ratios"] = {base: {"of_medians": row["seconds"] / rows[base]["seconds"],
-                                    "median_of_rounds": statistics.median(a / b for a, b in zip(times, rows[base]["all_seconds"]))}
-                             for base in rows if base.startswith("diffusers") and base != variant}
-            print(f"{variant:14s} {row['seconds'] * 1e3:8.1f} ms (host {row['host_seconds'] * 1e3:.0f} ms)"
-                  + "".join(f"  {r['of_medians']:.3f}x {base} ({r['median_of_rounds']:.3f}x by rounds)"
-                            for base, r in row["ratios"].items())
-                  + f"  spread {min(times) * 1e3:.0f}-{max(times) * 1e3:.0f} ms"
-                  + (f"  peak {row['peak_gpu_gb']:.2f} GB" if cuda else ""), flush=True)
-    if args.json:
-        name = torch.cuda.get_device_name() if cuda else "cpu"
-        Path(args.json).write_text(json.dumps({"device": name, "torch": torch.__version__, "size": args.size,
-                                               "channels": args.channels, "runs": args.runs,
-                                               "rows": list(rows.values())}, indent=1) + "\n")
+            summarize(rows, cuda)
+            if args.json:  # after every round, so a run cut short keeps what it measured
+                name = torch.cuda.get_device_name() if cuda else "cpu"
+                Path(args.json).write_text(json.dumps({"device": name, "torch": torch.__version__, "size": args.size,
+                                                       "channels": args.channels, "rounds": i + 1,
+                                                       "rows": list(rows.values())}, indent=1) + "\n")
+    for variant, row in rows.items():
+        times = row["all_seconds"]
+        print(f"{variant:14s} {row['seconds'] * 1e3:8.1f} ms (host {row['host_seconds'] * 1e3:.0f} ms)"
+              + "".join(f"  {r['of_medians']:.3f}x {base} ({r['median_of_rounds']:.3f}x by rounds)"
+                        for base, r in row["ratios"].items())
+              + f"  spread {min(times) * 1e3:.0f}-{max(times) * 1e3:.0f} ms"
+              + (f"  peak {row['peak_gpu_gb']:.2f} GB" if cuda else ""), flush=True)
+
+
+def summarize(rows, cuda):
+    """Each row's medians, own peak, and its ratios against each diffusers variant: the ratio of the
+    medians, and the median of the rounds' ratios (a drift that slows a whole round cancels out of it)."""
+    for row in rows.values():
+        row["seconds"], row["host_seconds"] = statistics.median(row["all_seconds"]), statistics.median(row["all_host_seconds"])
+        if cuda:
+            row["peak_gpu_gb"] = row["held_gb"] + row["step_gb"]  # what it would peak at alone
+    for variant, row in rows.items():
+        row["ratios"] = {base: {"of_medians": row["seconds"] / rows[base]["seconds"],
+                                "median_of_rounds": statistics.median(a / b for a, b in zip(row["all_seconds"],
+                                                                                             rows[base]["all_seconds"]))}
+                         for base in rows if base.startswith("diffusers") and base != variant}
 
 
 if __name__ == "__main__":
