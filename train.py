@@ -103,6 +103,12 @@ def train(args, out):
     parts = {"unet": model.unet, "vae": model.vae, "text_encoder": model.text_encoder}
     text_parts = ["text_encoder"] + (["text_encoder_2"] if model.text_encoder_2 is not None else [])  # SDXL: two
     parts.update({name: getattr(model, name) for name in text_parts})
+    # A base with NaN weights would diverge only at the first step, after --overwrite had deleted the old run.
+    broken = next((f"{name}.{key}" for name, module in parts.items() for key, t in module.state_dict().items()
+                   if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if broken:
+        fail(f"The model {args.model} holds NaN or infinite weights (first in {broken}), so training on it can only "
+             "give NaN; it is damaged, so download or export it again.")
     problem = memory.training_problem(model, parts, text_parts, args, resolution, device)
     if problem:
         fail(problem)

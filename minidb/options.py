@@ -54,12 +54,12 @@ def parse_args(argv, doc):
     a("--class-prompt", default=None, type=text, help="prompt of the prior images (default: 'a photo of a CLASS')")
     a("--long-prompts", action="store_true", help="read prompts over 75 tokens whole, in 75-token chunks whose "
       "encodings are concatenated, as AUTOMATIC1111 does (default: cut at 75 tokens, as diffusers, with a warning)")
-    a("--steps", type=number(int, low=1), default=None, help="training steps (default: 800, within the "
-      "paper's 800-1000 for SD; 1200 for full fine-tuning of the toy model)")
-    a("--batch-size", type=number(int, low=1), default=1, help="subject images per step, each with a class-prior "
-      "image beside it (default: %(default)s)")
-    a("--grad-accum", type=number(int, low=1), default=1, help="split each step into this many micro-batches whose "
-      "gradients add up: the same step in less memory (default: %(default)s)")
+    a("--steps", type=number(int, low=1, high=STEPS_MAX), default=None, help="training steps, at most "
+      f"{STEPS_MAX:,} (default: 800, within the paper's 800-1000 for SD; 1200 for full fine-tuning of the toy model)")
+    a("--batch-size", type=number(int, low=1, high=BATCH_MAX), default=1, help="subject images per step, each with a "
+      f"class-prior image beside it, at most {BATCH_MAX} (default: %(default)s)")
+    a("--grad-accum", type=number(int, low=1, high=BATCH_MAX), default=1, help="split each step into this many "
+      f"micro-batches whose gradients add up: the same step in less memory, at most {BATCH_MAX} (default: %(default)s)")
     a("--lr", type=number(float, above=0, high=1), default=None, help="peak learning rate of what trains "
       "(default: 5e-6 full, 1e-4 on the toy model; 1e-4 lora; 5e-3 textual-inversion)")
     a("--lr-schedule", choices=SCHEDULES, default="constant", help="after the warmup: constant, cosine or linear "
@@ -121,8 +121,8 @@ TOY_LR, TOY_STEPS = {"full": 1e-4}, {"full": 1200}  # the toy model's own: its 1
 # the paper's 5e-6 (`python -m minidb.toy.lab tune`, on a held-out subject; docs/toy-world.md)
 # Upper bounds, far past any recipe: past them a run only overflows (alpha/rank as a float32 scale, a loss
 # weighted past fp32's range) or runs out of memory (the class prior is held in memory, its cache files
-# are numbered with five digits).
-LORA_ALPHA_MAX, PRIOR_WEIGHT_MAX, CLASS_IMAGES_MAX = 10_000, 1_000, 100_000
+# are numbered with five digits), or run for weeks.
+LORA_ALPHA_MAX, PRIOR_WEIGHT_MAX, CLASS_IMAGES_MAX, STEPS_MAX, BATCH_MAX = 10_000, 1_000, 100_000, 1_000_000, 1024
 METHOD_FLAGS = {"lora_rank": ("lora",), "lora_alpha": ("lora",), "train_text_encoder": ("full", "lora"),
                 "new_token": ("full", "lora"), "save_dtype": ("full",)}  # flags that mean nothing to other methods
 

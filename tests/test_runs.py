@@ -57,11 +57,13 @@ def base_args(world, out):
     (["--prior-weight", "-1"], "argument --prior-weight: must be between 0 and 1000, not -1"),
     (["--warmup-steps", "-10"], "argument --warmup-steps: must be at least 0"),
     (["--text-encoder-lr", "-1"], "argument --text-encoder-lr: must be above 0"),
-    (["--steps", "0"], "argument --steps: must be at least 1"),
+    (["--steps", "0"], "argument --steps: must be between 1 and 1000000, not 0"),
     (["--steps", "1.5"], "argument --steps: '1.5' is not a whole number"),
     (["--sample-steps", "0"], "argument --sample-steps: must be between 1 and 999"),
     (["--class-images", "-1"], "argument --class-images: must be between 0 and 100000, not -1"),
     (["--class-images", "1000000000000000"], "argument --class-images: must be between 0 and 100000"),
+    (["--steps", "1000001"], "argument --steps: must be between 1 and 1000000, not 1000001"),
+    (["--batch-size", "1000000"], "argument --batch-size: must be between 1 and 1024"),
     (["--prior-weight", "1e308"], "argument --prior-weight: must be between 0 and 1000"),
     (["--lora-alpha", "1e308"], "argument --lora-alpha: must be above 0 and at most 10000"),
     (["--method", "textual-inversion", "--identifier", "two words"],
@@ -312,10 +314,14 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_set_up(world, tmp_pat
     (tmp_path / "empty").mkdir()
     (tmp_path / "cut.safetensors").write_bytes((world / "base" / "unet" / "diffusion_pytorch_model.safetensors")
                                                .read_bytes()[:1000])
-    for bad in (["--images", tmp_path / "empty"], ["--model", tmp_path / "cut.safetensors"]):
-        refused(capsys, base_args(world, out) + bad + ["--overwrite"])
+    shutil.copytree(world / "base", tmp_path / "nan")  # a model that loads, and would diverge at step 1
+    weights = tmp_path / "nan" / "unet" / "diffusion_pytorch_model.safetensors"
+    files.write_safetensors(weights, {k: v * float("nan") for k, v in files.read_tensors(weights)[0].items()})
+    for bad in (["--images", tmp_path / "empty"], ["--model", tmp_path / "cut.safetensors"], ["--model", tmp_path / "nan"]):
+        err = refused(capsys, base_args(world, out) + bad + ["--overwrite"])
         assert (out / "model.safetensors").read_text() == "old"
         assert (out / "checkpoints" / "step-000002" / "state.pt").read_text() == "old"
+    assert f"The model {tmp_path / 'nan'} holds NaN or infinite weights (first in unet." in err
     train.main([str(a) for a in base_args(world, out) + ["--steps", 1, "--overwrite"]])  # good inputs: replaced
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000001"]
     assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == [1]
