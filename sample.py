@@ -40,7 +40,8 @@ from minidb.graphs import UnetGraph
 from minidb.info import HELP as MODEL_HELP
 from minidb.load import load
 from minidb.lora_files import merge_lora
-from minidb.pipeline import DEFAULTS, SAMPLER_NAMES, SAMPLERS, bf16_for_autocast, decode, grid, sample_latents
+from minidb.pipeline import (DEFAULTS, SAMPLER_NAMES, SAMPLERS, NotFinite, bf16_for_autocast, decode, grid,
+                             sample_latents)
 
 SIZE_MAX = 8192  # 16x SD 1.x's own side: a guard against typos; the memory estimate decides what fits
 N_MAX = 1000  # the grid of 1000 512-px images is already 16384 x 16384 pixels
@@ -282,6 +283,8 @@ def main(argv=None):
                 if not torch.isfinite(latents).all():  # the last guard: a black picture is not saved
                     fail(not_finite(args, dtype_name))
                 image = decode(model, latents)[0]
+        except NotFinite:  # the VAE's own overflow, or broken VAE weights
+            fail(not_finite(args, "fp16" if vae_dtype == "float16" else "fp32"))
         except RuntimeError as e:
             if not out_of_memory(e):
                 raise

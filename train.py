@@ -43,7 +43,7 @@ from minidb.data import DataError, load_images
 from minidb.export import disk_needed, export
 from minidb.dreambooth import NewWord, class_prior, dreambooth_loss, min_snr_weights, pick_identifier, pick_new_word
 from minidb.fetch import default_model
-from minidb.files import DiskFull, ModelFileError, atomic_write, disk_full_is_an_error, room_problem
+from minidb.files import DiskFull, ModelFileError, atomic_write, disk_full_is_an_error, first_non_finite, room_problem
 from minidb.load import load
 from minidb.concepts import name_subjects, read_subjects
 from minidb.lora import LoRA
@@ -104,8 +104,8 @@ def train(args, out):
     text_parts = ["text_encoder"] + (["text_encoder_2"] if model.text_encoder_2 is not None else [])  # SDXL: two
     parts.update({name: getattr(model, name) for name in text_parts})
     # A base with NaN weights would diverge only at the first step, after --overwrite had deleted the old run.
-    broken = next((f"{name}.{key}" for name, module in parts.items() for key, t in module.state_dict().items()
-                   if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    broken = next((f"{name}.{key}" for name, module in parts.items() if (key := first_non_finite(module.state_dict()))),
+                  None)
     if broken:
         fail(f"The model {args.model} holds NaN or infinite weights (first in {broken}), so training on it can only "
              "give NaN; it is damaged, so download or export it again.")
@@ -134,8 +134,10 @@ def train(args, out):
     print(f"run folder: {out}\n{model.version} ({model.prediction_type}), {device}, mixed precision {precision}")
     rank, world = distributed.rank_and_world()
     writes = rank == 0  # only the first process writes; the others wait at barriers
-    if args.overwrite and writes:  # only now that the model, photos and subjects are good: a bad one keeps the old run
-        runs.clear(out)
+    if args.overwrite:  # only now that the model, photos and subjects are good (in every process): a bad one keeps
+        distributed.barrier()  # the old run
+        if writes:
+            runs.clear(out)
     if args.scale_lr:  # diffusers' --scale_lr: the rate grows with the images per step
         args.lr *= args.batch_size * args.grad_accum * world
     settings = {**vars(args), "identifier": identifier, "instance_prompt": instance_prompt,

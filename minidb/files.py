@@ -225,6 +225,19 @@ def _size(n):
     return f"{n / 1e6:,.0f} MB" if n >= 1e6 else f"{n / 1e3:,.0f} kB"
 
 
+def first_non_finite(named):
+    """The name of the first tensor in {name: tensor} that holds NaN or infinity, or None. One fp32 sum per
+    tensor and one look at them all (NaN and infinity survive a sum), not a host sync per tensor; a sum that
+    overflows though every number is finite is told apart by looking at its tensor."""
+    floats = {k: t for k, t in named.items() if torch.is_tensor(t) and t.is_floating_point() and t.numel()}
+    if not floats:
+        return None
+    sums = [t.sum(dtype=torch.float32) for t in floats.values()]
+    if torch.isfinite(torch.stack([s.to(sums[0].device) for s in sums])).all():
+        return None
+    return next((k for k, t in floats.items() if not torch.isfinite(t).all()), None)
+
+
 def write_safetensors(path, tensors, metadata=None):
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     atomic_write(path, lambda tmp: _save_file(tensors, tmp, metadata))

@@ -171,6 +171,10 @@ def sample_latents(model, prompt, negative_prompt="", n=1, steps=50, guidance=7.
     return x
 
 
+class NotFinite(ValueError):
+    """The VAE decoded NaN or infinite numbers (broken weights, or fp16 overflow), which would be black pixels."""
+
+
 @torch.no_grad()
 def decode(model, latents):
     """Latents -> list of PIL images, one VAE call per image to bound memory."""
@@ -178,6 +182,8 @@ def decode(model, latents):
     images = []
     for z in latents:
         image = model.vae.decode((z[None] / model.vae.cfg.scale_factor).to(p.device, p.dtype))[0]  # (3, H, W), ~[-1, 1]
+        if not torch.isfinite(image).all():
+            raise NotFinite("the VAE decoded NaN or infinite numbers")
         image = (image.float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 0).cpu().numpy()
         images.append(Image.fromarray((image * 255).round().astype(np.uint8)))
     return images

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from minidb.files import (ModelFileError, atomic_write, fsync, read_metadata, read_tensors, write_pickle,
-                          write_safetensors)
+from minidb.files import (ModelFileError, atomic_write, first_non_finite, fsync, read_metadata, read_tensors,
+                          write_pickle, write_safetensors)
 
 RUNS = Path("runs")
 # Everything a run writes into its folder (hidden names are temporary files and the lock).
@@ -331,7 +331,7 @@ def load_state(path, modules, required=("step", "optimizer", "scheduler", "scale
     try:
         for name, module in modules.items():
             tensors, _ = read_tensors(Path(path) / f"{name}.safetensors")
-            if not all(_finite(t) for t in tensors.values()):  # training on from it would only give NaN again
+            if first_non_finite(tensors):  # training on from it would only give NaN again
                 raise BadCheckpoint(f"its {name}.safetensors holds NaN or infinite weights")
             module.load_state_dict({k: v.to(next(module.parameters()).dtype) for k, v in tensors.items()}, strict=True)
         state = read_tensors(Path(path) / "state.pt")[0]  # weights_only: a planted pickle never runs
@@ -347,10 +347,6 @@ def load_state(path, modules, required=("step", "optimizer", "scheduler", "scale
         raise RunError(f"The checkpoint {path} cannot be resumed ({reason}); start the run over with "
                        "--overwrite.") from None
     return state
-
-
-def _finite(x):
-    return not torch.is_tensor(x) or not x.is_floating_point() or bool(torch.isfinite(x).all())
 
 
 def _fits(key, value):
@@ -371,8 +367,8 @@ def _fits(key, value):
         groups, moments = (value.get("param_groups"), value.get("state")) if isinstance(value, dict) else (None, None)
         return (isinstance(groups, list) and all(isinstance(g, dict) and isinstance(g.get("params"), list)
                                                  for g in groups)
-                and isinstance(moments, dict) and all(isinstance(m, dict) and all(map(_finite, m.values()))
-                                                      for m in moments.values()))
+                and isinstance(moments, dict) and all(isinstance(m, dict) for m in moments.values())
+                and not first_non_finite({f"{i}.{k}": v for i, m in moments.items() for k, v in m.items()}))
     if key == "drift_base":
         return value is None or isinstance(value, float)
     return True  # an entry only its own caller reads (minidb/toy/base.py's python_rng)

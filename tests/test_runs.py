@@ -554,3 +554,12 @@ def test_loss_plot_draws_both_smoothed_curves(tmp_path):
     for _, color in plot.SERIES.values():
         assert color in pixels  # the moving average
         assert tuple(c + (255 - c) // 2 for c in color) in pixels  # the raw points, faint
+
+
+def test_first_non_finite_names_the_tensor_and_is_not_fooled_by_a_sum_that_overflows():
+    """The batched check behind refusing NaN base models and checkpoints: one sum per tensor, then a look at
+    the tensor itself, so that finite numbers whose sum overflows fp32 pass."""
+    assert files.first_non_finite({"a": torch.ones(2), "big": torch.full((4,), 3e38)}) is None
+    assert files.first_non_finite({"a": torch.ones(2), "b": torch.tensor([1.0, float("nan")]), "i": torch.arange(3)}) == "b"
+    assert files.first_non_finite({"h": torch.tensor([1.0, float("-inf")], dtype=torch.float16)}) == "h"
+    assert files.first_non_finite({"empty": torch.ones(0), "ids": torch.arange(4)}) is None

@@ -605,6 +605,26 @@ def test_a_picture_that_comes_out_not_finite_is_not_saved(models, tmp_path, caps
     assert not out.exists()
 
 
+def test_a_vae_that_decodes_nan_saves_no_picture(models, tmp_path, capsys):
+    """Finite latents, but a VAE decoder with a NaN weight: the decoded picture is NaN, which would be a black
+    PNG; it is refused with the same sentence."""
+    import shutil
+    from minidb.files import read_tensors, write_safetensors
+    shutil.copytree(models[0], tmp_path / "model")
+    vae = tmp_path / "model" / "vae" / "diffusion_pytorch_model.safetensors"
+    tensors = read_tensors(vae)[0]
+    tensors["decoder.conv_out.bias"] = tensors["decoder.conv_out.bias"] * float("nan")
+    write_safetensors(vae, tensors)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        main_of_sample()(["--model", str(tmp_path / "model"), "--prompt", "a ball", "--steps", "1", "--height", "32",
+                          "--dtype", "fp32", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert f"error: The picture came out as NaN or infinite numbers, so it was not saved: {tmp_path / 'model'}" in err
+    assert not out.exists()
+
+
 def test_a_picture_not_finite_in_fp16_suggests_fp32():
     import types
     import sample
