@@ -15,6 +15,7 @@ from minidb.fetch import DEFAULT_MODEL, TOY_MODEL, how_to_get_weights
 from minidb.files import WEIGHT_SUFFIXES, ModelFileError, read_tensors
 from minidb.info import HELP as MODEL_HELP
 from minidb.loop import SCHEDULES
+from minidb.tokenizer import can_be_a_new_word
 
 
 def parse_args(argv, doc):
@@ -187,8 +188,8 @@ def check(args):
     if args.concepts is not None and args.new_token:
         return ("--concepts trains one identifier per subject in the model; a new word (--new-token, "
                 "textual-inversion) is learned for one subject per run, so train those one at a time.")
-    word = args.identifier if args.new_token else None  # as minidb/tokenizer.py's add_word will require
-    if word is not None and (word != word.lower() or any(c.isspace() for c in word)):
+    word = args.identifier if args.new_token else None
+    if word is not None and not can_be_a_new_word(word):  # what Tokenizer.add_word will require, checked before loading
         return (f"--identifier {word!r} must be one lower-case word to become a new word (prompts are read in lower "
                 "case); spell it so, or leave --identifier out.")
     try:

@@ -167,7 +167,7 @@ class Tokenizer:
         learned, see minidb/dreambooth.py). As diffusers' load_textual_inversion does, the extra ids are
         named word_1, word_2, ... and a prompt's `word` stands for all n of them. The vocabulary files
         that save() writes stay CLIP's own: a new word travels in its embedding file, not in the model."""
-        if word != word.lower() or not word.strip() or any(c.isspace() for c in word):
+        if not can_be_a_new_word(word):
             raise ValueError(f"A new word must be one lower-case word, not {word!r}.")
         if word in self.vocab or word in self.new_words:
             raise ValueError(f"{word!r} is already a token; a new word needs a name of its own.")
@@ -235,6 +235,11 @@ class Tokenizer:
 
     def __len__(self) -> int:
         return len(self.vocab)
+
+
+def can_be_a_new_word(word: str) -> bool:
+    """One lower-case word: prompts are lower-cased before a new word is looked up."""
+    return word == word.lower() and bool(word.strip()) and not any(c.isspace() for c in word)
 
 
 def _unusable(path: Path, problem: str) -> ModelFileError:
