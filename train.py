@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from minidb import distributed, memory, runs
+from minidb import distributed, memory, runs, state
 from minidb.cli import DTYPES, FinishTheStep, cpu_bf16, fail, run
 from minidb.data import DataError, load_images
 from minidb.export import disk_needed, export
@@ -234,14 +234,14 @@ def train(args, out):
                          else None for s in subjects])
     drift_base, start = None, 0
     if args.resume:
-        path = runs.resume_point(out / "checkpoints", args.resume)
-        state = runs.load_state(path, trained)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        generator.set_state(state["generator"])
-        examples.load(state["orders"])
-        start, drift_base = state["step"], state.get("drift_base")
+        path = state.resume_point(out / "checkpoints", args.resume)
+        resumed = state.load_state(path, trained)
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        scaler.load_state_dict(resumed["scaler"])
+        generator.set_state(resumed["generator"])
+        examples.load(resumed["orders"])
+        start, drift_base = resumed["step"], resumed.get("drift_base")
         print(f"resuming from {path} at step {start}")
     if start >= args.steps:
         print(f"the run in {out} already reached step {start}; pass a larger --steps to continue it")
@@ -268,7 +268,7 @@ def train(args, out):
         extra = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                  "generator": generator.get_state(), "orders": examples.state(), "drift_base": drift_base}
         with disk_full():
-            return runs.save_state(out / "checkpoints", step, trained, extra, keep=args.checkpoints_keep)
+            return state.save_state(out / "checkpoints", step, trained, extra, keep=args.checkpoints_keep)
 
     def validate(step):
         """A fixed-seed grid, one row per subject: the subject, the subject in a new context, and the plain

@@ -6,7 +6,7 @@
 
 The loss curve drawn at the end is in minidb/plot.py.
 
-The bookkeeping of a run (its folder, lock and checkpoints) is in minidb/runs.py.
+The bookkeeping of a run is in minidb/runs.py (its folder and lock) and minidb/state.py (its checkpoints).
 """
 
 import hashlib

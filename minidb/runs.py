@@ -8,8 +8,7 @@
   or files that are not a run (never touched).
 - --resume continues the run exactly as it started: a flag that would change the run is refused, and
   the model and the steps, when left out, are the run's own rather than today's defaults.
-- Checkpoints are written beside the previous one and swapped in by renames, so at every instant
-  one complete checkpoint exists.
+- The checkpoints inside it: minidb/state.py writes and reads them; latest_state, here, finds the newest.
 """
 
 import json
@@ -19,10 +18,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
-
-from minidb.files import (ModelFileError, atomic_write, first_non_finite, fsync, read_metadata, read_tensors,
-                          write_pickle, write_safetensors)
+from minidb.files import atomic_write, read_metadata
 
 RUNS = Path("runs")
 # Everything a run writes into its folder (hidden names are temporary files and the lock).
@@ -139,6 +135,19 @@ def check_folder(folder, resume, overwrite):
                        "to delete it and start over, or choose another --out.")
 
 
+def latest_state(folder):
+    """The newest checkpoint folder, or None. A `.step-N.old` whose `step-N` is missing is a
+    checkpoint that a crash caught in the middle of a swap: it is complete, so it is put back."""
+    folder = Path(folder)
+    for old in folder.glob(".step-*.old"):
+        final = folder / old.name[1:-4]
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, final)
+    states = sorted(folder.glob("step-*"))
+    return states[-1] if states else None
+
 def clear(folder):
     """Delete the run in `folder` for --overwrite, which check_folder found to be a run (the lock stays)."""
     for path in folder.iterdir():
@@ -246,129 +255,3 @@ def trim_log(path, step):
             rows.append(line + "\n")
     atomic_write(path, lambda tmp: Path(tmp).write_text("".join(rows)))
 
-
-# ---- checkpoints ----
-
-def save_state(folder, step, modules, extra, keep=1):
-    """Write a checkpoint folder `step-NNNNNN`: weights of the trained `modules` (fp32 safetensors)
-    and `extra` (optimizer, scaler, RNG and data-order state: tensors and plain values only, so it
-    reloads with weights_only=True). It is written as `.step-NNNNNN.tmp` and renamed into place; an
-    older checkpoint is removed only once the new one is complete."""
-    folder = Path(folder)
-    final, tmp, old = folder / f"step-{step:06d}", folder / f".step-{step:06d}.tmp", folder / f".step-{step:06d}.old"
-    latest_state(folder)  # puts back a checkpoint that a crash left half-swapped
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-        for name, module in modules.items():
-            write_safetensors(tmp / f"{name}.safetensors", {k: v.float() for k, v in module.state_dict().items()})
-        write_pickle(tmp / "state.pt", {"step": step, **extra})
-        fsync(tmp / "state.pt")
-        fsync(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # a full disk must not keep the partial copy
-        raise
-    if final.exists():  # re-saving a step: the old copy steps aside until the new one is in place
-        os.replace(final, old)
-    os.replace(tmp, final)
-    fsync(folder)
-    shutil.rmtree(old, ignore_errors=True)
-    for stale in sorted(folder.glob("step-*"))[:-keep]:
-        shutil.rmtree(stale)
-    return final
-
-
-def latest_state(folder):
-    """The newest checkpoint folder, or None. A `.step-N.old` whose `step-N` is missing is a
-    checkpoint that a crash caught in the middle of a swap: it is complete, so it is put back."""
-    folder = Path(folder)
-    for old in folder.glob(".step-*.old"):
-        final = folder / old.name[1:-4]
-        if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(old, final)
-    states = sorted(folder.glob("step-*"))
-    return states[-1] if states else None
-
-
-def resume_point(folder, what):
-    """The checkpoint --resume WHAT continues from: "latest", a step number, or a checkpoint folder's path.
-    Checkpoints after it belong to the branch that is abandoned: they are moved into
-    folder/abandoned/, not deleted, and the newest one left in `folder` is the one returned."""
-    folder = Path(folder)
-    latest = latest_state(folder)
-    if what == "latest":
-        return latest
-    if what.isdigit():
-        path = folder / f"step-{int(what):06d}"
-        if not path.is_dir():
-            have = ", ".join(str(int(p.name[5:])) for p in sorted(folder.glob("step-*"))) or "none"
-            raise RunError(f"--resume {what}: the run has no checkpoint of step {int(what)} (it has: {have}); "
-                           "pass one of those, or latest.")
-    else:
-        path = Path(what)
-        if not (path / "state.pt").is_file():
-            raise RunError(f"--resume {what} is neither latest, a step number, nor a checkpoint folder (one with a "
-                           "state.pt); pass one of those.")
-        path = path.resolve()
-    if path.parent == folder.resolve() or path.parent == folder:
-        for later in sorted(folder.glob("step-*")):
-            if later.name > path.name:
-                (folder / "abandoned").mkdir(exist_ok=True)
-                os.replace(later, folder / "abandoned" / later.name)
-                print(f"set aside {later.name}, after the resumed step, in {folder / 'abandoned'}")
-    return path
-
-
-class BadCheckpoint(ModelFileError):
-    """What load_state found wrong with a checkpoint, as a clause of its sentence."""
-
-
-def load_state(path, modules, required=("step", "optimizer", "scheduler", "scaler", "generator", "orders")):
-    """Restore the trained modules' weights from a checkpoint folder; return its extra state, which
-    must hold the `required` entries, each of the type save_state wrote."""
-    try:
-        for name, module in modules.items():
-            tensors, _ = read_tensors(Path(path) / f"{name}.safetensors")
-            if first_non_finite(tensors):  # training on from it would only give NaN again
-                raise BadCheckpoint(f"its {name}.safetensors holds NaN or infinite weights")
-            module.load_state_dict({k: v.to(next(module.parameters()).dtype) for k, v in tensors.items()}, strict=True)
-        state = read_tensors(Path(path) / "state.pt")[0]  # weights_only: a planted pickle never runs
-        for key in required:
-            if key not in state:
-                raise BadCheckpoint(f"it has no {key!r} entry")
-        for key, value in state.items():
-            if not _fits(key, value):
-                raise BadCheckpoint(f"its {key!r} entry is damaged")
-    except (ModelFileError, RuntimeError) as e:
-        reason = ("it holds pickled objects besides tensors, which minidb never loads" if "pickled" in str(e) else
-                  str(e) if isinstance(e, BadCheckpoint) else "a file in it is truncated or does not fit the model")
-        raise RunError(f"The checkpoint {path} cannot be resumed ({reason}); start the run over with "
-                       "--overwrite.") from None
-    return state
-
-
-def _fits(key, value):
-    """Whether a state.pt entry is what save_state wrote: a hand-edited or foreign one is refused here, not
-    met as a TypeError from deep inside torch; and Adam's moments must be finite, as the weights are."""
-    whole = lambda v: type(v) is int and v >= 0
-    if key == "step":
-        return whole(value)
-    if key in ("scheduler", "scaler"):
-        return isinstance(value, dict)
-    if key == "generator":  # torch.Generator.get_state()
-        return isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.dim() == 1
-    if key == "orders":  # minidb/loop.py's Examples.state()
-        return isinstance(value, dict) and all(
-            isinstance(s, dict) and isinstance(s.get("order"), torch.Tensor) and s["order"].dtype == torch.long
-            and s["order"].dim() == 1 and whole(s.get("taken")) for s in value.values())
-    if key == "optimizer":
-        groups, moments = (value.get("param_groups"), value.get("state")) if isinstance(value, dict) else (None, None)
-        return (isinstance(groups, list) and all(isinstance(g, dict) and isinstance(g.get("params"), list)
-                                                 for g in groups)
-                and isinstance(moments, dict) and all(isinstance(m, dict) for m in moments.values())
-                and not first_non_finite({f"{i}.{k}": v for i, m in moments.items() for k, v in m.items()}))
-    if key == "drift_base":
-        return value is None or isinstance(value, float)
-    return True  # an entry only its own caller reads (minidb/toy/base.py's python_rng)

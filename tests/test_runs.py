@@ -21,7 +21,7 @@ from PIL import Image
 from safetensors import SafetensorError
 
 import train
-from minidb import files, plot, runs
+from minidb import files, plot, runs, state
 from minidb.load import load
 from test_bad_input import Payload, one_sentence
 from test_train import ROOT, run, world  # noqa: F401  (world is a fixture)
@@ -164,7 +164,7 @@ def test_a_kill_at_any_instant_of_a_resave_leaves_one_complete_checkpoint(tmp_pa
     module = torch.nn.Linear(3, 2)
     folder = tmp_path / "checkpoints"
     calls = {"n": 0, "kill_at": None}
-    real = {"replace": os.replace, "rmtree": runs.shutil.rmtree, "write": runs.write_safetensors, "save": runs.write_pickle}
+    real = {"replace": os.replace, "rmtree": state.shutil.rmtree, "write": state.write_safetensors, "save": state.write_pickle}
 
     def counted(name):
         def call(*args, **kwargs):
@@ -174,24 +174,24 @@ def test_a_kill_at_any_instant_of_a_resave_leaves_one_complete_checkpoint(tmp_pa
             return real[name](*args, **kwargs)
         return call
 
-    for name, target in (("replace", runs.os), ("rmtree", runs.shutil), ("write", runs), ("save", runs)):
+    for name, target in (("replace", state.os), ("rmtree", state.shutil), ("write", state), ("save", state)):
         monkeypatch.setattr(target, {"replace": "replace", "rmtree": "rmtree", "write": "write_safetensors",
                                      "save": "write_pickle"}[name], counted(name))
-    runs.save_state(folder, 5, {"unet": module}, {"step_marker": torch.tensor(5)})
+    state.save_state(folder, 5, {"unet": module}, {"step_marker": torch.tensor(5)})
     n_calls = calls["n"]
     for kill_at in range(1, n_calls + 1):
         calls.update(n=0, kill_at=kill_at)
         with torch.no_grad():
             module.weight.add_(1.0)
         try:
-            runs.save_state(folder, 5, {"unet": module}, {"step_marker": torch.tensor(5)})
+            state.save_state(folder, 5, {"unet": module}, {"step_marker": torch.tensor(5)})
         except Killed:
             pass
         calls.update(n=0, kill_at=None)
-        state = runs.latest_state(folder)
-        assert state is not None and state.name == "step-000005", f"killed at call {kill_at}: no checkpoint"
-        weights, _ = files.read_tensors(state / "unet.safetensors")
-        assert set(weights) == {"weight", "bias"} and (state / "state.pt").is_file(), kill_at
+        kept = runs.latest_state(folder)
+        assert kept is not None and kept.name == "step-000005", f"killed at call {kill_at}: no checkpoint"
+        weights, _ = files.read_tensors(kept / "unet.safetensors")
+        assert set(weights) == {"weight", "bias"} and (kept / "state.pt").is_file(), kill_at
 
 
 def test_writes_are_fsynced_file_then_folder(tmp_path, monkeypatch):
@@ -414,7 +414,7 @@ def a_checkpoint(folder):
     extra = {"optimizer": optimizer.state_dict(), "scheduler": {"last_epoch": 1}, "scaler": {},
              "generator": torch.Generator().get_state(), "drift_base": 0.5,
              "orders": {"instance-0": {"order": torch.randperm(3), "taken": 1}}}
-    return runs.save_state(folder, 1, {"unet": module}, extra), module
+    return state.save_state(folder, 1, {"unet": module}, extra), module
 
 
 @pytest.mark.parametrize("entry,value", [
@@ -425,17 +425,17 @@ def test_a_checkpoint_with_entries_of_the_wrong_type_or_nan_is_refused_before_tr
     """Valid pickles of the wrong types, or non-finite numbers, in a checkpoint: one sentence naming what is
     wrong, not a TypeError from inside torch, nor a run that diverges again from it."""
     path, module = a_checkpoint(tmp_path)
-    assert runs.load_state(path, {"unet": module})["step"] == 1  # the checkpoint as saved loads
-    state = torch.load(path / "state.pt", weights_only=True)
+    assert state.load_state(path, {"unet": module})["step"] == 1  # the checkpoint as saved loads
+    entries = torch.load(path / "state.pt", weights_only=True)
     if entry == "unet":
         files.write_safetensors(path / "unet.safetensors", {k: v * float("nan") for k, v in module.state_dict().items()})
     elif entry == "optimizer" and value == "inf moments":
-        state["optimizer"]["state"][0]["exp_avg"] = torch.full((2, 3), float("inf"))
+        entries["optimizer"]["state"][0]["exp_avg"] = torch.full((2, 3), float("inf"))
     else:
-        state[entry] = value
-    torch.save(state, path / "state.pt")
+        entries[entry] = value
+    torch.save(entries, path / "state.pt")
     with pytest.raises(runs.RunError) as e:
-        runs.load_state(path, {"unet": module})
+        state.load_state(path, {"unet": module})
     message = one_sentence(e)
     assert message.startswith(f"The checkpoint {path} cannot be resumed (its ")
     assert ("unet.safetensors holds NaN or infinite weights" if entry == "unet" else f"'{entry}' entry is damaged") \

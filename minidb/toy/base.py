@@ -27,7 +27,8 @@ from minidb import text_encoder as te, unet as un, vae as va
 from minidb.cli import fail
 from minidb.files import read_tensors, write_json, write_safetensors
 from minidb.load import StableDiffusion, load
-from minidb.runs import latest_state, load_state, save_state
+from minidb.runs import latest_state
+from minidb.state import load_state, save_state
 from minidb.save import save_single_file
 from minidb.schedulers import NUM_TRAIN_TIMESTEPS, NoiseSchedule
 from minidb.tokenizer import Tokenizer
