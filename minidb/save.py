@@ -13,12 +13,14 @@ Every file is written to a temporary name and renamed into place (minidb/files.p
 import json
 from pathlib import Path
 
+import torch
+
 from minidb.convert import (native_to_diffusers_names, native_to_openclip, text_config_to_transformers,
                             unet_blocks, unet_config_to_diffusers, vae_attention_shape, vae_blocks,
                             vae_config_to_diffusers)
 from minidb.files import write_json, write_safetensors
 from minidb.schedulers import BETA_END, BETA_START, NUM_TRAIN_TIMESTEPS, STEPS_OFFSET
-from minidb.single_file import CLIP, OPENCLIP, UNET, VAE, XL_CLIP, XL_OPENCLIP
+from minidb.single_file import CLIP, OPENCLIP, UNET, V_PRED_MARKER, VAE, XL_CLIP, XL_OPENCLIP
 
 PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 
@@ -116,6 +118,12 @@ def single_file_tensors(model):
 
 
 def save_single_file(model, path, dtype=None, metadata=None):
-    """Write the whole model as one original-layout .safetensors file (with `metadata`'s text entries too)."""
+    """Write the whole model as one original-layout .safetensors file (with `metadata`'s text entries too).
+    A v-prediction model also gets the empty `v_pred` tensor: ComfyUI reads an SDXL file as v-prediction only
+    when it has one (supported_models.py SDXL.model_type), and writes it itself for every v-prediction model
+    it saves (model_base.py state_dict_for_saving)."""
     metadata = {"format": "pt", **(metadata or {}), "minidb": json.dumps(model.configs())}
-    write_safetensors(path, _cast(single_file_tensors(model), dtype), metadata=metadata)
+    tensors = _cast(single_file_tensors(model), dtype)
+    if model.prediction_type == "v_prediction":
+        tensors[V_PRED_MARKER] = torch.zeros(0)
+    write_safetensors(path, tensors, metadata=metadata)

@@ -221,6 +221,21 @@ def test_v_prediction_marker(foreign, tmp_path):
     assert load(tmp_path / "v.safetensors").prediction_type == "v_prediction"
 
 
+
+def test_a_v_prediction_export_carries_comfyuis_marker(saved, tmp_path):
+    """ComfyUI reads an SDXL file as v-prediction only when it holds a tensor named v_pred (its
+    supported_models.py, SDXL.model_type: `elif "v_pred" in state_dict`), and otherwise samples it as
+    epsilon. minidb writes the marker for a v-prediction model, not for an epsilon one; the file still
+    converts in diffusers, and loads in minidb as v-prediction."""
+    pipe, folder = saved
+    save_single_file(load(folder), tmp_path / "eps.safetensors")
+    save_single_file(load(folder, prediction_type="v_prediction"), tmp_path / "v.safetensors")
+    assert "v_pred" not in load_file(tmp_path / "eps.safetensors")
+    ckpt = load_file(tmp_path / "v.safetensors")
+    assert ckpt["v_pred"].numel() == 0
+    assert sfu.convert_ldm_unet_checkpoint(ckpt, pipe.unet.config).keys() == pipe.unet.state_dict().keys()
+    assert load(tmp_path / "v.safetensors").prediction_type == "v_prediction"  # (the marker alone: the test below)
+
 def without(tensors, prefix):
     return {k: v for k, v in tensors.items() if not k.startswith(prefix)}
 
