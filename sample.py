@@ -253,10 +253,9 @@ def main(argv=None):
     model_hash = pnginfo.sha256(model_path)[:10] if model_path.is_file() else None  # a folder or Hub id: none
     # as A1111 records them: each LoRA as a <lora:name:scale> tag in the prompt, and the files' short hashes
     recorded_prompt = args.prompt + "".join(f" <lora:{name}:{scale:g}>" for name, scale, _ in loras)
-    extras = {"Lora hashes": ", ".join(f"{name}: {pnginfo.sha256(path, skip_header=True)[:12]}"
-                                       for (name, _, _), (path, _) in zip(loras, args.lora)) or None,
-              "TI hashes": ", ".join(f"{w.word}: {pnginfo.sha256(path)[:12]}"
-                                     for w, path in zip(words, args.embedding)) or None}
+    extras = {"Lora hashes": pnginfo.hashes((name, pnginfo.sha256(path, skip_header=True)[:12])
+                                            for (name, _, _), (path, _) in zip(loras, args.lora)),
+              "TI hashes": pnginfo.hashes((w.word, pnginfo.sha256(path)[:12]) for w, path in zip(words, args.embedding))}
 
     def parameters(seed):  # A1111's fields, in its order
         sampler, schedule, sampler_extra = SAMPLER_NAMES[args.sampler]

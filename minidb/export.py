@@ -25,7 +25,9 @@ def export(args, settings, out, model, parts, trained, subjects, steps, dtypes):
     so frozen parts come out as they went in); LoRA goes out in kohya's format, fp16 as LoRAs are shared."""
     identifier = subjects[0].identifier
     lora_file, word_file = out / "lora.safetensors", out / f"{identifier}.safetensors"
-    about = {"ss_output_name": "lora", "ss_sd_model_name": Path(args.model).name, "ss_steps": str(steps),
+    # The LoRA's name in AUTOMATIC1111 (its alias, read from ss_output_name) is the run folder's: every run's file
+    # is lora.safetensors, and A1111 disables an alias that two of its files share (networks.py).
+    about = {"ss_output_name": lora_name(out), "ss_sd_model_name": Path(args.model).name, "ss_steps": str(steps),
              "ss_learning_rate": str(args.lr), "ss_training_comment": f"minidb DreamBooth: {subjects[0].instance_prompt}",
              "minidb": json.dumps({"identifier": identifier, "class": subjects[0].class_name, "method": args.method,
                                    **({"subjects": settings["subjects"]} if args.concepts else {})})}
@@ -51,6 +53,12 @@ def export(args, settings, out, model, parts, trained, subjects, steps, dtypes):
     return written, sample
 
 
+def lora_name(out):
+    """The name a run's LoRA goes by in AUTOMATIC1111's prompt tag <lora:NAME:1>: the run folder's, without
+    the ":" and "," that the tag and A1111's "Lora hashes" field cannot hold."""
+    return Path(out).resolve().name.translate(str.maketrans("", "", ":,"))
+
+
 def how_to_use(args, out, model, subjects, lora_file=None, word_file=None):
     """(the sample.py command, [one line per other tool]) for a run whose method wrote `out`'s files."""
     identifier = subjects[0].identifier
@@ -59,9 +67,10 @@ def how_to_use(args, out, model, subjects, lora_file=None, word_file=None):
               + (f" --embedding {word_file}" if word_file else "") + f' --prompt "{subjects[0].new_scene}"')
     elsewhere = []
     if lora_file:
-        elsewhere.append("AUTOMATIC1111 / Forge: copy `lora.safetensors` into `models/Lora` and add `<lora:lora:1>` to "
-                         "the prompt; ComfyUI: copy it into `models/loras` and use a LoraLoader node; diffusers: "
-                         f"`pipe.load_lora_weights(\"{out}\", weight_name=\"lora.safetensors\")`.")
+        name = lora_name(out)
+        elsewhere.append(f"AUTOMATIC1111 / Forge: copy `lora.safetensors` into `models/Lora` as `{name}.safetensors` "
+                         f"and add `<lora:{name}:1>` to the prompt; ComfyUI: copy it into `models/loras` and use a "
+                         f"LoraLoader node; diffusers: `pipe.load_lora_weights(\"{out}\", weight_name=\"lora.safetensors\")`.")
     if word_file:
         diffusers = (f"`pipe.load_textual_inversion(\"{word_file}\", token=\"{identifier}\")`." if model.version != "SDXL"
                      else f"`vectors = safetensors.torch.load_file(\"{word_file}\")`, then `pipe.load_textual_inversion("

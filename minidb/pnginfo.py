@@ -36,6 +36,12 @@ def quote(value):
     return json.dumps(value, ensure_ascii=False) if any(c in value for c in ",:\n") else value
 
 
+
+def hashes(named):
+    """A1111's "Lora hashes" and "TI hashes" fields: "name: hash, name: hash", or None for none. The names lose
+    the ":" and "," that would split the field, as A1111 writes them (extra_networks_lora.py, sd_hijack_clip.py)."""
+    return ", ".join(f"{name.replace(':', '').replace(',', '')}: {short}" for name, short in named) or None
+
 def parameters(prompt, negative_prompt, fields):
     """The "parameters" text. `fields` in A1111's order (None values left out): Steps, Sampler, Schedule type,
     CFG scale, Seed, Size, Model hash, Model, RNG, then extras such as Lora hashes and TI hashes."""

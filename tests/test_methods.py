@@ -29,6 +29,9 @@ def test_lora_trains_adapters_only_and_writes_a_kohya_file(world, tmp_path):
     assert all(k.startswith("lora_unet_") for k in keys) and any(k.endswith(".alpha") for k in keys)
     assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "4.0" and meta["ss_steps"] == "2"
     assert meta["ss_sd_model_name"] == "base" and settings(out)["identifier"] in meta["ss_training_comment"]
+    # A1111 names the LoRA by its alias, ss_output_name, and disables one that two files share: each run's
+    # file goes by its run folder's name, which the run's README tells the user to write in the tag
+    assert meta["ss_output_name"] == "out" and "`<lora:out:1>`" in (out / "README.md").read_text()
     # the checkpoint holds the adapters, not the UNet: kilobytes here, megabytes for SD 1.5
     (ckpt,) = (out / "checkpoints").iterdir()
     assert sorted(p.name for p in ckpt.iterdir()) == ["lora.safetensors", "state.pt"]

@@ -116,6 +116,20 @@ def test_parser_reads_a1111s_own_example():
                       "Model hash": "45dee52b", "Model": "a, b: c"}
 
 
+
+def test_hash_fields_hold_names_as_a1111_writes_them():
+    """A1111 writes "Lora hashes" and "TI hashes" as "name: hash, ..." with ":" and "," taken out of each name
+    (extra_networks_lora.py, sd_hijack_clip.py), and on paste splits the field at "," and each item at ":"
+    (lora_script.py). A LoRA file named "v2: ink, wash" must not split into extra items."""
+    from minidb.pnginfo import hashes, parameters
+    field = hashes([("v2: ink, wash", "0123456789ab"), ("plain", "ba9876543210")])
+    assert field == "v2 ink wash: 0123456789ab, plain: ba9876543210"
+    assert [item.split(":") for item in field.split(",")] == [["v2 ink wash", " 0123456789ab"],
+                                                             [" plain", " ba9876543210"]]
+    text = parameters("a cup", None, {"Steps": 3, "Sampler": "Euler", "Seed": 1, "Lora hashes": field})
+    assert parse_a1111(text)["Lora hashes"] == field
+    assert hashes([]) is None  # no LoRA: no field
+
 # ---- what a run writes ----
 
 def test_writes_images_grid_and_a1111_metadata(models, tmp_path):
