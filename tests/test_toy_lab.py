@@ -155,6 +155,19 @@ def test_counts_are_checked_before_any_work(monkeypatch, capsys, argv):
     assert f"argument {argv[1]}:" in lab_error(capsys, *argv)
 
 
+
+def test_examples_of_the_tuning_subject_never_overwrite_the_shipped_photos(tmp_path, monkeypatch, capsys):
+    """`examples --tuning` without --out wrote the tuning subject over examples/two-tone-cup/, the shipped
+    photos the README's first command trains on. Its own default is the tuning subject's folder."""
+    shipped, tuning = tmp_path / "two-tone-cup", tmp_path / "tuning-subject"
+    monkeypatch.setattr(lab, "EXAMPLES", shipped)
+    monkeypatch.setattr(lab, "TUNING_EXAMPLES", tuning)
+    lab.main(["examples", "--tuning"])
+    assert not shipped.exists() and sorted(p.name for p in tuning.iterdir()) == [f"{i}.png" for i in range(5)]
+    lab.main(["examples"])
+    assert sorted(p.name for p in shipped.iterdir()) == [f"{i}.png" for i in range(5)]
+    assert all((shipped / f"{i}.png").read_bytes() != (tuning / f"{i}.png").read_bytes() for i in range(5))
+
 def test_a_failed_train_py_run_ends_the_sweep_with_one_sentence(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(lab, "TUNING_EXAMPLES", tmp_path / "tuning-subject")
     line = lab_error(capsys, "tune", "--seeds", "0", "--out", str(tmp_path / "runs"), "--train-args=--no-such-flag")

@@ -213,8 +213,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m minidb.toy.lab", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     ex = sub.add_parser("examples", help="render the subject's photos")
-    ex.add_argument("--out", default=str(EXAMPLES), help="folder for the five photos (default: %(default)s)")
-    ex.add_argument("--tuning", action="store_true", help="the tuning subject's photos instead (give --out too)")
+    ex.add_argument("--out", default=None, help="folder for the five photos (default: examples/two-tone-cup, or "
+                    "runs/tuning-subject with --tuning)")
+    ex.add_argument("--tuning", action="store_true", help="the tuning subject's photos instead of the shipped subject's")
     base = sub.add_parser("train-base", help="train the toy base model from scratch")
     base.add_argument("--out", default=str(TOY_MODEL), help="where to write the model (default: %(default)s)")
     base.add_argument("--work", default="runs/toy-base",
@@ -278,7 +279,7 @@ def main(argv=None):
         ab.add_argument("--picture", default=str(ROOT / "docs" / f"toy-{name}.png"),
                         help="where to write the picture (default: %(default)s)")
     args = p.parse_args(argv)
-    command = {"examples": lambda a: write_examples(a.out, a.tuning), "train-base": train_base, "base": run_base,
+    command = {"examples": lambda a: write_examples(a.out or (TUNING_EXAMPLES if a.tuning else EXAMPLES), a.tuning), "train-base": train_base, "base": run_base,
                "train-probe": run_train_probe, "evaluate": run_evaluate, "ablation": run_compare, "methods": run_compare,
                "tune": run_compare}[args.command]
     try:
