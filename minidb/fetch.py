@@ -189,7 +189,8 @@ def main(argv=None):
     parser.add_argument("--sha256", default=None,
                         help="the file's expected sha256; required with --url (default: the known model's)")
     parser.add_argument("--out", default=None,
-                        help=f"where to save it (default: {WEIGHTS}/ and the file name from the URL)")
+                        help=f"where to save it: a file name, or a folder to save it in under the URL's file name "
+                             f"(default: {WEIGHTS}/)")
     args = parser.parse_args(argv)
     if args.url is None:
         args.url, known_sha256, _ = MODELS[args.model]
@@ -201,9 +202,11 @@ def main(argv=None):
     if problem := url_problem(args.url):
         parser.error(problem)
     name = Path(urlparse(args.url).path).name
-    if not args.out and name in ("", ".."):
-        parser.error(f"--url {args.url!r} does not end in a file name; give --out too")
-    out = Path(args.out) if args.out else WEIGHTS / name
+    # --out names the file, or a folder to save it in (one that exists, or written with a trailing /)
+    folder = not args.out or Path(args.out).is_dir() or args.out.endswith(("/", os.sep))
+    if folder and name in ("", ".."):
+        parser.error(f"--url {args.url!r} does not end in a file name; give --out a file name too")
+    out = Path(args.out or WEIGHTS) / name if folder else Path(args.out)
     try:
         fetch(args.url, args.sha256, out)
     except FetchError as e:

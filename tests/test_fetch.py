@@ -206,6 +206,12 @@ def test_cli(serve, tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1
     assert r.stderr.startswith("error: Could not download") and "Traceback" not in r.stderr
 
+    for folder in (tmp_path / "sub", f"{tmp_path / 'new'}/"):  # a folder, or a name ending in /: the URL's file name
+        server.ranges.clear()
+        r = run("--url", server.url, "--sha256", SHA, "--out", folder)
+        assert r.returncode == 0, r.stderr
+        assert (Path(folder) / "model.safetensors").read_bytes() == BODY
+
     r = run("--url", server.url)  # a URL without its checksum is refused before anything is fetched
     assert r.returncode == 2 and "--url needs --sha256" in r.stderr and server.ranges == [None]
 
@@ -261,7 +267,7 @@ def test_cli_refuses_an_address_it_cannot_download(tmp_path, monkeypatch, capsys
     assert e.value.code == 2 and "Traceback" not in err and list(tmp_path.iterdir()) == []
     last = err.splitlines()[-1]
     assert last.startswith(f"python -m minidb.fetch: error: --url {url!r} ")
-    assert last.endswith("give --out too" if url.endswith("/") else "give an https:// URL")
+    assert last.endswith("give --out a file name too" if url.endswith("/") else "give an https:// URL")
 
 
 def test_cli_names_the_file_that_stands_where_a_folder_should_be(tmp_path, capsys):
