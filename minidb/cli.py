@@ -12,6 +12,7 @@ import re
 import signal
 import sys
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -64,6 +65,9 @@ def path_and_scale(value):
     path, _, scale = value.rpartition(":")
     if path and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)(e[-+]?\d+)?|[-+]?(nan|inf)", scale.lower()):
         return path, number(float, low=-10, high=10)(scale)
+    if path and Path(path).is_file() and not Path(value).exists():  # x.safetensors:abc, a scale mistyped
+        raise argparse.ArgumentTypeError(f"the scale after {path}: must be a number from -10 to 10, such as "
+                                         f"{path}:0.8, not {scale!r}")
     return value, 1.0
 
 

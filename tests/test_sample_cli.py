@@ -130,6 +130,20 @@ def test_hash_fields_hold_names_as_a1111_writes_them():
     assert parse_a1111(text)["Lora hashes"] == field
     assert hashes([]) is None  # no LoRA: no field
 
+
+def test_a_lora_scale_that_is_no_number_is_named(tmp_path):
+    """--lora PATH:SCALE, with a file at PATH and a SCALE that is no number: the scale is named, rather than
+    the whole text called a path that does not exist. A colon inside a path (no file before it) stays a path."""
+    import argparse
+    from minidb.cli import path_and_scale
+    lora = tmp_path / "style.safetensors"
+    lora.write_bytes(b"")
+    assert path_and_scale(f"{lora}:0.5") == (str(lora), 0.5) and path_and_scale(str(lora)) == (str(lora), 1.0)
+    with pytest.raises(argparse.ArgumentTypeError) as e:
+        path_and_scale(f"{lora}:abc")
+    assert str(e.value) == f"the scale after {lora}: must be a number from -10 to 10, such as {lora}:0.8, not 'abc'"
+    assert path_and_scale(str(tmp_path / "C:x.safetensors")) == (str(tmp_path / "C:x.safetensors"), 1.0)
+
 # ---- what a run writes ----
 
 def test_writes_images_grid_and_a1111_metadata(models, tmp_path):
