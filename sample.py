@@ -154,19 +154,29 @@ def check(args):
     return None
 
 
-def fill_identifier(prompt, paths):
+def fill_identifier(prompt, paths, words):
     """[V], the docs' placeholder for the subject, read as the identifier that the files given (a model, LoRA
     or embedding that train.py exported) record, when they record exactly one; else a warning, and the
-    model reads the letters [V]."""
-    if "[V]" not in prompt:
-        return prompt
-    found = runs.recorded_identifiers(paths)
-    if len(found) == 1:
-        print(f"[V] in the prompt is read as {found[0]}, the identifier that the train.py run recorded in its files.")
-        return prompt.replace("[V]", found[0])
-    these = f"; these files record {', '.join(found)}" if found else ""
-    warnings.warn("The prompt holds [V], which the model reads as those letters; write the identifier your "
-                  f"train.py run printed instead (its README.md names it{these}).")
+    model reads the letters [V]. An identifier recorded as a new word gets a warning when the prompt holds it
+    but no --embedding gives it (`words`): without its embedding the model reads it as letters."""
+    if "[V]" in prompt:
+        found = runs.recorded_identifiers(paths)
+        if len(found) == 1:
+            print(f"[V] in the prompt is read as {found[0]}, the identifier that the train.py run recorded in its files.")
+            prompt = prompt.replace("[V]", found[0])
+        else:
+            these = f"; these files record {', '.join(found)}" if found else ""
+            warnings.warn("The prompt holds [V], which the model reads as those letters; write the identifier your "
+                          f"train.py run printed instead (its README.md names it{these}).")
+    named = set(words)  # given by --embedding, or already warned about (a model and a LoRA may both record a word)
+    for subject in runs.recorded_subjects(paths):
+        word = subject["identifier"]
+        if subject["new_word"] and word not in named and re.search(rf"\b{re.escape(word)}\b", prompt.lower()):
+            named.add(word)
+            file = subject["embedding"] or f"the run's {word}.safetensors"
+            warnings.warn(f"{word} in the prompt is a new word that the train.py run learned as an embedding, so "
+                          f"without it the model reads {word} as letters and leaves the subject out; add --embedding "
+                          f"{file}.")
     return prompt
 
 
@@ -230,7 +240,7 @@ def main(argv=None):
                  for path in args.embedding]
     except ModelFileError as e:
         fail(str(e))
-    args.prompt = fill_identifier(args.prompt, [args.model, *(path for path, _ in args.lora), *args.embedding])
+    args.prompt = fill_identifier(args.prompt, [args.model, *(path for path, _ in args.lora), *args.embedding], stems)
     for name, value in DEFAULTS[model.version].items():  # the version's own, unless asked otherwise
         setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
     if model.vae.cfg.force_upcast:  # SDXL's VAE overflows in fp16, SD's can; it runs once per image

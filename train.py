@@ -169,13 +169,14 @@ def train(args, out):
     latent_side = resolution // 2 ** (len(model.vae.cfg.ch_mult) - 1)
     drawing = DEFAULTS[model.version]  # SD: DDIM at guidance 7.5; SDXL: Euler at 5.0
 
-    def draw_prior(prompt, count, seed):
-        """`count` latents of `prompt` drawn by the frozen model (cached, shared between runs)."""
+    def draw_prior(prompt, count, seed, label="class prior"):
+        """`count` latents of `prompt` drawn by the frozen model (cached, shared between runs); `label` names
+        them on the progress bar."""
         latent_bytes = 4 * model.unet.cfg.in_channels * latent_side ** 2
         with autocast, disk_full_is_an_error(args.class_cache, count * latent_bytes,
                                              "the class-prior cache", "run again (what is drawn is kept)"):
             return class_prior(model, args.model, prompt, count, resolution, drawing["sampler"], args.sample_steps,
-                               drawing["guidance"], seed, args.class_cache).cpu().float()
+                               drawing["guidance"], seed, args.class_cache, label=label).cpu().float()
 
     priors = {}  # class prompt -> (means, stds, sizes): one class prior per class prompt, shared by its subjects
     if args.prior_weight > 0:
@@ -190,7 +191,7 @@ def train(args, out):
             priors[prompt] = (means, stds, sizes)
     # The drift watch: class images the run never trains on (another seed), with fixed noise and timesteps.
     # (Textual inversion leaves the model and every old word as they were: nothing can drift.)
-    drift_sets = {prompt: draw_prior(prompt, args.drift_images, args.seed + DRIFT_SEED)
+    drift_sets = {prompt: draw_prior(prompt, args.drift_images, args.seed + DRIFT_SEED, "drift watch")
                   for prompt in dict.fromkeys(s.class_prompt for s in subjects)} \
         if args.drift_images and args.method != "textual-inversion" else {}
     # ---- what trains, and how: the method chooses; the loop below is the same for all ----

@@ -218,7 +218,8 @@ def _model_identity(path):
     return [str(path)] + [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
 
 
-def class_prior(model, model_path, prompt, count, resolution, sampler, steps, guidance, seed, cache_root, batch=4):
+def class_prior(model, model_path, prompt, count, resolution, sampler, steps, guidance, seed, cache_root, batch=4,
+                label="class prior"):
     """`count` latents (count, 4, h, w) of `prompt` drawn by the frozen model, cached on disk.
 
     The cache folder is keyed by everything that changes the samples (model, prompt, resolution,
@@ -240,7 +241,8 @@ def class_prior(model, model_path, prompt, count, resolution, sampler, steps, gu
     have = _valid_prefix(folder, count)
     mine = shard(have, count, batch, rank, world)
     graph = UnetGraph(model.unet)  # on a GPU without autocast (--mixed-precision no): one recording for every batch
-    with tqdm(total=len(mine) * batch, desc=f"class prior '{prompt}'" + (f" (process {rank})" if world > 1 else ""),
+    with tqdm(total=sum(min(batch, count - first) for first in mine),  # the last batch may be short
+              desc=f"{label} '{prompt}'" + (f" (process {rank})" if world > 1 else ""),
               disable=not mine) as bar:
         for first in mine:
             n = min(batch, count - first)

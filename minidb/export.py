@@ -30,17 +30,20 @@ def export(args, settings, out, model, parts, trained, subjects, steps, dtypes):
     about = {"ss_output_name": lora_name(out), "ss_sd_model_name": Path(args.model).name, "ss_steps": str(steps),
              "ss_learning_rate": str(args.lr), "ss_training_comment": f"minidb DreamBooth: {subjects[0].instance_prompt}",
              "minidb": json.dumps({"identifier": identifier, "class": subjects[0].class_name, "method": args.method,
+                                   # a new word means nothing without its embedding file, so sample.py says so
+                                   **({"new_word": True} if "new_word" in trained else {}),
                                    **({"subjects": settings["subjects"]} if args.concepts else {})})}
     sample, elsewhere = how_to_use(args, out, model, subjects, lora_file if "lora" in trained else None,
                                    word_file if "new_word" in trained else None)
     log = out / "log.jsonl"
-    plot_losses([json.loads(line) for line in open(log)] if log.exists() else [], out / "loss.png")
+    plot_losses([json.loads(line) for line in log.read_text().splitlines()] if log.exists() else [], out / "loss.png")
     written = []
     if args.method == "full":
         for name, module in parts.items():
             module.to(dtypes[name])
-        replace_folder(out / "model", lambda tmp: save_diffusers(model, tmp))
-        save_single_file(model, out / "model.safetensors", metadata={"minidb_run": about["minidb"]})  # its identifier
+        run = {"minidb_run": about["minidb"]}  # its identifier, which sample.py reads [V] as
+        replace_folder(out / "model", lambda tmp: save_diffusers(model, tmp, metadata=run))
+        save_single_file(model, out / "model.safetensors", metadata=run)
         written += [out / "model", out / "model.safetensors"]
     if "lora" in trained:
         save_kohya(trained["lora"], lora_file, metadata=about)

@@ -18,7 +18,7 @@ from minidb.dreambooth import embedding_vectors
 from minidb.files import PICKLE_SUFFIXES, ModelFileError, read_tensors, replace_folder
 from minidb.load import load
 from minidb.lora_files import describe_lora, merge_lora
-from minidb.runs import recorded_identifiers
+from minidb.runs import recorded_identifiers, recorded_subjects
 from minidb.save import save_diffusers, save_single_file
 from minidb.single_file import unsupported
 
@@ -91,7 +91,8 @@ def main(argv=None):
             print(f"  {name:14s} pads with id {getattr(model, name).pad_id}")
     identifiers = recorded_identifiers([args.model])
     if identifiers:  # a model train.py exported
-        print(f"  {'identifier':14s} {', '.join(identifiers)}: the subject train.py trained; sample.py reads [V] as it")
+        print(f"  {'identifier':14s} {', '.join(identifiers)}: the subject train.py trained; sample.py reads [V] as it"
+              + "".join(needs_embedding(s) for s in recorded_subjects([args.model]) if s["new_word"]))
     if args.convert:
         out = Path(args.convert)
         try:
@@ -128,14 +129,26 @@ def describe_addon(path):
     steps = f", {metadata['ss_steps']} steps" if "ss_steps" in metadata else ""
     base = f" on {metadata['ss_sd_model_name']}" if "ss_sd_model_name" in metadata else ""
     if isinstance(made, dict) and isinstance(made.get("identifier"), str):  # kohya's ss_* and minidb's own record
-        lines.append(("trained", f"by minidb ({made.get('method')}{steps}{base}): identifier {made['identifier']}, "
-                                 f"class {made.get('class')}"))
-        subject = f"{made['identifier']} {made.get('class')}"
+        word = made["identifier"]
+        new_word = made.get("new_word") is True and kind.startswith("a LoRA")  # pivotal tuning: the word has its own file
+        lines.append(("trained", f"by minidb ({made.get('method')}{steps}{base}): identifier {word}, "
+                                 f"class {made.get('class')}"
+                                 + (needs_embedding(recorded_subjects([path])[0]) if new_word else "")))
+        subject = f"{word} {made.get('class')}"
+        if new_word:
+            use += f" --embedding {path.parent / f'{word}.safetensors'}"
     elif base:
         lines.append(("trained", base.strip() + steps))
     model = f"<an {family} model>" if family else "<its base model>"
     prompt = f"a photo of {subject}" if subject else "..."
     return lines + [("use", f'python sample.py --model {model} {use} --prompt "{prompt}"')]
+
+
+def needs_embedding(subject):
+    """The end of the identifier's line for a new word: the model knows it only with its embedding file."""
+    word = subject["identifier"]
+    file = subject["embedding"] or f"the run's {word}.safetensors"
+    return f", but {word} is a new word that needs its embedding: add --embedding {file}"
 
 
 def describe_embedding(path, tensors):

@@ -184,20 +184,33 @@ def given_as_model(folder):
     return f"{folder} is a train.py run folder, not a model: {use}."
 
 
-def recorded_identifiers(paths):
-    """The subject identifiers train.py recorded in the files it exported: a model's "minidb_run" entry, a
-    LoRA's or an embedding's "minidb" entry (a --concepts run lists its subjects). In order, each once."""
+def recorded_subjects(paths):
+    """The subjects train.py recorded in the files it exported, as dicts with their "identifier" and "new_word":
+    true when it is a new word, which the model knows only with its embedding file, the run folder's
+    IDENTIFIER.safetensors ("embedding": that file when it lies beside the one read, else None). The record is
+    a model's "minidb_run" entry (a diffusers folder keeps it in unet/diffusion_pytorch_model.safetensors), a
+    LoRA's or an embedding's "minidb" entry; a --concepts run lists its subjects."""
     found = []
-    for path in paths:
-        metadata = read_metadata(path)
+    for path in map(Path, paths):
+        metadata = read_metadata(path / "unet" / "diffusion_pytorch_model.safetensors" if path.is_dir() else path)
         for key in ("minidb_run", "minidb"):  # a model's "minidb" entry holds its configs, with no identifier
             try:
                 run = json.loads(metadata.get(key, "null"))
             except json.JSONDecodeError:
                 continue
             subjects = run.get("subjects") if isinstance(run, dict) and isinstance(run.get("subjects"), list) else [run]
-            found += [s["identifier"] for s in subjects if isinstance(s, dict) and isinstance(s.get("identifier"), str)]
-    return list(dict.fromkeys(found))
+            for subject in subjects:
+                if isinstance(subject, dict) and isinstance(subject.get("identifier"), str):
+                    word_file = path.parent / f"{subject['identifier']}.safetensors"
+                    new_word = run.get("new_word") is True
+                    found.append({**subject, "new_word": new_word,
+                                  "embedding": word_file if new_word and word_file.is_file() else None})
+    return found
+
+
+def recorded_identifiers(paths):
+    """The subject identifiers train.py recorded in the files it exported (recorded_subjects), in order, each once."""
+    return list(dict.fromkeys(subject["identifier"] for subject in recorded_subjects(paths)))
 
 
 # Flags whose default can change under a run: the model (the toy one until SD 1.5 is fetched) and the

@@ -3,6 +3,8 @@
 - `save_diffusers(model, folder)`: a diffusers folder (model_index.json, unet/, vae/, text_encoder/,
   tokenizer/, scheduler/; SDXL adds text_encoder_2/ and tokenizer_2/) that diffusers'
   `StableDiffusionPipeline` (SDXL: `StableDiffusionXLPipeline`) `.from_pretrained(folder)` opens.
+  Its `metadata` (train.py's record of the run) goes into the header of the UNet's safetensors file,
+  which diffusers does not read.
 - `save_single_file(model, path)`: one original-layout `.safetensors`, as AUTOMATIC1111 and ComfyUI
   expect (minidb/single_file.py), with minidb's exact configs in its metadata so that minidb reloads
   it without guessing.
@@ -68,8 +70,9 @@ def _transformers_names(text_encoder):
             for k, t in text_encoder.state_dict().items()}
 
 
-def save_diffusers(model, folder, dtype=None, parts=PARTS):
-    """Write `parts` of `model` (a minidb.load.StableDiffusion) as a diffusers folder.
+def save_diffusers(model, folder, dtype=None, parts=PARTS, metadata=None):
+    """Write `parts` of `model` (a minidb.load.StableDiffusion) as a diffusers folder, with `metadata`'s text
+    entries in the UNet file's header (diffusers loads it with safetensors' load_file, which skips them).
 
     After DreamBooth training only the UNet (and maybe the text encoder) changed; parts=("unet",)
     rewrites just those into a folder that already holds the rest. SDXL's parts (text_encoder_2,
@@ -80,7 +83,8 @@ def save_diffusers(model, folder, dtype=None, parts=PARTS):
         unet = model.unet
         names = native_to_diffusers_names(unet.state_dict().keys(), unet_blocks(unet.cfg))
         write_safetensors(folder / "unet" / "diffusion_pytorch_model.safetensors",
-                          _cast({names[k]: t for k, t in unet.state_dict().items()}, dtype))
+                          _cast({names[k]: t for k, t in unet.state_dict().items()}, dtype),
+                          metadata={"format": "pt", **(metadata or {})})  # "format": as diffusers writes it
         write_json(folder / "unet" / "config.json", unet_config_to_diffusers(unet.cfg))
     if "vae" in parts:
         vae = model.vae

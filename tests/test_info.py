@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from minidb import text_encoder as te, unet as un, vae as va
 from minidb.info import main
 from minidb.load import StableDiffusion, load
-from minidb.save import save_single_file
+from minidb.save import save_diffusers, save_single_file
 from minidb.tokenizer import Tokenizer
 from conftest import tiny_model
 
@@ -50,6 +50,19 @@ def test_info_names_the_identifier_an_exported_model_records(tmp_path, capsys):
     save_single_file(tiny_model(), tmp_path / "model.safetensors", metadata={"minidb_run": run})
     assert main([str(tmp_path / "model.safetensors")]) == 0
     assert "  identifier     zwx: the subject train.py trained; sample.py reads [V] as it" in capsys.readouterr().out
+
+
+def test_info_says_a_new_word_needs_its_embedding(tmp_path, capsys):
+    """A --new-token run's model records its identifier as a new word, which it knows only with the run's
+    embedding file; a diffusers folder records it in its UNet file's header."""
+    run = json.dumps({"identifier": "zwx", "class": "cup", "method": "full", "new_word": True})
+    save_diffusers(tiny_model(), tmp_path / "model", metadata={"minidb_run": run})
+    assert main([str(tmp_path / "model")]) == 0
+    assert ("  identifier     zwx: the subject train.py trained; sample.py reads [V] as it, but zwx is a new word "
+            "that needs its embedding: add --embedding the run's zwx.safetensors\n") in capsys.readouterr().out
+    save_file({"emb_params": torch.ones(1, 32)}, tmp_path / "zwx.safetensors")  # beside it, as in the run folder
+    assert main([str(tmp_path / "model")]) == 0
+    assert f"add --embedding {tmp_path / 'zwx.safetensors'}\n" in capsys.readouterr().out
 
 
 def test_bad_model_is_one_line_without_traceback(tmp_path):

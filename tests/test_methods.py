@@ -2,18 +2,24 @@
 trains in the optimizer and the checkpoints, each method's files, and exact resume for each."""
 
 import json
+import re
+import subprocess
+import sys
+import warnings
 
 import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 
+import sample
 from minidb import runs
 from minidb.files import read_tensors
+from minidb.info import main as info
 from minidb.load import load
 from minidb.lora import LoRA
 from test_runs import base_args, refused
-from test_train import run, world  # noqa: F401  (world is a fixture)
+from test_train import ROOT, run, world  # noqa: F401  (world is a fixture)
 
 
 def settings(out):
@@ -70,6 +76,7 @@ def test_textual_inversion_trains_one_word(world, tmp_path):
     start = model.text_encoder.embeddings.token_embedding.weight[ball]
     assert not torch.allclose(vectors["emb_params"][0], start)
     assert "--embedding" in (out / "README.md").read_text()
+    assert [s["new_word"] for s in runs.recorded_subjects([out / f"{word}.safetensors"])] == [True]
 
 
 def test_textual_inversion_leaves_the_prior_off_by_default(world, tmp_path):
@@ -78,7 +85,7 @@ def test_textual_inversion_leaves_the_prior_off_by_default(world, tmp_path):
     assert all(json.loads(line)["prior_loss"] is None for line in open(out / "log.jsonl"))
 
 
-def test_pivotal_tuning_writes_the_lora_and_the_word(world, tmp_path):
+def test_pivotal_tuning_writes_the_lora_and_the_word(world, tmp_path, capsys):
     out = run(world, tmp_path / "out", "--method", "lora", "--new-token", "--train-text-encoder", "--lora-rank", 2,
               steps=2)
     word = settings(out)["identifier"]
@@ -88,13 +95,50 @@ def test_pivotal_tuning_writes_the_lora_and_the_word(world, tmp_path):
     (ckpt,) = (out / "checkpoints").iterdir()
     assert sorted(p.name for p in ckpt.iterdir()) == ["lora.safetensors", "new_word.safetensors", "state.pt"]
 
+    # the LoRA records its identifier as a new word, which needs the embedding file beside it
+    embedding = out / f"{word}.safetensors"
+    with pytest.warns(UserWarning, match=f"{word} in the prompt is a new word .* add --embedding {re.escape(str(embedding))}"):
+        sample.fill_identifier("a photo of a [V] ball", [world / "base", out / "lora.safetensors"], [])
+    capsys.readouterr()
+    assert info([str(out / "lora.safetensors")]) == 0
+    described = capsys.readouterr().out
+    assert f"{word} is a new word that needs its embedding: add --embedding {embedding}\n" in described
+    assert f"--lora {out / 'lora.safetensors'} --embedding {embedding} --prompt" in described
 
-def test_full_with_a_new_word_writes_the_model_and_the_word(world, tmp_path):
+
+def test_full_with_a_new_word_writes_the_model_and_the_word(world, tmp_path, capsys):
     out = run(world, tmp_path / "out", "--new-token", steps=1)
     word = settings(out)["identifier"]
     assert (out / "model.safetensors").is_file() and (out / f"{word}.safetensors").is_file()
     (ckpt,) = (out / "checkpoints").iterdir()
     assert sorted(p.name for p in ckpt.iterdir()) == ["new_word.safetensors", "state.pt", "unet.safetensors"]
+
+    # the exports record the identifier as a new word, which the model knows only with the run's embedding file
+    embedding = out / f"{word}.safetensors"
+    for export in (out / "model.safetensors", out / "model", embedding):
+        assert [(s["identifier"], s["new_word"], s["embedding"]) for s in runs.recorded_subjects([export])] == [
+            (word, True, embedding)], export
+    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--model", str(out / "model.safetensors"), "--prompt",
+                        "a photo of a [V] ball", "--steps", "2", "--height", "32", "--out", str(tmp_path / "drawn")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and len(list((tmp_path / "drawn").glob("*.png"))) == 1, r.stderr  # warned, and drawn
+    assert r.stderr.count("warning") == 1 and r.stderr.startswith(
+        f"warning: {word} in the prompt is a new word that the train.py run learned as an embedding, so without it "
+        f"the model reads {word} as letters and leaves the subject out; add --embedding {embedding}.\n"), r.stderr
+    written = f"a photo of a {word.upper()} ball"  # the word written out, not [V] (prompts are read in lower case)
+    with pytest.warns(UserWarning, match=f"add --embedding {re.escape(str(embedding))}"):
+        assert sample.fill_identifier(written, [out / "model"], []) == written
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # with its embedding the word is known, and inside another word it is not there
+        assert sample.fill_identifier("a [V] ball", [out / "model", embedding], [word]) == f"a {word} ball"
+        assert sample.fill_identifier(f"a {word}x ball", [out / "model"], []) == f"a {word}x ball"
+    embedding.rename(tmp_path / "elsewhere.safetensors")  # the path unknown: the run's file is named
+    with pytest.warns(UserWarning, match=f"add --embedding the run's {word}.safetensors"):
+        sample.fill_identifier("a photo of a [V] ball", [out / "model.safetensors"], [])
+    capsys.readouterr()
+    assert info([str(out / "model")]) == 0
+    assert (f"identifier     {word}: the subject train.py trained; sample.py reads [V] as it, but {word} is a new word "
+            f"that needs its embedding: add --embedding the run's {word}.safetensors\n") in capsys.readouterr().out
 
 
 def test_lora_trains_under_bf16_autocast_and_checkpointing(world, tmp_path):

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ import train
 from conftest import assert_close, diffusers
 from minidb.dreambooth import dreambooth_loss, min_snr_weights, pick_identifier, rare_tokens
 from minidb.files import read_tensors
+from minidb.info import main as info
 from minidb.load import load
 from minidb.runs import recorded_identifiers
 from minidb.schedulers import NoiseSchedule
@@ -104,8 +106,12 @@ def test_identifier_is_a_rare_short_single_token():
 
 # ---- end to end ----
 
-def test_end_to_end_run_writes_everything_and_loads_in_diffusers(world, tmp_path):
-    out = run(world, tmp_path / "out", "--save-every", 2, "--validate-every", 2)
+def test_end_to_end_run_writes_everything_and_loads_in_diffusers(world, tmp_path, capsys):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        out = run(world, tmp_path / "out", "--save-every", 2, "--validate-every", 2)
+    unclosed = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+    assert not [m for m in unclosed if "log.jsonl" in m], unclosed  # export reads the log and closes it
     rows = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(r["prior_loss"] is not None and r["loss"] > 0 for r in rows)
@@ -116,6 +122,7 @@ def test_end_to_end_run_writes_everything_and_loads_in_diffusers(world, tmp_path
     identifier = json.load(open(out / "settings.json"))["identifier"]
     assert identifier in (out / "README.md").read_text()
     assert recorded_identifiers([out / "model.safetensors"]) == [identifier]  # sample.py reads [V] as it
+    assert recorded_identifiers([out / "model"]) == [identifier]  # the folder too: in its UNet file's header
 
     # the two exports are the same model; diffusers reads the folder with equal outputs
     single, folder = load(out / "model.safetensors"), load(out / "model")
@@ -128,6 +135,17 @@ def test_end_to_end_run_writes_everything_and_loads_in_diffusers(world, tmp_path
         assert_close(single.unet(x, t, ctx), ref.unet(x, t, ctx).sample)
     base = load(world / "base").unet.state_dict()
     assert any(not torch.equal(v, base[k]) for k, v in single.unet.state_dict().items())  # it did train
+
+    # the folder, as sample.py and info are given it, names the subject that [V] stands for
+    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--model", str(out / "model"), "--prompt",
+                        "a photo of a [V] ball", "--steps", "2", "--height", "32", "--out", str(tmp_path / "drawn")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+    assert f"[V] in the prompt is read as {identifier}, the identifier that the train.py run recorded" in r.stdout
+    capsys.readouterr()
+    assert info([str(out / "model")]) == 0
+    line = f"  identifier     {identifier}: the subject train.py trained; sample.py reads [V] as it\n"
+    assert line in capsys.readouterr().out
 
 
 def test_only_trained_parts_change(world, tmp_path):
@@ -142,15 +160,27 @@ def test_only_trained_parts_change(world, tmp_path):
     assert changed("unet") and changed("text_encoder") and not changed("vae")
 
 
-def test_class_prior_cache_is_reused_and_topped_up(world, tmp_path):
+def test_class_prior_cache_is_reused_and_topped_up(world, tmp_path, monkeypatch):
+    import minidb.dreambooth
+    bars = []  # (label, total, count at the end) of each progress bar the class prior shows
+
+    class Bar(minidb.dreambooth.tqdm):
+        def close(self):
+            if not self.disable:
+                bars.append((self.desc, self.total, self.n))
+            super().close()
+    monkeypatch.setattr(minidb.dreambooth, "tqdm", Bar)
     cache = ["--class-cache", tmp_path / "cache", "--drift-images", 0]
     run(world, tmp_path / "a", *cache, steps=1)
     (folder,) = (tmp_path / "cache").iterdir()
     files = {p.name: p.stat().st_mtime_ns for p in folder.glob("0*.safetensors")}
     assert len(files) == 2
-    run(world, tmp_path / "b", *cache, "--class-images", 3, steps=1)
+    run(world, tmp_path / "b", *cache, "--class-images", 3, "--drift-images", 1, steps=1)
     again = {p.name: p.stat().st_mtime_ns for p in folder.glob("0*.safetensors")}
     assert len(again) == 3 and all(again[k] == v for k, v in files.items())  # the first two untouched
+    # each bar ends full, counting the images drawn (not whole batches of 4); the drift watch's is named so
+    assert bars == [("class prior 'a photo of a ball'", 2, 2), ("class prior 'a photo of a ball'", 1, 1),
+                    ("drift watch 'a photo of a ball'", 1, 1)]
 
 
 # ---- does it learn, and does the prior do what the paper says? ----
