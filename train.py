@@ -66,8 +66,7 @@ def main(argv=None):
         if rank == 0:  # one process owns the run folder; the others learn where it is, or why it cannot be
             try:
                 out = runs.run_folder(args.out, args.resume)
-                held.enter_context(runs.locked(out))
-                runs.check_folder(out, args.resume, args.overwrite)
+                held.enter_context(runs.locked(out, lambda: runs.check_folder(out, args.resume, args.overwrite)))
             except runs.RunError as e:
                 problem = str(e)
         out, problem = distributed.share((out, problem))

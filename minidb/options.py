@@ -41,8 +41,8 @@ def parse_args(argv, doc):
     a("--resume", nargs="?", const="latest", default=None, metavar="latest|STEP|PATH",
       help="continue the run in --out (default: runs/latest) from its latest checkpoint, from the checkpoint of "
       "step STEP, or from the checkpoint folder PATH; only --steps, --save-every, --validate-every, "
-      "--checkpoints-keep and the validation flags may differ from the run's settings; --steps and --model, "
-      "left out, are the run's own")
+      "--checkpoints-keep and the validation flags may differ from the run's settings; --steps, --model, "
+      "--method and the subject (--images and --class, or --concepts), left out, are the run's own")
     a("--identifier", default=None, type=text, help="the subject's token [V] (default: a rare CLIP token of <= 3 "
       "letters; with a new word, its spelling, which must not be a token yet)")
     a("--new-token", action="store_true", help="with full or lora: [V] becomes a new word whose embedding trains "

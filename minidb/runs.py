@@ -83,14 +83,17 @@ def point_latest(root, folder):
 
 
 @contextmanager
-def locked(folder):
+def locked(folder, check=lambda: None):
     """Hold an exclusive lock on folder/.lock while the run writes there. The operating system lets
-    go of it when the process ends, however it ends, so a killed run never leaves a stale lock."""
+    go of it when the process ends, however it ends, so a killed run never leaves a stale lock.
+    `check` (check_folder) runs once the lock is held; a folder it refuses is left as it was found."""
     try:
         import fcntl
     except ImportError:  # Windows: no flock; runs are not guarded there
+        check()
         yield
         return
+    made = not (folder / ".lock").exists()
     f = open(folder / ".lock", "a+")
     try:
         try:
@@ -104,6 +107,12 @@ def locked(folder):
         f.truncate()
         f.write(f"{os.getpid()}\n")
         f.flush()
+        try:
+            check()
+        except RunError:
+            if made:  # no .lock left behind in a folder the run may not use
+                (folder / ".lock").unlink()
+            raise
         yield
     finally:
         f.close()
@@ -213,19 +222,24 @@ def recorded_identifiers(paths):
     return list(dict.fromkeys(subject["identifier"] for subject in recorded_subjects(paths)))
 
 
-# Flags whose default can change under a run: the model (the toy one until SD 1.5 is fetched) and the
-# steps (the toy model's went from 800 to 1,200). A resume that leaves them out keeps the run's own.
+# Flags a resume may leave out and still continue the run: the subject and the method, so that a bare
+# `train.py --resume` continues runs/latest; and the flags whose default can change under a run, the model
+# (the toy one until SD 1.5 is fetched) and the steps (the toy model's went from 800 to 1,200). A resume
+# that leaves them out keeps the run's own; any other setting that differs is refused, named.
 # (Not --lr: with --scale-lr the saved rate is already scaled; a changed default rate is refused, named.)
-KEPT_ON_RESUME = {"model": str, "steps": int}
+KEPT_ON_RESUME = {"images": str, "class_name": str, "concepts": str, "method": str, "model": str, "steps": int}
 
 
 def keep_saved_defaults(args):
-    """On --resume, give each KEPT_ON_RESUME flag the command left out the value the run began with."""
+    """On --resume, give each KEPT_ON_RESUME flag the command left out the value the run began with (the
+    subject only when the command names none: --images and --class, or --concepts)."""
     saved = _saved(Path(args.out) if args.out is not None else RUNS / "latest") if args.resume else {}
+    subject = ("images", "class_name", "concepts")
+    named = any(getattr(args, key) is not None for key in subject)
     for key, kind in KEPT_ON_RESUME.items():
         value = saved.get(key)
-        if getattr(args, key) is None and type(value) is kind:  # a hand-edited value of another type is not taken
-            setattr(args, key, value)
+        if getattr(args, key) is None and type(value) is kind and not (named and key in subject):
+            setattr(args, key, value)  # (a hand-edited value of another type is not taken)
 
 
 def check_resume_settings(folder, settings):

@@ -303,6 +303,7 @@ def test_overwrite_never_deletes_files_that_are_not_a_run(world, tmp_path, capsy
     (out / "thesis.pdf").write_bytes(b"precious")
     assert "holds files that are not a minidb run (thesis.pdf)" in refused(capsys, base_args(world, out) + ["--overwrite"])
     assert (out / "thesis.pdf").read_bytes() == b"precious"
+    assert sorted(p.name for p in out.iterdir()) == ["thesis.pdf"]  # not even the run's .lock is left there
 
 
 def test_overwrite_keeps_the_old_run_until_the_new_one_has_set_up(world, tmp_path, capsys):
@@ -363,15 +364,16 @@ def test_resume_allows_more_steps_and_other_save_intervals_and_equal_paths(world
     assert runs.latest_state(out / "checkpoints").name == "step-000002"
 
 
-def test_resume_without_steps_or_model_continues_the_run_as_it_began(world, tmp_path):
-    # A run of 3 steps, resumed from step 1 by a command that names neither --steps nor --model: it must
-    # finish the run's own 3 steps on its own base model, not today's defaults (800 or 1,200 steps, the
-    # toy or SD 1.5 model), and so equal the run made in one go.
+def test_resume_without_steps_model_or_subject_continues_the_run_as_it_began(world, tmp_path):
+    # A run of 3 steps, resumed from step 1 by a command that names neither --steps nor --model, nor the
+    # subject (--images, --class): it must finish the run's own 3 steps on its own base model and photos,
+    # not today's defaults (800 or 1,200 steps, the toy or SD 1.5 model), and so equal the run made in one go.
     straight = run(world, tmp_path / "straight", "--save-every", 1, "--checkpoints-keep", 3, steps=3)
     branch = tmp_path / "branch"
     shutil.copytree(straight, branch)
     args = base_args(world, branch)
-    del args[args.index("--model"):args.index("--model") + 2]
+    for flag in ("--model", "--images", "--class"):
+        del args[args.index(flag):args.index(flag) + 2]
     train.main([str(a) for a in args + ["--save-every", 1, "--checkpoints-keep", 3, "--save-dtype", "fp32", "--resume", 1]])
     assert runs.latest_state(branch / "checkpoints").name == "step-000003"
     a, b = load(straight / "model.safetensors"), load(branch / "model.safetensors")
