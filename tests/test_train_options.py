@@ -60,8 +60,11 @@ def test_batch_of_two_equals_two_accumulated_micro_batches(world, tmp_path, monk
     batched, a = gradients_of(monkeypatch, world, tmp_path / "batched", "--batch-size", 2, "--lr", 1e-3, steps=3)
     accumulated, b = gradients_of(monkeypatch, world, tmp_path / "accumulated", "--grad-accum", 2, "--lr", 1e-3, steps=3)
     assert len(a) == len(b) == 3
-    for ga, gb in zip(a, b):
-        assert (ga - gb).abs().max() <= 1e-5 * ga.abs().max(), (ga - gb).abs().max()
+    # The first step's gradients agree to fp32 rounding. Later steps start from weights that Adam's sign noise
+    # has moved apart (by up to 2 lr a step), so theirs agree less closely: 1.5e-5 of the largest on one AMD
+    # EPYC at step 3, 5e-7 at step 1. Other examples, as batch 1 takes, differ by over 10% (below).
+    for step, (ga, gb) in enumerate(zip(a, b)):
+        assert (ga - gb).abs().max() <= (1e-5 if step == 0 else 1e-4) * ga.abs().max(), (step, (ga - gb).abs().max())
     assert [r["loss"] for r in log(batched)] == pytest.approx([r["loss"] for r in log(accumulated)], rel=1e-5)
     _, single = gradients_of(monkeypatch, world, tmp_path / "single", "--lr", 1e-3, steps=3)  # batch 1: other examples
     assert (single[0] - a[0]).abs().max() > 0.1 * a[0].abs().max()
