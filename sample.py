@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from minidb import hub, memory, pnginfo, runs
-from minidb.cli import DTYPES, SEED_MAX, check_device, cpu_bf16, fail, number, path_and_scale, run, text
+from minidb.cli import DTYPES, SEED_MAX, check_device, cpu_bf16, fail, nonempty_path, number, path_and_scale, run, text
 from minidb.dreambooth import NewWord
 from minidb.fetch import DEFAULT_MODEL, default_model, how_to_get_weights
 from minidb.files import DiskFull, ModelFileError, disk_full_is_an_error
@@ -64,7 +64,7 @@ def optional_text(value):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=SAMPLER_HELP + "\n" + MODEL_HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None,
+    p.add_argument("--model", default=None, type=nonempty_path,
                    help="a diffusers folder or a .safetensors/.ckpt file, base or trained, or a Hugging Face Hub id "
                         "owner/name[@revision], downloaded into the Hugging Face cache (default: SD 1.5 in "
                         "weights/ once `python -m minidb.fetch` has downloaded it, else the toy model "
@@ -87,7 +87,7 @@ def parse_args(argv=None):
                    help="random seed of the first image (default: a random one, printed)")
     p.add_argument("--height", type=number(int, 8, SIZE_MAX), default=None,
                    help="image height in pixels, a multiple of 8 (default: the model's own training size: 512 "
-                        "for SD 1.x, 512 or 768 for SD 2.x, 1024 for SDXL)")
+                        "for SD 1.x, 512 or 768 for SD 2.x, 1024 for SDXL, 64 for the toy model)")
     p.add_argument("--width", type=number(int, 8, SIZE_MAX), default=None,
                    help="image width in pixels, a multiple of 8 (default: as height)")
     p.add_argument("--lora", type=path_and_scale, action="append", default=[], metavar="PATH[:SCALE]",
@@ -101,7 +101,8 @@ def parse_args(argv=None):
                         f"{DEFAULTS['SDXL']['sampler']} for SDXL)")
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None,
                    help="override the detected prediction type of the model (see below)")
-    p.add_argument("--out", default="out", help="folder for the images, made if missing (default: %(default)s)")
+    p.add_argument("--out", default="out", type=nonempty_path,
+                   help="folder for the images, made if missing (default: %(default)s)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, or cuda (cuda:N for the N-th GPU) (default: cuda when available)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None,

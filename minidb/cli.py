@@ -59,6 +59,14 @@ def text(value):
     return value
 
 
+
+def nonempty_path(value):
+    """An argparse type for --model and --out: not empty, which would silently mean the default model or the
+    current folder."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("must not be empty; give a path")
+    return value
+
 def path_and_scale(value):
     """An argparse type for LoRAs: PATH or PATH:SCALE, SCALE a finite number from -10 to 10 (default 1).
     A colon that is not followed by a number is part of the path (C:\\loras\\x.safetensors)."""

@@ -10,7 +10,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from minidb import hub, runs, single_file
-from minidb.cli import DTYPES, SEED_MAX, check_device, number, text
+from minidb.cli import DTYPES, SEED_MAX, check_device, nonempty_path, number, text
 from minidb.fetch import DEFAULT_MODEL, TOY_MODEL, how_to_get_weights
 from minidb.files import WEIGHT_SUFFIXES, ModelFileError, read_tensors
 from minidb.info import HELP as MODEL_HELP
@@ -33,10 +33,11 @@ def parse_args(argv, doc):
       "lora, low-rank adapters on it (a small file any UI loads); textual-inversion, only a new word's embedding "
       "(default: full; lora for SDXL, whose 2.6 B-parameter UNet full training needs a large GPU)")
     a("--class", dest="class_name", default=None, type=text, help="what the subject is, e.g. dog, backpack")
-    a("--model", default=None, help="base model: a diffusers folder, a .safetensors/.ckpt file or a Hugging Face Hub "
-      "id owner/name[@revision], downloaded into the Hugging Face cache (default: SD 1.5 in "
+    a("--model", default=None, type=nonempty_path, help="base model: a diffusers folder, a .safetensors/.ckpt file or "
+      "a Hugging Face Hub id owner/name[@revision], downloaded into the Hugging Face cache (default: SD 1.5 in "
       "weights/ once `python -m minidb.fetch` has downloaded it, else the toy model weights/toy.safetensors)")
-    a("--out", default=None, help="the run's folder (default: a new runs/dreambooth-N, linked as runs/latest)")
+    a("--out", default=None, type=nonempty_path,
+      help="the run's folder (default: a new runs/dreambooth-N, linked as runs/latest)")
     a("--overwrite", action="store_true", help="delete the run already in --out and start it over")
     a("--resume", nargs="?", const="latest", default=None, metavar="latest|STEP|PATH",
       help="continue the run in --out (default: runs/latest) from its latest checkpoint, from the checkpoint of "

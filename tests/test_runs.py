@@ -48,6 +48,8 @@ def base_args(world, out):
 
 @pytest.mark.parametrize("args,message", [
     (["--lr", "nan"], "argument --lr: must be a finite number, not nan"),
+    (["--out", ""], "argument --out: must not be empty; give a path"),  # it meant the current folder
+    (["--model", " "], "argument --model: must not be empty; give a path"),  # it meant the default model
     (["--lr", "inf"], "argument --lr: must be a finite number, not inf"),
     (["--lr", "0"], "argument --lr: must be above 0"),
     (["--offset-noise", "nan"], "argument --offset-noise: must be a finite number"),

@@ -276,6 +276,8 @@ def main_of_sample():
     (["--seed", "-1"], f"argument --seed: must be between 0 and {SEED_MAX}"),
     (["--seed", str(SEED_MAX), "--n", "2"], "error: --seed plus --n must stay within the largest seed"),
     (["--prompt", ""], "argument --prompt: must not be empty"),
+    (["--out", ""], "argument --out: must not be empty; give a path"),  # it wrote into the current folder
+    (["--model", ""], "argument --model: must not be empty; give a path"),  # it meant the default model
     (["--prompt", " \t\n"], "argument --prompt: must not be empty"),
     (["--negative-prompt", "\udcff\udcfe"], "argument --negative-prompt: is not valid UTF-8"),
     (["--sampler", "plms"], "invalid choice: 'plms'"),
