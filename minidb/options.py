@@ -206,6 +206,12 @@ def check(args):
                       f"the learning rate never reaches --lr {args.lr:g}; shorten the warm-up if that is not meant.")
     if args.resolution is not None and args.resolution % 8:
         return f"--resolution must be a multiple of 8 (the VAE works in 8x8 pixel cells), not {args.resolution}."
+    if args.text_encoder_lr is not None and not args.train_text_encoder:
+        return "--text-encoder-lr sets the rate of a text encoder that --train-text-encoder trains; add that, or leave it out."
+    if args.class_dir and args.prior_weight == 0:
+        return ("--class-dir gives the prior-preservation loss its class photos, but the prior is off (--prior-weight 0"
+                f"{', as textual-inversion has it' if args.method == 'textual-inversion' else ''}); turn it on with "
+                "--prior-weight, or leave --class-dir out.")
     if args.prior_weight > 0 and not args.class_dir and args.class_images == 0:
         return ("--class-images 0 leaves the prior-preservation loss without images; draw at least 1 (the paper "
                 "draws about 200), or turn the prior off with --prior-weight 0.")

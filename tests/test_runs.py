@@ -49,6 +49,9 @@ def base_args(world, out):
 @pytest.mark.parametrize("args,message", [
     (["--lr", "nan"], "argument --lr: must be a finite number, not nan"),
     (["--out", ""], "argument --out: must not be empty; give a path"),  # it meant the current folder
+    (["--text-encoder-lr", "1e-5"], "--text-encoder-lr sets the rate of a text encoder that --train-text-encoder"),
+    (["--prior-weight", "0", "--class-dir", "."], "--class-dir gives the prior-preservation loss its class photos, but "
+     "the prior is off (--prior-weight 0); turn it on"),  # both did nothing, silently
     (["--model", " "], "argument --model: must not be empty; give a path"),  # it meant the default model
     (["--lr", "inf"], "argument --lr: must be a finite number, not inf"),
     (["--lr", "0"], "argument --lr: must be above 0"),
