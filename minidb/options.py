@@ -43,7 +43,8 @@ def parse_args(argv, doc):
       help="continue the run in --out (default: runs/latest) from its latest checkpoint, from the checkpoint of "
       "step STEP, or from the checkpoint folder PATH; only --steps, --save-every, --validate-every, "
       "--checkpoints-keep and the validation flags may differ from the run's settings; --steps, --model, "
-      "--method and the subject (--images and --class, or --concepts), left out, are the run's own")
+      "--method, the subject (--images and --class, or --concepts), --save-every, --checkpoints-keep and "
+      "--validate-every, left out, are the run's own")
     a("--identifier", default=None, type=text, help="the subject's token [V] (default: a rare CLIP token of <= 3 "
       "letters; with a new word, its spelling, which must not be a token yet)")
     a("--new-token", action="store_true", help="with full or lora: [V] becomes a new word whose embedding trains "
@@ -95,10 +96,13 @@ def parse_args(argv, doc):
     a("--use-8bit-adam", action="store_true", help="bitsandbytes' 8-bit AdamW (CUDA only), saves ~5 GB")
     a("--snr-gamma", type=positive, default=None, help="min-SNR loss weighting with this γ (5 is typical); off by default")
     a("--offset-noise", type=number(float, low=0, high=1), default=0.0, help="add per-channel offset noise of this scale (0.1 is typical) (default: %(default)s)")
-    a("--save-every", type=count, default=0, help="write a resumable checkpoint every N steps (0: only at the end) (default: %(default)s)")
-    a("--checkpoints-keep", type=number(int, low=1), default=1, help="how many of the latest checkpoints to keep "
-      "(default: %(default)s)")
-    a("--validate-every", type=count, default=0, help="draw validation images every N steps (0: only at the end) (default: %(default)s)")
+    # (these three, left out on --resume, are the run's own: minidb/runs.py KEPT_ON_RESUME; else RUN_DEFAULTS)
+    a("--save-every", type=count, default=None, help="write a resumable checkpoint every N steps (0: only at the end) "
+      "(default: 0)")
+    a("--checkpoints-keep", type=number(int, low=1), default=None, help="how many of the latest checkpoints to keep "
+      "(default: 1)")
+    a("--validate-every", type=count, default=None, help="draw validation images every N steps (0: only at the end) "
+      "(default: 0)")
     a("--validation-prompt", action="append", type=text, default=None, help="a prompt for the validation grid, "
       "besides the subject, the subject on the beach and the plain class prompt (the drift watch); repeatable")
     a("--validation-images", type=number(int, low=1, high=16), default=1,
@@ -125,6 +129,7 @@ TOY_LR, TOY_STEPS = {"full": 1e-4}, {"full": 1200}  # the toy model's own: its 1
 # weighted past fp32's range) or runs out of memory (the class prior is held in memory, its cache files
 # are numbered with five digits), or run for weeks.
 LORA_ALPHA_MAX, PRIOR_WEIGHT_MAX, CLASS_IMAGES_MAX, STEPS_MAX, BATCH_MAX = 10_000, 1_000, 100_000, 1_000_000, 1024
+RUN_DEFAULTS = {"save_every": 0, "checkpoints_keep": 1, "validate_every": 0}  # None until a resume has kept the run's
 METHOD_FLAGS = {"lora_rank": ("lora",), "lora_alpha": ("lora",), "train_text_encoder": ("full", "lora"),
                 "new_token": ("full", "lora"), "save_dtype": ("full",)}  # flags that mean nothing to other methods
 
@@ -157,6 +162,8 @@ def with_method_defaults(args, sdxl=False):
     written into the run's settings). SDXL's method is LoRA unless asked: its full UNet with AdamW needs
     about 40 GB of GPU memory, its LoRA (as diffusers' and kohya's SDXL recipes train) a fraction.
     Returns a problem as one sentence, or None."""
+    for key, value in RUN_DEFAULTS.items():
+        setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
     args.method = args.method or ("lora" if sdxl else "full")
     for key, methods in METHOD_FLAGS.items():
         if getattr(args, key) not in (None, False) and args.method not in methods:

@@ -222,12 +222,14 @@ def recorded_identifiers(paths):
     return list(dict.fromkeys(subject["identifier"] for subject in recorded_subjects(paths)))
 
 
-# Flags a resume may leave out and still continue the run: the subject and the method, so that a bare
-# `train.py --resume` continues runs/latest; and the flags whose default can change under a run, the model
-# (the toy one until SD 1.5 is fetched) and the steps (the toy model's went from 800 to 1,200). A resume
-# that leaves them out keeps the run's own; any other setting that differs is refused, named.
+# Flags a resume may leave out and still continue the run: the subject and the method; how often it saves,
+# keeps and looks (a --checkpoints-keep 3 run must not fall back to keeping 1, deleting the others); and the
+# flags whose default can change under a run, the model (the toy one until SD 1.5 is fetched) and the steps
+# (the toy model's went from 800 to 1,200). A resume that leaves them out keeps the run's own; any other
+# setting that differs is refused, named.
 # (Not --lr: with --scale-lr the saved rate is already scaled; a changed default rate is refused, named.)
-KEPT_ON_RESUME = {"images": str, "class_name": str, "concepts": str, "method": str, "model": str, "steps": int}
+KEPT_ON_RESUME = {"images": str, "class_name": str, "concepts": str, "method": str, "model": str, "steps": int,
+                  "save_every": int, "checkpoints_keep": int, "validate_every": int}
 
 
 def keep_saved_defaults(args):

@@ -371,16 +371,17 @@ def test_resume_allows_more_steps_and_other_save_intervals_and_equal_paths(world
 
 def test_resume_without_steps_model_or_subject_continues_the_run_as_it_began(world, tmp_path):
     # A run of 3 steps, resumed from step 1 by a command that names neither --steps nor --model, nor the
-    # subject (--images, --class): it must finish the run's own 3 steps on its own base model and photos,
-    # not today's defaults (800 or 1,200 steps, the toy or SD 1.5 model), and so equal the run made in one go.
+    # subject (--images, --class), nor how often it saves and how many it keeps: it must finish the run's own
+    # 3 steps on its own base model and photos, not today's defaults (800 or 1,200 steps, the toy or SD 1.5
+    # model), and so equal the run made in one go, saving each step and keeping 3 checkpoints, as it began.
     straight = run(world, tmp_path / "straight", "--save-every", 1, "--checkpoints-keep", 3, steps=3)
     branch = tmp_path / "branch"
     shutil.copytree(straight, branch)
     args = base_args(world, branch)
     for flag in ("--model", "--images", "--class"):
         del args[args.index(flag):args.index(flag) + 2]
-    train.main([str(a) for a in args + ["--save-every", 1, "--checkpoints-keep", 3, "--save-dtype", "fp32", "--resume", 1]])
-    assert runs.latest_state(branch / "checkpoints").name == "step-000003"
+    train.main([str(a) for a in args + ["--save-dtype", "fp32", "--resume", 1]])
+    assert sorted(p.name for p in (branch / "checkpoints").glob("step-*")) == [f"step-00000{i}" for i in (1, 2, 3)]
     a, b = load(straight / "model.safetensors"), load(branch / "model.safetensors")
     assert all(torch.equal(x, y) for x, y in zip(a.unet.state_dict().values(), b.unet.state_dict().values()))
 
