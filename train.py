@@ -270,7 +270,7 @@ def train(args, out):
         with disk_full():
             return state.save_state(out / "checkpoints", step, trained, extra, keep=args.checkpoints_keep)
 
-    def validate(step):
+    def validate(step, progress=False):
         """A fixed-seed grid, one row per subject: the subject, the subject in a new context, and the plain
         class prompt, whose drift away from the base model's class is what the prior loss should prevent;
         then a row of the --validation-prompt ones ([V]: the first subject's identifier). Each prompt gets
@@ -281,7 +281,7 @@ def train(args, out):
             ([[p.replace("[V]", identifier) for p in args.validation_prompt]] if args.validation_prompt else [])
         with autocast:
             picture = validation_grid(model, rows, args.validation_images, args.sample_steps, args.seed, resolution,
-                                      args.long_prompts)
+                                      args.long_prompts, progress)
         path = out / "validation" / f"step-{step:06d}.png"
         with disk_full():
             atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
@@ -379,7 +379,7 @@ def train(args, out):
         made = {"full": "model", "lora": "LoRA", "textual-inversion": "embedding"}[args.method]
         print(f"saving the checkpoint of step {last}, drawing the last validation grid, exporting the {made}...")
     checkpoint(last)  # so --resume with a larger --steps can continue; it also refuses NaN weights
-    validate(last)
+    validate(last, progress=True)
     if not writes:
         distributed.barrier()  # the first process exports; the others wait for it, then are done
         return

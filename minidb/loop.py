@@ -18,6 +18,7 @@ import math
 
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from minidb.graphs import UnetGraph
 from minidb.pipeline import DEFAULTS, added_conditioning, decode, encode_tokens, grid, sample_latents, token_ids
@@ -167,15 +168,20 @@ class PromptText:
         return context[inverse], None if pooled is None else pooled[inverse]
 
 
-def validation_grid(model, rows, n, steps, seed, resolution, long_prompts):
+def validation_grid(model, rows, n, steps, seed, resolution, long_prompts, progress=False):
     """The validation picture: a row per list of prompts, `n` seeds per prompt, each drawn as sample.py
-    draws by default (DDIM at 7.5, SDXL Euler at 5.0); a short row is padded with white."""
+    draws by default (DDIM at 7.5, SDXL Euler at 5.0); a short row is padded with white. `progress`: a bar
+    counting the prompts drawn (the last grid, drawn after the training bar has closed)."""
     model.unet.eval()
     graph = UnetGraph(model.unet)  # on a GPU (without autocast): one recording for the whole grid
-    images = [[decode(model, sample_latents(model, p, n=n, steps=steps, seed=seed, height=resolution, width=resolution,
-                                            progress=False, long_prompts=long_prompts, graph=graph,
-                                            **DEFAULTS[model.version]))
-               for p in row] for row in rows]
+    with tqdm(total=sum(map(len, rows)), desc="validation grid", disable=not progress) as bar:
+        def draw(prompt):
+            images = decode(model, sample_latents(model, prompt, n=n, steps=steps, seed=seed, height=resolution,
+                                                  width=resolution, progress=False, long_prompts=long_prompts,
+                                                  graph=graph, **DEFAULTS[model.version]))
+            bar.update(1)
+            return images
+        images = [[draw(p) for p in row] for row in rows]
     model.unet.train()
     cols = max(len(row) for row in rows) * n
     blank = Image.new("RGB", (resolution, resolution), "white")

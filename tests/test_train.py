@@ -162,7 +162,8 @@ def test_only_trained_parts_change(world, tmp_path):
 
 def test_class_prior_cache_is_reused_and_topped_up(world, tmp_path, monkeypatch):
     import minidb.dreambooth
-    bars = []  # (label, total, count at the end) of each progress bar the class prior shows
+    import minidb.loop
+    bars = []  # (label, total, count at the end) of each progress bar the class prior and the last grid show
 
     class Bar(minidb.dreambooth.tqdm):
         def close(self):
@@ -170,6 +171,7 @@ def test_class_prior_cache_is_reused_and_topped_up(world, tmp_path, monkeypatch)
                 bars.append((self.desc, self.total, self.n))
             super().close()
     monkeypatch.setattr(minidb.dreambooth, "tqdm", Bar)
+    monkeypatch.setattr(minidb.loop, "tqdm", Bar)
     cache = ["--class-cache", tmp_path / "cache", "--drift-images", 0]
     run(world, tmp_path / "a", *cache, steps=1)
     (folder,) = (tmp_path / "cache").iterdir()
@@ -178,9 +180,10 @@ def test_class_prior_cache_is_reused_and_topped_up(world, tmp_path, monkeypatch)
     run(world, tmp_path / "b", *cache, "--class-images", 3, "--drift-images", 1, steps=1)
     again = {p.name: p.stat().st_mtime_ns for p in folder.glob("0*.safetensors")}
     assert len(again) == 3 and all(again[k] == v for k, v in files.items())  # the first two untouched
-    # each bar ends full, counting the images drawn (not whole batches of 4); the drift watch's is named so
-    assert bars == [("class prior 'a photo of a ball'", 2, 2), ("class prior 'a photo of a ball'", 1, 1),
-                    ("drift watch 'a photo of a ball'", 1, 1)]
+    # each bar ends full, counting the images drawn (not whole batches of 4); the drift watch's is named so;
+    # the last validation grid, drawn after training, counts its 3 prompts
+    prior, grid = "class prior 'a photo of a ball'", ("validation grid", 3, 3)
+    assert bars == [(prior, 2, 2), grid, (prior, 1, 1), ("drift watch 'a photo of a ball'", 1, 1), grid]
 
 
 # ---- does it learn, and does the prior do what the paper says? ----
