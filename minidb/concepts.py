@@ -113,6 +113,11 @@ def name_subjects(subjects, tokenizer, pick, seed):
                 subject.identifier = word
                 used.add(word)
         given = subject.instance_prompt
+        article = re.match(r"(a|an|the)\s+(.+)", subject.class_name.strip(), re.IGNORECASE)
+        if article and not (given and subject.class_prompt):  # a prompt made from it says "a photo of a a cup"
+            warnings.warn(f"The class {subject.class_name!r} starts with {article[1]!r}, and the prompts made from it "
+                          f"add their own ('a photo of a {subject.class_name}'); give the noun alone, e.g. "
+                          f"{article[2]!r}.")
         subject.instance_prompt = (given or f"a photo of a [V] {subject.class_name}").replace(
             "[V]", subject.identifier)  # [V] stands for the identifier, as in captions and validation prompts
         subject.class_prompt = subject.class_prompt or f"a photo of a {subject.class_name}"

@@ -166,6 +166,19 @@ def test_an_instance_prompt_without_the_identifier_is_warned_of(world, tmp_path)
         run(world, tmp_path / "upper", "--identifier", "zwx", "--instance-prompt", "a photo of ZWX ball", steps=1)
 
 
+
+def test_a_class_with_an_article_is_warned_of():
+    """--class "a cup" made 'a photo of a sks a cup' and 'a photo of a a cup', silently."""
+    from minidb.concepts import Subject, name_subjects
+    with pytest.warns(UserWarning, match=r"The class 'a cup' starts with 'a', and the prompts made from it add their "
+                                         r"own \('a photo of a a cup'\); give the noun alone, e.g. 'cup'."):
+        name_subjects([Subject("photos", "a cup", "sks", None, None)], None, None, 0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="The class")
+        name_subjects([Subject("photos", "cup", "sks", None, None)], None, None, 0)
+        name_subjects([Subject("photos", "antelope", "sks", None, None)], None, None, 0)
+        name_subjects([Subject("photos", "the cup", "sks", "a photo of sks", "a photo of the cup")], None, None, 0)
+
 def test_random_crops_stay_inside_the_photo_and_reach_both_edges():
     examples = Examples([2], [("p", 0)], torch.Generator().manual_seed(0), rooms=[[(0, 16), (8, 0)]])
     crops = {e["photo"]: set() for e in examples.draw(0, 1, (4, 2, 2))}
