@@ -159,8 +159,8 @@ def is_sdxl(path):
 
 
 def with_method_defaults(args, sdxl=False):
-    """Refuse a flag that means nothing to --method, then fill in the method's own defaults (they are
-    written into the run's settings). SDXL's method is LoRA unless asked: its full UNet with AdamW needs
+    """Fill in RUN_DEFAULTS that a resume has not taken from the run, refuse a flag that means nothing to
+    --method, then fill in the method's own defaults (they are written into the run's settings). SDXL's method is LoRA unless asked: its full UNet with AdamW needs
     about 40 GB of GPU memory, its LoRA (as diffusers' and kohya's SDXL recipes train) a fraction.
     Returns a problem as one sentence, or None."""
     for key, value in RUN_DEFAULTS.items():

@@ -7,7 +7,8 @@
   checkpoint (--resume, or --overwrite), a run that died before its first checkpoint (--overwrite),
   or files that are not a run (never touched).
 - --resume continues the run exactly as it started: a flag that would change the run is refused, and
-  the model and the steps, when left out, are the run's own rather than today's defaults.
+  the flags in KEPT_ON_RESUME (the subject, the method, the model, the steps, how often it saves, keeps
+  and looks), when left out, are the run's own rather than today's defaults.
 - The checkpoints inside it: minidb/state.py writes and reads them; latest_state, here, finds the newest.
 """
 
