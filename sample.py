@@ -174,10 +174,9 @@ def fill_identifier(prompt, paths, words):
         word = subject["identifier"]
         if subject["new_word"] and word not in named and re.search(rf"\b{re.escape(word)}\b", prompt.lower()):
             named.add(word)
-            file = subject["embedding"] or f"the run's {word}.safetensors"
             warnings.warn(f"{word} in the prompt is a new word that the train.py run learned as an embedding, so "
                           f"without it the model reads {word} as letters and leaves the subject out; add --embedding "
-                          f"{file}.")
+                          f"{runs.embedding_to_add(subject)}.")
     return prompt
 
 

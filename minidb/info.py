@@ -18,7 +18,7 @@ from minidb.dreambooth import embedding_vectors
 from minidb.files import PICKLE_SUFFIXES, ModelFileError, read_tensors, replace_folder
 from minidb.load import load
 from minidb.lora_files import describe_lora, merge_lora
-from minidb.runs import recorded_identifiers, recorded_subjects
+from minidb.runs import embedding_to_add, recorded_identifiers, recorded_subjects
 from minidb.save import save_diffusers, save_single_file
 from minidb.single_file import unsupported
 
@@ -146,9 +146,8 @@ def describe_addon(path):
 
 def needs_embedding(subject):
     """The end of the identifier's line for a new word: the model knows it only with its embedding file."""
-    word = subject["identifier"]
-    file = subject["embedding"] or f"the run's {word}.safetensors"
-    return f", but {word} is a new word that needs its embedding: add --embedding {file}"
+    return f", but {subject['identifier']} is a new word that needs its embedding: add --embedding " \
+        f"{embedding_to_add(subject)}"
 
 
 def describe_embedding(path, tensors):

@@ -175,12 +175,12 @@ def validation_grid(model, rows, n, steps, seed, resolution, long_prompts, progr
     model.unet.eval()
     graph = UnetGraph(model.unet)  # on a GPU (without autocast): one recording for the whole grid
     with tqdm(total=sum(map(len, rows)), desc="validation grid", disable=not progress) as bar:
-        def draw(prompt):
-            images = decode(model, sample_latents(model, prompt, n=n, steps=steps, seed=seed, height=resolution,
-                                                  width=resolution, progress=False, long_prompts=long_prompts,
-                                                  graph=graph, **DEFAULTS[model.version]))
+        def draw(prompt):  # its n pictures
+            drawn = decode(model, sample_latents(model, prompt, n=n, steps=steps, seed=seed, height=resolution,
+                                                 width=resolution, progress=False, long_prompts=long_prompts,
+                                                 graph=graph, **DEFAULTS[model.version]))
             bar.update(1)
-            return images
+            return drawn
         images = [[draw(p) for p in row] for row in rows]
     model.unet.train()
     cols = max(len(row) for row in rows) * n

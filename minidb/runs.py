@@ -218,6 +218,12 @@ def recorded_subjects(paths):
     return found
 
 
+def embedding_to_add(subject):
+    """For a subject recorded as a new word: its embedding file as --embedding takes it, or, when it does not lie
+    beside the file read, where the run wrote it."""
+    return subject["embedding"] or f"the run's {subject['identifier']}.safetensors"
+
+
 def recorded_identifiers(paths):
     """The subject identifiers train.py recorded in the files it exported (recorded_subjects), in order, each once."""
     return list(dict.fromkeys(subject["identifier"] for subject in recorded_subjects(paths)))
