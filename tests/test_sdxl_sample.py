@@ -81,7 +81,8 @@ def test_vae_stays_fp32_unless_its_config_says_fp16_is_safe(folder, tmp_path):
     in fp16 (sdxl-vae-fp16-fix: force_upcast false) runs in the model's dtype. The choice is printed
     and recorded."""
     _, path = folder
-    r = sample("--model", path, "--prompt", PROMPT, "--steps", 1, "--seed", 1, "--dtype", "bf16", "--out", tmp_path / "a")
+    r = sample("--model", path, "--prompt", PROMPT, "--steps", 1, "--seed", 1, "--dtype", "bf16",
+               "--height", 64, "--width", 64, "--out", tmp_path / "a")
     assert r.returncode == 0, r.stderr
     assert json.loads(Image.open(tmp_path / "a" / "00000-1.png").text["minidb"])["vae_dtype"] == "float32"
 
@@ -90,7 +91,8 @@ def test_vae_stays_fp32_unless_its_config_says_fp16_is_safe(folder, tmp_path):
     config = json.loads((fixed / "vae" / "config.json").read_text())
     assert config["force_upcast"] is True  # diffusers wrote it: the default
     (fixed / "vae" / "config.json").write_text(json.dumps({**config, "force_upcast": False}))
-    r = sample("--model", fixed, "--prompt", PROMPT, "--steps", 1, "--seed", 1, "--dtype", "bf16", "--out", tmp_path / "b")
+    r = sample("--model", fixed, "--prompt", PROMPT, "--steps", 1, "--seed", 1, "--dtype", "bf16",
+               "--height", 64, "--width", 64, "--out", tmp_path / "b")
     assert r.returncode == 0, r.stderr
     assert "the VAE decodes in bfloat16 (its config says it is safe in fp16)" in r.stdout
     assert json.loads(Image.open(tmp_path / "b" / "00000-1.png").text["minidb"])["vae_dtype"] == "bfloat16"
