@@ -47,7 +47,8 @@ from minidb.files import DiskFull, ModelFileError, atomic_write, disk_full_is_an
 from minidb.load import load
 from minidb.concepts import name_subjects, read_subjects
 from minidb.lora import LoRA
-from minidb.loop import Examples, PromptText, assemble, drift_score, lr_factor, optimizer_for, validation_grid
+from minidb.loop import (Examples, PromptText, assemble, drift_score, hold_frozen, lr_factor, optimizer_for,
+                         validation_grid)
 from minidb.options import METHOD_LR, check, is_sdxl, parse_args, with_method_defaults
 from minidb.pipeline import DEFAULTS, added_conditioning
 from minidb.schedulers import NoiseSchedule
@@ -114,12 +115,16 @@ def train(args, out):
     base_dtypes = {name: next(m.parameters()).dtype for name, m in parts.items()}  # the export keeps them
     # fp32 master weights. With mixed precision and a base that is not exported (LoRA, a new word), the
     # frozen base is kept in the compute dtype, as diffusers' scripts keep it (weight_dtype): half the
-    # memory (SDXL's UNet: 5 GB, not 10), and autocast rounds it to that dtype for every matmul anyway.
+    # memory (SDXL's UNet: 5 GB, not 10), and autocast rounds it to that dtype for every matmul anyway
+    # (on CUDA the norms' weights are held in fp32, with the same values: minidb/loop.py hold_frozen).
     # (Full fine-tuning exports its frozen parts, bit for bit as they came, so they stay as loaded.)
     # The VAE stays fp32: SDXL's overflows in fp16, and it only encodes the photos once.
     frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision) if args.method != "full" else None
     for name, module in parts.items():
-        module.to(frozen_dtype if frozen_dtype and name != "vae" else torch.float32)
+        if frozen_dtype and name != "vae":
+            hold_frozen(module, frozen_dtype, device)
+        else:
+            module.to(torch.float32)
     if args.new_token and args.identifier in model.tokenizer.vocab:  # SDXL's two tokenizers share the vocabulary
         fail(f"--identifier {args.identifier} is already a token, and a new word needs a spelling of its own "
              "(diffusers refuses it too); choose another, or leave --identifier out.")

@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 from bench.models import build  # noqa: E402
 from bench.rows import LORA_KOHYA, LORA_SDXL, lora_params, sdxl_call  # noqa: E402
 from minidb import unet as un  # noqa: E402
+from minidb.loop import hold_frozen  # noqa: E402
 
 ROWS = {  # row: (family, minidb's config, adapted layers or None, gradient checkpointing)
     "sdxl-unet": ("SDXL", un.SDXL, None, False),
@@ -97,8 +98,9 @@ def cuda_norms():
         F.layer_norm, F.group_norm = originals
 
 
-def step_counts(row, impl):
+def step_counts(row, impl, norms="cuda"):
     """{phase: Counter of op names} for one step of `row` on `impl`'s UNet (after one warm-up step).
+    norms: whose autocast the norms follow ("cuda" under cuda_norms(), "cpu"), for minidb's hold_frozen.
     impl "diffusers-bf16": diffusers with PEFT's adapters left in bf16, as its scripts train them
     under --mixed_precision bf16 (bench/rows.py lora_params)."""
     family, cfg, targets, checkpointing = ROWS[row]
@@ -124,6 +126,8 @@ def step_counts(row, impl):
             predict()
         return {"forward": forward.ops}
     unet.train().requires_grad_(False)
+    if impl == "minidb" and base_dtype != torch.float32:  # as train.py holds a frozen base
+        hold_frozen(unet, base_dtype, norms)
     params = lora_params(unet, impl, targets, family, peft_fp32)
     if checkpointing:
         if impl == "minidb":
@@ -161,7 +165,7 @@ def main():
         with nullcontext() if args.cpu_norms else cuda_norms():
             bf16_base = ROWS[row][0] == "SDXL" and ROWS[row][2] is not None  # where PEFT's adapters come in bf16
             impls = ("minidb", "diffusers") + (("diffusers-bf16",) if bf16_base else ())
-            counts = {impl: step_counts(row, impl) for impl in impls}
+            counts = {impl: step_counts(row, impl, "cpu" if args.cpu_norms else "cuda") for impl in impls}
         results[row] = {impl: {phase: dict(ops) for phase, ops in c.items()} for impl, c in counts.items()}
         totals = collections.Counter(), collections.Counter()
         for phase in counts["minidb"]:

@@ -48,6 +48,7 @@ def task(row, impl, device, size, tmp, cfg=None):
     cfg: a UNet config of minidb's in place of the SDXL LoRA rows' preset (a narrow one, to try a script
     on the CPU)."""
     import torch
+    from minidb.loop import hold_frozen
     impl, peft_fp32 = impl.removesuffix("-bf16"), not impl.endswith("-bf16")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     g = torch.Generator().manual_seed(0)
@@ -74,6 +75,8 @@ def task(row, impl, device, size, tmp, cfg=None):
         # As diffusers' train_dreambooth_lora_sdxl.py: the frozen UNet in the mixed-precision dtype
         # (bf16 on the GPU), autocast; the adapters in fp32 on both sides (lora_params).
         unet = build("unet", impl, device, dtype, "SDXL", cfg).train().requires_grad_(False)
+        if impl == "minidb":  # as train.py holds it: on CUDA, its norms' weights in fp32 (rounded to bf16)
+            hold_frozen(unet, dtype, device)
         params = lora_params(unet, impl, LORA_SDXL, "SDXL", peft_fp32)
         if row.endswith("-gc"):
             if impl == "minidb":

@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 from bench.models import build  # noqa: E402
 from bench.rows import LORA_SDXL, lora_params, sdxl_conditioning, task, train_step  # noqa: E402
 from minidb import unet as un  # noqa: E402
+from minidb.loop import hold_frozen  # noqa: E402
 
 VARIANTS = ["diffusers", "diffusers-bf16", "minidb", "graph"]
 
@@ -65,6 +66,7 @@ class UnetWithAdapters(torch.nn.Module):
 def graphed_step(device, size, g, cfg=None):
     """(the step function, the recording's seconds)."""
     unet = build("unet", "minidb", device, torch.bfloat16, "SDXL", cfg).train().requires_grad_(False)
+    hold_frozen(unet, torch.bfloat16, device)  # as train.py holds it (bench/rows.py's minidb row too)
     params = lora_params(unet, "minidb", LORA_SDXL, "SDXL")
     ctx, pooled, time_ids = sdxl_conditioning(g, device, torch.bfloat16)  # as bench/rows.py's row
     y = torch.cat([pooled, un.size_features(time_ids)], dim=1)

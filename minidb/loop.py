@@ -124,6 +124,22 @@ def assemble(batch, subjects, priors, prompts, scale, device, crop_encode=None):
         torch.tensor(which), sizes
 
 
+def hold_frozen(module, dtype, device):
+    """A frozen part under mixed precision, in place: its weights in `dtype`, the compute dtype (half the
+    memory of fp32, as diffusers' scripts hold theirs: weight_dtype), since autocast rounds them to it for
+    every matmul anyway. Except, on CUDA, the LayerNorms' and GroupNorms' weights and biases: CUDA's
+    autocast runs the norms in fp32, casting them up at every call (two kernels a norm, each forward: 512
+    of an SDXL LoRA step's 8,599, bench/op_count.py). They are held in fp32, rounded to `dtype` first, so
+    every norm computes with the very numbers it did before. (The CPU's autocast runs norms in `dtype`: there they
+    stay in it.) Returns the module."""
+    module.to(dtype)
+    if torch.device(device).type == "cuda":
+        for m in module.modules():
+            if isinstance(m, (torch.nn.LayerNorm, torch.nn.GroupNorm)):
+                m.float()
+    return module
+
+
 def optimizer_for(trained, text_parts, args, device, word_default):
     """AdamW with diffusers' DreamBooth settings over what trains, one learning rate per side: --lr for
     the UNet side (its weights or adapters), --text-encoder-lr (else --lr) for the text side, and for

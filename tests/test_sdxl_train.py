@@ -320,3 +320,79 @@ def test_every_adapter_that_can_learn_gets_a_gradient_and_the_unread_layer_stays
     pred.float().square().mean().backward()
     for name, p in lora.named_parameters():
         assert (p.grad is not None) == p.requires_grad, name
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="CUDA's autocast needs a CUDA GPU"))])
+def test_a_frozen_base_holds_its_norms_in_fp32_for_cuda_and_trains_bit_for_bit_as_before(world, monkeypatch, device):
+    """CUDA's autocast runs LayerNorm and GroupNorm in fp32, casting a bf16 base's norm weights up at every
+    call; hold_frozen holds them in fp32 for CUDA, rounded to bf16, everything else in bf16. One LoRA step
+    then gives the loss and gradients of the all-bf16 base bit for bit, with two casts fewer per norm run.
+    The CPU's autocast runs norms in bf16, so for the CPU the base stays all bf16, and the CPU case runs the
+    norms as CUDA's autocast does (as bench/op_count.py), to check the rest without a GPU."""
+    from minidb.loop import hold_frozen
+    from minidb.pipeline import added_conditioning, encode_tokens
+    from test_lora import Casts
+    if device == "cuda":  # kernels that give the same sums run to run
+        monkeypatch.setenv("MINIDB_ATTENTION", "math")
+        monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+        monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    else:
+        def as_cuda(norm):
+            def run_in_fp32(*args):
+                with torch.autocast("cpu", enabled=False):
+                    return norm(*[a.float() if torch.is_tensor(a) else a for a in args])
+            return run_in_fp32
+        monkeypatch.setattr(torch.nn.functional, "layer_norm", as_cuda(torch.nn.functional.layer_norm))
+        monkeypatch.setattr(torch.nn.functional, "group_norm", as_cuda(torch.nn.functional.group_norm))
+    model = load(world / "base", device=device)
+    parts = (model.unet, model.text_encoder, model.text_encoder_2)
+    norms = [m for part in parts for m in part.modules() if isinstance(m, (torch.nn.LayerNorm, torch.nn.GroupNorm))]
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # norms as trained ones, not bf16's ones and zeros, so that the rounding shows
+        for p in (p for m in norms for p in m.parameters()):
+            p.add_(torch.randn(p.shape, generator=g).to(device) * 0.1)
+    loaded = [{k: v.clone() for k, v in part.requires_grad_(False).state_dict().items()} for part in parts]
+    for part in parts:
+        part.to(torch.bfloat16)
+    lora = LoRA(model, rank=2, text_encoder=True)
+    with torch.no_grad():
+        for adapter in lora.children():  # as if trained, so that every adapter carries a gradient
+            adapter.lora_up.weight.copy_(torch.randn(adapter.lora_up.weight.shape, generator=g))
+    lora.attach()
+    prompt = ["a photo of sks ball"]
+    ids = [tokenizer(prompt).to(device) for tokenizer in (model.tokenizer, model.tokenizer_2)]
+    x, t = torch.randn(1, 4, 8, 8, generator=g).to(device), torch.tensor([500], device=device)
+    calls = []
+    for m in norms:
+        m.register_forward_hook(lambda *_: calls.append(1))
+
+    def step():
+        calls.clear()
+        lora.zero_grad(set_to_none=True)
+        with Casts() as casts:
+            with torch.autocast(device, dtype=torch.bfloat16):
+                context, pooled = encode_tokens(model, *ids)
+                pred = model.unet(x, t, context, added_conditioning(pooled, (64, 64)))
+            loss = pred.float().square().mean()
+            loss.backward()
+        return loss.item(), [p.grad for p in lora.parameters() if p.requires_grad], casts.one
+
+    loss, grads, casts = step()
+    before = [{k: v.clone() for k, v in part.state_dict().items()} for part in parts]
+    for part, state in zip(parts, loaded):  # as train.py holds the base it loaded, in fp32
+        assert hold_frozen(part.float(), torch.bfloat16, "cpu") is part  # for the CPU: all bf16, as before
+        assert {p.dtype for p in part.parameters()} == {torch.bfloat16}
+        part.float().load_state_dict(state)
+        hold_frozen(part, torch.bfloat16, "cuda")
+    assert any(not torch.equal(p, p.bfloat16().float()) for state in loaded for p in state.values())
+    for part, old in zip(parts, before):
+        held = {name for name, m in part.named_modules() if isinstance(m, (torch.nn.LayerNorm, torch.nn.GroupNorm))}
+        for key, value in part.state_dict().items():
+            assert value.dtype == (torch.float32 if key.rpartition(".")[0] in held else torch.bfloat16), key
+            assert torch.equal(value.float(), old[key].float()), key  # the very numbers
+    held_loss, held_grads, held_casts = step()
+    assert held_loss == loss and len(calls) > 0
+    for a, b in zip(held_grads, grads, strict=True):
+        assert a.abs().max() > 0 and torch.equal(a, b)
+    assert casts - held_casts == 2 * len(calls)  # a weight and a bias each
