@@ -10,6 +10,14 @@ from minidb.toy import base, lab, measure
 TINY = ["--vae-steps", "3", "--vae-ch", "32", "--steps", "4", "--batch", "2", "--pictures", "8", "--save-every", "2"]
 
 
+@pytest.fixture(autouse=True)
+def small_latent_rescale(monkeypatch):
+    """train-base measures the latents' spread on 512 fresh pictures, a third of a tiny run's time;
+    32 do for the plumbing these tests check (every run here measures the same way)."""
+    rescale = base.rescale_latents
+    monkeypatch.setattr(base, "rescale_latents", lambda vae, seed: rescale(vae, seed, n=32))
+
+
 def train_base(tmp_path, name, *extra):
     out = tmp_path / f"{name}.safetensors"
     lab.main(["train-base", "--out", str(out), "--work", str(tmp_path / name), *TINY, *extra])
