@@ -1,6 +1,7 @@
 """The machinery of train.py's loop, so that the loop itself reads as the story: which examples each
-step takes, with which random draws, and as which tensors; the prompts' text; the optimizer and its
-learning-rate schedule; the validation grid; the drift score.
+step takes, with which random draws, and as which tensors; how the frozen base is held under mixed
+precision; the prompts' text; the optimizer and its learning-rate schedule; the validation grid; the
+drift score.
 
 Examples. A step trains on --batch-size subject examples and as many class-prior examples, in
 --grad-accum micro-batches, across the processes of a torchrun launch. Every process draws the

@@ -330,6 +330,9 @@ def test_a_frozen_base_holds_its_norms_in_fp32_for_cuda_and_trains_bit_for_bit_a
     then gives the loss and gradients of the all-bf16 base bit for bit, with two casts fewer per norm run.
     The CPU's autocast runs norms in bf16, so for the CPU the base stays all bf16, and the CPU case runs the
     norms as CUDA's autocast does (as bench/op_count.py), to check the rest without a GPU."""
+    from contextlib import nullcontext
+
+    from bench.op_count import cuda_norms
     from minidb.loop import hold_frozen
     from minidb.pipeline import added_conditioning, encode_tokens
     from test_lora import Casts
@@ -337,14 +340,6 @@ def test_a_frozen_base_holds_its_norms_in_fp32_for_cuda_and_trains_bit_for_bit_a
         monkeypatch.setenv("MINIDB_ATTENTION", "math")
         monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
         monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-    else:
-        def as_cuda(norm):
-            def run_in_fp32(*args):
-                with torch.autocast("cpu", enabled=False):
-                    return norm(*[a.float() if torch.is_tensor(a) else a for a in args])
-            return run_in_fp32
-        monkeypatch.setattr(torch.nn.functional, "layer_norm", as_cuda(torch.nn.functional.layer_norm))
-        monkeypatch.setattr(torch.nn.functional, "group_norm", as_cuda(torch.nn.functional.group_norm))
     model = load(world / "base", device=device)
     parts = (model.unet, model.text_encoder, model.text_encoder_2)
     norms = [m for part in parts for m in part.modules() if isinstance(m, (torch.nn.LayerNorm, torch.nn.GroupNorm))]
@@ -370,7 +365,7 @@ def test_a_frozen_base_holds_its_norms_in_fp32_for_cuda_and_trains_bit_for_bit_a
     def step():
         calls.clear()
         lora.zero_grad(set_to_none=True)
-        with Casts() as casts:
+        with Casts() as casts, cuda_norms() if device == "cpu" else nullcontext():
             with torch.autocast(device, dtype=torch.bfloat16):
                 context, pooled = encode_tokens(model, *ids)
                 pred = model.unet(x, t, context, added_conditioning(pooled, (64, 64)))
