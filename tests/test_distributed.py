@@ -67,7 +67,9 @@ def test_resume_under_two_processes_continues_exactly(world, tmp_path):
 
 def test_ctrl_c_under_torchrun_saves_a_checkpoint_and_resume_finishes_the_same_run(world, tmp_path):
     """A terminal's Ctrl-C reaches the launcher and every process: they stop at the same step, the first
-    one saves, and --resume under torchrun continues to the same weights as a run never stopped."""
+    one saves, and --resume under torchrun continues, with the same losses, to the same weights as a run
+    never stopped. (The stopped run was asked for 60 steps, so that the signal lands well before its end;
+    both runs then go to three steps past the checkpoint, as a resume with a larger --steps may.)"""
     out, cache = tmp_path / "interrupted", tmp_path / "cache"
     args = ["--images", world / "photos", "--class", "ball", "--model", world / "base", "--out", out, "--steps", 60,
             "--resolution", 32, "--sample-steps", 2, "--class-cache", cache, "--class-images", 6, "--drift-images", 2,
@@ -81,8 +83,13 @@ def test_ctrl_c_under_torchrun_saves_a_checkpoint_and_resume_finishes_the_same_r
     os.killpg(proc.pid, signal.SIGINT)  # as a terminal does: the launcher and both processes get it
     _, err = proc.communicate(timeout=300)
     assert "interrupted: saved" in err, err[-3000:]
-    assert list((out / "checkpoints").glob("step-*")) and not (out / "model.safetensors").exists()
-    torchrun(world, out, cache, "--resume", steps=60)
-    straight = torchrun(world, tmp_path / "straight", cache, steps=60)
+    (saved,) = (out / "checkpoints").glob("step-*")
+    assert not (out / "model.safetensors").exists()
+    steps = int(saved.name[5:]) + 3
+    assert steps < 60  # the run was stopped, not finished
+    torchrun(world, out, cache, "--resume", steps=steps)
+    straight = torchrun(world, tmp_path / "straight", cache, steps=steps)
     a, b = weights(straight), weights(out)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in log(straight)] == [r["loss"] for r in log(out)]
+    assert [r["step"] for r in log(out)] == list(range(1, steps + 1))
