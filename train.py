@@ -61,7 +61,9 @@ def main(argv=None):
     problem = with_method_defaults(args, is_sdxl(args.model)) or check(args)
     if problem:
         fail(problem)
-    rank, world, args.device = distributed.start(args.device)  # under torchrun: this process's rank and card
+    # Under torchrun: this process's rank and card (cuda becomes cuda:LOCAL_RANK); args.device stays the flag,
+    # which the run's settings record and a resume compares in every process.
+    rank, world, device = distributed.start(args.device)
     with ExitStack() as held:
         out = problem = None
         if rank == 0:  # one process owns the run folder; the others learn where it is, or why it cannot be
@@ -74,14 +76,13 @@ def main(argv=None):
         if problem:
             fail(problem)
         try:
-            train(args, Path(out))
+            train(args, Path(out), torch.device(device))
         except (runs.RunError, DiskFull) as e:
             fail(e)
     distributed.finish()
 
 
-def train(args, out):
-    device = torch.device(args.device)
+def train(args, out, device):
     args.out = str(out)
     precision = args.mixed_precision or (("bf16" if cpu_bf16() else "no") if device.type == "cpu" else
                                          "bf16" if torch.cuda.is_bf16_supported() else "fp16")

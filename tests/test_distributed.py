@@ -65,6 +65,19 @@ def test_resume_under_two_processes_continues_exactly(world, tmp_path):
     assert [r["loss"] for r in log(straight)] == [r["loss"] for r in log(split)]
 
 
+def test_every_process_of_a_resume_finds_the_run_on_its_device(world, tmp_path, monkeypatch):
+    """Under torchrun each process takes its own card (cuda becomes cuda:LOCAL_RANK), but the run's settings
+    record --device as given, so that the resume's check agrees in every process, not in the first alone.
+    The card mapping is played on the CPU, where "cpu:N" is the CPU: the run starts as process 0, and
+    resumes as process 1 would see it."""
+    import train
+    for local in (0, 1):
+        monkeypatch.setattr(train.distributed, "start", lambda device, local=local: (0, 1, f"{device}:{local}"))
+        run(world, tmp_path / "run", *(["--resume"] if local else []), steps=2 + local)
+    assert json.load(open(tmp_path / "run" / "settings.json"))["device"] == "cpu"
+    assert [r["step"] for r in log(tmp_path / "run")] == [1, 2, 3]
+
+
 def test_ctrl_c_under_torchrun_saves_a_checkpoint_and_resume_finishes_the_same_run(world, tmp_path):
     """A terminal's Ctrl-C reaches the launcher and every process: they stop at the same step, the first
     one saves, and --resume under torchrun continues, with the same losses, to the same weights as a run
