@@ -53,7 +53,8 @@ def save_state(folder, step, modules, extra, keep=1):
 def resume_point(folder, what):
     """The checkpoint --resume WHAT continues from: "latest", a step number, or a checkpoint folder's path.
     Checkpoints after it belong to the branch that is abandoned: they are moved into
-    folder/abandoned/, not deleted, and the newest one left in `folder` is the one returned."""
+    folder/abandoned/ (step-000600, or step-000600-2 when a branch abandoned before took that name), not
+    deleted, and the newest one left in `folder` is the one returned."""
     folder = Path(folder)
     latest = latest_state(folder)
     if what == "latest":
@@ -74,8 +75,12 @@ def resume_point(folder, what):
         for later in sorted(folder.glob("step-*")):
             if later.name > path.name:
                 (folder / "abandoned").mkdir(exist_ok=True)
-                os.replace(later, folder / "abandoned" / later.name)
-                print(f"set aside {later.name}, after the resumed step, in {folder / 'abandoned'}")
+                aside, n = folder / "abandoned" / later.name, 1
+                while aside.exists():  # a branch abandoned before at the same step: keep both
+                    n += 1
+                    aside = aside.with_name(f"{later.name}-{n}")
+                os.replace(later, aside)
+                print(f"set aside {later.name}, after the resumed step, as {aside}")
     return path
 
 

@@ -116,6 +116,11 @@ def test_resume_from_an_earlier_step_sets_later_checkpoints_aside_and_continues_
     a, b = weights(straight), weights(branch)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["loss"] for r in log(straight)] == [r["loss"] for r in log(branch)]
+    # a second branch from step 4 sets its step 6 aside beside the first branch's, and ends the same again
+    run(world, branch, "--save-every", 2, "--checkpoints-keep", 3, "--resume", 4, steps=6)
+    assert sorted(p.name for p in (branch / "checkpoints" / "abandoned").iterdir()) == \
+        ["step-000004", "step-000006", "step-000006-2"]
+    assert all(torch.equal(a[k], v) for k, v in weights(branch).items())
     # a checkpoint folder's path works too, and a missing step is named with the ones there are
     other = tmp_path / "other"
     shutil.copytree(straight, other)
