@@ -56,7 +56,6 @@ from minidb.schedulers import NoiseSchedule
 
 def main(argv=None):
     args = parse_args(argv, __doc__)
-    runs.keep_saved_defaults(args)  # on --resume
     args.model = args.model or str(default_model())  # SD 1.5 once fetched, else the toy model
     problem = with_method_defaults(args, is_sdxl(args.model)) or check(args)
     if problem:
@@ -143,8 +142,6 @@ def train(args, out, device):
         distributed.barrier()  # the old run
         if writes:
             runs.clear(out)
-    if args.scale_lr:  # diffusers' --scale_lr: the rate grows with the images per step
-        args.lr *= args.batch_size * args.grad_accum * world
     settings = {**vars(args), "identifier": identifier, "instance_prompt": instance_prompt,
                 "class_prompt": class_prompt, "resolution": resolution, "mixed_precision": precision,
                 "base_version": model.version, "prediction_type": model.prediction_type}
@@ -153,6 +150,8 @@ def train(args, out, device):
                                  "instance_prompt": s.instance_prompt, "class_prompt": s.class_prompt} for s in subjects]
     if args.resume:
         runs.check_resume_settings(out, settings)
+    if args.scale_lr:  # diffusers' --scale_lr: the rate grows with the images per step (the settings keep --lr)
+        args.lr *= args.batch_size * args.grad_accum * world
 
     for module in parts.values():
         module.requires_grad_(False)  # frozen unless chosen below

@@ -10,7 +10,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from minidb import hub, runs, single_file
-from minidb.cli import DTYPES, SEED_MAX, check_device, nonempty_path, number, text
+from minidb.cli import DTYPES, SEED_MAX, check_device, fail, nonempty_path, number, text
 from minidb.fetch import DEFAULT_MODEL, TOY_MODEL, how_to_get_weights
 from minidb.files import WEIGHT_SUFFIXES, ModelFileError, read_tensors
 from minidb.info import HELP as MODEL_HELP
@@ -42,10 +42,9 @@ def parse_args(argv, doc):
     a("--overwrite", action="store_true", help="delete the run already in --out and start it over")
     a("--resume", nargs="?", const="latest", default=None, metavar="latest|STEP|PATH",
       help="continue the run in --out (default: runs/latest) from its latest checkpoint, from the checkpoint of "
-      "step STEP, or from the checkpoint folder PATH; only --steps, --save-every, --validate-every, "
-      "--checkpoints-keep and the validation flags may differ from the run's settings; --steps, --model, "
-      "--method, the subject (--images and --class, or --concepts), --save-every, --checkpoints-keep and "
-      "--validate-every, left out, are the run's own")
+      "step STEP, or from the checkpoint folder PATH; a flag left out is the run's own, and only --steps, "
+      "--save-every, --validate-every, --checkpoints-keep, --class-cache and the validation flags may differ "
+      "from it")
     a("--identifier", default=None, type=text, help="the subject's token [V] (default: a rare CLIP token of <= 3 "
       "letters; with a new word, its spelling, which must not be a token yet)")
     a("--new-token", action="store_true", help="with full or lora: [V] becomes a new word whose embedding trains "
@@ -97,7 +96,7 @@ def parse_args(argv, doc):
     a("--use-8bit-adam", action="store_true", help="bitsandbytes' 8-bit AdamW (CUDA only), saves ~5 GB")
     a("--snr-gamma", type=positive, default=None, help="min-SNR loss weighting with this γ (5 is typical); off by default")
     a("--offset-noise", type=number(float, low=0, high=1), default=0.0, help="add per-channel offset noise of this scale (0.1 is typical) (default: %(default)s)")
-    # (these three, left out on --resume, are the run's own: minidb/runs.py KEPT_ON_RESUME; else RUN_DEFAULTS)
+    # (these three, left out, are the run's own on --resume: keep_the_runs_own; else RUN_DEFAULTS)
     a("--save-every", type=count, default=None, help="write a resumable checkpoint every N steps (0: only at the end) "
       "(default: 0)")
     a("--checkpoints-keep", type=number(int, low=1), default=None, help="how many of the latest checkpoints to keep "
@@ -118,7 +117,66 @@ def parse_args(argv, doc):
     a("--prediction-type", choices=["epsilon", "v_prediction"], default=None,
       help="override the base model's detected prediction type (see below)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.resume:
+        problem = keep_the_runs_own(p, argv, args)
+        if problem:
+            fail(problem)
+    return args
+
+
+# On --resume a flag the command leaves out takes the value the run began with, from its settings.json, so
+# that `train.py --resume` alone continues any run, even where a default has changed since. Not taken: the
+# command's own flags; the subject's when the command names a subject (another subject is refused, named);
+# a --concepts run's identifier and prompts (the first subject's, which the file names); and another
+# --method's flags (the changed method is refused, named).
+COMMAND_OWN = {"help", "resume", "overwrite", "out"}
+SUBJECT = {"images", "class_name", "concepts", "identifier", "instance_prompt", "class_prompt"}
+
+
+def keep_the_runs_own(p, argv, args):
+    """Give each flag `argv` leaves out the run's own value. The values go through the flags' own checks,
+    as if typed, so a hand-edited settings.json is refused in one sentence. Returns a problem, or None.
+    (A run without a readable settings.json keeps nothing: the resume then refuses it, and says why.)"""
+    where = (Path(args.out) if args.out is not None else runs.RUNS / "latest") / "settings.json"
+    saved = runs.saved_settings(where.parent)
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    given = set(vars(p.parse_args(argv)))  # the flags the command names, and only those
+    leave = COMMAND_OWN | given
+    if given & {"images", "class_name", "concepts"}:
+        leave |= SUBJECT
+    elif saved.get("concepts") is not None:
+        leave |= {"identifier", "instance_prompt", "class_prompt"}
+    method = args.method or saved.get("method")
+    leave |= {key for key, methods in METHOD_FLAGS.items() if method not in methods}
+    damaged = "so the file was edited or damaged; put back the value the run started with, or start over with --overwrite."
+    typed = []  # the run's own values, as the command line would give them
+    for action in p._actions:
+        value = saved.get(action.dest)
+        if action.dest in leave or value is None or value is False or not action.option_strings:
+            continue
+        flag = action.option_strings[0]
+        if action.nargs == 0:  # a switch: on, or left out
+            fits, texts = value is True, []
+        elif isinstance(action, argparse._AppendAction):  # repeatable: a list
+            fits, texts = isinstance(value, list) and all(type(v) is str for v in value), value
+        else:
+            fits, texts = type(value) in (str, int, float), [str(value)]  # str() of a float reads back the same
+        if not fits:
+            return f"{where} records {flag} as {value!r}, which that flag cannot be, {damaged}"
+        typed += [flag] if action.nargs == 0 else [f"{flag}={text}" for text in texts]
+
+    def refuse(message):
+        raise ValueError(message)
+    p.error = refuse  # argparse reports a bad value through error(): here it is the file's, not the command's
+    try:
+        kept = vars(p.parse_args(typed))
+    except ValueError as e:
+        return f"{where} records a value train.py refuses ({e}), {damaged}"
+    for key, value in kept.items():
+        setattr(args, key, value)
+    return None
 
 
 METHOD_LR = {"full": 5e-6, "lora": 1e-4, "textual-inversion": 5e-3}  # the paper; kohya's and diffusers' LoRA

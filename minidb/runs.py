@@ -7,8 +7,8 @@
   checkpoint (--resume, or --overwrite), a run that died before its first checkpoint (--overwrite),
   or files that are not a run (never touched).
 - --resume continues the run exactly as it started: a flag that would change the run is refused, and
-  the flags in KEPT_ON_RESUME (the subject, the method, the model, the steps, how often it saves, keeps
-  and looks), when left out, are the run's own rather than today's defaults.
+  a flag left out is the run's own (settings.json) rather than today's default (minidb/options.py
+  keep_the_runs_own).
 - The checkpoints inside it: minidb/state.py writes and reads them; latest_state, here, finds the newest.
 """
 
@@ -126,7 +126,7 @@ def check_folder(folder, resume, overwrite):
         raise RunError("--resume continues a run and --overwrite deletes it; pass one of them.")
     entries = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
     # A run writes settings.json before its first step; without it, even familiar names are not ours.
-    ours = RUN_FILES | {f"{_saved(folder).get('identifier')}.safetensors"}
+    ours = RUN_FILES | {f"{saved_settings(folder).get('identifier')}.safetensors"}
     foreign = [name for name in entries if name not in ours or "settings.json" not in entries]
     if foreign:
         raise RunError(f"--out {folder} holds files that are not a minidb run ({', '.join(foreign[:3])}"
@@ -165,7 +165,7 @@ def clear(folder):
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
-def _saved(folder):
+def saved_settings(folder):
     """The run's settings.json as a dict, or {} when it is missing or unreadable."""
     try:
         saved = json.loads((folder / "settings.json").read_text())
@@ -180,7 +180,7 @@ def given_as_model(folder):
     folder = Path(folder)
     if not (folder / "settings.json").is_file():
         return None
-    base, words = _saved(folder).get("model"), sorted(set(folder.glob("*.safetensors")) - {
+    base, words = saved_settings(folder).get("model"), sorted(set(folder.glob("*.safetensors")) - {
         folder / "model.safetensors", folder / "lora.safetensors"})
     if (folder / "model.safetensors").is_file():
         use = f"its personalized model is {folder / 'model.safetensors'}, so load that"
@@ -229,31 +229,9 @@ def recorded_identifiers(paths):
     return list(dict.fromkeys(subject["identifier"] for subject in recorded_subjects(paths)))
 
 
-# Flags a resume may leave out and still continue the run: the subject and the method; how often it saves,
-# keeps and looks (a --checkpoints-keep 3 run must not fall back to keeping 1, deleting the others); and the
-# flags whose default can change under a run, the model (the toy one until SD 1.5 is fetched) and the steps
-# (the toy model's went from 800 to 1,200). A resume that leaves them out keeps the run's own; any other
-# setting that differs is refused, named.
-# (Not --lr: with --scale-lr the saved rate is already scaled; a changed default rate is refused, named.)
-KEPT_ON_RESUME = {"images": str, "class_name": str, "concepts": str, "method": str, "model": str, "steps": int,
-                  "save_every": int, "checkpoints_keep": int, "validate_every": int}
-
-
-def keep_saved_defaults(args):
-    """On --resume, give each KEPT_ON_RESUME flag the command left out the value the run began with (the
-    subject only when the command names none: --images and --class, or --concepts)."""
-    saved = _saved(Path(args.out) if args.out is not None else RUNS / "latest") if args.resume else {}
-    subject = ("images", "class_name", "concepts")
-    named = any(getattr(args, key) is not None for key in subject)
-    for key, kind in KEPT_ON_RESUME.items():
-        value = saved.get(key)
-        if getattr(args, key) is None and type(value) is kind and not (named and key in subject):
-            setattr(args, key, value)  # (a hand-edited value of another type is not taken)
-
-
 def check_resume_settings(folder, settings):
     """On --resume, every setting that shapes the run must equal the one the run started with."""
-    saved = _saved(folder)
+    saved = saved_settings(folder)
     if not saved:
         raise RunError(f"--resume cannot read {folder / 'settings.json'}, so it cannot check that this command "
                        "continues the same run; start over with --overwrite.")

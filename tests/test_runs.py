@@ -386,6 +386,50 @@ def test_resume_without_steps_model_or_subject_continues_the_run_as_it_began(wor
     assert all(torch.equal(x, y) for x, y in zip(a.unet.state_dict().values(), b.unet.state_dict().values()))
 
 
+def test_resume_alone_continues_a_run_of_its_own_settings(world, tmp_path):
+    """`train.py --out RUN --resume` with no other flag continues a run that began with many: each flag left
+    out is the run's own, so the run ends with the weights, and records the settings, of the run made in one go."""
+    own = ["--seed", 3, "--lr", 2e-4, "--lr-schedule", "cosine", "--warmup-steps", 1, "--flip", "--offset-noise",
+           0.05, "--prior-weight", 0.5, "--identifier", "sks", "--validation-prompt", "a [V] ball on the moon",
+           "--save-every", 1, "--checkpoints-keep", 3]
+    straight = run(world, tmp_path / "straight", *own, steps=3)
+    branch = tmp_path / "branch"
+    shutil.copytree(straight, branch)
+    train.main(["--out", str(branch), "--resume", "1"])
+    a, b = load(straight / "model.safetensors"), load(branch / "model.safetensors")
+    assert all(torch.equal(x, y) for x, y in zip(a.unet.state_dict().values(), b.unet.state_dict().values()))
+    settings = [json.loads((folder / "settings.json").read_text()) for folder in (straight, branch)]
+    for each in settings:
+        del each["out"], each["resume"]
+    assert settings[0] == settings[1] and settings[0]["flip"] is True and settings[0]["lr_schedule"] == "cosine"
+
+
+def test_resume_alone_keeps_the_methods_flags_and_a_changed_method_is_named(world, tmp_path, capsys):
+    out = run(world, tmp_path / "lora", "--method", "lora", "--lora-rank", 2, "--lora-alpha", 3, "--train-text-encoder",
+              steps=1)
+    train.main(["--out", str(out), "--resume", "--steps", "2"])
+    settings = json.loads((out / "settings.json").read_text())
+    assert (settings["steps"], settings["lora_rank"], settings["lora_alpha"], settings["train_text_encoder"]) == (2, 2, 3.0, True)
+    # --method full leaves lora's own flags out, so the refusal names the method, not --lora-rank
+    err = refused(capsys, ["--out", out, "--resume", "--steps", 3, "--method", "full"])
+    assert "--method is 'full' now but the run" in err and "started with 'lora'" in err
+
+
+@pytest.mark.parametrize("edit,says", [({"lr": "fast"}, "records a value train.py refuses (argument --lr: "),
+                                       ({"seed": 2.5}, "records a value train.py refuses (argument --seed: "),
+                                       ({"flip": "yes"}, "records --flip as 'yes', which that flag cannot be"),
+                                       ({"validation_prompt": "a ball"}, "records --validation-prompt as 'a ball'"),
+                                       ({"images": {"a": 1}}, "records --images as {'a': 1}")])
+def test_resume_alone_refuses_a_damaged_settings_file_in_one_sentence(world, tmp_path, capsys, edit, says):
+    out = run(world, tmp_path / "out", steps=1)
+    settings = json.loads((out / "settings.json").read_text())
+    (out / "settings.json").write_text(json.dumps({**settings, **edit}))
+    err = refused(capsys, ["--out", out, "--resume", "--steps", 2])
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert line.startswith(f"error: {out / 'settings.json'} {says}") and line.endswith("start over with --overwrite.")
+    assert runs.latest_state(out / "checkpoints").name == "step-000001"
+
+
 @pytest.mark.parametrize("damage", ["truncated state", "truncated weights", "planted pickle", "missing entry",
                                     "nan weights"])
 def test_a_damaged_checkpoint_is_one_sentence(world, tmp_path, capsys, damage):

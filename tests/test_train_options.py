@@ -88,10 +88,15 @@ def test_lr_schedules_equal_diffusers(schedule):
 
 def test_the_log_follows_the_schedule_and_scale_lr_multiplies(world, tmp_path):
     out = run(world, tmp_path / "cosine", "--lr-schedule", "cosine", "--warmup-steps", 2, "--lr", 1e-3,
-              "--batch-size", 2, "--scale-lr", steps=6)
-    peak = json.load(open(out / "settings.json"))["lr"]
-    assert peak == pytest.approx(2e-3)  # 1e-3 x 2 images per step
-    assert [r["lr"] for r in log(out)] == pytest.approx([peak * lr_factor("cosine", 2, 6)(s) for s in range(6)])
+              "--batch-size", 2, "--scale-lr", "--save-every", 3, "--checkpoints-keep", 2, steps=6)
+    assert json.load(open(out / "settings.json"))["lr"] == 1e-3  # as given, so that a resume compares it as given
+    peak = 2e-3  # 1e-3 x 2 images per step
+    rates = [r["lr"] for r in log(out)]
+    assert rates == pytest.approx([peak * lr_factor("cosine", 2, 6)(s) for s in range(6)])
+    # a resume from step 3, alone or with the same flags, keeps that rate and scales it once
+    for again in ([], ["--lr", "1e-3", "--scale-lr", "--batch-size", "2"]):
+        train.main(["--out", str(out), "--resume", "3", *again])
+        assert [r["lr"] for r in log(out)] == rates
 
 
 def test_a_warm_up_as_long_as_the_run_is_warned_of(world, tmp_path):
@@ -227,6 +232,11 @@ def test_two_subjects_take_turns_with_their_own_identifiers(world, tmp_path):
     assert len(list((tmp_path / "cache").iterdir())) == 2  # a class prior per class
     examples = Examples([3, 2], [("ball", 2), ("cup", 2)], torch.Generator().manual_seed(0))
     assert [e["subject"] for e in examples.draw(0, 6, (4, 2, 2))] == [0, 1, 0, 1, 0, 1]
+    # --resume alone keeps --concepts, and not the first subject's identifier and prompts that the settings
+    # record beside it (they would clash with --concepts)
+    train.main(["--out", str(out), "--resume", "--steps", "3"])
+    resumed = json.load(open(out / "settings.json"))
+    assert resumed["subjects"] == settings["subjects"] and resumed["steps"] == 3
 
 
 @pytest.mark.parametrize("content, words", [
