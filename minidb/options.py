@@ -137,9 +137,12 @@ SUBJECT = {"images", "class_name", "concepts", "identifier", "instance_prompt", 
 def keep_the_runs_own(p, argv, args):
     """Give each flag `argv` leaves out the run's own value. The values go through the flags' own checks,
     as if typed, so a hand-edited settings.json is refused in one sentence. Returns a problem, or None.
-    (A run without a readable settings.json keeps nothing: the resume then refuses it, and says why.)"""
+    (A folder without settings.json keeps nothing: the resume then refuses it, and says why.)"""
     where = (Path(args.out) if args.out is not None else runs.RUNS / "latest") / "settings.json"
     saved = runs.saved_settings(where.parent)
+    if where.is_file() and not saved:
+        return (f"--resume cannot read {where} (it is damaged, or not the settings train.py wrote), so it cannot "
+                "continue the run as it began; start over with --overwrite.")
     for action in p._actions:
         action.default = argparse.SUPPRESS
     given = set(vars(p.parse_args(argv)))  # the flags the command names, and only those

@@ -22,6 +22,8 @@ from pathlib import Path
 from minidb.files import atomic_write, read_metadata
 
 RUNS = Path("runs")
+# A checkpoint is checkpoints/step-000600; other names there (a copy, a backup) are the user's, never ours.
+CHECKPOINT = "step-" + "[0-9]" * 6
 # Everything a run writes into its folder (hidden names are temporary files and the lock).
 RUN_FILES = {"checkpoints", "validation", "log.jsonl", "settings.json", "loss.png", "model", "model.safetensors",
              "lora.safetensors", "README.md"}  # and the new word's embedding, IDENTIFIER.safetensors
@@ -155,7 +157,7 @@ def latest_state(folder):
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(old, final)
-    states = sorted(folder.glob("step-*"))
+    states = sorted(folder.glob(CHECKPOINT))
     return states[-1] if states else None
 
 def clear(folder):

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from minidb.files import ModelFileError, first_non_finite, fsync, read_tensors, write_pickle, write_safetensors
-from minidb.runs import RunError, latest_state
+from minidb.runs import CHECKPOINT, RunError, latest_state
 
 
 def save_state(folder, step, modules, extra, keep=1):
@@ -45,7 +45,7 @@ def save_state(folder, step, modules, extra, keep=1):
     os.replace(tmp, final)
     fsync(folder)
     shutil.rmtree(old, ignore_errors=True)
-    for stale in sorted(folder.glob("step-*"))[:-keep]:
+    for stale in sorted(folder.glob(CHECKPOINT))[:-keep]:
         shutil.rmtree(stale)
     return final
 
@@ -62,7 +62,7 @@ def resume_point(folder, what):
     if what.isdigit():
         path = folder / f"step-{int(what):06d}"
         if not path.is_dir():
-            have = ", ".join(str(int(p.name[5:])) for p in sorted(folder.glob("step-*"))) or "none"
+            have = ", ".join(str(int(p.name[5:])) for p in sorted(folder.glob(CHECKPOINT))) or "none"
             raise RunError(f"--resume {what}: the run has no checkpoint of step {int(what)} (it has: {have}); "
                            "pass one of those, or latest.")
     else:
@@ -72,7 +72,7 @@ def resume_point(folder, what):
                            "state.pt); pass one of those.")
         path = path.resolve()
     if path.parent == folder.resolve() or path.parent == folder:
-        for later in sorted(folder.glob("step-*")):
+        for later in sorted(folder.glob(CHECKPOINT)):
             if later.name > path.name:
                 (folder / "abandoned").mkdir(exist_ok=True)
                 aside, n = folder / "abandoned" / later.name, 1

@@ -419,15 +419,30 @@ def test_resume_alone_keeps_the_methods_flags_and_a_changed_method_is_named(worl
                                        ({"seed": 2.5}, "records a value train.py refuses (argument --seed: "),
                                        ({"flip": "yes"}, "records --flip as 'yes', which that flag cannot be"),
                                        ({"validation_prompt": "a ball"}, "records --validation-prompt as 'a ball'"),
-                                       ({"images": {"a": 1}}, "records --images as {'a': 1}")])
+                                       ({"images": {"a": 1}}, "records --images as {'a': 1}"),
+                                       ("truncated", "(it is damaged, or not the settings train.py wrote)"),
+                                       ([1, 2], "(it is damaged, or not the settings train.py wrote)")])
 def test_resume_alone_refuses_a_damaged_settings_file_in_one_sentence(world, tmp_path, capsys, edit, says):
     out = run(world, tmp_path / "out", steps=1)
-    settings = json.loads((out / "settings.json").read_text())
-    (out / "settings.json").write_text(json.dumps({**settings, **edit}))
+    text = (out / "settings.json").read_text()
+    settings = json.loads(text)
+    (out / "settings.json").write_text(text[:len(text) // 2] if edit == "truncated" else
+                                       json.dumps(edit if isinstance(edit, list) else {**settings, **edit}))
     err = refused(capsys, ["--out", out, "--resume", "--steps", 2])
     (line,) = [line for line in err.splitlines() if line.startswith("error:")]
-    assert line.startswith(f"error: {out / 'settings.json'} {says}") and line.endswith("start over with --overwrite.")
+    assert f"{out / 'settings.json'} {says}" in line and line.endswith("start over with --overwrite.")
     assert runs.latest_state(out / "checkpoints").name == "step-000001"
+
+
+def test_a_copy_of_a_checkpoint_is_the_users_not_a_checkpoint(world, tmp_path, capsys):
+    """A copy beside the checkpoints (a file manager's "step-000001 copy") is neither resumed from, nor
+    counted, nor deleted by the rotation (int("000001 copy") stopped the run with a traceback)."""
+    out = run(world, tmp_path / "out", steps=1)
+    copy = out / "checkpoints" / "step-000001 copy"
+    shutil.copytree(out / "checkpoints" / "step-000001", copy)
+    assert "(it has: 1)" in refused(capsys, ["--out", out, "--resume", 3])
+    train.main(["--out", str(out), "--resume", "--steps", "2"])  # keeps 1 checkpoint
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001 copy", "step-000002"]
 
 
 @pytest.mark.parametrize("damage", ["truncated state", "truncated weights", "planted pickle", "missing entry",
