@@ -241,6 +241,8 @@ def train(args, out, device):
     if args.resume:
         path = state.resume_point(out / "checkpoints", args.resume)
         resumed = state.load_state(path, trained)
+        if writes:  # only now that it reads back whole: a damaged one leaves the folder as it was
+            state.set_aside_later(out / "checkpoints", path)
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])
         scaler.load_state_dict(resumed["scaler"])

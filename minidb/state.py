@@ -51,37 +51,39 @@ def save_state(folder, step, modules, extra, keep=1):
 
 
 def resume_point(folder, what):
-    """The checkpoint --resume WHAT continues from: "latest", a step number, or a checkpoint folder's path.
-    Checkpoints after it belong to the branch that is abandoned: they are moved into
-    folder/abandoned/ (step-000600, or step-000600-2 when a branch abandoned before took that name), not
-    deleted, and the newest one left in `folder` is the one returned."""
+    """The checkpoint --resume WHAT continues from: "latest", a step number, or a checkpoint folder's path."""
     folder = Path(folder)
-    latest = latest_state(folder)
     if what == "latest":
-        return latest
+        return latest_state(folder)
     if what.isdigit():
         path = folder / f"step-{int(what):06d}"
         if not path.is_dir():
             have = ", ".join(str(int(p.name[5:])) for p in sorted(folder.glob(CHECKPOINT))) or "none"
             raise RunError(f"--resume {what}: the run has no checkpoint of step {int(what)} (it has: {have}); "
                            "pass one of those, or latest.")
-    else:
-        path = Path(what)
-        if not (path / "state.pt").is_file():
-            raise RunError(f"--resume {what} is neither latest, a step number, nor a checkpoint folder (one with a "
-                           "state.pt); pass one of those.")
-        path = path.resolve()
-    if path.parent == folder.resolve() or path.parent == folder:
-        for later in sorted(folder.glob(CHECKPOINT)):
-            if later.name > path.name:
-                (folder / "abandoned").mkdir(exist_ok=True)
-                aside, n = folder / "abandoned" / later.name, 1
-                while aside.exists():  # a branch abandoned before at the same step: keep both
-                    n += 1
-                    aside = aside.with_name(f"{later.name}-{n}")
-                os.replace(later, aside)
-                print(f"set aside {later.name}, after the resumed step, as {aside}")
-    return path
+        return path
+    if not (Path(what) / "state.pt").is_file():
+        raise RunError(f"--resume {what} is neither latest, a step number, nor a checkpoint folder (one with a "
+                       "state.pt); pass one of those.")
+    return Path(what).resolve()
+
+
+def set_aside_later(folder, path):
+    """Once the checkpoint `path` has been read back whole: the checkpoints after it belong to the branch
+    that is abandoned. They move into folder/abandoned/ (step-000600, or step-000600-2 when a branch
+    abandoned before took that name), not deleted, so that the newest one left is `path`."""
+    folder = Path(folder)
+    if path.parent not in (folder, folder.resolve()):
+        return
+    for later in sorted(folder.glob(CHECKPOINT)):
+        if later.name > path.name:
+            (folder / "abandoned").mkdir(exist_ok=True)
+            aside, n = folder / "abandoned" / later.name, 1
+            while aside.exists():  # a branch abandoned before at the same step: keep both
+                n += 1
+                aside = aside.with_name(f"{later.name}-{n}")
+            os.replace(later, aside)
+            print(f"set aside {later.name}, after the resumed step, as {aside}")
 
 
 class BadCheckpoint(ModelFileError):

@@ -434,6 +434,16 @@ def test_resume_alone_refuses_a_damaged_settings_file_in_one_sentence(world, tmp
     assert runs.latest_state(out / "checkpoints").name == "step-000001"
 
 
+def test_a_refused_resume_from_an_earlier_step_sets_nothing_aside(world, tmp_path, capsys):
+    """--resume 1 of a damaged step-1 checkpoint is refused before the intact step 2 moves into abandoned/
+    (it moved first, and --resume latest then found only the damaged one)."""
+    out = run(world, tmp_path / "out", "--save-every", 1, "--checkpoints-keep", 2, steps=2)
+    state_file = out / "checkpoints" / "step-000001" / "state.pt"
+    state_file.write_bytes(state_file.read_bytes()[:500])
+    assert "cannot be resumed" in refused(capsys, ["--out", out, "--resume", 1, "--steps", 3])
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
+
+
 def test_a_copy_of_a_checkpoint_is_the_users_not_a_checkpoint(world, tmp_path, capsys):
     """A copy beside the checkpoints (a file manager's "step-000001 copy") is neither resumed from, nor
     counted, nor deleted by the rotation (int("000001 copy") stopped the run with a traceback)."""
