@@ -270,6 +270,9 @@ def check(args):
         return how_to_get_weights() if Path(args.model) == Path(DEFAULT_MODEL) else \
             f"No model at {args.model}: pass a diffusers folder, a .safetensors / .ckpt file or a Hugging Face Hub " \
             "id (owner/name) to --model."
+    if args.overwrite and args.out is not None and Path(model).resolve().is_relative_to(Path(args.out).resolve()):
+        return (f"--model {args.model} lies inside --out {args.out}, which --overwrite deletes before the new run "
+                "trains; copy the model out of that folder first, or choose another --out.")
     if args.steps and args.warmup_steps >= args.steps:  # the rate would climb for the whole run and never reach --lr
         warnings.warn(f"--warmup-steps {args.warmup_steps} is not shorter than the run (--steps {args.steps}), so "
                       f"the learning rate never reaches --lr {args.lr:g}; shorten the warm-up if that is not meant.")

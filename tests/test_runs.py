@@ -444,6 +444,17 @@ def test_a_refused_resume_from_an_earlier_step_sets_nothing_aside(world, tmp_pat
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
 
 
+def test_overwrite_refuses_a_model_that_lies_in_the_run_it_would_delete(world, tmp_path, capsys):
+    """Training on from a run's own model with --overwrite of that run would delete the model first (and a
+    failed run then leaves the user with neither)."""
+    out = run(world, tmp_path / "out", steps=1)
+    args = base_args(world, out)
+    args[args.index("--model") + 1] = out / "model.safetensors"
+    err = refused(capsys, args + ["--steps", 1, "--overwrite"])
+    assert f"--model {out / 'model.safetensors'} lies inside --out {out}, which --overwrite deletes" in err
+    assert (out / "model.safetensors").is_file() and runs.latest_state(out / "checkpoints") is not None
+
+
 def test_a_copy_of_a_checkpoint_is_the_users_not_a_checkpoint(world, tmp_path, capsys):
     """A copy beside the checkpoints (a file manager's "step-000001 copy") is neither resumed from, nor
     counted, nor deleted by the rotation (int("000001 copy") stopped the run with a traceback)."""
