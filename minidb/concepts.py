@@ -101,7 +101,7 @@ def read_subjects(args):
 
 def name_subjects(subjects, tokenizer, pick, seed):
     """Give every subject its identifier and prompts; a problem comes back as one sentence."""
-    given = [s.identifier for s in subjects if s.identifier]
+    given = [s.identifier.strip().lower() for s in subjects if s.identifier]  # as prompts read it: SKS is sks
     twice = sorted({i for i in given if given.count(i) > 1})
     if twice:
         return f"two subjects use the identifier {twice[0]}; give each subject its own."

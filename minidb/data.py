@@ -96,8 +96,8 @@ def load_images(folder, resolution, flip=False, whole=False):
         raise DataError(f"{folder} has no readable JPEG, PNG or WebP photos; put the photos to train on there.")
     read = [folder / Path(name).with_suffix(".txt") for name in names]
     read = [r for r in read if r.exists()]  # samefile: on a case-insensitive disk Photo1.txt is photo1.txt
-    orphans = sorted(t.name for t in folder.glob("*.txt")
-                     if not t.name.startswith(".") and not any(os.path.samefile(t, r) for r in read))
+    orphans = sorted(t.name for t in folder.glob("*.txt")  # (a link to nothing is no caption: not exists())
+                     if not t.name.startswith(".") and t.exists() and not any(os.path.samefile(t, r) for r in read))
     if orphans:  # most likely a caption whose name does not match its photo's: Photo1.txt for photo1.jpg
         warnings.warn(f"{len(orphans)} caption file(s) in {folder} have no photo of the same name and are not used: "
                       f"{', '.join(orphans[:5])}{', ...' if len(orphans) > 5 else ''} (photo.jpg takes its caption "

@@ -262,6 +262,9 @@ def check(args):
     if word is not None and not can_be_a_new_word(word):  # what Tokenizer.add_word will require, checked before loading
         return (f"--identifier {word!r} must be one lower-case word to become a new word (prompts are read in lower "
                 "case); spell it so, or leave --identifier out.")
+    if word is not None and ("/" in word or "\\" in word or word.startswith(".")):
+        return (f"--identifier {word!r} also names the new word's file, {word}.safetensors, so it cannot hold a slash "
+                "or start with a dot; spell it without, or leave --identifier out.")
     try:
         model = hub.local_path(args.model)  # a Hub id: downloaded now, or one sentence why it cannot be
     except ModelFileError as e:

@@ -307,6 +307,8 @@ def test_a_caption_without_its_photo_is_warned_of_and_the_others_are_read(tmp_pa
         Image.new("RGB", (16, 16), RED).save(tmp_path / f"{name}.png")
     (tmp_path / "photo1.txt").write_text("a [V] dog on grass\n")
     assert load_quietly(tmp_path, 16).captions == ["a [V] dog on grass", None]  # matched: no warning
+    (tmp_path / "zz.txt").symlink_to(tmp_path / "nowhere")  # a link to nothing is no caption (it was a traceback)
+    assert load_quietly(tmp_path, 16).captions == ["a [V] dog on grass", None]
     (tmp_path / "Photo2.txt").write_text("a [V] dog asleep")
     with pytest.warns(UserWarning, match=r"1 caption file\(s\) in .* have no photo of the same name and are not "
                                          r"used: Photo2.txt \(photo.jpg takes its caption from photo.txt\)."):

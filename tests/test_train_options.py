@@ -247,6 +247,8 @@ def test_two_subjects_take_turns_with_their_own_identifiers(world, tmp_path):
     ("not json", "is not valid JSON"),
     ("[{\"images\": \"a\", \"class\": \"dog\", \"identifier\": \"sks\"}, "
      "{\"images\": \"b\", \"class\": \"cat\", \"identifier\": \"sks\"}]", "two subjects use the identifier sks"),
+    ("[{\"images\": \"a\", \"class\": \"dog\", \"identifier\": \"sks\"}, "  # prompts read both as sks
+     "{\"images\": \"b\", \"class\": \"cat\", \"identifier\": \"SKS \"}]", "two subjects use the identifier sks"),
 ])
 def test_a_bad_concepts_file_is_one_sentence(world, tmp_path, capsys, content, words):
     for name in "ab":
