@@ -94,9 +94,9 @@ def load_images(folder, resolution, flip=False, whole=False):
                       f"{', '.join(unreadable)}.", stacklevel=2)
     if not images:
         raise DataError(f"{folder} has no readable JPEG, PNG or WebP photos; put the photos to train on there.")
-    read = [folder / Path(name).with_suffix(".txt") for name in names]
-    read = [r for r in read if r.exists()]  # samefile: on a case-insensitive disk Photo1.txt is photo1.txt
-    orphans = sorted(t.name for t in folder.glob("*.txt")  # (a link to nothing is no caption: not exists())
+    # samefile, below: on a case-insensitive disk Photo1.txt is photo1.txt; a link to nothing is no caption
+    read = [r for name in names if (r := _caption_path(folder / name))]
+    orphans = sorted(t.name for t in {*folder.glob("*.txt"), *folder.glob("*.TXT")}
                      if not t.name.startswith(".") and t.exists() and not any(os.path.samefile(t, r) for r in read))
     if orphans:  # most likely a caption whose name does not match its photo's: Photo1.txt for photo1.jpg
         warnings.warn(f"{len(orphans)} caption file(s) in {folder} have no photo of the same name and are not used: "
@@ -118,10 +118,15 @@ def load_images(folder, resolution, flip=False, whole=False):
                   wholes if whole else None)
 
 
+def _caption_path(photo):
+    """photo.txt beside the photo (or photo.TXT, as cameras and Windows tools name it), or None."""
+    return next((path for path in (photo.with_suffix(".txt"), photo.with_suffix(".TXT")) if path.exists()), None)
+
+
 def _caption(photo):
     """The caption in photo.txt beside the photo, or None; an empty or unreadable one is an error."""
-    path = photo.with_suffix(".txt")
-    if not path.exists():
+    path = _caption_path(photo)
+    if path is None:
         return None
     try:
         text = " ".join(path.read_text(encoding="utf-8").split())

@@ -314,3 +314,9 @@ def test_a_caption_without_its_photo_is_warned_of_and_the_others_are_read(tmp_pa
                                          r"used: Photo2.txt \(photo.jpg takes its caption from photo.txt\)."):
         photos = load_images(tmp_path, 16)
     assert photos.captions == ["a [V] dog on grass", None]
+    # a camera's upper-case names caption as well (IMG_1.TXT beside IMG_1.PNG was dropped without a word)
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    Image.new("RGB", (16, 16), RED).save(upper / "IMG_1.PNG")
+    (upper / "IMG_1.TXT").write_text("a [V] dog by the sea")
+    assert load_quietly(upper, 16).captions == ["a [V] dog by the sea"]
