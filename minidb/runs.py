@@ -252,9 +252,21 @@ def check_resume_settings(folder, settings):
             same = Path(value).resolve() == Path(old).resolve()
         else:
             same = value == old
-        if not same:
-            raise RunError(f"{flag(key)} is {value!r} now but the run in {folder} started with {old!r}, and "
-                           f"changing it would not continue the same run; resume with {old!r}, or start a new run.")
+        if same:
+            continue
+        numbers = all(type(v) in (int, float) for v in (old, value))
+        if (old is None and key in DERIVED) or (None not in (old, value) and type(old) is not type(value) and not numbers):
+            raise RunError(f"{folder / 'settings.json'} records {flag(key)} as {old!r}, which train.py never writes "
+                           "for it, so the file was edited or damaged; put back the value the run started with, or "
+                           "start over with --overwrite.")
+        if key == "subjects":  # --concepts: name the first subject that differs, not the whole list
+            which = next((i for i, (a, b) in enumerate(zip(value, old), 1) if a != b), min(len(value), len(old)) + 1)
+            raise RunError(f"--concepts {settings.get('concepts')} gives other subjects than the run in {folder} "
+                           f"started with (subject {which} differs), so it would not continue the same run; put the "
+                           "file back as it was, or start a new run.")
+        advice = f"resume without {flag(key)}" if old is None else f"resume with {old!r}"
+        raise RunError(f"{flag(key)} is {value!r} now but the run in {folder} started with {old!r}, and "
+                       f"changing it would not continue the same run; {advice}, or start a new run.")
 
 
 def trim_log(path, step):

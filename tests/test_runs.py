@@ -423,6 +423,8 @@ def test_resume_alone_keeps_the_methods_flags_and_a_changed_method_is_named(worl
                                        ({"flip": "yes"}, "records --flip as 'yes', which that flag cannot be"),
                                        ({"validation_prompt": "a ball"}, "records --validation-prompt as 'a ball'"),
                                        ({"images": {"a": 1}}, "records --images as {'a': 1}"),
+                                       ({"seed": "0"}, "records --seed as '0', which train.py never writes for it"),
+                                       ({"identifier": None}, "records --identifier as None, which train.py never"),
                                        ("truncated", "(it is damaged, or not the settings train.py wrote)"),
                                        ([1, 2], "(it is damaged, or not the settings train.py wrote)")])
 def test_resume_alone_refuses_a_damaged_settings_file_in_one_sentence(world, tmp_path, capsys, edit, says):

@@ -211,7 +211,7 @@ def test_drift_is_logged_at_each_validation_beside_the_base_models(world, tmp_pa
     assert rows[0]["drift_base"] > 0 and (out / "loss.png").is_file()
 
 
-def test_two_subjects_take_turns_with_their_own_identifiers(world, tmp_path):
+def test_two_subjects_take_turns_with_their_own_identifiers(world, tmp_path, capsys):
     second = tmp_path / "cups"
     second.mkdir()
     for i in range(2):
@@ -237,6 +237,10 @@ def test_two_subjects_take_turns_with_their_own_identifiers(world, tmp_path):
     train.main(["--out", str(out), "--resume", "--steps", "3"])
     resumed = json.load(open(out / "settings.json"))
     assert resumed["subjects"] == settings["subjects"] and resumed["steps"] == 3
+    # the file edited since (its subjects swapped) is refused, naming the file and the first subject that differs
+    concepts.write_text(json.dumps(json.loads(concepts.read_text())[::-1]))
+    err = refused(capsys, ["--out", out, "--resume", "--steps", 4])
+    assert f"--concepts {concepts} gives other subjects than the run in {out} started with (subject 1 differs)" in err
 
 
 @pytest.mark.parametrize("content, words", [
