@@ -240,6 +240,9 @@ def train(args, out, device):
     drift_base, start = None, 0
     if args.resume:
         path = state.resume_point(out / "checkpoints", args.resume)
+        source = path.parent.parent  # a checkpoint of another folder: it must be of this run too (a copy)
+        if source.resolve() != out.resolve() and (source / "settings.json").is_file():
+            runs.check_resume_settings(source, settings)
         resumed = state.load_state(path, trained)
         if writes:  # only now that it reads back whole: a damaged one leaves the folder as it was
             state.set_aside_later(out / "checkpoints", path)

@@ -460,6 +460,16 @@ def test_overwrite_refuses_a_model_that_lies_in_the_run_it_would_delete(world, t
     assert (out / "model.safetensors").is_file() and runs.latest_state(out / "checkpoints") is not None
 
 
+def test_resume_from_another_runs_checkpoint_is_refused(world, tmp_path, capsys):
+    """--resume PATH of a checkpoint from a run with another seed would go on with that run's weights, data
+    order and random state: refused, naming the setting and that run."""
+    mine, other = run(world, tmp_path / "mine", steps=1), run(world, tmp_path / "other", "--seed", 5, steps=1)
+    err = refused(capsys, base_args(world, mine) + ["--save-dtype", "fp32", "--steps", 2, "--resume",
+                                                    other / "checkpoints" / "step-000001"])
+    assert f"--seed is 0 now but the run in {other} started with 5" in err
+    assert runs.latest_state(mine / "checkpoints").name == "step-000001"
+
+
 def test_a_copy_of_a_checkpoint_is_the_users_not_a_checkpoint(world, tmp_path, capsys):
     """A copy beside the checkpoints (a file manager's "step-000001 copy") is neither resumed from, nor
     counted, nor deleted by the rotation (int("000001 copy") stopped the run with a traceback)."""
