@@ -76,10 +76,14 @@ def embedding_vectors(path, tensors):
         raise ModelFileError(f"{path} is not a textual-inversion embedding (one tensor of vectors, e.g. "
                              f"emb_params, or SDXL's clip_l and clip_g); it holds {', '.join(list(tensors)[:3]) or 'nothing'}.")
     for name in names:
+        if not found[name].is_floating_point():  # cast to float, int8 vectors would be zeros and bool ones 0 and 1
+            raise ModelFileError(f"{path} holds {str(found[name].dtype).removeprefix('torch.')} values in {name} where "
+                                 "an embedding holds floating-point numbers; the file is damaged or of another kind, "
+                                 "so make it again.")
         if found[name].numel() == 0:
             raise ModelFileError(f"{path} holds no vectors ({name} has the shape {tuple(found[name].shape)}); the file "
                                  "is damaged, so make it again.")
-        if not torch.isfinite(found[name]).all():
+        if not torch.isfinite(found[name].float()).all():  # float(): torch has no isfinite for fp8
             raise ModelFileError(f"{path} holds NaN or infinite numbers in {name}, which draw black pictures; the file "
                                  "is damaged, so make it again.")
     return {name: found[name].reshape(-1, found[name].shape[-1]) for name in names}

@@ -117,12 +117,26 @@ def test_embeddings_that_do_not_fit_are_one_sentence(folder, tmp_path):
     assert "rename the file" in one_sentence(e)
 
 
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_an_fp8_embedding_is_read_as_its_numbers(folder, tmp_path, dtype):
+    """torch has no isfinite for float8_e4m3fn: checking such a file was a traceback."""
+    from safetensors.torch import save_file
+    vectors = torch.randn(2, 32, generator=torch.Generator().manual_seed(0)).to(dtype)
+    save_file({"emb_params": vectors}, tmp_path / "abz.safetensors")
+    assert torch.equal(NewWord.from_file(load(folder), tmp_path / "abz.safetensors").emb_params, vectors.float())
+
+
 @pytest.mark.parametrize("tensors,words", [
     ({"emb_params": torch.zeros(0, 32)}, "holds no vectors (emb_params has the shape (0, 32))"),
     ({"emb_params": torch.zeros(0)}, "holds no vectors (emb_params has the shape (0,))"),
     ({"emb_params": torch.tensor(1.0)}, "is not a textual-inversion embedding"),
     ({"emb_params": torch.full((1, 32), float("nan"))}, "holds NaN or infinite numbers in emb_params"),
     ({"emb_params": torch.full((2, 32), float("-inf"))}, "holds NaN or infinite numbers in emb_params"),
+    # used silently: cast to float, int8 vectors became zeros and bool ones 0 and 1
+    ({"emb_params": torch.ones(1, 32, dtype=torch.int8)}, "holds int8 values in emb_params where an embedding holds "
+     "floating-point numbers; the file is damaged or of another kind, so make it again."),
+    ({"emb_params": torch.ones(1, 32, dtype=torch.bool)}, "holds bool values in emb_params where an embedding holds"),
+    ({"emb_params": torch.ones(1, 32, dtype=torch.complex64)}, "holds complex64 values in emb_params"),
 ])
 def test_empty_and_non_finite_embeddings_are_one_sentence(folder, tmp_path, tensors, words):
     """0 vectors, 0-wide ones (which would not even reshape) and NaN ones (black pictures) are refused."""
