@@ -93,7 +93,7 @@ def parse_args(argv=None):
     p.add_argument("--lora", type=path_and_scale, action="append", default=[], metavar="PATH[:SCALE]",
                    help="merge a LoRA (kohya, diffusers or PEFT file) into the model, at SCALE (default 1); "
                         "repeat for several")
-    p.add_argument("--embedding", action="append", default=[], metavar="PATH",
+    p.add_argument("--embedding", type=nonempty_path, action="append", default=[], metavar="PATH",
                    help="a textual-inversion embedding; its file name is the word to write in the prompt; "
                         "repeat for several")
     p.add_argument("--sampler", default=None, choices=list(SAMPLERS),

@@ -61,8 +61,8 @@ def text(value):
 
 
 def nonempty_path(value):
-    """An argparse type for --model and --out: not empty, which would silently mean the default model or the
-    current folder."""
+    """An argparse type for --model, --out and the other paths: not empty, which would silently mean the default
+    model or the current folder."""
     if not value.strip():
         raise argparse.ArgumentTypeError("must not be empty; give a path")
     return value
@@ -70,7 +70,7 @@ def nonempty_path(value):
 def path_and_scale(value):
     """An argparse type for LoRAs: PATH or PATH:SCALE, SCALE a finite number from -10 to 10 (default 1).
     A colon that is not followed by a number is part of the path (C:\\loras\\x.safetensors)."""
-    path, _, scale = value.rpartition(":")
+    path, _, scale = nonempty_path(value).rpartition(":")
     if path and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)(e[-+]?\d+)?|[-+]?(nan|inf)", scale.lower()):
         return path, number(float, low=-10, high=10)(scale)
     if path and Path(path).is_file() and not Path(value).exists():  # x.safetensors:abc, a scale mistyped

@@ -3,7 +3,7 @@
 Prints the version, the prediction type and how it was decided, the configs and the parameter
 counts; with --convert it also writes the model in the other layout. Given a LoRA or an embedding
 instead, it says what that holds (family, layers, rank and alpha, the word) and how to draw with it. An existing target (such as a
-trained model) is only replaced with --overwrite, and then atomically: a crash leaves the old one.
+trained model) is only replaced with --overwrite, only if it is a model, and then atomically: a crash leaves the old one.
 """
 
 import argparse
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from minidb.cli import path_and_scale
+from minidb.cli import nonempty_path, path_and_scale
 from minidb.dreambooth import embedding_vectors
 from minidb.files import PICKLE_SUFFIXES, ModelFileError, read_tensors, replace_folder
 from minidb.load import load
@@ -43,11 +43,11 @@ How the prediction type (epsilon or v) is chosen:
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m minidb.info", description=__doc__.splitlines()[0], epilog=HELP,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="a diffusers folder, a .safetensors / .ckpt file or a Hugging Face Hub id "
-                        "owner/name[@revision]")
+    parser.add_argument("model", type=nonempty_path, help="a diffusers folder, a .safetensors / .ckpt file or a "
+                        "Hugging Face Hub id owner/name[@revision]")
     parser.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None,
                         help="override the detected prediction type (default: detect, see below)")
-    parser.add_argument("--convert", metavar="OUT", default=None,
+    parser.add_argument("--convert", type=nonempty_path, metavar="OUT", default=None,
                         help="also write the model to OUT: a .safetensors path gives a single file, any other path a "
                              "diffusers folder (no .ckpt: minidb writes no pickles, which can carry code)")
     parser.add_argument("--overwrite", action="store_true", help="let --convert replace an existing OUT")
@@ -167,9 +167,17 @@ def fail(message):  # one sentence for the user, exit status 2
     return 2
 
 
+# What a diffusers Stable Diffusion folder holds: save_diffusers writes all but the last two.
+MODEL_FOLDER = {"model_index.json", "unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
+                "scheduler", "safety_checker", "feature_extractor"}
+
+
 def target_problem(out, overwrite):
     """Why --convert must not write to `out`, or None. Only --overwrite replaces an existing file or
-    non-empty folder (such as a trained model), and never a file by a folder or a folder by a file."""
+    non-empty folder (such as a trained model), never a file by a folder or a folder by a file, and never
+    a folder that holds anything but a diffusers model: as train.py's --overwrite, it deletes nothing else."""
+    if out.name in ("", ".."):  # ".", "/", "..": no name to write under, nor to swap a folder in by
+        return f"--convert {out} names no new folder or file; give it a name, such as --convert {out / 'model'}."
     single = out.suffix.lower() == ".safetensors"
     parent = next(p for p in out.parents if p.exists())  # the folders below it are made when writing
     if not parent.is_dir():
@@ -180,6 +188,11 @@ def target_problem(out, overwrite):
                 "a folder name for the diffusers layout.")
     if not out.exists() or out.is_dir() and not single and not any(out.iterdir()):
         return None  # an empty folder holds nothing to lose
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() and not single else []
+    foreign = [name for name in entries if name not in MODEL_FOLDER or "model_index.json" not in entries]
+    if foreign:
+        return (f"--convert {out} holds files that are not a model ({', '.join(foreign[:3])}"
+                f"{', ...' if len(foreign) > 3 else ''}); choose a new or empty folder.")
     if not overwrite:
         return f"{out} already exists; pass --overwrite to replace it, or choose another path."
     if out.is_dir() == single:

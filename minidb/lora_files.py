@@ -138,7 +138,8 @@ def _peft_scale(settings, part, name_in_file, rank):
 def _problem(tensors, keys, shape=None, layer="each other"):
     """What makes one layer's tensors ({role: key}) unusable, or None: a down without its up or the reverse,
     a down and an up that do not fit a layer of `shape` (described as `layer`; without the model, the shape
-    the two imply), an alpha that is not one number, or numbers that are not finite (black pictures)."""
+    the two imply), an alpha that is not one number, weights that are not floating-point numbers (int8 cast to
+    float is all zeros, bool is 0 and 1), or numbers that are not finite (black pictures)."""
     if "down" not in keys or "up" not in keys:
         has, lacks = ("down", "up") if "down" in keys else ("up" if "up" in keys else "alpha", "down")
         return f"has {keys[has]} without its {lacks} weight, so the file is incomplete"
@@ -153,8 +154,13 @@ def _problem(tensors, keys, shape=None, layer="each other"):
                 f"do not fit {layer}")
     if "alpha" in keys and tensors[keys["alpha"]].numel() != 1:
         return f"has {keys['alpha']} of shape {tuple(tensors[keys['alpha']].shape)} where one number belongs"
-    for key in keys.values():
-        if not torch.isfinite(tensors[key]).all():
+    for role, key in keys.items():
+        t = tensors[key]
+        whole = role == "alpha" and not t.is_complex() and t.dtype != torch.bool  # kohya's alpha = rank is an int64
+        if not (t.is_floating_point() or whole):  # cast to float, int8 weights would become zeros
+            return (f"has {key} holding {str(t.dtype).removeprefix('torch.')} values where a LoRA holds "
+                    "floating-point numbers, so the file is damaged or of another kind; download or export it again")
+        if not torch.isfinite(t.float()).all():  # float(): torch has no isfinite for fp8
             return f"has {key} holding NaN or infinite numbers, so the file is damaged; download or export it again"
     return None
 
@@ -311,7 +317,7 @@ def merge_lora(model, path, scale=1.0):
         for part, layer, down, up, s in adapters:  # one update in memory at a time
             w = layer.weight
             new = (w.float() + scale * _delta(layer, down, up, s)).to(w.dtype)
-            if not torch.isfinite(new).all():  # checked here, as made, rather than in a second pass over the model
+            if not torch.isfinite(new.float()).all():  # checked as made, not in a second pass; float(): fp8 models
                 raise ModelFileError(f"{path} at scale {scale:g} gives weights that are not finite numbers in "
                                      f"{str(w.dtype).removeprefix('torch.')}: its alpha or weights are far too large, "
                                      "or the model already held NaN; use another LoRA file or model.")

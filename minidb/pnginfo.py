@@ -7,12 +7,14 @@ its own JSON workflow before it looks at "parameters", so no other chunk may be 
 own settings go into one chunk named "minidb" (JSON), with no paths of the user's machine.
 
 Hashes are A1111's short ones: a model's first 10 hex digits of the file's sha256; a LoRA's first 12
-of the sha256 of the bytes after a safetensors file's header (the "addnet" hash, modules/hashes.py);
-an embedding's first 12 of the file's sha256.
+of the sha256 of the bytes after a safetensors file's header (the "addnet" hash, modules/hashes.py),
+or of the whole file for a LoRA saved as a pickle (.bin, .pt, .ckpt: extensions-builtin/Lora/network.py
+takes the addnet hash only where is_safetensors); an embedding's first 12 of the file's sha256.
 """
 
 import hashlib
 import json
+from pathlib import Path
 
 from PIL.PngImagePlugin import PngInfo
 
@@ -20,10 +22,11 @@ from minidb.files import atomic_write
 
 
 def sha256(path, skip_header=False):
-    """The file's sha256 in hex; with skip_header, of what follows a safetensors header (A1111's addnet hash)."""
+    """The file's sha256 in hex; with skip_header, of what follows a .safetensors file's header (A1111's addnet
+    hash). Any other file, such as a pickle, has no such header and is hashed whole, as A1111 hashes it."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        if skip_header:  # 8 bytes of header length (little-endian), then the JSON header
+        if skip_header and Path(path).suffix.lower() == ".safetensors":  # 8 bytes of header length, then the header
             f.seek(8 + int.from_bytes(f.read(8), "little"))
         while chunk := f.read(1 << 20):
             h.update(chunk)

@@ -92,6 +92,7 @@ def test_convert_refuses_an_existing_target(tiny_file, tmp_path, capsys):
     trained = tmp_path / "trained"
     (trained / "unet").mkdir(parents=True)
     (trained / "unet" / "mine.txt").write_text("a week of training")
+    (trained / "model_index.json").write_text("{}")
     single = tmp_path / "trained.safetensors"
     single.write_bytes(b"my model")
     for target in (trained, single):
@@ -109,6 +110,7 @@ def test_overwrite_replaces_the_target_whole(tiny_file, tmp_path, capsys):
     trained = tmp_path / "trained"
     (trained / "unet").mkdir(parents=True)
     (trained / "unet" / "mine.txt").write_text("old")
+    (trained / "model_index.json").write_text("{}")
     single = tmp_path / "out.safetensors"
     single.write_bytes(b"old")
     for target in (trained, single):
@@ -125,6 +127,43 @@ def test_overwrite_replaces_the_target_whole(tiny_file, tmp_path, capsys):
     (tmp_path / "plain").write_text("x")
     assert main([str(tiny_file), "--convert", str(tmp_path / "plain"), "--overwrite"]) == 2
     assert "is a file and would be replaced by a diffusers folder" in error_line(capsys)
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_model(tiny_file, tmp_path, capsys):
+    """As train.py's --overwrite, info's deletes a model only: a thesis in the folder was lost."""
+    docs, model = tmp_path / "docs", tmp_path / "model"
+    docs.mkdir()
+    (docs / "thesis.pdf").write_text("my thesis")
+    save_diffusers(tiny_model(), model)
+    (model / "notes.txt").write_text("my notes")  # a model folder with the user's own file in it
+    for target, held in ((docs, "thesis.pdf"), (model, "notes.txt")):
+        for overwrite in ([], ["--overwrite"]):
+            assert main([str(tiny_file), "--convert", str(target), *overwrite]) == 2
+            assert f"--convert {target} holds files that are not a model ({held}); choose a new or empty folder." \
+                in error_line(capsys)
+    assert (docs / "thesis.pdf").read_text() == "my thesis" and (model / "notes.txt").read_text() == "my notes"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs", "model"]
+
+
+@pytest.mark.parametrize("target", [".", "/", "..", "sub/.."])
+def test_convert_to_a_path_without_a_name_is_refused(tiny_file, tmp_path, capsys, monkeypatch, target):
+    """`.` and `/` have no parent folder (StopIteration), and no name to swap a new folder in under."""
+    monkeypatch.chdir(tmp_path)
+    for overwrite in ([], ["--overwrite"]):
+        assert main([str(tiny_file), "--convert", target, *overwrite]) == 2
+        assert f"--convert {target} names no new folder or file; give it a name, such as --convert " \
+            f"{Path(target) / 'model'}." in error_line(capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args", [[""], [" "], ["M", "--convert", ""], ["M", "--merge-lora", "", "--convert", "x"]])
+def test_empty_paths_are_refused_not_read_as_the_current_folder(tiny_file, tmp_path, capsys, monkeypatch, args):
+    """An unset shell variable (--convert "$OUT") converted nothing and said nothing, with exit status 0."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main([str(tiny_file) if a == "M" else a for a in args])
+    assert e.value.code == 2 and "must not be empty; give a path" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("suffix", [".ckpt", ".pt", ".bin"])
@@ -209,6 +248,17 @@ def test_info_describes_a_lora_minidb_trained(tmp_path, capsys):
                             '--prompt "a photo of zwx cup"')
 
 
+@pytest.mark.parametrize("dtype", ["float8_e4m3fn", "float8_e5m2"])
+def test_info_describes_an_fp8_lora(tmp_path, capsys, dtype):
+    """torch has no isfinite for float8_e4m3fn: checking such a file was a traceback."""
+    layer = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    tensors = {f"{layer}.lora_down.weight": torch.ones(2, 32, 1, 1), f"{layer}.lora_up.weight": torch.ones(32, 2, 1, 1),
+               f"{layer}.alpha": torch.tensor(1.0)}
+    save_file({k: t.to(getattr(torch, dtype)) for k, t in tensors.items()}, tmp_path / "f8.safetensors")
+    status, lines = described(capsys, tmp_path / "f8.safetensors")
+    assert status == 0 and lines["kind"].endswith(f"layout, {dtype}") and lines["rank"] == "2; alpha 1, scale 0.5"
+
+
 def test_info_describes_a_peft_lora_and_its_metadata_alpha(tmp_path, capsys):
     layer = "unet.down_blocks.0.attentions.0.transformer_blocks.1.attn2.to_k"  # depth 2: SDXL's shapes
     tensors = {f"{layer}.lora_A.weight": torch.ones(8, 2048), f"{layer}.lora_B.weight": torch.ones(640, 8),
@@ -266,6 +316,9 @@ LAYER = "lora_unet_down_blocks_0_attentions_0_proj_in"  # a 1x1 conv of 32 chann
     ({"emb_params": torch.zeros(0, 32)}, "holds no vectors (emb_params has the shape (0, 32))"),
     ({"emb_params": torch.zeros(0)}, "holds no vectors (emb_params has the shape (0,))"),
     ({"emb_params": torch.tensor(1.0)}, "is not a textual-inversion embedding"),
+    ({f"{LAYER}.lora_down.weight": torch.ones(2, 32, 1, 1, dtype=torch.int8),
+      f"{LAYER}.lora_up.weight": torch.ones(32, 2, 1, 1, dtype=torch.int8)},
+     f"has {LAYER}.lora_down.weight holding int8 values where a LoRA holds floating-point numbers"),
 ])
 def test_info_refuses_add_ons_that_sample_py_refuses(tmp_path, capsys, tensors, words):
     """A LoRA with rank 0, a 0-d down or an empty alpha, or an embedding of no vectors: the same sentence

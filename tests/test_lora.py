@@ -549,6 +549,13 @@ BAD_FILES = {  # case: (a change to sd1.safetensors, or another file; what the s
     "not a LoRA": (lambda t: [t.clear(), t.update({"emb_params": torch.ones(1, 32)})], "holds no LoRA tensors"),
     "truncated": ("truncated.safetensors", "is not a readable safetensors file"),
     "full checkpoint": ("full.safetensors", "is a full model checkpoint, not a LoRA"),
+    # weights that are no floating-point numbers: int8 cast to float was all zeros, bool 0 and 1, all used silently
+    "int8 weights": (lambda t: t.update({UP: t[UP].mul(100).to(torch.int8)}), f"has {UP} holding int8 values where "
+                     "a LoRA holds floating-point numbers, so the file is damaged or of another kind; download or "
+                     "export it again."),
+    "bool weights": (lambda t: t.update({DOWN: t[DOWN] > 0}), f"has {DOWN} holding bool values where a LoRA holds"),
+    "complex alpha": (lambda t: t.update({UP.replace(".lora_up.weight", ".alpha"): torch.tensor(2 + 0j)}),
+                      "alpha holding complex64 values where a LoRA holds floating-point numbers"),
 }
 
 
@@ -575,6 +582,38 @@ def test_sd1_lora_on_sd2_model(sd1):
         with pytest.raises(ModelFileError) as e:
             read_lora(tmp / name, load(tmp / "SD 2.x"))
         assert "is a LoRA for SD 1.x, but the model is SD 2.x; apply it to an SD 1.x model." in one_sentence(e)
+
+
+def test_fp8_weights_merge_as_their_numbers_do_in_fp32(sd1, tmp_path):
+    """fp8 LoRA files are common, and torch has no isfinite for float8_e4m3fn: reading one was a traceback."""
+    model, tmp = sd1
+    tensors = load_file(tmp / "sd1.safetensors")
+    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        save_file({k: t.to(dtype) for k, t in tensors.items()}, tmp_path / "fp8.safetensors")
+        save_file({k: t.to(dtype).float() for k, t in tensors.items()}, tmp_path / "fp32.safetensors")
+        fp8, fp32 = read_lora(tmp_path / "fp8.safetensors", model), read_lora(tmp_path / "fp32.safetensors", model)
+        assert len(fp8) == len(fp32) and all(torch.equal(a, b) for (_, a), (_, b) in zip(fp8, fp32))
+        assert any(b.abs().sum() > 0 for _, b in fp8)
+
+
+def test_a_lora_merges_into_an_fp8_model(sd1):
+    """The merged weights are checked to be finite in the model's dtype, which torch could not do in fp8."""
+    _, tmp = sd1
+    model = load(tmp / "SD 1.x", dtype=torch.float8_e4m3fn)
+    before = {k: v.float() for k, v in model.unet.state_dict().items()}
+    assert merge_lora(model, tmp / "sd1.safetensors")["unet"] > 0
+    assert any(not torch.equal(v.float(), before[k]) for k, v in model.unet.state_dict().items())
+
+
+def test_a_whole_number_alpha_is_a_number_like_any_other(sd1, tmp_path):
+    """kohya stores alpha = rank as an int64 tensor: only weights must be floating point."""
+    model, tmp = sd1
+    tensors = load_file(tmp / "sd1.safetensors")
+    alphas = {k: torch.tensor(2) for k in tensors if k.endswith(".alpha")}
+    save_file({**tensors, **alphas}, tmp_path / "int.safetensors")
+    save_file({**tensors, **{k: t.float() for k, t in alphas.items()}}, tmp_path / "float.safetensors")
+    pairs = zip(read_lora(tmp_path / "int.safetensors", model), read_lora(tmp_path / "float.safetensors", model))
+    assert all(torch.equal(a, b) for (_, a), (_, b) in pairs)
 
 
 ALPHA = UP.replace(".lora_up.weight", ".alpha")

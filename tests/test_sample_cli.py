@@ -288,6 +288,9 @@ def refusal(capsys, *args):
     (["--prompt", ""], "argument --prompt: must not be empty"),
     (["--out", ""], "argument --out: must not be empty; give a path"),  # it wrote into the current folder
     (["--model", ""], "argument --model: must not be empty; give a path"),  # it meant the default model
+    (["--lora", ""], "argument --lora: must not be empty; give a path"),  # it was read as the current folder
+    (["--lora", " "], "argument --lora: must not be empty; give a path"),
+    (["--embedding", ""], "argument --embedding: must not be empty; give a path"),
     (["--prompt", " \t\n"], "argument --prompt: must not be empty"),
     (["--negative-prompt", "\udcff\udcfe"], "argument --negative-prompt: is not valid UTF-8"),
     (["--sampler", "plms"], "invalid choice: 'plms'"),
@@ -511,6 +514,25 @@ def test_lora_is_merged_and_recorded_as_a1111_does(models, adapters, tmp_path):
     r = sample("--model", models[1], "--prompt", "a red ball", "--steps", "3", "--seed", "9", "--height", "32",
                "--out", tmp_path / "plain")
     assert pixels(next((tmp_path / "plain").glob("*.png"))) != expected.tobytes()  # the LoRA did something
+
+
+def test_a_lora_saved_as_a_pickle_draws_and_is_hashed_whole_as_a1111_does(models, adapters, tmp_path):
+    """diffusers' older scripts wrote LoRAs as pytorch_lora_weights.bin. A pickle has no safetensors header to
+    skip, so A1111 hashes the whole file (network.py: the addnet hash only where is_safetensors); sample.py
+    crashed reading a header length from the pickle's first bytes."""
+    from safetensors.torch import load_file
+    lora, _ = adapters
+    pickled = tmp_path / "pytorch_lora_weights.bin"
+    torch.save(load_file(lora), pickled)
+    drawn = {}
+    for name, path in (("safetensors", lora), ("pickle", pickled)):
+        r = sample("--model", models[1], "--prompt", "a red ball", "--lora", path, "--steps", "2", "--seed", "9",
+                   "--height", "32", "--out", tmp_path / name)
+        assert r.returncode == 0, r.stderr
+        drawn[name] = next((tmp_path / name).glob("*.png"))
+    assert pixels(drawn["pickle"]) == pixels(drawn["safetensors"])  # the same LoRA, drawn with
+    fields = parse_a1111(Image.open(drawn["pickle"]).text["parameters"])
+    assert fields["Lora hashes"] == f"pytorch_lora_weights: {hashlib.sha256(pickled.read_bytes()).hexdigest()[:12]}"
 
 
 def test_embedding_is_a_word_and_recorded_as_a1111_does(models, adapters, tmp_path):
