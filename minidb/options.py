@@ -140,7 +140,7 @@ def keep_the_runs_own(p, argv, args):
     (A folder without settings.json keeps nothing: the resume then refuses it, and says why.)"""
     where = (Path(args.out) if args.out is not None else runs.RUNS / "latest") / "settings.json"
     saved = runs.saved_settings(where.parent)
-    if where.is_file() and not saved:
+    if where.is_file() and not saved and any((where.parent / "checkpoints").glob(runs.CHECKPOINT)):
         return (f"--resume cannot read {where} (it is damaged, or not the settings train.py wrote), so it cannot "
                 "continue the run as it began; start over with --overwrite.")
     for action in p._actions:
