@@ -153,7 +153,6 @@ def keep_the_runs_own(p, argv, args):
         leave |= {"identifier", "instance_prompt", "class_prompt"}
     method = args.method or saved.get("method")
     leave |= {key for key, methods in METHOD_FLAGS.items() if method not in methods}
-    damaged = "so the file was edited or damaged; put back the value the run started with, or start over with --overwrite."
     typed = []  # the run's own values, as the command line would give them
     for action in p._actions:
         value = saved.get(action.dest)
@@ -167,7 +166,7 @@ def keep_the_runs_own(p, argv, args):
         else:
             fits, texts = type(value) in (str, int, float), [str(value)]  # str() of a float reads back the same
         if not fits:
-            return f"{where} records {flag} as {value!r}, which that flag cannot be, {damaged}"
+            return f"{where} records {flag} as {value!r}, which that flag cannot be, {runs.EDITED}"
         typed += [flag] if action.nargs == 0 else [f"{flag}={text}" for text in texts]
 
     def refuse(message):
@@ -176,7 +175,7 @@ def keep_the_runs_own(p, argv, args):
     try:
         kept = vars(p.parse_args(typed))
     except ValueError as e:
-        return f"{where} records a value train.py refuses ({e}), {damaged}"
+        return f"{where} records a value train.py refuses ({e}), {runs.EDITED}"
     for key, value in kept.items():
         setattr(args, key, value)
     return None

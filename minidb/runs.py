@@ -34,6 +34,8 @@ PATH_FLAGS = {"images", "model", "class_dir", "concepts"}
 DERIVED = {"identifier", "instance_prompt", "class_prompt", "resolution", "mixed_precision", "base_version",
            "prediction_type"}
 FLAG_NAMES = {"class_name": "--class"}
+# The end of each sentence about a settings.json value that train.py never wrote.
+EDITED = "so the file was edited or damaged; put back the value the run started with, or start over with --overwrite."
 
 
 class RunError(Exception):
@@ -257,8 +259,7 @@ def check_resume_settings(folder, settings):
         numbers = all(type(v) in (int, float) for v in (old, value))
         if (old is None and key in DERIVED) or (None not in (old, value) and type(old) is not type(value) and not numbers):
             raise RunError(f"{folder / 'settings.json'} records {flag(key)} as {old!r}, which train.py never writes "
-                           "for it, so the file was edited or damaged; put back the value the run started with, or "
-                           "start over with --overwrite.")
+                           f"for it, {EDITED}")
         if key == "subjects":  # --concepts: name the first subject that differs, not the whole list
             which = next((i for i, (a, b) in enumerate(zip(value, old), 1) if a != b), min(len(value), len(old)) + 1)
             raise RunError(f"--concepts {settings.get('concepts')} gives other subjects than the run in {folder} "
