@@ -155,6 +155,9 @@ def _depth(tensors, block):
 def unet_config(tensors, version, prediction_type, path):
     """UNet tensors (no `model.diffusion_model.` prefix) -> UNetConfig."""
     part = "UNet"
+    if "input_blocks.0.0.weight" not in tensors:  # the UNet's first conv, which single_file reads the kind from
+        raise ModelFileError(f"{path} lacks the UNet tensor model.diffusion_model.input_blocks.0.0.weight, though it "
+                             "holds other UNet tensors, so it is incomplete or damaged; download or export it again.")
     mc = _shape(tensors, "time_embed.0.weight", 2, part, path)[1]  # (4 mc, mc)
     # input_blocks.0 is conv_in; then per level N res blocks, each maybe with a SpatialTransformer
     # (`.1`) of some depth, and a Downsample (`.0.op`) after every level but the last.

@@ -105,7 +105,8 @@ def _fill(cls, cfg, tensors, dtype, device, what):
     if missing or unexpected or wrong:
         problems = [f"{len(keys)} {label} ({_few(keys)})" for label, keys in
                     (("missing tensors", missing), ("unexpected tensors", unexpected), ("wrong shapes", wrong)) if keys]
-        raise ModelFileError(f"The {what} does not match its architecture: {'; '.join(problems)}.")
+        raise ModelFileError(f"The {what} does not match its architecture: {'; '.join(problems)}; the file is "
+                             "incomplete or damaged, so download or export it again.")
     dtype = dtype or next(t.dtype for t in tensors.values() if t.is_floating_point())
     module.load_state_dict({k: tensors[k].to(device=device, dtype=dtype) for k in expected}, strict=True, assign=True)
     return module.eval()

@@ -59,14 +59,16 @@ def unsupported(tensors):
     kind = next((words for key, words in OTHER_SCHEDULES.items() if key in tensors), None)
     if kind:
         return kind
-    if UNET + "input_blocks.0.0.weight" not in tensors:
+    if not any(k.startswith(UNET) for k in keys):
         if "encoder.conv_in.weight" in tensors or VAE + "encoder.conv_in.weight" in tensors:
             return "a standalone VAE, not a full model"
         if "conv_in.weight" in tensors:
             return "a bare diffusers UNet file (pass the whole diffusers folder instead)"
         return "not a Stable Diffusion checkpoint (it has no model.diffusion_model.* tensors)"
     xl = version(keys) == "SDXL"
-    in_ch = tensors[UNET + "input_blocks.0.0.weight"].shape[1]
+    # A UNet without its first conv is a damaged model, not another kind: minidb/detect.py names it.
+    first = tensors.get(UNET + "input_blocks.0.0.weight")
+    in_ch = 4 if first is None else first.shape[1]
     if in_ch != 4:
         kind = SPECIAL_INPUTS.get(in_ch, f"a UNet with {in_ch} input channels")
         return "an SDXL " + kind.split(" ", 1)[1] if xl else kind

@@ -17,6 +17,7 @@ import gzip
 import json
 import os
 import warnings
+from itertools import accumulate, groupby
 from pathlib import Path
 
 import tokenizers
@@ -24,7 +25,8 @@ import torch
 from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
-from minidb.files import ModelFileError, atomic_write, read_json
+from minidb.files import ModelFileError, atomic_write
+from minidb.tokenizer_files import read_folder
 
 # Ids and sizes of OpenAI's CLIP vocabulary (clip/simple_tokenizer.py): 256 byte characters, the
 # same with '</w>', 48,894 merges, then the two special tokens last.
@@ -119,28 +121,7 @@ class Tokenizer:
     @classmethod
     def from_folder(cls, folder: str | os.PathLike) -> "Tokenizer":
         """Load the tokenizer/ folder of a diffusers checkpoint (vocab.json + merges.txt, or tokenizer.json)."""
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise ModelFileError(
-                f"Tokenizer folder {folder} does not exist; pass the tokenizer/ folder of a diffusers checkpoint."
-            )
-        if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-            vocab_file, merges_file = folder / "vocab.json", folder / "merges.txt"
-            vocab, merges = read_json(vocab_file), _read_merges_txt(merges_file)
-        elif (folder / "tokenizer.json").is_file():  # transformers 5 saves only this file
-            vocab_file = merges_file = folder / "tokenizer.json"
-            vocab, merges = _read_tokenizer_json(vocab_file)
-        else:
-            raise ModelFileError(
-                f"Tokenizer folder {folder} has neither vocab.json with merges.txt nor tokenizer.json; "
-                "pass the tokenizer/ folder of a diffusers checkpoint."
-            )
-        _check_vocab(vocab, vocab_file)
-        _check_merges(merges, vocab, merges_file, vocab_file.name)
-        merges = [tuple(m) for m in merges]
-        pad_token = _pad_token(folder)
-        if pad_token not in vocab:
-            raise ModelFileError(f"The pad token {pad_token!r} named in {folder} is not in its vocab.json.")
+        vocab, merges, pad_token = read_folder(folder, NUM_MERGES, EOS_TOKEN)
         return cls(vocab, merges, pad_id=vocab[pad_token])
 
     def save(self, folder: str | os.PathLike) -> None:
@@ -195,17 +176,38 @@ class Tokenizer:
         rows = []
         expand = {ids[0]: ids for ids in self.new_words.values()}  # a new word's first id -> all its ids
         for prompt, encoding in zip(prompts, self._tokenizer.encode_batch(prompts, add_special_tokens=False)):
-            ids = [j for i in encoding.ids for j in expand.get(i, [i])]
+            spans = [expand.get(i, [i]) for i in encoding.ids]  # each typed token's ids
+            ids = [j for span in spans for j in span]
             if len(ids) > room:
                 warnings.warn(
                     f"The prompt starting {prompt[:40]!r} is longer than CLIP's {CONTEXT_LENGTH} tokens; "
-                    f"dropped its last {len(ids) - room} tokens: {_shorten(self.decode(ids[room:]))!r}.",
+                    f"dropped its last {len(ids) - room} tokens: {self._dropped(spans, room)}.",
                     stacklevel=2,
                 )
                 ids = ids[:room]
             row = [BOS, *ids, EOS]
             rows.append(row + [self.pad_id] * (CONTEXT_LENGTH - len(row)))
         return torch.tensor(rows, dtype=torch.long)
+
+    def _dropped(self, spans: list[list[int]], room: int) -> str:
+        """The ids after the first `room` in the words the prompt typed (spans: each typed token's ids):
+        a new word reads as itself, not as its ids word_1, word_2, ..., and one cut inside is counted."""
+        ends = list(accumulate(map(len, spans)))
+        k = next(i for i, end in enumerate(ends) if end > room)  # the first typed token that loses ids
+        lost, n = ends[k] - room, len(spans[k])
+        text = _shorten(self._spell([span[0] for span in spans[k + (lost < n):]]))
+        if lost == n:
+            return repr(text)
+        cut = f"the last {lost} of the {n} vectors of {self._spell(spans[k][:1])!r}"
+        return f"{cut}, then {text!r}" if text else cut
+
+    def _spell(self, ids: list[int]) -> str:
+        """decode, with each new word (by its first id) spelled as its own word: its added token has no
+        '</w>', so decode would glue it to the next word ('a sksdog')."""
+        words = {its[0]: word for word, its in self.new_words.items()}
+        parts = [" ".join(words[i] for i in run) if new else self.decode(list(run))
+                 for new, run in groupby(ids, key=lambda i: i in words)]
+        return " ".join(parts)
 
     def chunks(self, prompt: str, count: int | None = None) -> torch.Tensor:
         """(k, 77) ids: the whole prompt in 75-token chunks, each wrapped in <|startoftext|> ...
@@ -240,70 +242,6 @@ class Tokenizer:
 def can_be_a_new_word(word: str) -> bool:
     """One lower-case word: prompts are lower-cased before a new word is looked up."""
     return word == word.lower() and bool(word.strip()) and not any(c.isspace() for c in word)
-
-
-def _unusable(path: Path, problem: str) -> ModelFileError:
-    return ModelFileError(f"{path} is not a usable CLIP tokenizer file ({problem}); "
-                          "download or export the model's tokenizer/ folder again.")
-
-
-def _read_merges_txt(path: Path) -> list[list[str]]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise _unusable(path, "it is not UTF-8 text") from None
-    return [line.split() for line in lines if line and not line.startswith("#version")]
-
-
-def _read_tokenizer_json(path: Path) -> tuple:
-    """The vocabulary and merges of a tokenizer.json as found; _check_vocab and _check_merges judge them."""
-    saved = read_json(path)
-    model = saved.get("model") if isinstance(saved, dict) else None
-    if not isinstance(model, dict):
-        raise _unusable(path, 'it has no "model" entry')
-    merges = model.get("merges")
-    if isinstance(merges, list):  # older files write a merge as "a b", newer ones as ["a", "b"]
-        merges = [m.split() if isinstance(m, str) else m for m in merges]
-    return model.get("vocab"), merges
-
-
-def _check_vocab(vocab, path: Path) -> None:
-    if not isinstance(vocab, dict):
-        raise _unusable(path, "its vocabulary is not a JSON object of token ids")
-    is_id = lambda i: isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(vocab)
-    bad = next((token for token, i in vocab.items() if not is_id(i)), None)
-    if bad is not None:
-        raise _unusable(path, f"it gives {bad!r} the id {json.dumps(vocab[bad])[:40]}, not one of 0 to {len(vocab) - 1}")
-
-
-def _check_merges(merges, vocab: dict, path: Path, vocab_name: str) -> None:
-    """Refuse a merges list that the tokenizers library would fail on with a paragraph of its own, or,
-    given none at all, take quietly and then spell every word letter by letter."""
-    if not isinstance(merges, list):
-        raise _unusable(path, "it has no list of merges")
-    is_pair = lambda m: isinstance(m, list) and len(m) == 2 and all(isinstance(t, str) for t in m)
-    bad = next((m for m in merges if not is_pair(m)), None)
-    if bad is not None:
-        raise _unusable(path, f"the merge {json.dumps(bad, ensure_ascii=False)[:60]} is not two tokens")
-    if len(merges) != NUM_MERGES:  # none, or cut short by an interrupted download
-        raise _unusable(path, f"it holds {len(merges):,} merges where CLIP has {NUM_MERGES:,}")
-    unknown = next((m for m in merges if not {m[0], m[1], m[0] + m[1]} <= vocab.keys()), None)
-    if unknown is not None:
-        raise _unusable(path, f"the merge {' '.join(unknown)!r} makes tokens that {vocab_name} lacks")
-
-
-def _pad_token(folder: Path) -> str:
-    """The pad token a tokenizer folder names, resolved as transformers resolves it.
-
-    special_tokens_map.json overrides tokenizer_config.json, unless the config lists its own added
-    tokens (the newer format), in which case the map is ignored. Without either, CLIP pads with EOS.
-    """
-    read = lambda name: read_json(folder / name) if (folder / name).is_file() else {}
-    config, special = read("tokenizer_config.json"), read("special_tokens_map.json")
-    if "added_tokens_decoder" in config:
-        special = {}
-    pad = special.get("pad_token") or config.get("pad_token") or EOS_TOKEN
-    return pad["content"] if isinstance(pad, dict) else pad
 
 
 def _shorten(text, limit=120):

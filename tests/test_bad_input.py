@@ -158,6 +158,7 @@ def with_unet_input(tensors, channels):
     ("an inpainting model", lambda t: with_unet_input(t, 9)),
     ("an InstructPix2Pix model", lambda t: with_unet_input(t, 8)),
     ("a standalone VAE", lambda t: {k.removeprefix("first_stage_model."): v for k, v in t.items() if k.startswith("first_stage_model.")}),
+    ("a standalone VAE", lambda t: {k: v for k, v in t.items() if k.startswith("first_stage_model.")}),
     ("not a Stable Diffusion checkpoint", lambda t: {"weight": torch.ones(3)}),
     ("a UNet without a text encoder", lambda t: {k: v for k, v in t.items() if not k.startswith("cond_stage_model.")}),
 ])
@@ -167,6 +168,22 @@ def test_unsupported_kinds_are_named(tiny, tmp_path, kind, make):
         load(tmp_path / "m.safetensors")
     message = one_sentence(e)
     assert kind in message and "not this kind yet" in message
+
+
+@pytest.mark.parametrize("metadata", [False, True], ids=["shapes", "minidb-metadata"])
+def test_a_model_missing_its_unets_first_tensor_is_damaged_not_a_vae(tiny, tmp_path, metadata):
+    """The kind of a file is read from the UNet's first conv; without it, the rest of the UNet still
+    says this is a full model, now incomplete, and not a standalone VAE."""
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    path = tmp_path / "m.safetensors"
+    save_file({k: v for k, v in tiny[1].items() if k != key}, path, metadata=tiny[2] if metadata else None)
+    with pytest.raises(ModelFileError) as e:
+        load(path)
+    message = one_sentence(e)
+    assert "VAE" not in message and "input_blocks.0.0.weight" in message
+    if not metadata:  # a minidb file's configs come from its metadata, and the strict fill names the gap
+        assert message == (f"{path} lacks the UNet tensor {key}, though it holds other UNet tensors, so it is "
+                           "incomplete or damaged; download or export it again.")
 
 
 @pytest.mark.parametrize("kind,tensors,use", [

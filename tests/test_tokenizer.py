@@ -234,6 +234,22 @@ def test_truncation_keeps_bos_and_eos_and_warns(minidb_tok):
     assert len(str(caught[0].message)) < 300
 
 
+@pytest.mark.parametrize("prompt,shown", [
+    ("a photo of sks", "dropped its last 8 tokens: the last 8 of the 80 vectors of 'sks'."),
+    ("a photo of sks, in the park", "dropped its last 12 tokens: the last 8 of the 80 vectors of 'sks', then ', in the park'."),
+    ("a " * 74 + "dog sks in a park", "dropped its last 83 tokens: 'sks in a park'."),
+], ids=["cut_inside", "cut_inside_then_words", "whole_word"])
+def test_truncation_shows_a_new_word_as_typed_not_its_internal_tokens(prompt, shown):
+    """A textual-inversion word of 80 vectors stands for the ids sks, sks_1, ..., sks_79; the warning
+    speaks of the word the user typed, and says how much of it was cut."""
+    tok = Tokenizer.for_version("SD 1.x")  # a fresh one: add_word changes it
+    tok.add_word("sks", 80)
+    with pytest.warns(UserWarning) as caught:
+        tok(prompt)
+    message = str(caught[0].message)
+    assert message.endswith(shown) and "sks_" not in message
+
+
 def test_no_warning_at_exactly_75_tokens(minidb_tok):
     tok = minidb_tok[SD1_PAD]
     assert len(tok.encode("a " * 75)) == CONTEXT_LENGTH - 2
