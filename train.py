@@ -97,7 +97,8 @@ def train(args, out, device):
         subjects = read_subjects(args)  # one from --images/--class, or several from --concepts
         for subject in subjects:
             subject.photos = load_images(subject.images, resolution, flip=args.flip, whole=args.random_crop)
-        class_photos = load_images(args.class_dir, resolution) if args.class_dir and args.prior_weight else None
+        class_photos = (load_images(args.class_dir, resolution, captions=False)  # class prompts only: no captions
+                        if args.class_dir and args.prior_weight else None)
     except (ModelFileError, DataError) as e:
         fail(e)
     parts = {"unet": model.unet, "vae": model.vae, "text_encoder": model.text_encoder}
@@ -142,6 +143,7 @@ def train(args, out, device):
         distributed.barrier()  # the old run
         if writes:
             runs.clear(out)
+    given = vars(args).pop("given", set())  # the flags a --resume command names (options.keep_the_runs_own)
     settings = {**vars(args), "identifier": identifier, "instance_prompt": instance_prompt,
                 "class_prompt": class_prompt, "resolution": resolution, "mixed_precision": precision,
                 "base_version": model.version, "prediction_type": model.prediction_type}
@@ -149,7 +151,7 @@ def train(args, out, device):
         settings["subjects"] = [{"images": s.images, "class": s.class_name, "identifier": s.identifier,
                                  "instance_prompt": s.instance_prompt, "class_prompt": s.class_prompt} for s in subjects]
     if args.resume:
-        runs.check_resume_settings(out, settings)
+        runs.check_resume_settings(out, settings, given)
     if args.scale_lr:  # diffusers' --scale_lr: the rate grows with the images per step (the settings keep --lr)
         args.lr *= args.batch_size * args.grad_accum * world
 
@@ -242,12 +244,16 @@ def train(args, out, device):
         path = state.resume_point(out / "checkpoints", args.resume)
         source = path.parent.parent  # a checkpoint of another folder: it must be of this run too (a copy)
         if source.resolve() != out.resolve() and (source / "settings.json").is_file():
-            runs.check_resume_settings(source, settings)
+            runs.check_resume_settings(source, settings, given)
         resumed = state.load_state(path, trained)
         if writes:  # only now that it reads back whole: a damaged one leaves the folder as it was
             state.set_aside_later(out / "checkpoints", path)
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])
+        # The next step's rate from this run's schedule, not the optimizer's saved one: a larger --steps stretches
+        # a decaying schedule (the saved rate is the old schedule's; at its end, for cosine, 0)
+        for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * factor(scheduler.last_epoch)
         scaler.load_state_dict(resumed["scaler"])
         generator.set_state(resumed["generator"])
         examples.load(resumed["orders"])

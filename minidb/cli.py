@@ -60,12 +60,20 @@ def text(value):
 
 
 
+NAME_MAX = 255  # bytes in one file or folder name, on Linux's and macOS's file systems alike
+
+
 def nonempty_path(value):
     """An argparse type for --model, --out and the other paths: not empty, which would silently mean the default
-    model or the current folder."""
+    model or the current folder, and no name longer than a file system holds (an OSError deep in the run)."""
     if not value.strip():
         raise argparse.ArgumentTypeError("must not be empty; give a path")
+    long = next((name for name in Path(value).parts if len(os.fsencode(name)) > NAME_MAX), None)
+    if long:
+        raise argparse.ArgumentTypeError(f"has a name of {len(os.fsencode(long))} bytes ({long[:20]}...), longer than "
+                                         f"the {NAME_MAX} a file system holds; use a shorter one")
     return value
+
 
 def path_and_scale(value):
     """An argparse type for LoRAs: PATH or PATH:SCALE, SCALE a finite number from -10 to 10 (default 1).

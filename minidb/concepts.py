@@ -68,6 +68,9 @@ def read_subjects(args):
     except ValueError as e:
         raise DataError(f"--concepts {path} is not valid JSON ({e}); it must be a list of "
                         '{"images": ..., "class": ...} objects.') from None
+    except RecursionError:  # '[' * 100000: json gives up; a real concepts list is never nested that deep
+        raise DataError(f"--concepts {path} is not a valid concepts list (it is nested too deeply to read); it must "
+                        'be a list of {"images": ..., "class": ...} objects.') from None
     if not isinstance(concepts, list) or not concepts:
         raise DataError(f'--concepts {path} must hold a non-empty list of {{"images": ..., "class": ...}} objects.')
     subjects = []

@@ -1,7 +1,7 @@
 """Reading the training photos: a folder of JPEG, PNG or WebP files -> one (N, 3, R, R) tensor.
 
 DreamBooth learns a subject from a handful of photos (3-20) and, with prior preservation, a few
-hundred photos of its class. Both folders are read here the same way:
+hundred photos of its class. Both folders are read here the same way (but for captions, below):
 
     every regular, non-hidden file, sorted by name (a stable order, since train.py caches one
     latent per image), opened by content with PIL, whatever its extension
@@ -13,6 +13,8 @@ hundred photos of its class. Both folders are read here the same way:
 A photo may have a caption: `photo.txt` beside `photo.jpg` (the convention of diffusers' and kohya's
 datasets), read as UTF-8; train.py uses it instead of the instance prompt for that photo, with "[V]"
 standing for the subject's identifier. Caption files are not photos, so they are never warned about.
+Class photos' captions are never used, so with captions=False (train.py's --class-dir) they are not
+read at all: an empty one does not stop the run, and a stray one is not warned of.
 
 With --random-crop, each photo is also kept whole (short side R, not cropped), for a fresh crop per
 step.
@@ -22,8 +24,10 @@ upright, and the top-left corner of the crop in the resized photo (Podell et al.
 micro-conditioning). Those two come back beside the pixels.
 
 Files that are not readable images are skipped with one warning that names them all, and so are
-photos smaller than R, which are upscaled and come out blurry. One file is decoded at a time, so
-memory holds full-size pixels of a single photo only.
+photos smaller than R, which are upscaled and come out blurry. PIL's own warnings while reading a
+photo (a decompression bomb's size, damaged EXIF data) come back with the photo's path in front, so
+the user knows which one it is. One file is decoded at a time, so memory holds full-size pixels of a
+single photo only.
 """
 
 import os
@@ -53,29 +57,34 @@ class Photos(NamedTuple):
     whole: list = None  # with whole=True: each photo resized to a short side of R, uncropped (3, H', W')
 
 
-def load_images(folder, resolution, flip=False, whole=False):
+def load_images(folder, resolution, flip=False, whole=False, captions=True):
     """Read every photo in `folder` -> Photos(pixels, names, original_sizes, crops, captions[, whole]).
 
     With `flip=True` a mirrored copy of every photo is appended (rows N..2N-1, named "<file>
     (mirrored)"), a cheap way to double a small data set; a centred crop is mirrored onto itself, so
-    the copies keep their photo's size and crop."""
+    the copies keep their photo's size and crop. With `captions=False` no caption file is read or
+    warned of, and every caption is None (for class photos, whose captions nothing uses)."""
     folder = Path(folder)
     if not folder.exists():
         raise DataError(f"{folder} does not exist; check the path to your photos.")
     if not folder.is_dir():
         raise DataError(f"{folder} is a file, not a folder; pass the folder that holds your photos.")
 
-    images, names, sizes, captions, wholes, unreadable, small = [], [], [], [], [], [], []
+    images, names, sizes, texts, wholes, unreadable, small = [], [], [], [], [], [], []
     for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
                        and p.suffix.lower() != ".txt"):
         try:
-            with Image.open(path, formats=FORMATS) as im:
+            # PIL's warnings (DecompressionBombWarning, "Corrupt EXIF data", ...) do not say which file they
+            # are about: catch them here and pass each on with the photo's path in front, on one line.
+            with warnings.catch_warnings(record=True) as caught, Image.open(path, formats=FORMATS) as im:
                 w, h = im.size  # as stored, before draft() shrinks it; turning it does not change the short side
                 turned = im.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)  # a quarter turn
                 rgb = _to_rgb(_upright(im, resolution))
                 images.append(_to_tensor(_square(rgb, resolution)))
                 if whole:
                     wholes.append(_to_tensor(_short_side(rgb, resolution)))
+            for warning in caught:
+                warnings.warn(f"{path}: {' '.join(str(warning.message).split())}", warning.category, stacklevel=2)
             names.append(path.name)
             sizes.append((w, h) if turned else (h, w))  # (height, width) upright
             if min(w, h) < resolution:
@@ -86,8 +95,8 @@ def load_images(folder, resolution, flip=False, whole=False):
                                                   else "not a JPEG, PNG or WebP image") + ")")
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             unreadable.append(f"{path.name} ({str(e).splitlines()[0] if str(e) else 'damaged'})")
-        else:
-            captions.append(_caption(path))  # outside the try: a bad caption is an error, not a skipped photo
+        else:  # outside the try: a bad caption is an error, not a skipped photo
+            texts.append(_caption(path) if captions else None)
 
     if unreadable:
         warnings.warn(f"Skipped {len(unreadable)} file(s) in {folder} that could not be read as photos: "
@@ -96,8 +105,9 @@ def load_images(folder, resolution, flip=False, whole=False):
         raise DataError(f"{folder} has no readable JPEG, PNG or WebP photos; put the photos to train on there.")
     # samefile, below: on a case-insensitive disk Photo1.txt is photo1.txt; a link to nothing is no caption
     read = [r for name in names if (r := _caption_path(folder / name))]
-    orphans = sorted(t.name for t in {*folder.glob("*.txt"), *folder.glob("*.TXT")}
-                     if not t.name.startswith(".") and t.exists() and not any(os.path.samefile(t, r) for r in read))
+    orphans = [] if not captions else sorted(  # class photos: their caption files are not read, nor warned of
+        t.name for t in {*folder.glob("*.txt"), *folder.glob("*.TXT")}
+        if not t.name.startswith(".") and t.exists() and not any(os.path.samefile(t, r) for r in read))
     if orphans:  # most likely a caption whose name does not match its photo's: Photo1.txt for photo1.jpg
         warnings.warn(f"{len(orphans)} caption file(s) in {folder} have no photo of the same name and are not used: "
                       f"{', '.join(orphans[:5])}{', ...' if len(orphans) > 5 else ''} (photo.jpg takes its caption "
@@ -113,8 +123,8 @@ def load_images(folder, resolution, flip=False, whole=False):
         # picture, because train.py encodes every row to a latent once and reuses it.
         images = torch.cat([images, images.flip(3)])  # (2N, 3, R, R); dim 3 is the width
         names, sizes = names + [f"{n} (mirrored)" for n in names], sizes + sizes
-        captions, wholes = captions + captions, wholes + [w.flip(2) for w in wholes]
-    return Photos(images, names, sizes, [crop_top_left(size, resolution) for size in sizes], captions,
+        texts, wholes = texts + texts, wholes + [w.flip(2) for w in wholes]
+    return Photos(images, names, sizes, [crop_top_left(size, resolution) for size in sizes], texts,
                   wholes if whole else None)
 
 

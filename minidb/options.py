@@ -25,11 +25,11 @@ def parse_args(argv, doc):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     count, positive = number(int, low=0), number(float, above=0)
-    a("--images", default=None, help="folder with 3-5 photos of the subject (JPEG, PNG or WebP); a photo.txt beside "
-      "photo.jpg is that photo's caption, with [V] for the identifier")
-    a("--concepts", default=None, help="several subjects in one run instead of --images and --class: a JSON list of "
-      '{"images": ..., "class": ..., "identifier"?: ..., "instance_prompt"?: ..., "class_prompt"?: ...}, '
-      "a relative images folder read from the file's own folder")
+    a("--images", default=None, type=nonempty_path, help="folder with 3-5 photos of the subject (JPEG, PNG or "
+      "WebP); a photo.txt beside photo.jpg is that photo's caption, with [V] for the identifier")
+    a("--concepts", default=None, type=nonempty_path, help="several subjects in one run instead of --images and "
+      '--class: a JSON list of {"images": ..., "class": ..., "identifier"?: ..., "instance_prompt"?: ..., '
+      '"class_prompt"?: ...}, a relative images folder read from the file\'s own folder')
     a("--method", choices=list(METHOD_LR), default=None, help="what trains: full, the whole UNet (the paper); "
       "lora, low-rank adapters on it (a small file any UI loads); textual-inversion, only a new word's embedding "
       "(default: full; lora for SDXL, whose 2.6 B-parameter UNet full training needs a large GPU)")
@@ -81,8 +81,9 @@ def parse_args(argv, doc):
       "whose frozen model cannot drift)")
     a("--class-images", type=number(int, low=0, high=CLASS_IMAGES_MAX), default=200, help="how many prior images the "
       f"frozen model draws, at most {CLASS_IMAGES_MAX} (default: %(default)s)")
-    a("--class-dir", default=None, help="use your own class photos from this folder instead of drawing them")
-    a("--class-cache", default=str(Path.home() / ".cache" / "minidb" / "class-prior"),
+    a("--class-dir", default=None, type=nonempty_path,
+      help="use your own class photos from this folder instead of drawing them")
+    a("--class-cache", default=str(Path.home() / ".cache" / "minidb" / "class-prior"), type=nonempty_path,
       help="where drawn prior images are cached as latents, shared between runs (default: %(default)s)")
     a("--sample-steps", type=number(int, low=1, high=999), default=50, help="DDIM steps for prior and validation images (default: %(default)s)")
     a("--train-text-encoder", action="store_true", help="train the text encoder too (full), or adapters on it (lora)")
@@ -146,6 +147,7 @@ def keep_the_runs_own(p, argv, args):
     for action in p._actions:
         action.default = argparse.SUPPRESS
     given = set(vars(p.parse_args(argv)))  # the flags the command names, and only those
+    args.given = given  # check_resume_settings: a null the command did not set is the file's, not the command's
     leave = COMMAND_OWN | given
     if given & {"images", "class_name", "concepts"}:
         leave |= SUBJECT
@@ -190,6 +192,7 @@ TOY_LR, TOY_STEPS = {"full": 1e-4}, {"full": 1200}  # the toy model's own: its 1
 # weighted past fp32's range) or runs out of memory (the class prior is held in memory, its cache files
 # are numbered with five digits), or run for weeks.
 LORA_ALPHA_MAX, PRIOR_WEIGHT_MAX, CLASS_IMAGES_MAX, STEPS_MAX, BATCH_MAX = 10_000, 1_000, 100_000, 1_000_000, 1024
+WORD_MAX = 200  # bytes of a new word, which names its file
 RUN_DEFAULTS = {"save_every": 0, "checkpoints_keep": 1, "validate_every": 0}  # None until a resume has kept the run's
 METHOD_FLAGS = {"lora_rank": ("lora",), "lora_alpha": ("lora",), "train_text_encoder": ("full", "lora"),
                 "new_token": ("full", "lora"), "save_dtype": ("full",)}  # flags that mean nothing to other methods
@@ -264,6 +267,9 @@ def check(args):
     if word is not None and ("/" in word or "\\" in word or word.startswith(".")):
         return (f"--identifier {word!r} also names the new word's file, {word}.safetensors, so it cannot hold a slash "
                 "or start with a dot; spell it without, or leave --identifier out.")
+    if word is not None and len(word.encode()) > WORD_MAX:  # the file's temp name adds 26 bytes: past 255, no file
+        return (f"--identifier {word[:20]}... is {len(word.encode())} bytes long, and it also names the new word's file "
+                f"(WORD.safetensors), so it can be at most {WORD_MAX}; spell it shorter, or leave --identifier out.")
     try:
         model = hub.local_path(args.model)  # a Hub id: downloaded now, or one sentence why it cannot be
     except ModelFileError as e:
@@ -294,6 +300,10 @@ def check(args):
         return problem
     if args.mixed_precision == "fp16" and not args.device.startswith("cuda"):
         return "--mixed-precision fp16 needs a CUDA GPU; on the CPU use no or bf16."
+    if args.prior_weight > 0 and not args.class_dir and args.out is not None \
+            and Path(args.class_cache).resolve().is_relative_to(Path(args.out).resolve()):
+        return (f"--class-cache {args.class_cache} is inside --out {args.out}, the run's own folder, which holds only "
+                "what the run writes (and --overwrite empties); put the cache elsewhere, or leave --class-cache out.")
     if args.prior_weight > 0 and not args.class_dir:
         try:
             Path(args.class_cache).mkdir(parents=True, exist_ok=True)

@@ -72,7 +72,9 @@ def run_folder(out, resume):
         folder.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=folder).close()
     except OSError as e:
-        raise RunError(f"Cannot write to --out {folder} ({e.strerror}); choose another folder.") from None
+        link = next((p for p in (folder, *folder.parents) if p.is_symlink() and not p.exists()), None)
+        why = f"{link} is a link to {os.readlink(link)}, which does not exist" if link else e.strerror
+        raise RunError(f"Cannot write to --out {folder} ({why}); choose another folder.") from None
     return folder
 
 
@@ -233,8 +235,9 @@ def recorded_identifiers(paths):
     return list(dict.fromkeys(subject["identifier"] for subject in recorded_subjects(paths)))
 
 
-def check_resume_settings(folder, settings):
-    """On --resume, every setting that shapes the run must equal the one the run started with."""
+def check_resume_settings(folder, settings, given):
+    """On --resume, every setting that shapes the run must equal the one the run started with. `given`: the
+    flags the command names (the others are the run's own, or defaults)."""
     saved = saved_settings(folder)
     if not saved:
         raise RunError(f"--resume cannot read {folder / 'settings.json'}, so it cannot check that this command "
@@ -257,7 +260,7 @@ def check_resume_settings(folder, settings):
         if same:
             continue
         numbers = all(type(v) in (int, float) for v in (old, value))
-        if (old is None and key in DERIVED) or (None not in (old, value) and type(old) is not type(value) and not numbers):
+        if (old is None and (key in DERIVED or key not in given)) or (None not in (old, value) and type(old) is not type(value) and not numbers):
             raise RunError(f"{folder / 'settings.json'} records {flag(key)} as {old!r}, which train.py never writes "
                            f"for it, {EDITED}")
         if key == "subjects":  # --concepts: name the first subject that differs, not the whole list

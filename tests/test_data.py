@@ -271,6 +271,20 @@ def test_unreadable_files_are_skipped_with_one_warning(tmp_path):
     assert names == ["good.png", "good2.jpg"] and images.shape == (2, 3, 16, 16)
 
 
+def test_pil_warnings_name_the_photo(tmp_path, monkeypatch):
+    """PIL's own warnings (here its decompression-bomb warning, with the limit lowered so that a small
+    photo trips it) said nothing of which photo they were about: each now names it, once, on one line."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 40 x 30 = 1200 pixels: a warning, not yet an error
+    Image.new("RGB", (40, 30), RED).save(tmp_path / "huge.png")
+    Image.new("RGB", (20, 20), BLUE).save(tmp_path / "fine.png")
+    with pytest.warns(Image.DecompressionBombWarning) as record:
+        images, names, *_ = load_images(tmp_path, 16)
+    assert [str(r.message) for r in record] == [f"{tmp_path / 'huge.png'}: Image size (1200 pixels) exceeds limit "
+                                                "of 1000 pixels, could be decompression bomb DOS attack."]
+    assert record[0].filename == __file__  # pointed at the caller, as the folder's other warnings are
+    assert names == ["fine.png", "huge.png"] and images.shape == (2, 3, 16, 16)  # the photo is still read
+
+
 def test_empty_folder(tmp_path):
     with pytest.raises(DataError) as e:
         load_images(tmp_path, 16)
@@ -320,3 +334,18 @@ def test_a_caption_without_its_photo_is_warned_of_and_the_others_are_read(tmp_pa
     Image.new("RGB", (16, 16), RED).save(upper / "IMG_1.PNG")
     (upper / "IMG_1.TXT").write_text("a [V] dog by the sea")
     assert load_quietly(upper, 16).captions == ["a [V] dog by the sea"]
+
+
+def test_class_photos_captions_are_not_read(tmp_path):
+    """Class photos train with the class prompt, never a caption: with captions=False an empty or non-UTF-8
+    caption does not stop the run (it did, for train.py --class-dir), and a stray one is not warned of."""
+    for name in ("a", "b", "c"):
+        Image.new("RGB", (16, 16), RED).save(tmp_path / f"{name}.png")
+    (tmp_path / "a.txt").write_text("  \n")
+    (tmp_path / "b.TXT").write_bytes(b"\xff\xfe a dog")
+    (tmp_path / "c.txt").write_text("a dog on grass")
+    (tmp_path / "stray.txt").write_text("a dog")
+    photos = load_quietly(tmp_path, 16, captions=False)
+    assert photos.names == ["a.png", "b.png", "c.png"] and photos.captions == [None, None, None]
+    with pytest.raises(DataError, match="is empty"):  # a subject's captions are still read, and checked
+        load_images(tmp_path, 16)

@@ -76,6 +76,13 @@ def base_args(world, out):
     (["--method", "textual-inversion", "--identifier", "cup/one"],
      "--identifier 'cup/one' also names the new word's file, cup/one.safetensors, so it cannot hold a slash"),
     (["--new-token", "--identifier", ".sks"], "--identifier '.sks' also names the new word's file"),
+    # a word past 200 bytes made a file name past the 255 a file system holds: the export failed after training
+    (["--new-token", "--identifier", "q" * 201], "--identifier qqqqqqqqqqqqqqqqqqqq... is 201 bytes long"),
+    (["--images", ""], "argument --images: must not be empty; give a path"),  # it meant the current folder
+    (["--class-dir", ""], "argument --class-dir: must not be empty; give a path"),  # it was ignored, silently
+    (["--class-cache", " "], "argument --class-cache: must not be empty; give a path"),
+    (["--out", "o" * 256], "argument --out: has a name of 256 bytes (oooooooooooooooooooo...), longer than the 255"),
+    (["--images", "runs/" + "é" * 128], "argument --images: has a name of 256 bytes"),  # bytes, not characters
     (["--seed", str(2**64)], "argument --seed: must be between 0 and"),
     (["--resolution", "30"], "--resolution must be a multiple of 8"),
     (["--resolution", "100000"], "argument --resolution: must be between 8 and 2048"),
@@ -92,6 +99,22 @@ def test_bad_values_are_refused_before_any_work(world, tmp_path, capsys, args, m
     err = refused(capsys, base_args(world, out) + args)
     assert message in err and err.count("error:") == 1
     assert not out.exists()  # nothing was started
+
+
+def test_an_out_through_a_link_to_nothing_names_the_link(world, tmp_path, capsys):
+    (tmp_path / "link").symlink_to(tmp_path / "gone" / "runs")
+    for out in (tmp_path / "link", tmp_path / "link" / "dog"):
+        err = refused(capsys, base_args(world, out))
+        assert f"Cannot write to --out {out} ({tmp_path / 'link'} is a link to {tmp_path / 'gone' / 'runs'}, which " \
+               "does not exist); choose another folder." in err
+    assert not (tmp_path / "gone").exists()
+
+
+def test_a_class_cache_inside_the_run_folder_is_refused_before_it_is_made(world, tmp_path, capsys):
+    """It was made first, and the new run folder was then refused as holding files that are not a run."""
+    err = refused(capsys, base_args(world, tmp_path / "out") + ["--class-cache", tmp_path / "out" / "cache"])
+    assert f"--class-cache {tmp_path / 'out' / 'cache'} is inside --out {tmp_path / 'out'}, the run's own folder" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_unwritable_class_cache(world, tmp_path, capsys):
@@ -425,6 +448,9 @@ def test_resume_alone_keeps_the_methods_flags_and_a_changed_method_is_named(worl
                                        ({"images": {"a": 1}}, "records --images as {'a': 1}"),
                                        ({"seed": "0"}, "records --seed as '0', which train.py never writes for it"),
                                        ({"identifier": None}, "records --identifier as None, which train.py never"),
+                                       # a null for a flag the command leaves out: the file's, not "resume without --lr"
+                                       ({"lr": None}, "records --lr as None, which train.py never writes for it"),
+                                       ({"seed": None}, "records --seed as None, which train.py never writes for it"),
                                        ("truncated", "(it is damaged, or not the settings train.py wrote)"),
                                        ([1, 2], "(it is damaged, or not the settings train.py wrote)")])
 def test_resume_alone_refuses_a_damaged_settings_file_in_one_sentence(world, tmp_path, capsys, edit, says):
@@ -437,6 +463,12 @@ def test_resume_alone_refuses_a_damaged_settings_file_in_one_sentence(world, tmp
     (line,) = [line for line in err.splitlines() if line.startswith("error:")]
     assert f"{out / 'settings.json'} {says}" in line and line.endswith("start over with --overwrite.")
     assert runs.latest_state(out / "checkpoints").name == "step-000001"
+
+
+def test_a_flag_the_run_began_without_is_refused_as_the_commands(world, tmp_path, capsys):
+    out = run(world, tmp_path / "out", steps=1)
+    err = refused(capsys, ["--out", out, "--resume", "--steps", 2, "--snr-gamma", 5])
+    assert "--snr-gamma is 5.0 now but the run" in err and "started with None" in err and "resume without --snr-gamma" in err
 
 
 def test_a_refused_resume_from_an_earlier_step_sets_nothing_aside(world, tmp_path, capsys):
@@ -548,7 +580,7 @@ def test_a_checkpoint_with_entries_of_the_wrong_type_or_nan_is_refused_before_tr
 def test_resume_refuses_a_settings_file_with_a_path_that_is_no_path(tmp_path):
     (tmp_path / "settings.json").write_text(json.dumps({"model": 5, "images": "photos"}))
     with pytest.raises(runs.RunError) as e:
-        runs.check_resume_settings(tmp_path, {"model": "base.safetensors", "images": "photos"})
+        runs.check_resume_settings(tmp_path, {"model": "base.safetensors", "images": "photos"}, given=set())
     assert f"{tmp_path / 'settings.json'} records --model as 5, which is not a path" in one_sentence(e)
 
 

@@ -291,6 +291,7 @@ def refusal(capsys, *args):
     (["--lora", ""], "argument --lora: must not be empty; give a path"),  # it was read as the current folder
     (["--lora", " "], "argument --lora: must not be empty; give a path"),
     (["--embedding", ""], "argument --embedding: must not be empty; give a path"),
+    (["--out", "pictures/" + "p" * 300], "argument --out: has a name of 300 bytes"),  # an OSError once it had drawn
     (["--prompt", " \t\n"], "argument --prompt: must not be empty"),
     (["--negative-prompt", "\udcff\udcfe"], "argument --negative-prompt: is not valid UTF-8"),
     (["--sampler", "plms"], "invalid choice: 'plms'"),
@@ -335,6 +336,12 @@ def test_out_that_is_a_file(models, tmp_path, capsys):
     for out in (tmp_path / "file", tmp_path / "file" / "out"):
         assert "cannot be a folder" in refusal(capsys, "--model", models[0], "--prompt", "x", "--out", out)
     assert (tmp_path / "file").read_text() == "not a folder"
+
+
+def test_out_through_a_link_to_nothing_names_the_link(models, tmp_path, capsys):
+    (tmp_path / "link").symlink_to(tmp_path / "gone")
+    err = refusal(capsys, "--model", models[0], "--prompt", "x", "--out", tmp_path / "link")
+    assert f"({tmp_path / 'link'} is a link to {tmp_path / 'gone'}, which does not exist)" in err
 
 
 def test_out_named_like_a_picture_is_refused_unless_such_a_folder_exists(models, tmp_path, capsys):

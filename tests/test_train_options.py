@@ -99,6 +99,15 @@ def test_the_log_follows_the_schedule_and_scale_lr_multiplies(world, tmp_path):
         assert [r["lr"] for r in log(out)] == rates
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_a_resume_with_more_steps_follows_the_stretched_schedule_from_its_first_step(world, tmp_path, schedule):
+    """The first resumed step took the optimizer's saved rate, the old schedule's: at its end 0, a wasted step."""
+    out = run(world, tmp_path / schedule, "--lr-schedule", schedule, "--lr", 1e-3, steps=2)
+    train.main(["--out", str(out), "--resume", "--steps", "4"])
+    assert [r["lr"] for r in log(out)] == pytest.approx([1e-3 * lr_factor(schedule, 0, 2)(s) for s in range(2)]
+                                                        + [1e-3 * lr_factor(schedule, 0, 4)(s) for s in (2, 3)])
+
+
 def test_a_warm_up_as_long_as_the_run_is_warned_of(world, tmp_path):
     """The rate climbs for the whole run and never reaches --lr (the log shows it): a warning says so; a
     warm-up shorter than the run gives none."""
@@ -253,6 +262,8 @@ def test_two_subjects_take_turns_with_their_own_identifiers(world, tmp_path, cap
      "{\"images\": \"b\", \"class\": \"cat\", \"identifier\": \"sks\"}]", "two subjects use the identifier sks"),
     ("[{\"images\": \"a\", \"class\": \"dog\", \"identifier\": \"sks\"}, "  # prompts read both as sks
      "{\"images\": \"b\", \"class\": \"cat\", \"identifier\": \"SKS \"}]", "two subjects use the identifier sks"),
+    pytest.param("[" * 100000, "is not a valid concepts list (it is nested too deeply to read); it must be a list of",
+                 id="nested-too-deep"),  # json.loads's RecursionError was a traceback
 ])
 def test_a_bad_concepts_file_is_one_sentence(world, tmp_path, capsys, content, words):
     for name in "ab":
@@ -294,6 +305,19 @@ def test_concepts_and_images_do_not_mix(world, tmp_path, capsys):
     assert "leave out" in line and "--images" in line
     line = refused(capsys, ["--model", world / "base"])
     assert "--images FOLDER --class NAME" in line
+
+
+def test_class_photos_train_without_reading_their_captions(world, tmp_path):
+    """--class-dir photos train with the class prompt, so their captions are not read: an empty one stopped
+    the run, and a stray one was warned of."""
+    photos = tmp_path / "class"
+    shutil.copytree(world / "photos", photos)
+    (photos / "0.txt").write_text("  \n")
+    (photos / "stray.txt").write_text("a ball")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*caption")
+        out = run(world, tmp_path / "run", "--class-dir", photos, steps=1)
+    assert json.load(open(out / "settings.json"))["class_dir"] == str(photos)
 
 
 def test_long_prompts_train_whole_and_differ_from_the_cut_ones(world, tmp_path):
