@@ -40,7 +40,7 @@ def parse_args(argv, doc):
     a("--out", default=None, type=nonempty_path,
       help="the run's folder (default: a new runs/dreambooth-N, linked as runs/latest)")
     a("--overwrite", action="store_true", help="delete the run already in --out and start it over")
-    a("--resume", nargs="?", const="latest", default=None, metavar="latest|STEP|PATH",
+    a("--resume", nargs="?", const="latest", default=None, metavar="latest|STEP|PATH", type=resume_point,
       help="continue the run in --out (default: runs/latest) from its latest checkpoint, from the checkpoint of "
       "step STEP, or from the checkpoint folder PATH; a flag left out is the run's own, and only --steps, "
       "--save-every, --validate-every, --checkpoints-keep, --class-cache and the validation flags may differ "
@@ -124,6 +124,14 @@ def parse_args(argv, doc):
         if problem:
             fail(problem)
     return args
+
+
+def resume_point(value):
+    """An argparse type for --resume: not empty (which read as no --resume at all), and a path's names no longer
+    than a file system holds."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("must not be empty; give latest, a step number or a checkpoint folder")
+    return nonempty_path(value)
 
 
 # On --resume a flag the command leaves out takes the value the run began with, from its settings.json, so
