@@ -28,7 +28,7 @@ from dataclasses import fields
 
 from minidb import text_encoder as te, unet as un, vae as va
 from minidb.convert import TEXT_ACTIVATIONS
-from minidb.files import ModelFileError
+from minidb.files import ModelFileError, json_loads
 
 VERSIONS = ("SD 1.x", "SD 2.x", "SDXL")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -42,7 +42,7 @@ def configs_from_metadata(text, version, path):
         return ModelFileError(f"{path} carries minidb metadata that this minidb cannot use ({problem}); the file "
                               "is damaged or from another minidb version, so export the model again or update minidb.")
     try:
-        saved = json.loads(text)
+        saved = json_loads(text)
     except json.JSONDecodeError:
         raise unusable("it is not JSON") from None
     parts = {"unet": un.UNetConfig, "vae": va.VAEConfig, "text_encoder": te.TextEncoderConfig}

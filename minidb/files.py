@@ -162,6 +162,12 @@ def atomic_write(path, write):
     fsync(path.parent)
 
 
+def dangling_link(path):
+    """The first of `path` and its parents that is a link to nothing (or a loop of links), or None: the
+    OSError of a write under it says only "File exists"."""
+    return next((p for p in (Path(path), *Path(path).parents) if p.is_symlink() and not p.exists()), None)
+
+
 def fsync(path):
     """Flush a file's or a folder's contents to the disk (a folder's: the names in it)."""
     fd = os.open(path, os.O_RDONLY)
@@ -235,7 +241,7 @@ def first_non_finite(named):
     sums = [t.sum(dtype=torch.float32) for t in floats.values()]
     if torch.isfinite(torch.stack([s.to(sums[0].device) for s in sums])).all():
         return None
-    return next((k for k, t in floats.items() if not torch.isfinite(t).all()), None)
+    return next((k for k, t in floats.items() if not torch.isfinite(t.float()).all()), None)  # fp8 has no isfinite
 
 
 def write_safetensors(path, tensors, metadata=None):
@@ -278,9 +284,18 @@ def write_json(path, obj):
     atomic_write(path, write)
 
 
+def json_loads(text):
+    """json.loads, with JSON nested past Python's recursion limit ('[' * 100000 in a file's metadata) raised
+    as any other bad JSON, a JSONDecodeError, rather than a RecursionError."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply to read", text[:40], 0) from None
+
+
 def read_json(path):
     try:
         with open(path, encoding="utf-8") as f:  # vocab files hold non-ASCII characters
-            return json.load(f)
+            return json_loads(f.read())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelFileError(f"{path} is not a readable JSON file ({_first_line(e)}); download or export it again.") from None

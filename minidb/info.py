@@ -6,16 +6,24 @@ instead, it says what that holds (family, layers, rank and alpha, the word) and 
 trained model) is only replaced with --overwrite, only if it is a model, and then atomically: a crash leaves the old one.
 """
 
+import os
+import signal
+import sys
+
+if __name__ == "__main__":  # Ctrl-C in the seconds torch takes to import: a sentence, not a traceback
+    signal.signal(signal.SIGINT, lambda *_: (print("\ninterrupted.", file=sys.stderr), os._exit(130)))
+
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
-from minidb.cli import nonempty_path, path_and_scale
+from minidb.cli import nonempty_path, path_and_scale, run
 from minidb.dreambooth import embedding_vectors
-from minidb.files import PICKLE_SUFFIXES, ModelFileError, read_tensors, replace_folder
+from minidb.files import (PICKLE_SUFFIXES, ModelFileError, dangling_link, first_non_finite, json_loads, read_tensors,
+                          replace_folder)
 from minidb.load import load
 from minidb.lora_files import describe_lora, merge_lora
 from minidb.runs import embedding_to_add, recorded_identifiers, recorded_subjects
@@ -50,18 +58,25 @@ def main(argv=None):
     parser.add_argument("--convert", type=nonempty_path, metavar="OUT", default=None,
                         help="also write the model to OUT: a .safetensors path gives a single file, any other path a "
                              "diffusers folder (no .ckpt: minidb writes no pickles, which can carry code)")
-    parser.add_argument("--overwrite", action="store_true", help="let --convert replace an existing OUT")
+    parser.add_argument("--overwrite", action="store_true", help="let --convert replace an existing model at OUT (never another file)")
     parser.add_argument("--merge-lora", type=path_and_scale, action="append", default=[], metavar="LORA[:SCALE]",
                         help="merge a LoRA into the model first, at SCALE (default 1), so that --convert writes "
                              "one model file with it built in; repeat for several")
     args = parser.parse_args(argv)
     if args.merge_lora and not args.convert:
         return fail("--merge-lora changes the model only in memory; add --convert OUT to write the merged model.")
-    problem = args.convert and target_problem(Path(args.convert), args.overwrite)  # before the slow load
+    problem = args.convert and target_problem(Path(args.convert), args.overwrite,  # before the slow load
+                                              [args.model, *(path for path, _ in args.merge_lora)])
     if problem:
         return fail(problem)
     try:
         model = load(args.model, prediction_type=args.prediction_type)
+        parts = {name: getattr(model, name) for name in ("unet", "vae", "text_encoder", "text_encoder_2")}
+        broken = args.convert and next((f"{name}.{key}" for name, module in parts.items() if module is not None
+                                        and (key := first_non_finite(module.state_dict()))), None)
+        if broken:  # (merge_lora checks the layers it changes)
+            return fail(f"{args.model} holds NaN or infinite weights (first in {broken}), so it was not converted: "
+                        "they draw black pictures; it is damaged, so download or export it again.")
         for path, scale in args.merge_lora:
             n = merge_lora(model, path, scale)
             second = f" and {n['text_encoder_2']} second-text-encoder" if "text_encoder_2" in n else ""
@@ -123,7 +138,7 @@ def describe_addon(path):
     else:
         return None
     try:
-        made = json.loads(metadata.get("minidb", "null"))
+        made = json_loads(metadata.get("minidb", "null"))
     except json.JSONDecodeError:
         made = None
     steps = f", {metadata['ss_steps']} steps" if "ss_steps" in metadata else ""
@@ -172,12 +187,34 @@ MODEL_FOLDER = {"model_index.json", "unet", "vae", "text_encoder", "text_encoder
                 "scheduler", "safety_checker", "feature_extractor"}
 
 
-def target_problem(out, overwrite):
+# Names of files that are not folders: --convert writes a folder for any name but .safetensors, so these are typos
+# or other formats (.sft: ComfyUI's other name for safetensors)
+FILE_SUFFIXES = {".safetensor", ".sft", ".gguf", ".onnx", ".pkl", ".pickle", ".json", ".txt", ".zip"}
+NAME_MAX = 255 - len(".NAME.12345678.tmp") + len("NAME")  # the name it is first written under must fit in 255 bytes
+
+
+def target_problem(out, overwrite, inputs):
     """Why --convert must not write to `out`, or None. Only --overwrite replaces an existing file or
-    non-empty folder (such as a trained model), never a file by a folder or a folder by a file, and never
-    a folder that holds anything but a diffusers model: as train.py's --overwrite, it deletes nothing else."""
+    non-empty folder (such as a trained model), never a file by a folder or a folder by a file, never one of
+    the `inputs` (the model and the LoRAs), and never anything but a model: as train.py's --overwrite, it
+    deletes nothing else."""
     if out.name in ("", ".."):  # ".", "/", "..": no name to write under, nor to swap a folder in by
         return f"--convert {out} names no new folder or file; give it a name, such as --convert {out / 'model'}."
+    if len(os.fsencode(out.name)) > NAME_MAX:
+        return (f"--convert {out.name[:20]}... is a name of {len(os.fsencode(out.name))} bytes; it is written under "
+                f"a longer temporary name first, so it can be at most {NAME_MAX}: choose a shorter one.")
+    link = dangling_link(out) or (out if out.is_symlink() else None)
+    if link:
+        target = os.readlink(link)
+        return (f"--convert {out} goes through {link}, a link to {target}" + ("" if link.exists() else ", which "
+                "does not exist") + "; give the real path, or choose another.")
+    left = out.with_name(f".{out.name}.old")  # files.replace_folder's copy of the old folder, between two renames
+    if left.is_dir() and not out.exists():
+        return (f"a crash while replacing {out} left the model it held as {left}; move that back to {out} (or delete "
+                "it), then convert again.")
+    if out.suffix.lower() in FILE_SUFFIXES:
+        return (f"--convert {out} names a {out.suffix} file, but --convert writes a .safetensors file or a diffusers "
+                f"folder; name it {out.with_suffix('.safetensors')}, or give a folder name.")
     single = out.suffix.lower() == ".safetensors"
     parent = next(p for p in out.parents if p.exists())  # the folders below it are made when writing
     if not parent.is_dir():
@@ -193,6 +230,11 @@ def target_problem(out, overwrite):
     if foreign:
         return (f"--convert {out} holds files that are not a model ({', '.join(foreign[:3])}"
                 f"{', ...' if len(foreign) > 3 else ''}); choose a new or empty folder.")
+    if any(out.resolve() == Path(p).resolve() for p in inputs):
+        return f"--convert {out} is what it converts from (the model or a LoRA); choose another path."
+    if single and out.is_file() and not is_model_file(out):
+        return (f"--convert {out} is a file that is not a model (a LoRA, an embedding or another file), which "
+                "--overwrite does not replace; choose another path.")
     if not overwrite:
         return f"{out} already exists; pass --overwrite to replace it, or choose another path."
     if out.is_dir() == single:
@@ -201,6 +243,16 @@ def target_problem(out, overwrite):
     return None
 
 
+def is_model_file(path):
+    """Whether a .safetensors file holds a whole model (its UNet in the original layout, as --convert writes
+    one), read from its header alone."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            return any(key.startswith("model.diffusion_model.") for key in f.keys())
+    except (OSError, SafetensorError):  # not safetensors at all: not a model --convert wrote
+        return False
+
+
 if __name__ == "__main__":
     torch.set_grad_enabled(False)
-    sys.exit(main())
+    run(main)

@@ -24,7 +24,7 @@ import sys
 
 import torch
 
-from minidb.files import ModelFileError, read_tensors
+from minidb.files import ModelFileError, json_loads, read_tensors
 from minidb.lora import UNET, naming, text_parts
 
 # (end of a key, what it holds); the part before it names the layer. Mutually exclusive endings.
@@ -216,7 +216,7 @@ def _peft_settings(path, metadata):
     if raw is None:
         return {}
     try:
-        settings = json.loads(raw)
+        settings = json_loads(raw)
     except json.JSONDecodeError:
         settings = None
     problem = _alphas_problem(settings) if isinstance(settings, dict) else "that is not a JSON object of LoRA settings"

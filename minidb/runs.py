@@ -19,7 +19,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from minidb.files import atomic_write, read_metadata
+from minidb.files import atomic_write, dangling_link, json_loads, read_metadata
 
 RUNS = Path("runs")
 # A checkpoint is checkpoints/step-000600; other names there (a copy, a backup) are the user's, never ours.
@@ -72,7 +72,7 @@ def run_folder(out, resume):
         folder.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=folder).close()
     except OSError as e:
-        link = next((p for p in (folder, *folder.parents) if p.is_symlink() and not p.exists()), None)
+        link = dangling_link(folder)
         why = f"{link} is a link to {os.readlink(link)}, which does not exist" if link else e.strerror
         raise RunError(f"Cannot write to --out {folder} ({why}); choose another folder.") from None
     return folder
@@ -174,7 +174,7 @@ def clear(folder):
 def saved_settings(folder):
     """The run's settings.json as a dict, or {} when it is missing or unreadable."""
     try:
-        saved = json.loads((folder / "settings.json").read_text())
+        saved = json_loads((folder / "settings.json").read_text())
         return saved if isinstance(saved, dict) else {}
     except (OSError, ValueError):
         return {}
@@ -211,7 +211,7 @@ def recorded_subjects(paths):
         metadata = read_metadata(path / "unet" / "diffusion_pytorch_model.safetensors" if path.is_dir() else path)
         for key in ("minidb_run", "minidb"):  # a model's "minidb" entry holds its configs, with no identifier
             try:
-                run = json.loads(metadata.get(key, "null"))
+                run = json_loads(metadata.get(key, "null"))
             except json.JSONDecodeError:
                 continue
             subjects = run.get("subjects") if isinstance(run, dict) and isinstance(run.get("subjects"), list) else [run]

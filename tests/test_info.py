@@ -94,12 +94,12 @@ def test_convert_refuses_an_existing_target(tiny_file, tmp_path, capsys):
     (trained / "unet" / "mine.txt").write_text("a week of training")
     (trained / "model_index.json").write_text("{}")
     single = tmp_path / "trained.safetensors"
-    single.write_bytes(b"my model")
+    single.write_bytes(tiny_file.read_bytes())
     for target in (trained, single):
         assert main([str(tiny_file), "--convert", str(target)]) == 2
         assert "already exists; pass --overwrite to replace it" in error_line(capsys)
     assert (trained / "unet" / "mine.txt").read_text() == "a week of training"
-    assert single.read_bytes() == b"my model"
+    assert single.read_bytes() == tiny_file.read_bytes()
 
     (tmp_path / "empty").mkdir()  # an empty folder holds nothing to lose
     assert main([str(tiny_file), "--convert", str(tmp_path / "empty")]) == 0
@@ -112,10 +112,11 @@ def test_overwrite_replaces_the_target_whole(tiny_file, tmp_path, capsys):
     (trained / "unet" / "mine.txt").write_text("old")
     (trained / "model_index.json").write_text("{}")
     single = tmp_path / "out.safetensors"
-    single.write_bytes(b"old")
+    save_single_file(tiny_model(), single, dtype=torch.float16)
     for target in (trained, single):
         assert main([str(tiny_file), "--convert", str(target), "--overwrite"]) == 0
         assert load(target).version == "SD 1.x"
+    assert next(iter(load_file(single).values())).dtype == torch.float32  # the new one
     assert not (trained / "unet" / "mine.txt").exists()  # replaced, not merged into
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors", "trained"]  # no temporary debris
 
@@ -355,3 +356,93 @@ def test_merge_that_overflows_writes_no_model(tiny_file, tmp_path, capsys):
                  "--convert", str(tmp_path / "merged.safetensors")]) == 2
     assert "gives weights that are not finite numbers in float32" in error_line(capsys)
     assert not (tmp_path / "merged.safetensors").exists()
+
+
+def test_overwrite_replaces_only_a_model_file(tiny_file, tmp_path, capsys):
+    """--convert X.safetensors --overwrite replaced any file: a LoRA, an embedding, the LoRA being merged."""
+    lora, word, other = tmp_path / "lora.safetensors", tmp_path / "sks.safetensors", tmp_path / "notes.safetensors"
+    save_file({"lora_unet_x.lora_down.weight": torch.ones(2, 4), "lora_unet_x.lora_up.weight": torch.ones(4, 2)}, lora)
+    save_file({"emb_params": torch.ones(1, 32)}, word)
+    other.write_text("my notes")
+    before = {p: p.read_bytes() for p in (lora, word, other)}
+    for target in (word, other):
+        for overwrite in ([], ["--overwrite"]):
+            assert main([str(tiny_file), "--convert", str(target), *overwrite]) == 2
+            assert f"--convert {target} is a file that is not a model (a LoRA, an embedding or another file), " \
+                "which --overwrite does not replace" in error_line(capsys)
+    assert main([str(tiny_file), "--merge-lora", str(lora), "--convert", str(lora), "--overwrite"]) == 2
+    assert f"--convert {lora} is what it converts from (the model or a LoRA)" in error_line(capsys)
+    assert {p: p.read_bytes() for p in (lora, word, other)} == before
+
+
+def test_a_model_with_nan_weights_is_not_converted(tiny_file, tmp_path, capsys):
+    """It was written, and with --overwrite it replaced a good model."""
+    tensors = load_file(tiny_file)
+    key = next(k for k in tensors if k.startswith("first_stage_model.") and k.endswith(".weight"))
+    tensors[key] = torch.full_like(tensors[key], float("inf"))
+    with safe_open(str(tiny_file), "pt") as f:
+        save_file(tensors, tmp_path / "broken.safetensors", metadata=f.metadata())
+    good = tmp_path / "good.safetensors"
+    good.write_bytes(tiny_file.read_bytes())
+    for target, overwrite in ((tmp_path / "new.safetensors", []), (tmp_path / "new", []), (good, ["--overwrite"])):
+        assert main([str(tmp_path / "broken.safetensors"), "--convert", str(target), *overwrite]) == 2
+        assert f"holds NaN or infinite weights (first in vae.{key.removeprefix('first_stage_model.')}), so it was " \
+            "not converted" in error_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.safetensors", "good.safetensors"]
+    assert good.read_bytes() == tiny_file.read_bytes()
+
+
+@pytest.mark.parametrize("name", ["model.sft", "model.safetensor", "model.gguf", "model.json"])
+def test_convert_to_another_files_name_is_refused_not_made_a_folder(tiny_file, tmp_path, capsys, name):
+    assert main([str(tiny_file), "--convert", str(tmp_path / name)]) == 2
+    assert f"names a {Path(name).suffix} file, but --convert writes a .safetensors file or a diffusers folder; name " \
+        f"it {tmp_path / 'model.safetensors'}" in error_line(capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_convert_through_a_link_names_it(tiny_file, tmp_path, capsys):
+    """A link to a model folder was replaced by a folder, leaving the link's copy behind; a link to nothing said
+    '(Not a directory)' and left a hidden .NAME.tmp model."""
+    save_diffusers(tiny_model(), tmp_path / "real")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    (tmp_path / "gone").symlink_to(tmp_path / "nothing")
+    for target, says in ((tmp_path / "link", f"a link to {tmp_path / 'real'}; give the real path"),
+                         (tmp_path / "gone" / "model", f"a link to {tmp_path / 'nothing'}, which does not exist")):
+        assert main([str(tiny_file), "--convert", str(target), "--overwrite"]) == 2
+        assert f"--convert {target} goes through " in (line := error_line(capsys)) and says in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gone", "link", "real"]
+
+
+def test_a_name_too_long_for_its_temporary_name_is_refused_before_loading(tiny_file, tmp_path, capsys):
+    """250 bytes is a legal name, but the file is first written as .NAME.XXXXXXXX.tmp: it failed after the load."""
+    target = tmp_path / ("m" * 238 + ".safetensors")
+    assert main([str(tiny_file), "--convert", str(target)]) == 2
+    assert "is a name of 250 bytes; it is written under a longer temporary name first, so it can be at most 241" \
+        in error_line(capsys)
+    assert main([str(tiny_file), "--convert", str(tmp_path / ("m" * 229 + ".safetensors"))]) == 0  # 241 bytes
+
+
+def test_a_crash_between_the_renames_is_named_not_deleted(tiny_file, tmp_path, capsys):
+    """A crash between replace_folder's two renames leaves the old model only as .NAME.old; the next convert
+    deleted it."""
+    save_diffusers(tiny_model(), tmp_path / ".model.old")
+    assert main([str(tiny_file), "--convert", str(tmp_path / "model"), "--overwrite"]) == 2
+    assert f"a crash while replacing {tmp_path / 'model'} left the model it held as {tmp_path / '.model.old'}; " \
+        "move that back" in error_line(capsys)
+    assert load(tmp_path / ".model.old").version == "SD 1.x"
+
+
+@pytest.mark.parametrize("entry", ["minidb", "lora_adapter_metadata"])
+def test_metadata_nested_too_deeply_is_damage_not_a_traceback(tiny_file, tmp_path, capsys, entry):
+    """json raised RecursionError on '[' * 100000 in a file's metadata: a model's, a LoRA's."""
+    deep = "[" * 100000 + "]" * 100000
+    if entry == "minidb":
+        save_file(load_file(tiny_file), tmp_path / "m.safetensors", metadata={"minidb": deep})
+        assert main([str(tmp_path / "m.safetensors")]) == 2
+        assert "carries minidb metadata that this minidb cannot use (it is not JSON)" in error_line(capsys)
+    else:
+        save_file({"unet.x.lora_A.weight": torch.ones(2, 4), "unet.x.lora_B.weight": torch.ones(4, 2)},
+                  tmp_path / "l.safetensors", metadata={"lora_adapter_metadata": deep})
+        assert main([str(tmp_path / "l.safetensors")]) == 2
+        assert "has lora_adapter_metadata that is not a JSON object of LoRA settings" in error_line(capsys)
+

@@ -649,10 +649,11 @@ def test_ctrl_c_during_setup_is_one_sentence(world, tmp_path):
     assert "interrupted" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("script", ["train.py", "sample.py"])
+@pytest.mark.parametrize("script", ["train.py", "sample.py", "minidb.info"])
 def test_ctrl_c_while_torch_imports_is_quiet(tmp_path, script):
     # Half a second in, the script is importing torch (or already setting up): either way a sentence.
-    proc = subprocess.Popen([sys.executable, str(ROOT / script), "--help"], cwd=tmp_path,
+    command = ["-m", script] if script == "minidb.info" else [str(ROOT / script)]
+    proc = subprocess.Popen([sys.executable, *command, "--help"], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
@@ -699,3 +700,5 @@ def test_first_non_finite_names_the_tensor_and_is_not_fooled_by_a_sum_that_overf
     assert files.first_non_finite({"a": torch.ones(2), "b": torch.tensor([1.0, float("nan")]), "i": torch.arange(3)}) == "b"
     assert files.first_non_finite({"h": torch.tensor([1.0, float("-inf")], dtype=torch.float16)}) == "h"
     assert files.first_non_finite({"empty": torch.ones(0), "ids": torch.arange(4)}) is None
+    nan8 = torch.tensor([1.0, float("nan")]).to(torch.float8_e4m3fn)  # torch has no isfinite for fp8 (it raised)
+    assert files.first_non_finite({"ok": torch.ones(2, dtype=torch.float8_e4m3fn), "fp8": nan8}) == "fp8"
