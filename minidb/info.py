@@ -1,9 +1,10 @@
 """Say what a checkpoint is and prove that minidb loads it: `python -m minidb.info MODEL`.
 
 Prints the version, the prediction type and how it was decided, the configs and the parameter
-counts; with --convert it also writes the model in the other layout. Given a LoRA or an embedding
-instead, it says what that holds (family, layers, rank and alpha, the word) and how to draw with it. An existing target (such as a
-trained model) is only replaced with --overwrite, only if it is a model, and then atomically: a crash leaves the old one.
+counts; with --convert it also writes the model in the other layout (with --merge-lora, a LoRA built
+in). Given a LoRA or an embedding instead, it says what that holds (family, layers, rank and alpha,
+the word) and how to draw with it. An existing target (such as a trained model) is only replaced
+with --overwrite, only if it is a model, and then atomically: a crash leaves the old one.
 """
 
 import os
@@ -34,9 +35,10 @@ HELP = """\
 MODEL is a diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/;
 SDXL also text_encoder_2/, tokenizer_2/), an original single file (.safetensors, or .ckpt read
 safely with weights_only), or the Hugging Face Hub id of a diffusers model, owner/name[@revision],
-downloaded into the Hugging Face cache (README: "Models by Hub id"). SD 1.x, SD 2.x and SDXL (base) text-to-image models are supported, smaller
-or pruned ones too (a single file's architecture is read from its tensors); the SDXL refiner,
-inpainting and other kinds are recognized and refused.
+downloaded into the Hugging Face cache (README: "Models by Hub id"). SD 1.x, SD 2.x and SDXL (base)
+text-to-image models are supported, smaller or pruned ones too (a single file's architecture is read
+from its tensors); the SDXL refiner, inpainting and other kinds are recognized and refused. MODEL may
+also be a LoRA or a textual-inversion embedding, to see what it holds.
 
 How the prediction type (epsilon or v) is chosen:
   diffusers folder   scheduler/scheduler_config.json's "prediction_type".
@@ -52,13 +54,14 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m minidb.info", description=__doc__.splitlines()[0], epilog=HELP,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=nonempty_path, help="a diffusers folder, a .safetensors / .ckpt file or a "
-                        "Hugging Face Hub id owner/name[@revision]")
+                        "Hugging Face Hub id owner/name[@revision]; or a LoRA or an embedding, to describe it")
     parser.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None,
                         help="override the detected prediction type (default: detect, see below)")
     parser.add_argument("--convert", type=nonempty_path, metavar="OUT", default=None,
                         help="also write the model to OUT: a .safetensors path gives a single file, any other path a "
                              "diffusers folder (no .ckpt: minidb writes no pickles, which can carry code)")
-    parser.add_argument("--overwrite", action="store_true", help="let --convert replace an existing model at OUT (never another file)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="let --convert replace an existing model at OUT (never another file)")
     parser.add_argument("--merge-lora", type=path_and_scale, action="append", default=[], metavar="LORA[:SCALE]",
                         help="merge a LoRA into the model first, at SCALE (default 1), so that --convert writes "
                              "one model file with it built in; repeat for several")
