@@ -174,6 +174,9 @@ def _read(path, model):
     if not any(_split(k) and _split(k)[1] != "alpha" for k in tensors):
         if any(k.startswith(FULL_MODEL) for k in tensors):
             raise ModelFileError(f"{path} is a full model checkpoint, not a LoRA; load it as the base model instead.")
+        if {"emb_params", "clip_l"} & tensors.keys():  # a new word's vectors (A1111, SDXL), not a change
+            raise ModelFileError(f"{path} is a textual-inversion embedding, not a LoRA: it adds a word rather than "
+                                 f"changing weights, so draw with it by sample.py --embedding {path}.")
         raise ModelFileError(f"{path} holds no LoRA tensors (lora_down/lora_up or lora_A/lora_B), so it is not a LoRA.")
     _refuse_other_kinds(path, tensors)
     _check_family(path, model, {}, metadata)  # what kohya's metadata says

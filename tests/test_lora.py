@@ -546,7 +546,12 @@ BAD_FILES = {  # case: (a change to sd1.safetensors, or another file; what the s
                     "which do not fit the layer down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k of shape (32, 32)."),
     "up missing": (lambda t: t.pop(UP), f"has {DOWN} without its up weight, so the file is incomplete."),
     "LoHa": (lambda t: t.update({"lora_unet_conv_in.hada_w1_a": torch.ones(4, 4)}), "is a LoHa adapter"),
-    "not a LoRA": (lambda t: [t.clear(), t.update({"emb_params": torch.ones(1, 32)})], "holds no LoRA tensors"),
+    "not a LoRA": (lambda t: [t.clear(), t.update({"weight": torch.ones(1, 32), "bias": torch.ones(1)})],
+                   "holds no LoRA tensors"),
+    # an embedding given as a LoRA (sample.py --lora, info --merge-lora) is named, and where it goes said
+    "an embedding": (lambda t: [t.clear(), t.update({"emb_params": torch.ones(1, 32)})],
+                     "is a textual-inversion embedding, not a LoRA: it adds a word rather than changing weights, so "
+                     "draw with it by sample.py --embedding"),
     "truncated": ("truncated.safetensors", "is not a readable safetensors file"),
     "full checkpoint": ("full.safetensors", "is a full model checkpoint, not a LoRA"),
     # weights that are no floating-point numbers: int8 cast to float was all zeros, bool 0 and 1, all used silently
