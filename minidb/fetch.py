@@ -11,25 +11,33 @@ Range header is all that resuming takes. The standard library does both without 
 and the code below is the whole story.
 
 How a download goes:
+  0. the .part file is locked (flock), so that a second fetch to the same --out stops at once;
   1. bytes go to `<out>.part`; the final name appears only once the file is complete and verified;
   2. if a .part file is there, ask only for the rest (`Range: bytes=N-`); a server that ignores the
-     Range header answers 200 with the whole file, and then we start again from zero;
+     Range header answers 200 (or a 206 from byte 0) with the whole file, and then we start again from zero;
+     an HTML page (a login page) or a 206 from another byte is refused, and the .part kept;
   3. once all bytes are there, the sha256 of the whole .part file is computed from disk (so the kept
      prefix is checked too); on a match the file is renamed to its final name (atomic: same
-     folder), on a mismatch it is deleted.
+     folder), on a mismatch it is deleted (kept, for resuming, when the server did not say how long
+     the file is: the body may just have been cut short).
 """
 
 import argparse
 import hashlib
 import http.client
 import os
+import re
 import sys
 import urllib.error
 import urllib.request
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from urllib.parse import urlparse
 
 from tqdm import tqdm
+
+from minidb.cli import nonempty_path
+from minidb.files import DiskFull, disk_full_is_an_error, room_problem
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 DEFAULT_URL = ("https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5/resolve/main/"
@@ -45,6 +53,7 @@ MODELS = {"sd15": (DEFAULT_URL, DEFAULT_SHA256, 4_265_146_304),
 TOY_MODEL = WEIGHTS / "toy.safetensors"  # ships with minidb: the toy world's base model (minidb/toy/lab.py)
 CHUNK = 1 << 20  # bytes read and hashed at a time
 TIMEOUT = 60  # seconds without a byte before we give up (the .part file stays for resuming)
+REDIRECTS = (301, 302, 303, 307, 308)
 
 
 class FetchError(Exception):
@@ -81,19 +90,46 @@ def fetch(url=DEFAULT_URL, sha256=DEFAULT_SHA256, out=DEFAULT_MODEL, progress=Tr
         return out
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    have = part.stat().st_size if part.exists() else 0
-    response = _open(url, out, have)
-    if response is not None:  # None: the server says the .part file already holds the whole file
-        _download(response, part, have, progress, out.name)
+    with _locked(part):  # until the file is in place: a second fetch to the same --out stops at once
+        have = part.stat().st_size
+        response = _open(url, out, have)
+        length_known = True
+        if response is not None:  # None: the server says the .part file already holds the whole file
+            length_known = _download(response, part, have, progress, out.name)
 
-    digest = file_sha256(part, progress, f"checking {out.name}")
-    if digest != sha256:
-        part.unlink()
-        raise FetchError(f"The file downloaded from {url} has sha256 {digest}, not {sha256}, so it was "
-                         "deleted; check the --sha256 value, or run again if the server changed it.")
-    os.replace(part, out)
+        digest = file_sha256(part, progress, f"checking {out.name}")
+        if digest != sha256 and not length_known:  # the body just ended, perhaps early: keep it for resuming
+            raise FetchError(f"The download from {url} ended at byte {part.stat().st_size:,} without the server "
+                             f"saying how long the file is, and its sha256 does not match (yet); {part} is kept, so "
+                             "run the same command again to resume, or delete it to start over.")
+        if digest != sha256:
+            part.unlink()
+            raise FetchError(f"The file downloaded from {url} has sha256 {digest}, not {sha256}, so it was "
+                             "deleted; run again to download it afresh, and if that happens again, check the "
+                             "--sha256 value or whether the address serves another file now.")
+        os.replace(part, out)
     print(f"saved {out} (sha256 verified)")
     return out
+
+
+@contextmanager
+def _locked(part):
+    """Hold an exclusive lock on the .part file (made if need be), or say that another fetch holds it. The
+    operating system lets go of it when the process ends, however it ends. An empty .part is not left behind."""
+    with open(part, "ab") as f:
+        try:
+            import fcntl
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # Windows: no flock; fetches are not guarded there
+            pass
+        except BlockingIOError:
+            raise FetchError(f"Another fetch is downloading to {part}; wait for it to finish, or choose "
+                             "another --out.") from None
+        try:
+            yield
+        finally:
+            if part.exists() and part.stat().st_size == 0:
+                part.unlink()
 
 
 def _open(url, out, have):
@@ -106,6 +142,9 @@ def _open(url, out, have):
         # complete (or too long, which the checksum will catch).
         if e.code == 416 and have:
             return None
+        if e.code in REDIRECTS and e.headers.get("Location"):  # urllib gives up on a loop, or after 10 redirects
+            raise FetchError(_by_hand(url, out, f"the server redirected in a loop or too many times (HTTP "
+                                                f"{e.code})")) from None
         raise FetchError(_by_hand(url, out, f"the server answered HTTP {e.code} {e.reason}")) from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
         reason = getattr(e, "reason", None) or e
@@ -116,28 +155,60 @@ def _open(url, out, have):
 
 def _download(response, part, have, progress, name):
     """Write the body to part: appended when the server sent the rest (206), from zero when it
-    ignored the Range header and sent the whole file (200)."""
-    if response.status != 206:
-        have = 0
-    size = response.headers.get("Content-Length")
-    total = have + int(size) if size is not None else None
-    if have:
-        print(f"resuming {part} at byte {have:,}")
-    with response, open(part, "ab" if have else "wb") as f, tqdm(
-            total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024, desc=name,
-            disable=not progress) as bar:
-        try:
-            while chunk := response.read1(CHUNK):  # read1: what has arrived, up to CHUNK bytes
-                f.write(chunk)
+    ignored the Range header and sent the whole file (200). Returns whether the server said how long it is."""
+    with response:
+        start = _start_of(response, part, have)
+        if start == 0 and have:
+            print(f"the server sent the whole file, not the rest; starting {part} again")
+        have = start
+        # http.client's reading of Content-Length: None when it is absent or no number
+        total = have + response.length if response.length is not None else None
+        if have:
+            print(f"resuming {part} at byte {have:,}")
+        if total is not None and (problem := room_problem(part.parent, total - have, f"the rest of {name}",
+                                                          "free some space or choose another --out")):
+            raise FetchError(problem)
+        full = (disk_full_is_an_error(part.parent, total - have, f"the rest of {name}",
+                                      "run the same command again to resume") if total is not None else nullcontext())
+        with full, \
+                open(part, "ab" if have else "wb") as f, tqdm(
+                    total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024, desc=name,
+                    disable=not progress) as bar:
+            while chunk := _read(response, part, have):
+                f.write(chunk)  # an OSError here is the disk's, which main() tells apart from the network's
                 f.flush()  # on disk at once, so even a killed process can resume from here
                 have += len(chunk)
                 bar.update(len(chunk))
-        except (OSError, http.client.HTTPException) as e:  # connection reset, timeout, ...
-            raise FetchError(f"The download stopped at byte {have} ({e}); {part} is kept, "
-                             "so run the same command again to resume.") from None
     if total is not None and have < total:  # the server closed the connection early
         raise FetchError(f"The download stopped at byte {have} of {total}; {part} is kept, "
                          "so run the same command again to resume.")
+    return total is not None
+
+
+def _start_of(response, part, have):
+    """The byte the body starts at: 0 for a 200, have for a 206 that answers our Range. Refuses an HTML page
+    (a login or error page sent with 200) and a 206 that starts elsewhere, before the .part is touched."""
+    kind = response.headers.get("Content-Type", "")
+    if kind.startswith("text/html"):
+        raise FetchError(f"The server sent an HTML page ({response.length or 'unknown number of'} bytes) instead "
+                         f"of the file, perhaps a login or error page; open {response.url} in a browser to see it.")
+    if response.status != 206:
+        return 0
+    first = re.match(r"bytes (\d+)-", response.headers.get("Content-Range", ""))
+    start = int(first[1]) if first else have
+    if start not in (0, have):
+        raise FetchError(f"The server answered the request for the bytes from {have:,} on with the bytes from "
+                         f"{start:,} on; {part} is kept, so run again later, or delete it to start over.")
+    return start
+
+
+def _read(response, part, have):
+    """The next bytes that have arrived (up to CHUNK), b"" at the end; a network failure becomes a FetchError."""
+    try:
+        return response.read1(CHUNK)
+    except (OSError, http.client.HTTPException) as e:  # connection reset, timeout, ...
+        raise FetchError(f"The download stopped at byte {have} ({e}); {part} is kept, "
+                         "so run the same command again to resume.") from None
 
 
 def file_sha256(path, progress=False, desc=None):
@@ -188,7 +259,7 @@ def main(argv=None):
     parser.add_argument("--url", default=None, help="download this file instead of a known one (needs --sha256)")
     parser.add_argument("--sha256", default=None,
                         help="the file's expected sha256; required with --url (default: the known model's)")
-    parser.add_argument("--out", default=None,
+    parser.add_argument("--out", default=None, type=nonempty_path,
                         help=f"where to save it: a file name, or a folder to save it in under the URL's file name "
                              f"(default: {WEIGHTS}/)")
     args = parser.parse_args(argv)
@@ -209,7 +280,7 @@ def main(argv=None):
     out = Path(args.out or WEIGHTS) / name if folder else Path(args.out)
     try:
         fetch(args.url, args.sha256, out)
-    except FetchError as e:
+    except (FetchError, DiskFull) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # the disk side: a folder we cannot create, a file we cannot write

@@ -28,8 +28,11 @@ How a resolution goes:
      not downloaded again: a second run asks the Hub one question, the commit of the revision).
 """
 
+import json
+import os
 import re
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 from minidb.files import ModelFileError
 
@@ -58,6 +61,7 @@ def local_path(model):
 
 def _download(model, repo, revision):
     # huggingface_hub is imported here, not at the top: only Hub ids need it, and it is slow to import.
+    import httpx2  # huggingface_hub's HTTP client: its errors are what a broken network looks like
     from huggingface_hub import HfApi, constants, errors, get_cached_repo_tree, snapshot_download
     site = f"the Hugging Face Hub at {constants.ENDPOINT}"
     try:
@@ -86,16 +90,60 @@ def _download(model, repo, revision):
             raise ModelFileError(f"{model} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
                                  "HF_HUB_OFFLINE is set; run once with a network and without HF_HUB_OFFLINE to "
                                  "download it.") from None
+        if isinstance(e.__cause__, errors.HfHubHTTPError):  # reached, but it answered an error (after retrying 5xx)
+            raise _answered(e.__cause__, site, model) from None
         raise ModelFileError(f"Could not reach {site} ({_first_line(e.__cause__ or e)}), and {model} is not in the "
                              f"Hugging Face cache ({constants.HF_HUB_CACHE}); check the network (or HF_ENDPOINT) "
                              "and run again to download it.") from None
     except errors.HfHubHTTPError as e:  # the Hub answered, with an error of its own (a refused token, 5xx, ...)
-        status = e.response.status_code
-        fix = "check your token (`hf auth login` or HF_TOKEN)" if status in (401, 403) else "run again later"
-        raise ModelFileError(f"{site} answered HTTP {status} when asked for {model}; {fix}.") from None
+        raise _answered(e, site, model) from None
     except errors.HFValidationError:
         raise ModelFileError(f"No model at {model}: there is no such local path, and it is no valid Hugging Face "
                              "Hub id (owner/name, or owner/name@revision).") from None
+    except httpx2.RequestError as e:  # the connection broke, stalled or spoke no HTTP, after huggingface_hub's retries
+        reason = "no data came for a while" if isinstance(e, httpx2.TimeoutException) else _first_line(e)
+        file = _file_of(e)
+        what, again = (f"{file} of {model}", "run again to resume") if file else (model, "run again")
+        raise ModelFileError(f"Could not download {what} from {site} ({reason}); check the network (or a proxy, "
+                             f"or HF_ENDPOINT) and {again}.") from None
+    except json.JSONDecodeError:  # the API answered 200 with something else: a proxy's or a captive portal's page
+        raise ModelFileError(f"{site} answered the question about {model} with a page that is not the Hub's (a proxy "
+                             "or a network login page?); check the network (or HF_ENDPOINT) and run again.") from None
+    except OSError as e:
+        if e.errno is None:  # huggingface_hub's own, such as "Consistency check failed" for a file shorter than listed
+            sizes = re.search(r"should be of size (\d+) but has size (\d+)", str(e))
+            reason = (f"a file came in shorter than the Hub lists it, {int(sizes[2]):,} of {int(sizes[1]):,} bytes"
+                      if sizes else _first_line(e))
+            raise ModelFileError(f"Could not download {model} from {site} ({reason}); check the network (or a "
+                                 "proxy) and run again to resume.") from None
+        # the disk side: the cache cannot be written (full, read-only, ...)
+        where = os.fsdecode(e.filename) if e.filename else constants.HF_HUB_CACHE
+        raise ModelFileError(f"Could not save {model} in the Hugging Face cache ({where}: {e.strerror}); free some "
+                             "space or set HF_HUB_CACHE to a folder you can write, then run again.") from None
+
+
+def _answered(e, site, model):
+    """The sentence for an HTTP error the Hub answered with, naming the file it was asked for where there is one."""
+    status, file = e.response.status_code, _file_of(e)
+    what = f"{file} of {model}" if file else model
+    if status in (401, 403):
+        fix = "check your token (`hf auth login` or HF_TOKEN)"
+    elif status == 404 and file:  # minidb asks only for files the repository's list names
+        what, fix = f"{what}, a file its list names", "run again later, or tell the repository's owner"
+    else:
+        fix = "run again later"
+    return ModelFileError(f"{site} answered HTTP {status} when asked for {what}; {fix}.")
+
+
+def _file_of(e):
+    """The repository file an httpx or huggingface_hub error was about (from .../resolve/<commit>/<file>), or None."""
+    try:
+        response = getattr(e, "response", None)
+        url = str((e if response is None else response).request.url)
+    except (AttributeError, RuntimeError):  # httpx raises RuntimeError for an error without its request
+        return None
+    path = unquote(urlsplit(url).path)
+    return path.split("/resolve/", 1)[1].split("/", 1)[-1] if "/resolve/" in path else None
 
 
 def _pick_weights(files, folder, model):
@@ -109,8 +157,9 @@ def _pick_weights(files, folder, model):
     fix = ("run once with a network (and without HF_HUB_OFFLINE) to download the rest" if offline else
            "minidb needs a diffusers repository (for a repository of single .safetensors files, download one "
            "and pass its path)")
-    if "unet/config.json" not in files:
-        raise ModelFileError(f"{where} is not a diffusers model (it has no unet/config.json); {fix}.")
+    missing = [f"{part}/config.json" for part in ("unet", "vae", "text_encoder") if f"{part}/config.json" not in files]
+    if missing:
+        raise ModelFileError(f"{where} is not a diffusers model (it has no {' or '.join(missing)}); {fix}.")
     picked = []
     for part in [p for p in WEIGHT_FILES if f"{p}/config.json" in files]:
         names = [f"{part}/{name}" for name in WEIGHT_FILES[part] if f"{part}/{name}" in files]

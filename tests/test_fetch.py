@@ -4,9 +4,11 @@ Every test starts its own HTTP server on 127.0.0.1 serving a few hundred KB of r
 Range support written out in the handler below, so nothing here touches the network.
 """
 
+import errno
 import hashlib
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from minidb.files import DiskFull
 from minidb.fetch import DEFAULT_MODEL, FetchError, fetch, how_to_get_weights, part_path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,10 +32,13 @@ class Server:
     """Serves BODY at /model.safetensors and records the Range header of every request (None if absent).
     ignore_range: answer 200 with the whole body, as some servers do. drop_after: on the first request
     only, send that many bytes of the body and then close the connection. stall_after: on the first
-    request only, send that many bytes and then hang until the test ends."""
+    request only, send that many bytes and then hang until the test ends. fault: "html" (a login page with 200),
+    "loop" (a redirect to itself), "badlength" (Content-Length: abc), "nolength" (no Content-Length on a 200),
+    or a number: answer a Range request with a 206 whose bytes start there."""
 
-    def __init__(self, ignore_range=False, drop_after=None, stall_after=None):
+    def __init__(self, ignore_range=False, drop_after=None, stall_after=None, fault=None):
         self.ignore_range, self.drop_after, self.stall_after, self.ranges = ignore_range, drop_after, stall_after, []
+        self.fault = fault
         self.release = threading.Event()
         server = self
 
@@ -53,6 +59,15 @@ class Server:
             return
         asked = h.headers.get("Range")
         self.ranges.append(asked)
+        if self.fault in ("html", "loop"):
+            page = b"<html><body>Sign in to continue</body></html>"
+            h.send_response(200 if self.fault == "html" else 302)
+            h.send_header("Content-Type", "text/html")
+            h.send_header("Location", h.path)
+            h.send_header("Content-Length", str(len(page)))
+            h.end_headers()
+            h.wfile.write(page)
+            return
         start = 0
         if asked and not self.ignore_range:
             start = int(re.fullmatch(r"bytes=(\d+)-", asked)[1])
@@ -62,12 +77,14 @@ class Server:
                 h.send_header("Content-Length", "0")
                 h.end_headers()
                 return
+            start = self.fault if isinstance(self.fault, int) else start
             h.send_response(206)
             h.send_header("Content-Range", f"bytes {start}-{len(BODY) - 1}/{len(BODY)}")
         else:
             h.send_response(200)
         data = BODY[start:]
-        h.send_header("Content-Length", str(len(data)))
+        if self.fault != "nolength" or start:
+            h.send_header("Content-Length", "abc" if self.fault == "badlength" else str(len(data)))
         h.end_headers()
         if self.drop_after is not None:
             data, self.drop_after = data[:self.drop_after], None
@@ -150,6 +167,109 @@ def test_checksum_mismatch_deletes_the_download(serve, tmp_path):
     with pytest.raises(FetchError, match=f"has sha256 {SHA}, not {wrong}, so it was deleted"):
         fetch(server.url, wrong, out, progress=False)
     assert not part_path(out).exists() and not out.exists()
+
+
+def test_a_content_length_that_is_no_number_is_read_as_unknown(serve, tmp_path):
+    server, out = serve(fault="badlength"), tmp_path / "model.safetensors"  # it was a ValueError traceback
+    fetch(server.url, SHA, out, progress=False)
+    assert out.read_bytes() == BODY
+
+
+def test_a_body_cut_short_without_a_length_is_kept_for_resuming(serve, tmp_path):
+    server, out = serve(fault="nolength", drop_after=100_000), tmp_path / "model.safetensors"
+    with pytest.raises(FetchError, match=r"ended at byte 100,000 without the server saying how long the file is"
+                                         r".*is kept, so run the same command again to resume"):
+        fetch(server.url, SHA, out, progress=False)  # it deleted the 100,000 good bytes and blamed --sha256
+    assert part_path(out).read_bytes() == BODY[:100_000]
+    fetch(server.url, SHA, out, progress=False)
+    assert server.ranges == [None, "bytes=100000-"] and out.read_bytes() == BODY
+
+
+def test_an_html_page_is_named_as_one_and_the_part_file_kept(serve, tmp_path):
+    server, out = serve(fault="html"), tmp_path / "model.safetensors"
+    part_path(out).write_bytes(BODY[:1000])
+    with pytest.raises(FetchError, match=r"^The server sent an HTML page \(45 bytes\) instead of the file"):
+        fetch(server.url, SHA, out, progress=False)  # it said the sha256 differed and deleted the .part
+    assert part_path(out).read_bytes() == BODY[:1000]
+
+
+def test_a_206_that_starts_at_another_byte(serve, tmp_path):
+    """A 206 from byte 0 is the whole file: start again with it; from any other byte: keep the .part and say so.
+    (It appended either to the good prefix, failed the checksum and deleted the prefix.)"""
+    server, out = serve(fault=0), tmp_path / "model.safetensors"
+    part_path(out).write_bytes(BODY[:200_000])
+    fetch(server.url, SHA, out, progress=False)
+    assert out.read_bytes() == BODY and server.ranges == ["bytes=200000-"]
+    server, out = serve(fault=5), tmp_path / "other.safetensors"
+    part_path(out).write_bytes(BODY[:200_000])
+    with pytest.raises(FetchError, match="the bytes from 200,000 on with the bytes from 5 on; .* is kept"):
+        fetch(server.url, SHA, out, progress=False)
+    assert part_path(out).read_bytes() == BODY[:200_000]
+
+
+def test_a_redirect_loop_is_one_sentence(serve, tmp_path):
+    server, out = serve(fault="loop"), tmp_path / "model.safetensors"
+    with pytest.raises(FetchError) as e:
+        fetch(server.url, SHA, out, progress=False)
+    assert "the server redirected in a loop or too many times (HTTP 302); open that address in a browser" in str(e.value)
+    assert "\n" not in str(e.value) and not part_path(out).exists()
+
+
+def test_a_full_disk_is_named_as_one(serve, tmp_path, monkeypatch):
+    """Checked before the download where the length is known, and said as a disk problem when a write fails
+    (it was "The download stopped at byte 0 ...; run again to resume")."""
+    from minidb import fetch as f
+    from minidb import files
+    server, out = serve(), tmp_path / "model.safetensors"
+    free = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda path: free._replace(free=1000))
+    with pytest.raises(FetchError, match=r"^The disk holding .* has 1 kB free, but the rest of model.safetensors "
+                                         r"needs about 300 kB; free some space or choose another --out.$"):
+        fetch(server.url, SHA, out, progress=False)
+    assert not part_path(out).exists()
+
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda path: free)
+
+    class Full:  # a file on a disk that fills up at the first write
+        def __init__(self, *args):
+            self.file = open(*args)
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(f, "open", Full, raising=False)
+    with pytest.raises(DiskFull, match=r"^The disk holding .* is full: the rest of model.safetensors needs about "
+                                       r"300 kB .*; free some space, then run the same command again to resume.$"):
+        fetch(server.url, SHA, out, progress=False)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="flock")
+def test_a_second_fetch_to_the_same_out_stops_at_once(serve, tmp_path):
+    import fcntl
+    server, out = serve(), tmp_path / "model.safetensors"
+    part_path(out).write_bytes(BODY[:1000])
+    with open(part_path(out), "ab") as other:  # what a first fetch holds while it downloads
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(FetchError, match=r"^Another fetch is downloading to .*model.safetensors.part; wait"):
+            fetch(server.url, SHA, out, progress=False)  # it resumed the first's growing .part
+    assert server.ranges == [] and part_path(out).read_bytes() == BODY[:1000]
+
+
+def test_cli_refuses_an_empty_out(serve, tmp_path, monkeypatch, capsys):
+    from minidb import fetch as f
+    monkeypatch.setattr(f, "WEIGHTS", tmp_path)
+    with pytest.raises(SystemExit) as e:
+        f.main(["--url", serve().url, "--sha256", SHA, "--out", ""])  # it saved into weights/
+    assert e.value.code == 2 and "argument --out: must not be empty; give a path" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_unreachable_server_says_how_to_get_the_file_by_hand(tmp_path):

@@ -8,6 +8,7 @@ is ever touched. huggingface_hub reads those variables once, when it is imported
 read (huggingface_hub.constants) are patched too, and monkeypatch puts everything back afterwards.
 """
 
+import errno
 import hashlib
 import io
 import json
@@ -17,6 +18,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -57,6 +59,8 @@ class FakeHub:
         self.files = {}  # commit -> {path: bytes}
         self.gated = set()
         self.requests = []  # (method, path)
+        self.faults = {}  # repo -> (file, fault): how GET (and HEAD) of that file or the repo's API goes wrong
+        self.release = threading.Event()  # set at the end: lets a stalled answer finish
 
     def add(self, repo, files, revision="main"):
         commit = commit_of(repo, revision)
@@ -118,7 +122,28 @@ def handler(fake):
             self.reply(send_body=False)
 
         def reply(self, send_body):
-            status, headers, body = fake.answer(self.command, unquote(urlsplit(self.path).path))
+            path = unquote(urlsplit(self.path).path)
+            status, headers, body = fake.answer(self.command, path)
+            repo = re.match(r"/(?:api/models/)?([^/]+/[^/]+)", path)
+            file, fault = fake.faults.get(repo and repo[1], (None, None))
+            if fault and (path.endswith(f"/{file}") if file else path.startswith("/api/models/")):
+                if isinstance(fault, int):  # the server answers this status
+                    status, headers, body = fault, {}, b"Internal Server Error"
+                elif fault == "html":  # a proxy's or captive portal's page, with 200
+                    status, headers, body = 200, {"Content-Type": "text/html"}, b"<html>Log in to the network</html>"
+                elif fault == "short" and send_body:  # less than the file list says, with a matching Content-Length
+                    body = body[:len(body) // 2]
+                elif fault in ("cut", "stall") and send_body:  # Content-Length of it all, then half of it / a hang
+                    self.send_response(status)
+                    for key, value in {**headers, "Content-Length": str(len(body))}.items():
+                        self.send_header(key, value)
+                    self.end_headers()
+                    self.wfile.write(body[:len(body) // 2 if fault == "cut" else 1000])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    if fault == "stall":
+                        fake.release.wait(timeout=30)
+                    return
             self.send_response(status)
             for key, value in {**headers, "Content-Length": str(len(body))}.items():
                 self.send_header(key, value)
@@ -161,10 +186,16 @@ def fake_hub(tiny):
     torch.save(load_file(folder / "text_encoder" / "model.safetensors"), pickled)
     fake.add("owner/pickled", {**{p: d for p, d in files.items() if not p.startswith("text_encoder/model.")},
                                "text_encoder/pytorch_model.bin": pickled.getvalue()})
+    for name, file, fault in [("cut", UNET_FP16, "cut"), ("stall", UNET_FP16, "stall"), ("short", UNET_FP16, "short"),
+                              ("portal", None, "html"), ("err500", UNET_FP16, 500), ("err404", UNET_FP16, 404)]:
+        fake.add(f"owner/{name}", files)
+        fake.faults[f"owner/{name}"] = (file, fault)
+    fake.add("owner/novae", {p: d for p, d in files.items() if not p.startswith("vae/")})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler(fake))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     fake.url = f"http://127.0.0.1:{server.server_address[1]}"
     yield fake
+    fake.release.set()
     server.shutdown()
     server.server_close()
 
@@ -313,6 +344,51 @@ def test_missing_gated_and_unusable_repositories(env):
     assert message.startswith("owner/noweights on the Hugging Face Hub has no weights for its text_encoder")
     assert "is not a diffusers model" in failure("owner/single")
     assert not [p for p in env.downloads()[0] if p.endswith((".safetensors", ".bin"))]  # found out before
+
+
+@pytest.fixture
+def no_waiting(monkeypatch):
+    """huggingface_hub's retries without their pauses, and a download that gives up after 0.2 s without data."""
+    monkeypatch.setattr(time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", 0.2)
+
+
+def test_downloads_that_fail_midway_end_in_one_sentence(env, no_waiting):
+    """A weights file cut off or stalled midway, one shorter than listed, a proxy's page where the API should
+    answer: one sentence each that says what failed and what to do (they were tracebacks, exit 1)."""
+    site = f"the Hugging Face Hub at {env.url}"
+    for repo, what in [("owner/cut", "peer closed connection"), ("owner/stall", "no data came for a while")]:
+        message = failure(repo)
+        assert message.startswith(f"Could not download {UNET_FP16} of {repo} from {site} ({what}")
+        assert message.endswith("check the network (or a proxy, or HF_ENDPOINT) and run again to resume.")
+    message = failure("owner/short")
+    assert message.startswith(f"Could not download owner/short from {site} (a file came in shorter than the Hub")
+    assert message.endswith("run again to resume.")
+    message = failure("owner/portal")
+    assert message.startswith(f"{site} answered the question about owner/portal with a page that is not the Hub's")
+
+
+def test_a_cache_that_cannot_be_written_is_named(env, monkeypatch):
+    from huggingface_hub import file_download
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", constants.HF_HUB_CACHE)
+    monkeypatch.setattr(file_download, "http_get", full)
+    message = failure("owner/tiny")
+    assert message.startswith("Could not save owner/tiny in the Hugging Face cache (")
+    assert "No space left on device); free some space or set HF_HUB_CACHE" in message
+
+
+def test_hub_errors_say_what_the_hub_answered_and_for_which_file(env, no_waiting):
+    message = failure("owner/err500")  # it was "Could not reach ... check the network"
+    assert message == (f"the Hugging Face Hub at {env.url} answered HTTP 500 when asked for {UNET_FP16} of "
+                       "owner/err500; run again later.")
+    message = failure("owner/err404")  # it named no file
+    assert message.startswith(f"the Hugging Face Hub at {env.url} answered HTTP 404 when asked for {UNET_FP16} of "
+                              "owner/err404, a file its list names; run again later")
+    message = failure("owner/novae")  # it named a cache folder, with no fix
+    assert message.startswith("owner/novae on the Hugging Face Hub is not a diffusers model (it has no "
+                              "vae/config.json); minidb needs a diffusers repository")
 
 
 def test_what_is_not_a_hub_id_is_left_to_load(env, tmp_path, monkeypatch):
