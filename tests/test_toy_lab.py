@@ -1,10 +1,13 @@
 """`python -m minidb.toy.lab train-base` is resumable: a run cut off in either stage and continued
 with --resume writes the same model as one that ran straight through."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
-from minidb.files import read_tensors, write_safetensors
+from minidb.files import read_tensors, write_json, write_safetensors
 from minidb.toy import base, lab, measure
 
 TINY = ["--vae-steps", "3", "--vae-ch", "32", "--steps", "4", "--batch", "2", "--pictures", "8", "--save-every", "2"]
@@ -190,3 +193,261 @@ def test_the_command_exits_2_without_a_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "minidb.toy.lab", "examples", "--out", "afile"], cwd=tmp_path,
                        env={**os.environ, "PYTHONPATH": str(lab.ROOT)}, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr == "error: afile is a file, not a folder; choose another path.\n"
+
+
+# ---- bad input and Ctrl-C (the audit of `python -m minidb.toy.lab`) ----
+
+def no_training(monkeypatch):
+    """Make train-base's stages fail loudly, so that a test sees whether it got past its checks."""
+    def stage(*args, **kwargs):
+        raise AssertionError("train-base started training")
+    monkeypatch.setattr(base, "train_vae", stage)
+    monkeypatch.setattr(base, "train_unet", stage)
+
+
+def tree(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+def test_train_base_only_ever_clears_an_empty_folder_or_its_own(tmp_path, monkeypatch, capsys):
+    """train-base --work cleared any folder without a settings.json (a thesis folder, `.`, runs/), and with
+    --overwrite any folder with one (a train.py run). Now it refuses every folder that is not its own."""
+    no_training(monkeypatch)
+    thesis = tmp_path / "d"
+    (thesis / "runs" / "dreambooth-1").mkdir(parents=True)
+    (thesis / "thesis.pdf").write_text("four years")
+    (thesis / "runs" / "dreambooth-1" / "model.safetensors").write_text("w")
+    run_folder = tmp_path / "run"  # a train.py run: a settings.json, but not train-base's
+    run_folder.mkdir()
+    (run_folder / "settings.json").write_text('{"identifier": "zq", "lr": 1e-06}')
+    (run_folder / "log.jsonl").write_text("{}\n")
+    editor = tmp_path / ".vscode"  # nothing but a settings.json, and another program's
+    editor.mkdir()
+    (editor / "settings.json").write_text('{"editor.fontSize": 12}')
+    kept = {folder: tree(folder) for folder in (thesis, run_folder, editor)}
+    out = str(tmp_path / "o.safetensors")
+    for work, words in ((thesis, "runs, thesis.pdf"), (run_folder, "log.jsonl"),
+                        (editor, "its settings.json is missing or is not a train-base recipe")):
+        for extra in ([], ["--overwrite"]):
+            line = lab_error(capsys, "train-base", "--work", str(work), "--out", out, *TINY, *extra)
+            assert line == f"error: --work {work} holds files that are not a train-base run ({words}); choose a new " \
+                           "or empty folder.", line
+    monkeypatch.chdir(thesis)
+    line = lab_error(capsys, "train-base", "--work", ".", "--out", out, *TINY)
+    assert line.startswith("error: --work . holds files that are not a train-base run")
+    assert "argument --work: must not be empty" in lab_error(capsys, "train-base", "--work", "", "--out", out)
+    assert {folder: tree(folder) for folder in kept} == kept
+
+
+def test_train_base_overwrite_clears_its_own_run(tmp_path, monkeypatch):
+    """What --overwrite does clear: a folder of train-base's files whose settings.json is its recipe, or whose
+    settings.json is damaged but which holds its checkpoints; then the new recipe is written."""
+    no_training(monkeypatch)
+    recipe = {"seed": 0, "vae_steps": 3, "vae_varied": 0.5, "vae_ch": 32, "vae_from": None, "steps": 4, "batch": 2,
+              "lr": 1.5e-3, "pictures": 8}
+    for settings in ('{"seed": 5, "vae_steps": 1, "vae_varied": 0, "vae_ch": 64, "vae_from": null, "steps": 1, '
+                     '"batch": 1, "lr": 0.1, "pictures": 1}', '{"seed": 0, "vae_st'):
+        work = tmp_path / "w"
+        (work / "vae" / "step-000002").mkdir(parents=True)
+        (work / "unet").mkdir()
+        (work / "settings.json").write_text(settings)
+        (work / "vae.safetensors").write_text("x")
+        (work / ".vae.safetensors.abc123.tmp").write_text("x")  # left by a killed write (atomic_write)
+        with pytest.raises(AssertionError, match="started training"):
+            train_base(tmp_path, "w", "--overwrite")
+        assert sorted(p.name for p in work.iterdir()) == ["settings.json"]
+        assert json.loads((work / "settings.json").read_text()) == recipe
+
+
+def test_damaged_work_and_run_files_end_in_one_sentence(tmp_path, monkeypatch, capsys):
+    """A damaged settings.json or vae.safetensors in train-base's --work, or a train.py run's settings.json
+    without its identifier, gave JSONDecodeError, AttributeError, a list of 200 missing keys or KeyError."""
+    import dataclasses
+    from minidb import vae as va
+    from minidb.runs import RunError
+    out, work = str(tmp_path / "o.safetensors"), tmp_path / "w"
+    (work / "vae" / "step-000002").mkdir(parents=True)
+    for damaged in ('{"seed": 0, "vae_st', "[1, 2]"):
+        (work / "settings.json").write_text(damaged)
+        line = lab_error(capsys, "train-base", "--resume", "--work", str(work), "--out", out, *TINY)
+        assert line == f"error: --resume cannot read {work / 'settings.json'} (it is damaged, or not the recipe " \
+                       "train-base wrote), so it cannot continue the run as it began; start over with --overwrite."
+    (work / "vae" / "step-000002").rmdir()  # nothing else of train-base's: not recognisably its run
+    assert "holds files that are not a train-base run" in lab_error(
+        capsys, "train-base", "--resume", "--work", str(work), "--out", out, *TINY)
+
+    write_json(work / "settings.json", {"seed": 0, "vae_steps": 3, "vae_varied": 0.5, "vae_ch": 32, "vae_from": None,
+                                        "steps": 4, "batch": 2, "lr": 1.5e-3, "pictures": 8})
+    write_safetensors(work / "vae.safetensors", {"weight": torch.zeros(2)})
+    line = lab_error(capsys, "train-base", "--resume", "--work", str(work), "--out", out, *TINY)
+    assert line == f"error: {work / 'vae.safetensors'} is not the VAE of this run (its tensors do not fit a " \
+                   "--vae-ch 32 VAE); delete it to train stage 1 again, or start over with --overwrite."
+    write_safetensors(work / "vae.safetensors", va.AutoencoderKL(dataclasses.replace(base.TOY_VAE, ch=32)).state_dict())
+    write_safetensors(work / "unet" / "latents.safetensors", {"means": torch.zeros(1)})  # no scenes
+    line = lab_error(capsys, "train-base", "--resume", "--work", str(work), "--out", out, *TINY)
+    assert line == f"error: {work / 'unet' / 'latents.safetensors'} is not the encoded world train-base wrote (it is " \
+                   "damaged); delete it to encode the world again."
+
+    run = (tmp_path / "m1").resolve()
+    run.mkdir()
+    for settings in ('{"lr": 1e-06}', '{"identifier": "z', '{"identifier": ""}'):
+        (run / "settings.json").write_text(settings)
+        line = lab_error(capsys, "evaluate", "--model", str(run / "model.safetensors"), "--n", "1", "--steps", "1")
+        assert line == f"error: {run / 'settings.json'} does not name the run's identifier (it is damaged, or not " \
+                       "the settings train.py wrote); pass the identifier with --identifier."
+        with pytest.raises(RunError, match=f"; delete {run} so that the next run trains it again.$"):
+            lab.load_run(run)
+
+
+def test_a_model_with_nan_weights_is_never_written(tmp_path, monkeypatch, capsys):
+    """train-base --lr 1e30 wrote a model of NaN and infinite weights, by default over weights/toy.safetensors.
+    Such a --lr is refused now (test_huge_counts_and_seeds_are_refused_before_any_work); and whatever makes the
+    weights diverge, the model is not written."""
+    from minidb.fetch import TOY_MODEL
+    unet_stage = base.train_unet
+
+    def diverged(*args, **kwargs):
+        unet, text, tokenizer = unet_stage(*args, **kwargs)
+        with torch.no_grad():
+            unet.time_embed[0].weight[0, 0] = float("nan")
+        return unet, text, tokenizer
+    monkeypatch.setattr(base, "train_unet", diverged)
+    out = tmp_path / "o.safetensors"
+    out.write_bytes(b"an earlier model")
+    line = lab_error(capsys, "train-base", "--work", str(tmp_path / "w"), "--out", str(out), "--vae-from", str(TOY_MODEL),
+                     "--steps", "1", "--batch", "1", "--pictures", "2")
+    assert line == "error: The trained model has NaN or infinite weights (first in unet.time_embed.0.weight), so " \
+                   f"{out} was not written (an earlier file there is kept); lower --lr and start over with --overwrite."
+    assert out.read_bytes() == b"an earlier model"
+    monkeypatch.setattr(base, "train_unet", unet_stage)  # a loss that is NaN stops the run at that step
+    monkeypatch.setattr(base.F, "mse_loss", lambda prediction, target: (prediction - target).mean() * float("nan"))
+    line = lab_error(capsys, "train-base", "--work", str(tmp_path / "w"), "--out", str(out), "--vae-from", str(TOY_MODEL),
+                     "--steps", "1", "--batch", "1", "--pictures", "2", "--overwrite")
+    assert line == "error: The UNet's loss became nan at step 1, so training cannot go on; lower --lr and start over " \
+                   "with --overwrite."
+    assert out.read_bytes() == b"an earlier model"
+
+
+COMMANDS = ("run_evaluate", "run_compare", "run_train_probe", "run_base", "train_base", "write_examples")
+
+
+@pytest.mark.parametrize("argv", [
+    ["evaluate", "--seed", str(2**63)], ["train-probe", "--seed", "99999999999999999999999"],
+    ["train-base", "--seed", str(2**63)], ["tune", "--seeds", "0", str(2**63)], ["train-base", "--lr", "1e30"],
+    ["tune", "--lrs", "1e-4", "5"], ["evaluate", "--n", "1000000000"], ["base", "--n", "65"],
+    ["train-base", "--batch", "1000000000"], ["train-base", "--vae-ch", "3200000"], ["train-base", "--vae-ch", "288"],
+    ["train-base", "--pictures", "1000000000000"], ["train-base", "--steps", "10000000"],
+    ["evaluate", "--steps", "1000"], ["methods", "--steps", "1000"]])
+def test_huge_counts_and_seeds_are_refused_before_any_work(monkeypatch, capsys, argv):
+    """Seeds past 2**63 - 1 crashed (ValueError: Overflow), huge counts failed to allocate or ran for days."""
+    def no_work(*args):
+        raise AssertionError(f"{argv[0]} started with {argv[1:]}")
+    for command in COMMANDS:
+        monkeypatch.setattr(lab, command, no_work)
+    line = lab_error(capsys, *argv)
+    assert f"argument {argv[1]}: must be" in line and f"not {argv[-1]}" in line, line
+
+
+def test_outputs_are_checked_before_any_work(tmp_path, monkeypatch, capsys):
+    """`base --picture x` (no extension) failed after all the sampling, `--json` into a missing folder after
+    every run; empty --out, --work and --identifier were taken as the current folder or an empty word."""
+    made = []
+    for command in COMMANDS:  # what each command would find when its work starts
+        monkeypatch.setattr(lab, command, lambda args, *rest: made.append(Path(args.json).parent.is_dir()))
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    cases = [(["base", "--picture", str(tmp_path / "noext")], f"error: --picture {tmp_path / 'noext'} does not end "
+              "in a picture's extension (.png, .jpg, .jpeg, .webp); add one."),
+             (["evaluate", "--picture", str(tmp_path / "x.txt")], "error: --picture"),
+             (["tune", "--json", str(afile / "t.json")], f"error: {afile} is a file, not a folder; choose another path."),
+             (["methods", "--picture", str(afile / "m.png")], f"error: {afile} is a file, not a folder"),
+             (["train-base", "--out", str(tmp_path)], f"error: --out {tmp_path} is a folder; give a file name in it."),
+             (["train-base", "--out", ""], "argument --out: must not be empty"),
+             (["train-probe", "--out", ""], "argument --out: must not be empty"),
+             (["examples", "--out", ""], "argument --out: must not be empty"),
+             (["evaluate", "--identifier", ""], "argument --identifier: must not be empty"),
+             (["evaluate", "--model", ""], "argument --model: must not be empty"),
+             (["ablation", "--out", " "], "argument --out: must not be empty")]
+    for argv, words in cases:
+        line = lab_error(capsys, *argv)
+        assert words in line, line
+    assert made == [] and afile.read_text() == "keep me"
+    lab.main(["ablation", "--json", str(tmp_path / "new" / "folder" / "a.json"), "--picture", str(tmp_path / "a.png")])
+    assert made == [True]
+
+
+def started(path, process, seconds=120):
+    """Wait until `path` exists (the process got that far), or fail if the process ends first."""
+    import time
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.1)
+
+
+def test_ctrl_c_ends_the_lab_with_one_sentence(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    lab_run = subprocess.Popen(
+        [sys.executable, "-m", "minidb.toy.lab", "train-base", "--work", str(tmp_path / "w"), "--out",
+         str(tmp_path / "o.safetensors"), "--vae-steps", "100000", "--vae-ch", "32", "--save-every", "100000"],
+        env={**os.environ, "PYTHONPATH": str(lab.ROOT)}, stderr=subprocess.PIPE, text=True)
+    started(tmp_path / "w" / "settings.json", lab_run)
+    lab_run.send_signal(signal.SIGINT)
+    _, err = lab_run.communicate(timeout=60)
+    assert lab_run.returncode == 130 and "Traceback" not in err, err
+    assert err.splitlines()[-1] == "interrupted: run the same command again to continue (train-base with --resume)."
+
+
+FAKE_TRAIN_PY = """import signal, sys, time
+from pathlib import Path
+out = Path(sys.argv[sys.argv.index("--out") + 1])
+if "--resume" in sys.argv or "--overwrite" in sys.argv:  # the second sweep: say how it was asked to go on
+    (out / "again").write_text(" ".join(sys.argv[1:]))
+    sys.exit(2)
+asked = []
+signal.signal(signal.SIGINT, lambda *_: asked.append(True))  # as train.py: finish the step, then save
+out.mkdir(parents=True)
+(out / "started").write_text("")
+while not asked:
+    time.sleep(0.05)
+time.sleep(1.5)  # the rest of the step, and the checkpoint: longer than subprocess.run's 0.25 s
+(out / "checkpoints" / "step-000003").mkdir(parents=True)
+sys.exit(130)
+"""
+
+SWEEP = """import sys
+from pathlib import Path
+from minidb.cli import run
+from minidb.toy import lab
+lab.ROOT = Path(sys.argv[1])  # where train.py is: the fake one
+lab.TUNING_EXAMPLES = lab.ROOT / "tuning-subject"
+run(lambda: lab.main(sys.argv[2:]), interrupted="interrupted.")
+"""
+
+
+def test_ctrl_c_in_a_sweep_lets_train_py_save_its_checkpoint(tmp_path):
+    """A terminal's Ctrl-C reaches the lab and its train.py alike. The lab killed train.py 0.25 s later,
+    before the checkpoint train.py saves after a Ctrl-C, and the next sweep started that run over
+    (--overwrite). Now it waits for train.py, and the next sweep continues the run (--resume)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    (tmp_path / "train.py").write_text(FAKE_TRAIN_PY)
+    (tmp_path / "sweep.py").write_text(SWEEP)
+    run = tmp_path / "runs" / "lr-1e-4-seed0"
+    sweep = [sys.executable, str(tmp_path / "sweep.py"), str(tmp_path), "tune", "--lrs", "1e-4", "--seeds", "0",
+             "--out", str(tmp_path / "runs"), "--json", str(tmp_path / "t.json"), "--picture", str(tmp_path / "t.png")]
+    env = {**os.environ, "PYTHONPATH": str(lab.ROOT)}
+    first = subprocess.Popen(sweep, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    started(run / "started", first)
+    os.killpg(first.pid, signal.SIGINT)  # as a terminal's Ctrl-C: to the whole process group
+    _, err = first.communicate(timeout=60)
+    assert first.returncode == 130 and "Traceback" not in err, err
+    assert (run / "checkpoints" / "step-000003").is_dir(), err
+    second = subprocess.run(sweep, env=env, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2
+    assert "--resume" in (run / "again").read_text().split() and "--overwrite" not in (run / "again").read_text()

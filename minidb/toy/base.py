@@ -25,9 +25,9 @@ from tqdm import tqdm
 
 from minidb import text_encoder as te, unet as un, vae as va
 from minidb.cli import fail
-from minidb.files import read_tensors, write_json, write_safetensors
+from minidb.files import ModelFileError, first_non_finite, json_loads, read_tensors, write_json, write_safetensors
 from minidb.load import StableDiffusion, load
-from minidb.runs import latest_state
+from minidb.runs import CHECKPOINT, latest_state
 from minidb.state import load_state, save_state
 from minidb.save import save_single_file
 from minidb.schedulers import NUM_TRAIN_TIMESTEPS, NoiseSchedule
@@ -131,8 +131,12 @@ def encode_world(vae, seed, n, cache=None):
     safetensors file) so that a resumed run does not encode them again."""
     if cache and cache.is_file():
         tensors, meta = read_tensors(cache)
-        scenes = [Scene(**{**s, "paint": tuple(s["paint"])}) for s in json.loads(meta["scenes"])]
-        return scenes, tensors["means"], tensors["stds"]
+        try:
+            scenes = [Scene(**{**s, "paint": tuple(s["paint"])}) for s in json_loads(meta["scenes"])]
+            return scenes, tensors["means"], tensors["stds"]
+        except (KeyError, TypeError, ValueError):
+            raise ModelFileError(f"{cache} is not the encoded world train-base wrote (it is damaged); delete it to "
+                                 "encode the world again.") from None
     rng, scenes, means, stds = random.Random(seed), [], [], []
     for start in tqdm(range(0, n, 250), desc="encoding the world"):
         images, s = world_batch(rng, min(250, n - start))
@@ -171,6 +175,10 @@ def train_unet(vae, steps, batch, seed, lr=5e-4, dataset=20000, ema_decay=0.999,
         noise = torch.randn_like(x0)
         t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (batch,))
         loss = F.mse_loss(unet(schedule.add_noise(x0, noise, t), t, text(ids)), noise)
+        if not torch.isfinite(loss):  # the weights have diverged: every later step and the model would be NaN
+            bar.close()
+            fail(f"The UNet's loss became {loss.item()} at step {step + 1}, so training cannot go on; lower --lr "
+                 "and start over with --overwrite.")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -191,38 +199,83 @@ def train_unet(vae, steps, batch, seed, lr=5e-4, dataset=20000, ema_decay=0.999,
 
 
 RECIPE = ("seed", "vae_steps", "vae_varied", "vae_ch", "vae_from", "steps", "batch", "lr", "pictures")  # what --resume keeps
+WORK_FILES = {"settings.json", "vae", "unet", "vae.safetensors"}  # all train-base writes in --work
+
+
+def saved_recipe(work):
+    """The recipe in work/settings.json, or None where there is none that train-base wrote."""
+    try:
+        saved = json_loads((work / "settings.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # missing, unreadable, not UTF-8, not JSON
+        return None
+    return saved if isinstance(saved, dict) and set(saved) == set(RECIPE) else None
+
+
+def work_problem(work, resume, overwrite):
+    """One sentence if --work may not be used as asked, else None. train-base clears its folder to start,
+    so it only ever clears one that is empty or is recognisably its own: nothing in it but train-base's
+    files (and their temporary files), and either its settings.json is train-base's recipe or it holds
+    train-base's checkpoints. A mistyped --work (., runs, a thesis folder) must never cost a user's files."""
+    if resume and overwrite:
+        return "--resume continues a run and --overwrite deletes it; pass one of them."
+    if work.exists() and not work.is_dir():
+        return f"--work {work} is a file, not a folder; choose another --work."
+    names = sorted(p.name for p in work.iterdir()) if work.exists() else []
+    if not names:
+        return f"--resume found no train-base run in {work}; start one without --resume." if resume else None
+    foreign = [n for n in names if n not in WORK_FILES
+               and not any(n.startswith(f".{f}.") and n.endswith(".tmp") for f in WORK_FILES)]  # atomic_write's
+    recipe, checkpoints = saved_recipe(work), any(any((work / stage).glob(CHECKPOINT)) for stage in ("vae", "unet"))
+    if foreign or (recipe is None and not checkpoints):
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "") if foreign else \
+            "its settings.json is missing or is not a train-base recipe"
+        return f"--work {work} holds files that are not a train-base run ({shown}); choose a new or empty folder."
+    if resume and recipe is None:
+        return (f"--resume cannot read {work / 'settings.json'} (it is damaged, or not the recipe train-base wrote), "
+                "so it cannot continue the run as it began; start over with --overwrite.")
+    if not resume and not overwrite:
+        return f"{work} holds an earlier train-base run; continue it with --resume, or start over with --overwrite."
+    return None
+
+
+def load_vae(path, ch):
+    """The VAE stage 1 wrote into the work folder."""
+    vae = va.AutoencoderKL(dataclasses.replace(TOY_VAE, ch=ch))
+    try:
+        vae.load_state_dict(read_tensors(path)[0], strict=True)
+    except RuntimeError:  # torch's message lists every missing and unexpected name: hundreds of lines
+        raise ModelFileError(f"{path} is not the VAE of this run (its tensors do not fit a --vae-ch {ch} VAE); "
+                             "delete it to train stage 1 again, or start over with --overwrite.") from None
+    return vae.eval().requires_grad_(False)
 
 
 def train_base(args):
     """Both stages, checkpointed into args.work (vae/, unet/); --resume continues where a run stopped."""
     t0, work = time.time(), Path(args.work)
     recipe = {k: getattr(args, k) for k in RECIPE}
-    settings = work / "settings.json"
+    problem = work_problem(work, args.resume, args.overwrite)
+    if problem:
+        fail(problem)
     # A VAE to reuse is loaded before the work folder is touched, so that a bad file loses no earlier run.
     given_vae = load(args.vae_from, dtype=torch.float32).vae.requires_grad_(False) if args.vae_from else None
-    if settings.exists() and not args.resume and not args.overwrite:
-        fail(f"{work} holds an earlier train-base run; continue it with --resume, or start over with --overwrite.")
     if args.resume:
-        if not settings.exists():
-            fail(f"--resume found no train-base run in {work}; start one without --resume.")
-        saved = json.loads(settings.read_text())
-        changed = [k for k in RECIPE if saved.get(k) != recipe[k]]
+        saved = saved_recipe(work)
+        changed = [k for k in RECIPE if saved[k] != recipe[k]]
         if changed:
             k = changed[0]
-            fail(f"--{k.replace('_', '-')} is {recipe[k]!r} now but the run in {work} started with {saved.get(k)!r}; "
+            fail(f"--{k.replace('_', '-')} is {recipe[k]!r} now but the run in {work} started with {saved[k]!r}; "
                  "resume with the same recipe, or start over with --overwrite.")
     else:
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        write_json(settings, recipe)
+        for path in work.iterdir() if work.exists() else ():  # work_problem found it empty, or train-base's own
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        work.mkdir(parents=True, exist_ok=True)
+        write_json(work / "settings.json", recipe)
     vae_file = work / "vae.safetensors"
     if given_vae is not None:  # stage 1 is deterministic by seed: an earlier run's VAE is the same one
         vae = given_vae
         print(f"VAE taken from {args.vae_from}")
     elif vae_file.is_file():
-        vae = va.AutoencoderKL(dataclasses.replace(TOY_VAE, ch=args.vae_ch))
-        vae.load_state_dict(read_tensors(vae_file)[0], strict=True)
-        vae.eval().requires_grad_(False)
+        vae = load_vae(vae_file, args.vae_ch)
         print(f"stage 1 was finished: VAE taken from {vae_file}")
     else:
         vae = train_vae(args.vae_steps, 16, args.seed, varied=args.vae_varied, ch=args.vae_ch, folder=work / "vae",
@@ -232,6 +285,13 @@ def train_base(args):
         print(f"VAE done in {(time.time() - t0) / 60:.1f} min; latent std was {std:.3f}, now rescaled to 1")
     unet, text, tokenizer = train_unet(vae, args.steps, args.batch, args.seed, lr=args.lr, dataset=args.pictures,
                                        folder=work / "unet", save_every=args.save_every)
+    # Checked as written, in fp16: a weight past fp16's 65504 is infinite there, and draws black as NaN does.
+    parts = {"unet": unet, "text_encoder": text, "vae": vae}
+    broken = next((f"{name}.{key}" for name, part in parts.items() if (key := first_non_finite(
+        {k: v.half() for k, v in part.state_dict().items() if v.is_floating_point()}))), None)
+    if broken:
+        fail(f"The trained model has NaN or infinite weights (first in {broken}), so {args.out} was not written "
+             "(an earlier file there is kept); lower --lr and start over with --overwrite.")
     model = StableDiffusion(tokenizer, text, vae, unet, "SD 1.x", "epsilon")
     save_single_file(model, args.out, dtype=torch.float16)
     print(f"wrote {args.out} ({Path(args.out).stat().st_size / 2**20:.1f} MB) after {(time.time() - t0) / 60:.1f} min "

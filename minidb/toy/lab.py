@@ -13,7 +13,13 @@ The base model and its training are in minidb/toy/base.py, the measuring probe i
 metrics it reads in measure.py.
 """
 
-import argparse
+import os
+import signal
+import sys
+
+if __name__ == "__main__":  # Ctrl-C in the seconds torch takes to import: a sentence, not a traceback
+    signal.signal(signal.SIGINT, lambda *_: (print("\ninterrupted.", file=sys.stderr), os._exit(130)))
+
 import json
 import math
 import random
@@ -22,17 +28,18 @@ from pathlib import Path
 
 import torch
 
-from minidb.cli import fail, number
+from minidb.cli import fail, run
 from minidb.data import DataError
 from minidb.dreambooth import pick_identifier
-from minidb.fetch import TOY_MODEL, file_in_the_way
-from minidb.files import ModelFileError, write_safetensors
+from minidb.fetch import file_in_the_way
+from minidb.files import ModelFileError, json_loads, write_safetensors
 from minidb.load import load
 from minidb.pipeline import bf16_for_autocast, decode, grid, sample_latents
-from minidb.runs import RunError
+from minidb.runs import CHECKPOINT, RunError
 from minidb.tokenizer import Tokenizer
-from minidb.toy.base import SIZE, TOY_VAE, to_tensor, train_base
-from minidb.toy.measure import PLACES, TOY_PROBE, evaluate, evaluate_base, load_probe, mean_spread, no_nan
+from minidb.toy.arguments import check_outputs, parse_args
+from minidb.toy.base import SIZE, to_tensor, train_base
+from minidb.toy.measure import PLACES, evaluate, evaluate_base, load_probe, mean_spread, no_nan
 from minidb.toy.probe import accuracy, train_probe
 from minidb.toy.world import BACKGROUNDS, CLASSES, SUBJECT, TUNING_SUBJECT, caption, subject_photos
 
@@ -47,11 +54,24 @@ def run_base(args):
     print(f"wrote {args.picture} (rows: {', '.join(CLASSES)}; columns: {', '.join(BACKGROUNDS)})")
 
 
+def run_settings(folder, what_to_do):
+    """A train.py run's settings.json as a dict, or RunError: one sentence naming the file and `what_to_do`."""
+    path = Path(folder) / "settings.json"
+    try:
+        settings = json_loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # unreadable, not UTF-8, not JSON
+        settings = None
+    if not isinstance(settings, dict) or not isinstance(settings.get("identifier"), str) or not settings["identifier"]:
+        raise RunError(f"{path} does not name the run's identifier (it is damaged, or not the settings train.py "
+                       f"wrote); {what_to_do}.")
+    return settings
+
+
 def identifier_of(model_path):
     """The identifier a train.py run used (its settings.json), else the default one."""
-    settings = Path(model_path).resolve().parent / "settings.json"
-    if settings.is_file():
-        return json.loads(settings.read_text())["identifier"]
+    folder = Path(model_path).resolve().parent
+    if (folder / "settings.json").is_file():
+        return run_settings(folder, "pass the identifier with --identifier")["identifier"]
     return pick_identifier(Tokenizer.for_version("SD 1.x"), random.Random(0))
 
 
@@ -107,7 +127,7 @@ def load_run(folder):
     from minidb.dreambooth import NewWord
     from minidb.lora_files import merge_lora
     folder = Path(folder)
-    settings = json.loads((folder / "settings.json").read_text())
+    settings = run_settings(folder, f"delete {folder} so that the next run trains it again")
     full = settings.get("method", "full") == "full"
     model = load(folder / "model.safetensors" if full else settings["model"], dtype=torch.float32)
     if (folder / "lora.safetensors").exists():
@@ -122,7 +142,6 @@ def load_run(folder):
 def run_compare(args):
     """A table of the paper in miniature: each variant trained on the subject for several seeds, each
     run exactly as a user would type it, then measured. Finished runs (README.md written) are reused."""
-    import sys
     tuning = args.command == "tune"
     variants = {f"lr {lr}": ["--lr", lr] for lr in args.lrs} if tuning else VARIANTS[args.command]
     images, cls = (write_examples(TUNING_EXAMPLES, tuning=True), TUNING_SUBJECT) if tuning else (EXAMPLES, SUBJECT)
@@ -130,12 +149,11 @@ def run_compare(args):
     for seed in args.seeds:
         for name, extra in variants.items():
             out = Path(args.out) / f"{name.lower().replace(' ', '-')}-seed{seed}"
-            if not (out / "README.md").exists():
-                cmd = [sys.executable, str(ROOT / "train.py"), "--images", str(images), "--class", cls,
-                       "--model", str(args.model), "--out", str(out), "--seed", str(seed), *args.train_args.split(), *extra,
-                       *(["--overwrite"] if out.exists() else [])]  # an unfinished run starts over
-                print(" ".join(cmd))
-                subprocess.run(cmd, check=True)
+            if not (out / "README.md").exists():  # an unfinished run continues from its checkpoint, or starts over
+                again = (["--resume"] if any((out / "checkpoints").glob(CHECKPOINT)) else
+                         ["--overwrite"] if out.exists() else [])
+                train_py([sys.executable, str(ROOT / "train.py"), "--images", str(images), "--class", cls, "--model",
+                          str(args.model), "--out", str(out), "--seed", str(seed), *args.train_args.split(), *extra, *again])
             runs[name].append(out)
             log = [json.loads(line) for line in open(out / "log.jsonl")]
             seconds[name].append(sum(row["step_time"] for row in log))
@@ -185,6 +203,29 @@ def run_compare(args):
     print(f"wrote {args.json} and {args.picture} (rows: base, {', '.join(variants)}; columns: {prompts})")
 
 
+GRACE = 300  # seconds a train.py stopped by Ctrl-C gets to finish its step and save its checkpoint
+
+
+def train_py(cmd):
+    """Run train.py as a user would. A Ctrl-C from the terminal reaches it too (it signals the whole process
+    group), and train.py then finishes its step and saves a checkpoint, which the next sweep resumes: wait for
+    that, rather than kill it 0.25 s later as subprocess.run does. A second Ctrl-C stops it at once."""
+    print(" ".join(cmd))
+    child = subprocess.Popen(cmd)
+    try:
+        code = child.wait()
+    except KeyboardInterrupt:
+        print("waiting for train.py to save its checkpoint (press Ctrl-C again to stop it at once)", file=sys.stderr)
+        try:
+            child.wait(timeout=GRACE)
+        except (KeyboardInterrupt, subprocess.TimeoutExpired):
+            child.kill()
+            child.wait()
+        raise
+    if code:
+        raise subprocess.CalledProcessError(code, cmd)
+
+
 def write_examples(out, tuning=False):
     """Render the subject's (or the tuning subject's) five photos into `out`; return it."""
     out = Path(out)
@@ -195,94 +236,13 @@ def write_examples(out, tuning=False):
     return out
 
 
-def rate(text):
-    """--lrs: a positive number, kept as typed (it names the run's folder and passes to train.py --lr)."""
-    number(above=0)(text)
-    return text
-
-
-def vae_width(text):
-    """--vae-ch: a multiple of 32, since the VAE's GroupNorm splits channels into 32 groups."""
-    ch = number(int, low=32)(text)
-    if ch % 32:
-        raise argparse.ArgumentTypeError(f"must be a multiple of 32 (the VAE's 32 norm groups), not {text}")
-    return ch
-
-
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m minidb.toy.lab", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    ex = sub.add_parser("examples", help="render the subject's photos")
-    ex.add_argument("--out", default=None, help="folder for the five photos (default: examples/two-tone-cup, or "
-                    "runs/tuning-subject with --tuning)")
-    ex.add_argument("--tuning", action="store_true", help="the tuning subject's photos instead of the shipped subject's")
-    base = sub.add_parser("train-base", help="train the toy base model from scratch")
-    base.add_argument("--out", default=str(TOY_MODEL), help="where to write the model (default: %(default)s)")
-    base.add_argument("--work", default="runs/toy-base",
-                      help="folder for the checkpoints that --resume continues from (default: %(default)s)")
-    base.add_argument("--resume", action="store_true", help="continue the interrupted run in --work")
-    base.add_argument("--overwrite", action="store_true", help="start over, removing the run in --work")
-    base.add_argument("--save-every", type=number(int, low=1), default=100, help="steps between checkpoints (default: %(default)s)")
-    base.add_argument("--steps", type=number(int, low=1), default=6000, help="stage 2: UNet steps (default: %(default)s)")
-    base.add_argument("--pictures", type=number(int, low=1), default=20000,
-                      help="stage 2: fixed world pictures, encoded once (default: %(default)s)")
-    base.add_argument("--vae-steps", type=number(int, low=1), default=3000, help="stage 1: VAE training steps (default: %(default)s)")
-    base.add_argument("--batch", type=number(int, low=1), default=32, help="stage 2: pictures per UNet step (default: %(default)s)")
-    base.add_argument("--lr", type=number(above=0), default=1.5e-3, help="UNet stage peak learning rate (default: %(default)s)")
-    base.add_argument("--vae-varied", type=number(low=0, high=1), default=0.5,
-                      help="stage 1: share of its pictures with two-colour paint jobs, which the captioned world "
-                           "never has, so that patterned subjects survive the VAE (default: %(default)s)")
-    base.add_argument("--vae-ch", type=vae_width, default=TOY_VAE.ch,
-                      help="stage 1: the VAE's channels at full resolution, a multiple of 32 (default: %(default)s)")
-    base.add_argument("--vae-from", default=None, help="skip stage 1: take the VAE of a model trained earlier")
-    base.add_argument("--seed", type=number(int, low=0), default=0, help="seed for the world's pictures and the weights (default: %(default)s)")
-    pr = sub.add_parser("train-probe", help="train the measuring probe on the world")
-    pr.add_argument("--model", default=str(TOY_MODEL), help="its VAE softens half the training pictures")
-    pr.add_argument("--out", default=str(TOY_PROBE), help="where to write the probe (default: %(default)s)")
-    pr.add_argument("--steps", type=number(int, low=1), default=3000, help="training steps (default: %(default)s)")
-    pr.add_argument("--seed", type=number(int, low=0), default=0, help="seed for its pictures and weights (default: %(default)s)")
-    ev = sub.add_parser("evaluate", help="subject fidelity, prompt fidelity, PRES, DIV of models")
-    ev.add_argument("--model", nargs="+", default=[str(TOY_MODEL)], help="one or more models, compared side by side")
-    ev.add_argument("--identifier", default=None, help="the [V] token (default: from the run's settings.json)")
-    ev.add_argument("--probe", default=str(TOY_PROBE), help="the measuring probe (default: %(default)s)")
-    ev.add_argument("--n", type=number(int, low=1), default=4, help="images per prompt (default: %(default)s)")
-    ev.add_argument("--steps", type=number(int, low=1), default=25, help="DDIM steps (default: %(default)s)")
-    ev.add_argument("--seed", type=number(int, low=0), default=0, help="seed of the sampling noise; each prompt uses its own offset from it (default: %(default)s)")
-    ev.add_argument("--picture", default=None, help="also write the subject's generations in each place, as a grid")
-    ev.add_argument("--bf16", action="store_true", help="sample under bf16 autocast, as sample.py does by default "
-                    "on a CPU with native bf16 (the probe still reads in fp32)")
-    bs = sub.add_parser("base", help="how well the base model draws the world: class, colour, place, smears")
-    bs.add_argument("--model", default=str(TOY_MODEL), help="the base model (default: %(default)s)")
-    bs.add_argument("--probe", default=str(TOY_PROBE), help="the measuring probe (default: %(default)s)")
-    bs.add_argument("--n", type=number(int, low=1), default=8, help="images per prompt (default: %(default)s)")
-    bs.add_argument("--steps", type=number(int, low=1), default=25, help="DDIM steps (default: %(default)s)")
-    bs.add_argument("--picture", default=str(ROOT / "docs" / "toy-base-samples.png"),
-                    help="a grid of samples, one per class and background (default: %(default)s)")
-    helps = {"ablation": "DreamBooth with vs without the prior loss, several seeds, measured (the paper's Table 3)",
-             "methods": "DreamBooth full, LoRA and textual inversion, several seeds, measured (its Table 1)",
-             "tune": "the toy DreamBooth recipe: a learning-rate sweep on the tuning subject only"}
-    for name, about in helps.items():
-        ab = sub.add_parser(name, help=about)
-        ab.add_argument("--model", default=str(TOY_MODEL), help="the base model (default: %(default)s)")
-        ab.add_argument("--probe", default=str(TOY_PROBE), help="the measuring probe (default: %(default)s)")
-        ab.add_argument("--seeds", type=number(int, low=0), nargs="+", default=[0, 1] if name == "tune" else [0, 1, 2, 3, 4],
-                        help="train.py --seed of each set of runs (default: %(default)s)")
-        ab.add_argument("--train-args", default="", help="extra train.py arguments, e.g. '--steps 400'")
-        if name == "tune":
-            ab.add_argument("--lrs", nargs="+", default=["5e-6", "2e-5", "5e-5", "1e-4", "2e-4"], type=rate,
-                            help="the learning rates to sweep (default: %(default)s)")
-        ab.add_argument("--out", default=f"runs/{name}", help="folder for the runs; finished ones are reused (default: %(default)s)")
-        ab.add_argument("--n", type=number(int, low=1), default=4, help="images per prompt (default: %(default)s)")
-        ab.add_argument("--steps", type=number(int, low=1), default=25, help="DDIM steps (default: %(default)s)")
-        ab.add_argument("--json", default=str(ROOT / "bench" / f"toy-{name}.json"),
-                        help="where to write the measurements (default: %(default)s)")
-        ab.add_argument("--picture", default=str(ROOT / "docs" / f"toy-{name}.png"),
-                        help="where to write the picture (default: %(default)s)")
-    args = p.parse_args(argv)
+    args = parse_args(argv, __doc__.split("\n\n")[0])
     command = {"examples": lambda a: write_examples(a.out or (TUNING_EXAMPLES if a.tuning else EXAMPLES), a.tuning), "train-base": train_base, "base": run_base,
                "train-probe": run_train_probe, "evaluate": run_evaluate, "ablation": run_compare, "methods": run_compare,
                "tune": run_compare}[args.command]
     try:
+        check_outputs(args)  # before any work: an output that fails only at the end wastes it
         command(args)
     except (ModelFileError, DataError, RunError) as e:  # a model, probe or run folder that cannot be used
         fail(str(e))
@@ -295,4 +255,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main, interrupted="interrupted: run the same command again to continue (train-base with --resume).")
