@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from minidb.cli import nonempty_path, path_and_scale, run
+from minidb.cli import NAME_MAX, nonempty_path, path_and_scale, run
 from minidb.dreambooth import embedding_vectors
 from minidb.files import (PICKLE_SUFFIXES, ModelFileError, dangling_link, first_non_finite, json_loads, read_tensors,
                           replace_folder)
@@ -193,7 +193,7 @@ MODEL_FOLDER = {"model_index.json", "unet", "vae", "text_encoder", "text_encoder
 # Names of files that are not folders: --convert writes a folder for any name but .safetensors, so these are typos
 # or other formats (.sft: ComfyUI's other name for safetensors)
 FILE_SUFFIXES = {".safetensor", ".sft", ".gguf", ".onnx", ".pkl", ".pickle", ".json", ".txt", ".zip"}
-NAME_MAX = 255 - len(".NAME.12345678.tmp") + len("NAME")  # the name it is first written under must fit in 255 bytes
+CONVERT_MAX = NAME_MAX - len("..12345678.tmp")  # the name it is first written under (.NAME.XXXXXXXX.tmp) must fit
 
 
 def target_problem(out, overwrite, inputs):
@@ -203,9 +203,9 @@ def target_problem(out, overwrite, inputs):
     deletes nothing else."""
     if out.name in ("", ".."):  # ".", "/", "..": no name to write under, nor to swap a folder in by
         return f"--convert {out} names no new folder or file; give it a name, such as --convert {out / 'model'}."
-    if len(os.fsencode(out.name)) > NAME_MAX:
+    if len(os.fsencode(out.name)) > CONVERT_MAX:
         return (f"--convert {out.name[:20]}... is a name of {len(os.fsencode(out.name))} bytes; it is written under "
-                f"a longer temporary name first, so it can be at most {NAME_MAX}: choose a shorter one.")
+                f"a longer temporary name first, so it can be at most {CONVERT_MAX}: choose a shorter one.")
     link = dangling_link(out) or (out if out.is_symlink() else None)
     if link:
         target = os.readlink(link)

@@ -27,7 +27,7 @@ from minidb import text_encoder as te, unet as un, vae as va
 from minidb.cli import fail
 from minidb.files import ModelFileError, first_non_finite, json_loads, read_tensors, write_json, write_safetensors
 from minidb.load import StableDiffusion, load
-from minidb.runs import CHECKPOINT, latest_state
+from minidb.runs import CHECKPOINT, latest_state, saved_settings
 from minidb.state import load_state, save_state
 from minidb.save import save_single_file
 from minidb.schedulers import NUM_TRAIN_TIMESTEPS, NoiseSchedule
@@ -204,11 +204,8 @@ WORK_FILES = {"settings.json", "vae", "unet", "vae.safetensors"}  # all train-ba
 
 def saved_recipe(work):
     """The recipe in work/settings.json, or None where there is none that train-base wrote."""
-    try:
-        saved = json_loads((work / "settings.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # missing, unreadable, not UTF-8, not JSON
-        return None
-    return saved if isinstance(saved, dict) and set(saved) == set(RECIPE) else None
+    saved = saved_settings(work)  # {} when missing or unreadable
+    return saved if set(saved) == set(RECIPE) else None
 
 
 def work_problem(work, resume, overwrite):

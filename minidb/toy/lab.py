@@ -32,10 +32,10 @@ from minidb.cli import fail, run
 from minidb.data import DataError
 from minidb.dreambooth import pick_identifier
 from minidb.fetch import file_in_the_way
-from minidb.files import ModelFileError, json_loads, write_safetensors
+from minidb.files import ModelFileError, write_safetensors
 from minidb.load import load
 from minidb.pipeline import bf16_for_autocast, decode, grid, sample_latents
-from minidb.runs import CHECKPOINT, RunError
+from minidb.runs import CHECKPOINT, RunError, saved_settings
 from minidb.tokenizer import Tokenizer
 from minidb.toy.arguments import check_outputs, parse_args
 from minidb.toy.base import SIZE, to_tensor, train_base
@@ -56,14 +56,10 @@ def run_base(args):
 
 def run_settings(folder, what_to_do):
     """A train.py run's settings.json as a dict, or RunError: one sentence naming the file and `what_to_do`."""
-    path = Path(folder) / "settings.json"
-    try:
-        settings = json_loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # unreadable, not UTF-8, not JSON
-        settings = None
-    if not isinstance(settings, dict) or not isinstance(settings.get("identifier"), str) or not settings["identifier"]:
-        raise RunError(f"{path} does not name the run's identifier (it is damaged, or not the settings train.py "
-                       f"wrote); {what_to_do}.")
+    settings = saved_settings(Path(folder))  # {} when missing or unreadable
+    if not isinstance(settings.get("identifier"), str) or not settings["identifier"]:
+        raise RunError(f"{Path(folder) / 'settings.json'} does not name the run's identifier (it is damaged, or not "
+                       f"the settings train.py wrote); {what_to_do}.")
     return settings
 
 
