@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 
 from minidb import hub, memory, pnginfo, runs
-from minidb.cli import DTYPES, SEED_MAX, check_device, cpu_bf16, fail, nonempty_path, number, path_and_scale, run, text
+from minidb.cli import (DTYPES, SEED_MAX, adapter_problem, check_device, cpu_bf16, fail, nonempty_path, number,
+                        path_and_scale, run, text)
 from minidb.dreambooth import NewWord
 from minidb.fetch import DEFAULT_MODEL, default_model, how_to_get_weights
 from minidb.files import DiskFull, ModelFileError, disk_full_is_an_error
@@ -125,6 +126,15 @@ def check(args):
         return problem
     if args.dtype == "fp16" and torch.device(args.device).type == "cpu":
         return "--dtype fp16 is not supported on the CPU; use fp32 (the default) or bf16."
+    problem = (adapter_problem("--lora", [path for path, _ in args.lora])
+               or adapter_problem("--embedding", args.embedding))
+    if problem:
+        return problem
+    stems = [Path(path).stem.lower() for path in args.embedding]
+    twice = next((word for k, word in enumerate(stems) if word in stems[:k]), None)
+    if twice:
+        paths = ", ".join(path for path, word in zip(args.embedding, stems) if word == twice)
+        return f"--embedding gives the word {twice!r} twice ({paths}); give each word once."
     try:
         model = hub.local_path(args.model)  # a Hub id: downloaded now, or one sentence why it cannot be
     except ModelFileError as e:
@@ -230,10 +240,6 @@ def main(argv=None):
     except ModelFileError as e:
         fail(str(e))
     stems = [Path(path).stem.lower() for path in args.embedding]
-    twice = next((word for k, word in enumerate(stems) if word in stems[:k]), None)
-    if twice:
-        paths = ", ".join(path for path, word in zip(args.embedding, stems) if word == twice)
-        fail(f"--embedding gives the word {twice!r} twice ({paths}); give each word once.")
     try:  # adapters are merged into the weights, so drawing is exactly as fast as without them
         loras = [(Path(path).stem, scale, merge_lora(model, path, scale)) for path, scale in args.lora]
         words = [NewWord.from_file(model, path).attach(model.text_encoder, model.text_encoder_2)

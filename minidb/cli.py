@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from minidb.files import not_a_file
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --dtype, --save-dtype
 SEED_MAX = 2**63 - 1  # torch.Generator takes 64 bits; batches use seed + i, which must still fit
 
@@ -85,6 +87,22 @@ def path_and_scale(value):
         raise argparse.ArgumentTypeError(f"the scale after {path}: must be a number from -10 to 10, such as "
                                          f"{path}:0.8, not {scale!r}")
     return value, 1.0
+
+
+def adapter_problem(flag, paths):
+    """One sentence for the first LoRA or embedding in `paths` that is missing, not a file, or given twice,
+    else None: found before the model loads, which takes minutes for a large one. A LoRA given twice would
+    be merged twice, at the sum of its scales, which is rarely what was meant."""
+    seen = {}
+    for path in map(Path, paths):
+        problem = not_a_file(path)
+        if problem:
+            return f"{flag} {problem}"
+        if path.resolve() in seen:
+            return (f"{flag} gives {path} twice (as {seen[path.resolve()]} and {path}); give it once"
+                    + (", with the scale you want (PATH:SCALE)." if flag != "--embedding" else "."))
+        seen[path.resolve()] = path
+    return None
 
 
 def check_device(name):

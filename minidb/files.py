@@ -36,15 +36,24 @@ class ModelFileError(ValueError):
 def read_tensors(path):
     """Read every tensor of a weights file -> (dict name -> tensor, safetensors metadata or {})."""
     path = Path(path)
-    if path.is_dir():
-        inside = sorted(p.name for p in path.glob("*") if p.suffix.lower() in WEIGHT_SUFFIXES)
-        held = f" (it holds {', '.join(inside[:3])}{', ...' if len(inside) > 3 else ''})" if inside else ""
-        raise ModelFileError(f"{path} is a folder, not a weights file; pass the file itself{held}.")
-    if not path.is_file():
-        raise ModelFileError(f"{path} does not exist; check the path.")
+    problem = not_a_file(path)
+    if problem:
+        raise ModelFileError(problem)
     if path.suffix.lower() == ".safetensors":
         return _read_safetensors(path)
     return _read_pickle(path), {}
+
+
+def not_a_file(path):
+    """Why `path` cannot be read as a weights file (a folder, nothing, a device or a pipe), or None."""
+    path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*") if p.suffix.lower() in WEIGHT_SUFFIXES)
+        held = f" (it holds {', '.join(inside[:3])}{', ...' if len(inside) > 3 else ''})" if inside else ""
+        return f"{path} is a folder, not a weights file; pass the file itself{held}."
+    if not path.is_file():
+        return f"{path} {'is not a regular file (a device or a pipe)' if path.exists() else 'does not exist'}; check the path."
+    return None
 
 
 def read_metadata(path):

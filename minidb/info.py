@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from minidb.cli import NAME_MAX, nonempty_path, path_and_scale, run
+from minidb.cli import NAME_MAX, adapter_problem, nonempty_path, path_and_scale, run
 from minidb.dreambooth import embedding_vectors
 from minidb.files import (PICKLE_SUFFIXES, ModelFileError, dangling_link, first_non_finite, json_loads, read_tensors,
                           replace_folder)
@@ -68,8 +68,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.merge_lora and not args.convert:
         return fail("--merge-lora changes the model only in memory; add --convert OUT to write the merged model.")
-    problem = args.convert and target_problem(Path(args.convert), args.overwrite,  # before the slow load
-                                              [args.model, *(path for path, _ in args.merge_lora)])
+    loras = [path for path, _ in args.merge_lora]
+    problem = (adapter_problem("--merge-lora", loras)  # before the slow load
+               or args.convert and target_problem(Path(args.convert), args.overwrite, [args.model, *loras]))
     if problem:
         return fail(problem)
     try:

@@ -335,6 +335,22 @@ def test_an_unreachable_hub_is_like_offline(env, monkeypatch, tmp_path):
     assert message.startswith(f"Could not reach the Hugging Face Hub at {closed}") and "check the network" in message
 
 
+def test_a_mistyped_local_path_is_named_as_one(env, monkeypatch, tmp_path):
+    # runs/dreambooth-9 is also a valid Hub id; with runs/ here, the likely mistake is the path, not the network
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "dreambooth-1").mkdir(parents=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    point_hub_at(monkeypatch, closed, tmp_path / "hf")
+    message = failure("runs/dreambooth-9")
+    assert message.startswith("No model at runs/dreambooth-9: runs/ holds no dreambooth-9") and "check the path" in message
+    assert "could not be reached" in message
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    message = failure("runs/dreambooth-8")
+    assert message.startswith("No model at runs/dreambooth-8: runs/ holds no dreambooth-8") and "HF_HUB_OFFLINE" in message
+
+
 # ---- one sentence for each way it can go wrong ----
 
 def test_missing_gated_and_unusable_repositories(env):

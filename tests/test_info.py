@@ -375,6 +375,20 @@ def test_overwrite_replaces_only_a_model_file(tiny_file, tmp_path, capsys):
     assert {p: p.read_bytes() for p in (lora, word, other)} == before
 
 
+def test_a_missing_or_repeated_lora_is_refused_before_the_model_loads(tiny_file, tmp_path, capsys, monkeypatch):
+    """A missing --merge-lora file was found only after the model loaded; one given twice was merged twice."""
+    import minidb.load
+    monkeypatch.setattr(minidb.load, "from_original", lambda *a, **k: pytest.fail("the model was loaded"))
+    lora = tmp_path / "lora.safetensors"
+    out = tmp_path / "merged.safetensors"
+    assert main([str(tiny_file), "--merge-lora", str(lora), "--convert", str(out)]) == 2
+    assert error_line(capsys) == f"error: --merge-lora {lora} does not exist; check the path.\n"
+    save_file({"lora_unet_x.lora_down.weight": torch.ones(2, 4), "lora_unet_x.lora_up.weight": torch.ones(4, 2)}, lora)
+    assert main([str(tiny_file), "--merge-lora", f"{lora}:0.5", "--merge-lora", str(lora), "--convert", str(out)]) == 2
+    assert f"error: --merge-lora gives {lora} twice" in error_line(capsys)
+    assert not out.exists()
+
+
 def test_a_model_with_nan_weights_is_not_converted(tiny_file, tmp_path, capsys):
     """It was written, and with --overwrite it replaced a good model."""
     tensors = load_file(tiny_file)

@@ -588,6 +588,31 @@ def test_adapters_that_do_not_fit_are_one_sentence(models, tmp_path, capsys, fla
     assert not (tmp_path / "out").exists()
 
 
+def test_missing_or_repeated_adapters_are_refused_before_the_model_loads(models, adapters, tmp_path, capsys,
+                                                                         monkeypatch):
+    """A missing LoRA was found after the model loaded (minutes for SDXL); one given twice was merged twice."""
+    import minidb.load
+    monkeypatch.setattr(minidb.load, "from_original", lambda *a, **k: pytest.fail("the model was loaded"))
+    lora, word = adapters
+    base = ["--model", models[1], "--prompt", "x", "--out", tmp_path / "out"]
+    none = tmp_path / "none.safetensors"
+    assert f"error: --lora {none} does not exist; check the path." in refusal(capsys, *base, "--lora", none)
+    assert f"error: --embedding {none} does not exist" in refusal(capsys, *base, "--embedding", none)
+    if Path("/dev/null").exists():
+        assert "error: --lora /dev/null is not a regular file" in refusal(capsys, *base, "--lora", "/dev/null")
+    again = tmp_path / "again.safetensors"
+    again.symlink_to(lora)  # the same file under another name is the same LoRA
+    err = refusal(capsys, *base, "--lora", lora, "--lora", f"{again}:0.5")
+    assert f"error: --lora gives {again} twice (as {lora} and {again}); give it once, with the scale" in err
+    err = refusal(capsys, *base, "--embedding", word, "--embedding", tmp_path / "x" / "ABZ.safetensors")
+    assert "does not exist" in err  # a missing file first; then the same word twice:
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "ABZ.safetensors").write_bytes(word.read_bytes())
+    err = refusal(capsys, *base, "--embedding", word, "--embedding", tmp_path / "x" / "ABZ.safetensors")
+    assert "error: --embedding gives the word 'abz' twice" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_cpu_default_is_bf16_autocast_where_native_and_close_to_fp32(models, tmp_path):
     """Without --dtype, a CPU with native bf16 runs the denoising loop under bf16 autocast (recorded in the
     PNG) and the picture stays close to the exact fp32 one; elsewhere the default is the fp32 path."""
