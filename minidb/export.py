@@ -8,6 +8,7 @@ from pathlib import Path
 from minidb.plot import plot_losses
 from minidb.files import atomic_write, replace_folder
 from minidb.lora import save_kohya
+from minidb.runs import log_rows
 from minidb.save import save_diffusers, save_single_file
 
 
@@ -35,8 +36,7 @@ def export(args, settings, out, model, parts, trained, subjects, steps, dtypes):
                                    **({"subjects": settings["subjects"]} if args.concepts else {})})}
     sample, elsewhere = how_to_use(args, out, model, subjects, lora_file if "lora" in trained else None,
                                    word_file if "new_word" in trained else None)
-    log = out / "log.jsonl"
-    plot_losses([json.loads(line) for line in log.read_text().splitlines()] if log.exists() else [], out / "loss.png")
+    plot_losses([row for _, row in log_rows(out / "log.jsonl")], out / "loss.png")
     written = []
     if args.method == "full":
         for name, module in parts.items():

@@ -273,17 +273,22 @@ def check_resume_settings(folder, settings, given):
                        f"changing it would not continue the same run; {advice}, or start a new run.")
 
 
-def trim_log(path, step):
-    """On --resume, keep log.jsonl in step with the checkpoint resumed from: its rows up to `step`. A line
-    that is no row (a kill tore the last one mid-write) is dropped, and each kept row ends its line, so
-    that the rows the run goes on to append are whole."""
+def log_rows(path):
+    """The rows of a run's log.jsonl, [] where it is missing. A line that is no row (a kill tore the last one
+    mid-write, or an editor changed it) is left out, as a plot or a sum over the log can do without it."""
     rows = []
-    for line in path.read_text(errors="replace").splitlines():
+    for line in (path.read_text(errors="replace").splitlines() if path.is_file() else []):
         try:
-            row = json.loads(line)
+            row = json_loads(line)
         except ValueError:
             continue
-        if isinstance(row, dict) and type(row.get("step")) is int and row["step"] <= step:
-            rows.append(line + "\n")
-    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(rows)))
+        if isinstance(row, dict) and type(row.get("step")) is int:
+            rows.append((line, row))
+    return rows
 
+
+def trim_log(path, step):
+    """On --resume, keep log.jsonl in step with the checkpoint resumed from: its rows up to `step`, each
+    ending its line, so that the rows the run goes on to append are whole."""
+    rows = [line + "\n" for line, row in log_rows(path) if row["step"] <= step]
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(rows)))

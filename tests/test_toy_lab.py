@@ -84,7 +84,7 @@ def test_tune_sweeps_the_learning_rate_on_the_tuning_subject_only(tmp_path, monk
     """`lab tune` trains each rate with train.py on the tuning subject (a ball), never the reported one, and
     measures it against that subject. Two rates, one seed, a few steps: the plumbing, not the result."""
     import json
-    monkeypatch.setattr(lab, "TUNING_EXAMPLES", tmp_path / "tuning-subject")
+    monkeypatch.setattr(lab, "TUNING_EXAMPLES", tmp_path / "not-here")  # (it rendered there, the repo's runs/)
     train_args = f"--steps 2 --class-images 2 --drift-images 2 --sample-steps 2 --mixed-precision no " \
                  f"--class-cache {tmp_path / 'cache'}"
     lab.main(["tune", "--lrs", "1e-4", "2e-4", "--seeds", "0", "--n", "1", "--steps", "2", "--out", str(tmp_path / "runs"),
@@ -97,8 +97,9 @@ def test_tune_sweeps_the_learning_rate_on_the_tuning_subject_only(tmp_path, monk
     for name, lr in (("lr-1e-4", 1e-4), ("lr-2e-4", 2e-4)):
         settings = json.loads((tmp_path / "runs" / f"{name}-seed0" / "settings.json").read_text())
         assert settings["lr"] == lr and settings["class_name"] == lab.TUNING_SUBJECT
-        assert settings["images"] == str(tmp_path / "tuning-subject")
-    assert sorted(p.name for p in (tmp_path / "tuning-subject").iterdir()) == [f"{i}.png" for i in range(5)]
+        assert settings["images"] == str(tmp_path / "runs" / "tuning-subject")
+    assert sorted(p.name for p in (tmp_path / "runs" / "tuning-subject").iterdir()) == [f"{i}.png" for i in range(5)]
+    assert not lab.TUNING_EXAMPLES.exists()
     assert {"subject rate, in a place", "place asked for"} <= set(result["columns"]["lr 1e-4"])
     logged = [json.loads(line) for line in open(tmp_path / "runs" / "lr-1e-4-seed0" / "log.jsonl")]
     assert result["per_seed"]["lr 1e-4"][0]["drift score"][0] == logged[-1]["drift"]  # each run's own, from train.py
@@ -179,10 +180,23 @@ def test_examples_of_the_tuning_subject_never_overwrite_the_shipped_photos(tmp_p
     assert sorted(p.name for p in shipped.iterdir()) == [f"{i}.png" for i in range(5)]
     assert all((shipped / f"{i}.png").read_bytes() != (tuning / f"{i}.png").read_bytes() for i in range(5))
 
-def test_a_failed_train_py_run_ends_the_sweep_with_one_sentence(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(lab, "TUNING_EXAMPLES", tmp_path / "tuning-subject")
+
+def test_a_failed_train_py_run_ends_the_sweep_with_one_sentence(tmp_path, capsys):
     line = lab_error(capsys, "tune", "--seeds", "0", "--out", str(tmp_path / "runs"), "--train-args=--no-such-flag")
     assert line == "error: train.py stopped with exit code 2; fix what it says above and run again."
+
+
+def test_a_finished_run_with_a_damaged_log_ends_the_sweep_with_one_sentence(tmp_path, capsys):
+    """A sweep reuses a finished run (README.md written) and sums its log.jsonl: a torn or emptied log was a
+    JSONDecodeError or KeyError traceback."""
+    run = tmp_path / "runs" / "lr-1e-4-seed0"
+    run.mkdir(parents=True)
+    (run / "README.md").write_text("finished")
+    for log in ('{"step": 1, "step_ti', "", '{"step": 1}\n'):
+        (run / "log.jsonl").write_text(log)
+        line = lab_error(capsys, "tune", "--lrs", "1e-4", "--seeds", "0", "--out", str(tmp_path / "runs"))
+        assert line == f"error: {run / 'log.jsonl'} holds no rows of training (it is missing or damaged); delete " \
+                       f"{run} so that the next sweep trains it again."
 
 
 def test_the_command_exits_2_without_a_traceback(tmp_path):
@@ -423,7 +437,6 @@ from pathlib import Path
 from minidb.cli import run
 from minidb.toy import lab
 lab.ROOT = Path(sys.argv[1])  # where train.py is: the fake one
-lab.TUNING_EXAMPLES = lab.ROOT / "tuning-subject"
 run(lambda: lab.main(sys.argv[2:]), interrupted="interrupted.")
 """
 

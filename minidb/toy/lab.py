@@ -35,7 +35,7 @@ from minidb.fetch import file_in_the_way
 from minidb.files import ModelFileError, write_safetensors
 from minidb.load import load
 from minidb.pipeline import bf16_for_autocast, decode, grid, sample_latents
-from minidb.runs import CHECKPOINT, RunError, saved_settings
+from minidb.runs import CHECKPOINT, RunError, log_rows, saved_settings
 from minidb.tokenizer import Tokenizer
 from minidb.toy.arguments import check_outputs, parse_args
 from minidb.toy.base import SIZE, to_tensor, train_base
@@ -140,7 +140,8 @@ def run_compare(args):
     run exactly as a user would type it, then measured. Finished runs (README.md written) are reused."""
     tuning = args.command == "tune"
     variants = {f"lr {lr}": ["--lr", lr] for lr in args.lrs} if tuning else VARIANTS[args.command]
-    images, cls = (write_examples(TUNING_EXAMPLES, tuning=True), TUNING_SUBJECT) if tuning else (EXAMPLES, SUBJECT)
+    images, cls = ((write_examples(Path(args.out) / "tuning-subject", tuning=True), TUNING_SUBJECT) if tuning
+                   else (EXAMPLES, SUBJECT))  # the tuning photos go with the sweep's runs, not into the repo's runs/
     probe, runs, seconds, drift = load_probe(args.probe), *({name: [] for name in variants} for _ in range(3))
     for seed in args.seeds:
         for name, extra in variants.items():
@@ -151,7 +152,10 @@ def run_compare(args):
                 train_py([sys.executable, str(ROOT / "train.py"), "--images", str(images), "--class", cls, "--model",
                           str(args.model), "--out", str(out), "--seed", str(seed), *args.train_args.split(), *extra, *again])
             runs[name].append(out)
-            log = [json.loads(line) for line in open(out / "log.jsonl")]
+            log = [row for _, row in log_rows(out / "log.jsonl") if isinstance(row.get("step_time"), (int, float))]
+            if not log:  # a finished run's log, deleted or damaged: its time and drift score are lost
+                raise RunError(f"{out / 'log.jsonl'} holds no rows of training (it is missing or damaged); delete {out} "
+                               "so that the next sweep trains it again.")
             seconds[name].append(sum(row["step_time"] for row in log))
             drift[name].append([row for row in log if row.get("drift") is not None][-1:])  # train.py's last figure
     base = load(args.model, dtype=torch.float32)
