@@ -464,3 +464,6 @@ def test_ctrl_c_in_a_sweep_lets_train_py_save_its_checkpoint(tmp_path):
     second = subprocess.run(sweep, env=env, capture_output=True, text=True, timeout=120)
     assert second.returncode == 2
     assert "--resume" in (run / "again").read_text().split() and "--overwrite" not in (run / "again").read_text()
+    # train.py refusing the resume (other --train-args, say): the way out names the run folder
+    assert second.stderr.strip().splitlines()[-1] == f"error: train.py stopped with exit code 2 while resuming {run}; " \
+        f"fix what it says above, or delete {run} to train that run over."

@@ -149,8 +149,15 @@ def run_compare(args):
             if not (out / "README.md").exists():  # an unfinished run continues from its checkpoint, or starts over
                 again = (["--resume"] if any((out / "checkpoints").glob(CHECKPOINT)) else
                          ["--overwrite"] if out.exists() else [])
-                train_py([sys.executable, str(ROOT / "train.py"), "--images", str(images), "--class", cls, "--model",
-                          str(args.model), "--out", str(out), "--seed", str(seed), *args.train_args.split(), *extra, *again])
+                try:
+                    train_py([sys.executable, str(ROOT / "train.py"), "--images", str(images), "--class", cls, "--model",
+                              str(args.model), "--out", str(out), "--seed", str(seed), *args.train_args.split(), *extra,
+                              *again])
+                except subprocess.CalledProcessError as e:  # resuming with other --train-args is refused by train.py
+                    if again != ["--resume"]:
+                        raise
+                    raise RunError(f"train.py stopped with exit code {e.returncode} while resuming {out}; fix what it "
+                                   f"says above, or delete {out} to train that run over.") from None
             runs[name].append(out)
             log = [row for _, row in log_rows(out / "log.jsonl") if isinstance(row.get("step_time"), (int, float))]
             if not log:  # a finished run's log, deleted or damaged: its time and drift score are lost
