@@ -2,6 +2,7 @@
 a combination that means nothing, in one sentence, before any work starts."""
 
 import argparse
+import os
 import tempfile
 import warnings
 from pathlib import Path
@@ -83,8 +84,9 @@ def parse_args(argv, doc):
       f"frozen model draws, at most {CLASS_IMAGES_MAX} (default: %(default)s)")
     a("--class-dir", default=None, type=nonempty_path,
       help="use your own class photos from this folder instead of drawing them")
-    a("--class-cache", default=str(Path.home() / ".cache" / "minidb" / "class-prior"), type=nonempty_path,
-      help="where drawn prior images are cached as latents, shared between runs (default: %(default)s)")
+    a("--class-cache", default=str(cache_home() / "minidb" / "class-prior"), type=nonempty_path,
+      help="where drawn prior images are cached as latents, shared between runs (default: %(default)s, under "
+           "$XDG_CACHE_HOME where it is set)")
     a("--sample-steps", type=number(int, low=1, high=999), default=50, help="DDIM steps for prior and validation images (default: %(default)s)")
     a("--train-text-encoder", action="store_true", help="train the text encoder too (full), or adapters on it (lora)")
     a("--text-encoder-lr", type=number(float, above=0, high=1), default=None, help="learning rate of the text "
@@ -124,6 +126,12 @@ def parse_args(argv, doc):
         if problem:
             fail(problem)
     return args
+
+
+def cache_home():
+    """The user's cache folder: $XDG_CACHE_HOME where set (the freedesktop convention, which Hugging Face's
+    cache follows too), else ~/.cache."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
 
 
 def resume_point(value):

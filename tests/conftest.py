@@ -104,8 +104,28 @@ def assert_close(a, b, rtol=1e-5, atol=1e-5):
 def _global_state():
     environment = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
     return {"environment": environment, "default dtype": torch.get_default_dtype(),
-            "grad enabled": torch.is_grad_enabled(), "cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
+            "grad enabled": torch.is_grad_enabled(), "threads": torch.get_num_threads(), "cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
             "cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def test_run_environment(tmp_path_factory):
+    """Two settings for the whole run, undone at its end:
+    - train.py's default --class-cache lies under $XDG_CACHE_HOME: point it at a folder of the run's own, so
+      that the tests neither fill the user's ~/.cache nor read what earlier runs left there;
+    - under pytest-xdist (pytest.ini runs two workers), each worker and the scripts it starts compute on one
+      thread. Most tests are small and single-threaded, so two workers take half the time; with torch's
+      default of a thread per core in each, they fought over the cores and took longer than one worker."""
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+        if os.environ.get("PYTEST_XDIST_WORKER"):
+            patch.setenv("OMP_NUM_THREADS", "1")
+            torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
@@ -120,6 +140,7 @@ def global_state_is_restored():
         os.environ.update(before["environment"])
         torch.set_default_dtype(before["default dtype"])
         torch.set_grad_enabled(before["grad enabled"])
+        torch.set_num_threads(before["threads"])
         torch.backends.cudnn.allow_tf32 = before["cudnn.allow_tf32"]
         torch.backends.cuda.matmul.allow_tf32 = before["cuda.matmul.allow_tf32"]
     changed = {k: (before[k], after[k]) for k in before if before[k] != after[k]}

@@ -118,6 +118,17 @@ def test_a_class_cache_inside_the_run_folder_is_refused_before_it_is_made(world,
     assert not (tmp_path / "out").exists()
 
 
+def test_the_default_class_cache_follows_xdg_cache_home(monkeypatch):
+    """The default --class-cache is $XDG_CACHE_HOME/minidb/class-prior, else ~/.cache/minidb/class-prior (the tests'
+    own conftest points it at a folder of the test run, so that they do not fill the user's cache)."""
+    from minidb.options import parse_args
+    argv = ["--images", "x", "--class", "dog"]
+    monkeypatch.setenv("XDG_CACHE_HOME", "/somewhere/cache")
+    assert parse_args(argv, train.__doc__).class_cache == str(Path("/somewhere/cache/minidb/class-prior"))
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert parse_args(argv, train.__doc__).class_cache == str(Path.home() / ".cache" / "minidb" / "class-prior")
+
+
 def test_an_unwritable_class_cache(world, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     err = refused(capsys, base_args(world, tmp_path / "out") + ["--class-cache", tmp_path / "file" / "cache"])
