@@ -389,6 +389,13 @@ def test_a_missing_or_repeated_lora_is_refused_before_the_model_loads(tiny_file,
     assert not out.exists()
 
 
+@pytest.mark.skipif(not Path("/dev/null").exists(), reason="a device file")
+def test_a_device_as_the_model_is_named_as_one(capsys):
+    """It was said not to exist."""
+    assert main(["/dev/null"]) == 2
+    assert error_line(capsys) == "error: /dev/null is not a regular file (a device or a pipe); check the path.\n"
+
+
 def test_a_model_with_nan_weights_is_not_converted(tiny_file, tmp_path, capsys):
     """It was written, and with --overwrite it replaced a good model."""
     tensors = load_file(tiny_file)
