@@ -59,7 +59,7 @@ def read_subjects(args):
         return [Subject(args.images, args.class_name, args.identifier, args.instance_prompt, args.class_prompt)]
     path = Path(args.concepts)
     try:
-        concepts = json.loads(path.read_text(encoding="utf-8"))
+        concepts = json.loads(path.read_text(encoding="utf-8-sig"))  # -sig: Notepad's byte-order mark is no error
     except OSError as e:
         raise DataError(f"--concepts {path} cannot be read ({e.strerror or e.__class__.__name__}); "
                         "check the path.") from None
@@ -88,9 +88,14 @@ def read_subjects(args):
                     not isinstance(value, str) or not value.strip())):
                 raise DataError(f"--concepts {path}: entry {k} needs \"{key}\" as {what} (a non-empty string), "
                                 f"not {value!r}.")
-        folder = Path(concept["images"])
+        folder = Path(concept["images"]).expanduser()
         if not folder.is_absolute():  # relative to the file, as a user who keeps them together expects
             folder = path.parent / folder
+        if not folder.is_dir():
+            relative = "" if Path(concept["images"]).expanduser().is_absolute() else \
+                f" (a relative folder is read from the file's own folder, {path.parent})"
+            raise DataError(f"--concepts {path}: entry {k}'s \"images\" folder {folder} "
+                            f"{'is a file' if folder.exists() else 'does not exist'}{relative}; check it.")
         subjects.append(Subject(str(folder), concept["class"], concept.get("identifier"),
                                 concept.get("instance_prompt"), concept.get("class_prompt")))
     folders = [Path(s.images).resolve() for s in subjects]
@@ -102,6 +107,9 @@ def read_subjects(args):
     return subjects
 
 
+DRAWS = 10_000  # draws for an identifier no subject has yet: with one token left of SD's thousands, all but certain
+
+
 def name_subjects(subjects, tokenizer, pick, seed):
     """Give every subject its identifier and prompts; a problem comes back as one sentence."""
     given = [s.identifier.strip().lower() for s in subjects if s.identifier]  # as prompts read it: SKS is sks
@@ -110,11 +118,15 @@ def name_subjects(subjects, tokenizer, pick, seed):
         return f"two subjects use the identifier {twice[0]}; give each subject its own."
     rng, used = random.Random(seed), set(given)
     for subject in subjects:
-        while not subject.identifier:  # the first pick is the one a single-subject run always made
+        for _ in range(0 if subject.identifier else DRAWS):  # the first pick: the one a single-subject run made
             word = pick(tokenizer, rng)
             if word not in used:
                 subject.identifier = word
                 used.add(word)
+                break
+        if not subject.identifier:  # every rare token is taken (a small vocabulary, hundreds of subjects)
+            return (f"the {len(subjects)} subjects need more identifiers than the {len(used)} rare tokens this model's "
+                    "vocabulary offers; give the others their own \"identifier\", or train fewer subjects in one run.")
         given = subject.instance_prompt
         article = re.match(r"(a|an|the)\s+(.+)", subject.class_name.strip(), re.IGNORECASE)
         if article and not (given and subject.class_prompt):  # a prompt made from it says "a photo of a a cup"

@@ -283,6 +283,40 @@ def test_a_concepts_file_that_is_not_utf8_says_so(tmp_path):
     assert one_sentence(e) == f"--concepts {concepts} is not UTF-8 text; save it as UTF-8."
 
 
+def test_a_concepts_file_with_a_byte_order_mark_is_read(tmp_path):
+    """Notepad and PowerShell save UTF-8 with a byte-order mark; json refused it as 'Unexpected UTF-8 BOM'."""
+    (tmp_path / "a").mkdir()
+    concepts = tmp_path / "concepts.json"
+    concepts.write_bytes(b"\xef\xbb\xbf" + '[{"images": "a", "class": "café"}]'.encode("utf-8"))
+    assert [s.class_name for s in read_subjects(SimpleNamespace(concepts=concepts))] == ["café"]
+
+
+def test_a_concepts_folder_that_is_missing_names_its_entry_and_where_it_was_looked_for(tmp_path, monkeypatch):
+    (tmp_path / "a").mkdir()
+    concepts = tmp_path / "c" / "concepts.json"
+    concepts.parent.mkdir()
+    concepts.write_text(json.dumps([{"images": "../a", "class": "dog"}, {"images": "w/photos", "class": "cat"}]))
+    with pytest.raises(DataError) as e:
+        read_subjects(SimpleNamespace(concepts=concepts))
+    assert one_sentence(e) == (f"--concepts {concepts}: entry 2's \"images\" folder {concepts.parent / 'w' / 'photos'} "
+                               f"does not exist (a relative folder is read from the file's own folder, "
+                               f"{concepts.parent}); check it.")
+    monkeypatch.setenv("HOME", str(tmp_path))  # ~ is the user's home, not a folder named ~
+    concepts.write_text(json.dumps([{"images": "~/a", "class": "dog"}]))
+    assert [s.images for s in read_subjects(SimpleNamespace(concepts=concepts))] == [str(tmp_path / "a")]
+
+
+def test_more_subjects_than_rare_tokens_is_one_sentence_not_a_hang():
+    """With every rare token taken, name_subjects drew forever (a 700-subject file on the tiny vocabulary)."""
+    from minidb.concepts import Subject, name_subjects
+    pool = ["zq", "zx", "zv"]
+    subjects = [Subject("photos", "dog") for _ in range(4)]
+    problem = name_subjects(subjects, None, lambda tokenizer, rng: rng.choice(pool), 0)
+    assert problem == ("the 4 subjects need more identifiers than the 3 rare tokens this model's vocabulary offers; "
+                       "give the others their own \"identifier\", or train fewer subjects in one run.")
+    assert name_subjects([Subject("photos", "dog") for _ in range(3)], None, lambda t, rng: rng.choice(pool), 0) is None
+
+
 def test_two_concepts_on_one_folder_are_warned_of(tmp_path):
     """A concepts.json entry copied and not edited trains two identifiers on the same photos: a warning
     that names the entries; distinct folders (even written differently) give none."""
