@@ -146,7 +146,8 @@ def train(args, out, device):
     given = vars(args).pop("given", set())  # the flags a --resume command names (options.keep_the_runs_own)
     settings = {**vars(args), "identifier": identifier, "instance_prompt": instance_prompt,
                 "class_prompt": class_prompt, "resolution": resolution, "mixed_precision": precision,
-                "base_version": model.version, "prediction_type": model.prediction_type}
+                "base_version": model.version, "prediction_type": model.prediction_type,
+                "processes": world}  # torchrun's; a resume may change it, not the global batch (runs.check_global_batch)
     if args.concepts:
         settings["subjects"] = [{"images": s.images, "class": s.class_name, "identifier": s.identifier,
                                  "instance_prompt": s.instance_prompt, "class_prompt": s.class_prompt} for s in subjects]
@@ -228,8 +229,8 @@ def train(args, out, device):
     needed_bytes = disk_needed(trained, parts, export_dtypes, full=args.method == "full")
     disk_full = lambda: disk_full_is_an_error(out, needed_bytes, "the run (its checkpoint and model)",
                                               "continue with --resume (the last checkpoint is kept)")
-    problem = writes and room_problem(out, needed_bytes, "the run (its checkpoint and model)",
-                                      "free some space, or choose another --out")
+    problem = distributed.share(writes and room_problem(out, needed_bytes, "the run (its checkpoint and model)",
+                                                        "free some space, or choose another --out"))  # every rank stops
     if problem:
         fail(problem)
 

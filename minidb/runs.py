@@ -242,11 +242,12 @@ def check_resume_settings(folder, settings, given):
     if not saved:
         raise RunError(f"--resume cannot read {folder / 'settings.json'}, so it cannot check that this command "
                        "continues the same run; start over with --overwrite.")
+    check_global_batch(folder, saved, settings)
     # Settings that follow from others (the identifier from --seed, the resolution from --model)
     # come last, so that a change is named by the flag the user changed.
     for key in sorted(settings, key=lambda k: k in DERIVED):
         value = settings[key]
-        if key in RESUMABLE_CHANGES or key not in saved:
+        if key in RESUMABLE_CHANGES or key not in saved or (key in ("batch_size", "processes") and "processes" in saved):
             continue
         old = saved[key]
         if key in PATH_FLAGS and old is not None and not isinstance(old, str):
@@ -271,6 +272,28 @@ def check_resume_settings(folder, settings, given):
         advice = f"resume without {flag(key)}" if old is None else f"resume with {old!r}"
         raise RunError(f"{flag(key)} is {value!r} now but the run in {folder} started with {old!r}, and "
                        f"changing it would not continue the same run; {advice}, or start a new run.")
+
+
+def check_global_batch(folder, saved, settings):
+    """Under torchrun each of N processes trains --batch-size examples of one global batch, drawn alike in every
+    process (minidb/loop.py), so a run resumes on any number of processes whose global batch is the same: 2 at
+    --batch-size 1 goes on as 1 at --batch-size 2. A run recorded before the number of processes was (no
+    "processes") compares --batch-size alone, in check_resume_settings."""
+    if "processes" not in saved:
+        return
+    old, new = (saved.get("processes"), saved.get("batch_size")), (settings["processes"], settings["batch_size"])
+    if not all(type(x) is int and x > 0 for x in old):
+        raise RunError(f"{folder / 'settings.json'} records {old[0]!r} processes at --batch-size {old[1]!r}, which "
+                       f"train.py never writes, {EDITED}")
+    if old[0] * old[1] == new[0] * new[1]:
+        return
+    processes = lambda n: f"{n} process{'es' * (n > 1)}"  # noqa: E731
+    each = (f"--batch-size {old[0] * old[1] // new[0]} on {processes(new[0])}, or "
+            if old[0] * old[1] % new[0] == 0 else "")
+    first = (f"under torchrun --nproc_per_node {old[0]}" if old[0] > 1 else "as one process") + f" at --batch-size {old[1]}"
+    raise RunError(f"the run in {folder} trains a global batch of {old[0] * old[1]} ({processes(old[0])} at --batch-size "
+                   f"{old[1]}), but this command's is {new[0] * new[1]} ({processes(new[0])} at --batch-size "
+                   f"{new[1]}), which would not continue the same run; resume with {each}{first}.")
 
 
 def log_rows(path):

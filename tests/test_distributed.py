@@ -97,3 +97,32 @@ def test_ctrl_c_under_torchrun_saves_a_checkpoint_and_resume_finishes_the_same_r
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["loss"] for r in log(straight)] == [r["loss"] for r in log(out)]
     assert [r["step"] for r in log(out)] == list(range(1, steps + 1))
+
+
+def test_a_resume_may_change_the_processes_but_not_the_global_batch(world, tmp_path, monkeypatch, capsys):
+    """settings.json did not record the number of processes: a run of 2 processes at --batch-size 1 resumed as
+    1 process at --batch-size 1 (half the global batch, and the example order changed) with no word, while
+    1 process at --batch-size 2, which trains the same global batch (see the test above), was refused."""
+    import train
+    from minidb.runs import RunError, check_global_batch
+    saved = {"processes": 2, "batch_size": 1}
+    assert check_global_batch(tmp_path, saved, {"processes": 1, "batch_size": 2}) is None
+    with pytest.raises(RunError) as e:
+        check_global_batch(tmp_path, saved, {"processes": 1, "batch_size": 1})
+    assert str(e.value) == (f"the run in {tmp_path} trains a global batch of 2 (2 processes at --batch-size 1), but "
+                            "this command's is 1 (1 process at --batch-size 1), which would not continue the same run; "
+                            "resume with --batch-size 2 on 1 process, or under torchrun --nproc_per_node 2 at "
+                            "--batch-size 1.")
+    with pytest.raises(RunError, match="records 2.5 processes at --batch-size 1, which train.py never writes"):
+        check_global_batch(tmp_path, {"processes": 2.5, "batch_size": 1}, {"processes": 1, "batch_size": 2})
+    # train.py records its processes, and compares them on --resume (a second process played by rank_and_world:
+    # the check comes before any collective call)
+    run(world, tmp_path / "run", "--batch-size", 2, steps=2)
+    assert json.load(open(tmp_path / "run" / "settings.json"))["processes"] == 1
+    monkeypatch.setattr(train.distributed, "rank_and_world", lambda: (0, 2))
+    monkeypatch.setattr(train.distributed, "share", lambda value: value)
+    with pytest.raises(SystemExit) as e:
+        run(world, tmp_path / "run", "--resume", steps=3)
+    assert e.value.code == 2
+    assert "trains a global batch of 2 (1 process at --batch-size 2), but this command's is 4 (2 processes at " \
+           "--batch-size 2)" in capsys.readouterr().err
