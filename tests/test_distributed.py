@@ -126,3 +126,28 @@ def test_a_resume_may_change_the_processes_but_not_the_global_batch(world, tmp_p
     assert e.value.code == 2
     assert "trains a global batch of 2 (1 process at --batch-size 2), but this command's is 4 (2 processes at " \
            "--batch-size 2)" in capsys.readouterr().err
+
+
+FIRST_PROCESS_DISK_IS_FULL = """import os, runpy, sys
+import minidb.files
+if os.environ["RANK"] == "0":  # only the first process checks the disk (it alone writes)
+    minidb.files.room_problem = lambda *args: "The disk holding the run has 1 kB free; free some space."
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_check_of_the_first_process_alone_stops_every_process(world, tmp_path):
+    """The first process alone checks the disk; when it stopped, the second, waiting on it, ended in a gloo
+    traceback ('Connection closed by peer'); on GPUs NCCL would have waited out its timeout."""
+    (tmp_path / "full.py").write_text(FIRST_PROCESS_DISK_IS_FULL)
+    args = ["--images", world / "photos", "--class", "ball", "--model", world / "base", "--out", tmp_path / "run",
+            "--steps", 2, "--resolution", 32, "--sample-steps", 2, "--class-cache", tmp_path / "cache",
+            "--class-images", 2, "--drift-images", 2, "--device", "cpu", "--mixed-precision", "no"]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(tmp_path / "full.py"), str(ROOT / "train.py"), *map(str, args)],
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert done.stderr.count("error: The disk holding the run has 1 kB free; free some space.") == 2, done.stderr[-3000:]
+    assert "Connection closed" not in done.stderr and "DistBackendError" not in done.stderr, done.stderr[-3000:]
