@@ -133,12 +133,15 @@ def train(args, out, device):
     problem = name_subjects(subjects, model.tokenizer, pick, args.seed)  # each its own [V], prompts, captions
     if problem:
         fail(problem)
-    for subject in subjects:
-        print(subject.describe(resolution))
-    identifier, instance_prompt, class_prompt = subjects[0].identifier, subjects[0].instance_prompt, subjects[0].class_prompt
-    print(f"run folder: {out}\n{model.version} ({model.prediction_type}), {device}, mixed precision {precision}")
     rank, world = distributed.rank_and_world()
-    writes = rank == 0  # only the first process writes; the others wait at barriers
+    writes = rank == 0  # only the first process writes (and speaks); the others wait at barriers
+    identifier, instance_prompt, class_prompt = subjects[0].identifier, subjects[0].instance_prompt, subjects[0].class_prompt
+    if writes:
+        for subject in subjects:
+            print(subject.describe(resolution))
+        processes = f", {world} processes (torchrun)" if world > 1 else ""
+        print(f"run folder: {out}\n{model.version} ({model.prediction_type}), {device}{processes}, mixed precision "
+              f"{precision}")
     if args.overwrite:  # only now that the model, photos and subjects are good (in every process): a bad one keeps
         distributed.barrier()  # the old run
         if writes:
@@ -259,8 +262,9 @@ def train(args, out, device):
         generator.set_state(resumed["generator"])
         examples.load(resumed["orders"])
         start, drift_base = resumed["step"], resumed.get("drift_base")
-        print(f"resuming from {path} at step {start}")
-    if start >= args.steps:
+        if writes:
+            print(f"resuming from {path} at step {start}")
+    if start >= args.steps and writes:
         print(f"the run in {out} already reached step {start}; pass a larger --steps to continue it")
 
     def stop_if_not_finite(step, loss=None):

@@ -53,18 +53,34 @@ class Subject:
         return caption.replace("[V]", self.identifier) if caption else self.instance_prompt
 
 
+class TwiceError(ValueError):
+    """A key given twice in one JSON object (json keeps the last, silently)."""
+
+
+def one_value_per_key(pairs):
+    keys = [key for key, _ in pairs]
+    twice = next((key for k, key in enumerate(keys) if key in keys[:k]), None)
+    if twice is not None:
+        raise TwiceError(repr(twice))
+    return dict(pairs)
+
+
 def read_subjects(args):
     """[Subject] from the command line: --concepts FILE, or --images with --class (and the prompt flags)."""
     if args.concepts is None:
         return [Subject(args.images, args.class_name, args.identifier, args.instance_prompt, args.class_prompt)]
     path = Path(args.concepts)
     try:
-        concepts = json.loads(path.read_text(encoding="utf-8-sig"))  # -sig: Notepad's byte-order mark is no error
+        concepts = json.loads(path.read_text(encoding="utf-8-sig"),  # -sig: Notepad's byte-order mark is no error
+                              object_pairs_hook=one_value_per_key)
     except OSError as e:
         raise DataError(f"--concepts {path} cannot be read ({e.strerror or e.__class__.__name__}); "
                         "check the path.") from None
     except UnicodeDecodeError:
         raise DataError(f"--concepts {path} is not UTF-8 text; save it as UTF-8.") from None
+    except TwiceError as e:
+        raise DataError(f"--concepts {path} gives {e} twice in one entry, and only the last would count; keep one.") \
+            from None
     except ValueError as e:
         raise DataError(f"--concepts {path} is not valid JSON ({e}); it must be a list of "
                         '{"images": ..., "class": ...} objects.') from None
@@ -136,6 +152,13 @@ def name_subjects(subjects, tokenizer, pick, seed):
         subject.instance_prompt = (given or f"a photo of a [V] {subject.class_name}").replace(
             "[V]", subject.identifier)  # [V] stands for the identifier, as in captions and validation prompts
         subject.class_prompt = subject.class_prompt or f"a photo of a {subject.class_name}"
+        classes = [(k, s.class_prompt or f"a photo of a {s.class_name}") for k, s in enumerate(subjects, 1)]
+        clash = next(((k, p) for k, p in classes if re.search(rf"(?<!\w){re.escape(subject.identifier)}(?!\w)", p,
+                                                               re.IGNORECASE)), None)
+        if clash:  # the prior loss would hold the identifier to what the class prompt means
+            warnings.warn(f"The identifier {subject.identifier} is also a word of the class prompt {clash[1]!r}"
+                          + (f" (subject {clash[0]})" if len(subjects) > 1 else "") + ", so the prior loss trains it "
+                          "back toward any such picture; choose a rare word, or leave the identifier out.")
         if not re.search(rf"(?<!\w){re.escape(subject.identifier)}(?!\w)", subject.instance_prompt, re.IGNORECASE):
             warnings.warn(f"The instance prompt {given!r} does not name the identifier {subject.identifier}, so the "
                           "subject is learned under its other words and the prior loss pulls against it; write "

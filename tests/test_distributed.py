@@ -151,3 +151,5 @@ def test_a_check_of_the_first_process_alone_stops_every_process(world, tmp_path)
     assert done.returncode != 0
     assert done.stderr.count("error: The disk holding the run has 1 kB free; free some space.") == 2, done.stderr[-3000:]
     assert "Connection closed" not in done.stderr and "DistBackendError" not in done.stderr, done.stderr[-3000:]
+    assert done.stdout.count("run folder:") == 1 and done.stdout.count("subject: ") == 1  # the first process speaks
+    assert "cpu, 2 processes (torchrun)" in done.stdout

@@ -317,6 +317,35 @@ def test_more_subjects_than_rare_tokens_is_one_sentence_not_a_hang():
     assert name_subjects([Subject("photos", "dog") for _ in range(3)], None, lambda t, rng: rng.choice(pool), 0) is None
 
 
+def test_an_identifier_that_is_a_word_of_a_class_prompt_is_warned_of():
+    """--identifier ball --class ball, an identifier 'a', or one subject's identifier another's class went on
+    silently, while the prior loss trains that word back toward the class."""
+    from minidb.concepts import Subject, name_subjects
+    with pytest.warns(UserWarning, match=r"^The identifier ball is also a word of the class prompt 'a photo of a "
+                                         r"ball', so the prior loss trains it back toward any such picture; choose"):
+        name_subjects([Subject("photos", "ball", "ball")], None, None, 0)
+    with pytest.warns(UserWarning, match=r"^The identifier cat is also a word of the class prompt 'a photo of a cat' "
+                                         r"\(subject 2\)"):
+        name_subjects([Subject("photos", "ball", "cat"), Subject("photos2", "cat", "sks")], None, None, 0)
+    with pytest.warns(UserWarning, match=r"^The identifier a is also a word"):
+        name_subjects([Subject("photos", "ball", "a")], None, None, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        name_subjects([Subject("photos", "ball", "sks"), Subject("photos2", "cat", "zwx")], None, None, 0)
+        name_subjects([Subject("photos", "ball", "balls")], None, None, 0)  # a word of its own
+
+
+def test_a_key_given_twice_in_a_concepts_entry_is_refused(tmp_path):
+    """json keeps the last of two "class" keys, silently."""
+    (tmp_path / "a").mkdir()
+    concepts = tmp_path / "concepts.json"
+    concepts.write_text('[{"images": "a", "class": "dog", "class": "cat"}]')
+    with pytest.raises(DataError) as e:
+        read_subjects(SimpleNamespace(concepts=concepts))
+    assert one_sentence(e) == (f"--concepts {concepts} gives 'class' twice in one entry, and only the last would "
+                               "count; keep one.")
+
+
 def test_two_concepts_on_one_folder_are_warned_of(tmp_path):
     """A concepts.json entry copied and not edited trains two identifiers on the same photos: a warning
     that names the entries; distinct folders (even written differently) give none."""
