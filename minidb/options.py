@@ -171,6 +171,10 @@ def keep_the_runs_own(p, argv, args):
         leave |= {"identifier", "instance_prompt", "class_prompt"}
     method = args.method or saved.get("method")
     leave |= {key for key, methods in METHOD_FLAGS.items() if method not in methods}
+    concepts = saved.get("concepts")
+    if "concepts" not in leave and isinstance(concepts, str) and not Path(concepts).is_file():
+        return (f"the run's --concepts {concepts} is no longer there; give --concepts with the file's new place (its "
+                "subjects must be the ones the run started with).")
     typed = []  # the run's own values, as the command line would give them
     for action in p._actions:
         value = saved.get(action.dest)

@@ -29,7 +29,8 @@ RUN_FILES = {"checkpoints", "validation", "log.jsonl", "settings.json", "loss.pn
              "lora.safetensors", "README.md"}  # and the new word's embedding, IDENTIFIER.safetensors
 # Flags that may change on --resume: how long to train, and how often to save and look.
 RESUMABLE_CHANGES = {"steps", "save_every", "validate_every", "resume", "overwrite", "out", "class_cache",
-                     "checkpoints_keep", "validation_prompt", "validation_images"}
+                     "checkpoints_keep", "validation_prompt", "validation_images",
+                     "concepts"}  # the file may move: its "subjects" are compared
 PATH_FLAGS = {"images", "model", "class_dir", "concepts"}
 DERIVED = {"identifier", "instance_prompt", "class_prompt", "resolution", "mixed_precision", "base_version",
            "prediction_type"}

@@ -250,6 +250,15 @@ def test_two_subjects_take_turns_with_their_own_identifiers(world, tmp_path, cap
     concepts.write_text(json.dumps(json.loads(concepts.read_text())[::-1]))
     err = refused(capsys, ["--out", out, "--resume", "--steps", 4])
     assert f"--concepts {concepts} gives other subjects than the run in {out} started with (subject 1 differs)" in err
+    # the same file moved: --resume alone says where it was; with its new place the run goes on (it was refused
+    # as a change of --concepts, and told to resume with the old path)
+    concepts.write_text(json.dumps(json.loads(concepts.read_text())[::-1]))
+    moved = concepts.rename(tmp_path / "moved.json")
+    err = refused(capsys, ["--out", out, "--resume", "--steps", 4])
+    assert f"the run's --concepts {concepts} is no longer there; give --concepts with the file's new place" in err
+    train.main(["--out", str(out), "--resume", "--concepts", str(moved), "--steps", "4"])
+    assert json.load(open(out / "settings.json"))["subjects"] == settings["subjects"]
+    assert [r["step"] for r in map(json.loads, open(out / "log.jsonl"))][-1] == 4
 
 
 @pytest.mark.parametrize("content, words", [
