@@ -45,7 +45,8 @@ def parse_args(argv, doc):
       help="continue the run in --out (default: runs/latest) from its latest checkpoint, from the checkpoint of "
       "step STEP, or from the checkpoint folder PATH; a flag left out is the run's own, and only --steps, "
       "--save-every, --validate-every, --checkpoints-keep, --class-cache and the validation flags may differ "
-      "from it")
+      "from it (and --concepts's place, not its subjects; under torchrun, the number of processes, not the global "
+      "batch)")
     a("--identifier", default=None, type=text, help="the subject's token [V] (default: a rare CLIP token of <= 3 "
       "letters; with a new word, its spelling, which must not be a token yet)")
     a("--new-token", action="store_true", help="with full or lora: [V] becomes a new word whose embedding trains "
