@@ -335,7 +335,7 @@ def train(args, out, device):
 
     # Under torchrun, DistributedDataParallel averages the gradients of what trains over the processes.
     denoise = distributed.wrap(distributed.Step(trained, forward), device)
-    stop = FinishTheStep(announce=writes)  # Ctrl-C: this step ends, a checkpoint is saved (minidb/cli.py)
+    stop = FinishTheStep(announce=writes)  # Ctrl-C or SIGTERM: this step ends, a checkpoint is saved (minidb/cli.py)
     if drift_base is None and start == 0:
         drift_base = drift()  # the frozen base model's figure: nothing has trained yet
     per_micro = args.batch_size * world  # examples in one micro-batch, over all processes
@@ -390,7 +390,7 @@ def train(args, out, device):
             distributed.barrier()
             if writes:
                 print(f"interrupted: saved {path}; continue with the same command plus --resume", file=sys.stderr)
-            sys.exit(130)
+            sys.exit(128 + (stop.signum or signal.SIGINT))  # the shell's code for the signal: 130, or 143 for SIGTERM
     bar.close()
     stop.restore()
 

@@ -139,29 +139,32 @@ def fail(message, code=2):
 
 
 class FinishTheStep:
-    """Ctrl-C during training: let the current step finish, then save a checkpoint, so that a resumed
-    run is exactly the uninterrupted one. True once asked. A second Ctrl-C quits at once, except under
-    torchrun: there a Ctrl-C reaches every process twice (from the terminal, then passed on by the
-    launcher), and the launcher itself kills what does not stop."""
+    """Ctrl-C (SIGINT) or SIGTERM during training: let the current step finish, then save a checkpoint, so
+    that a resumed run is exactly the uninterrupted one. SIGTERM is how a cluster's scheduler (SLURM, say)
+    stops or preempts a job, and `kill` stops a process. True once asked; `signum` is the signal. A second
+    Ctrl-C quits at once, except under torchrun: there a Ctrl-C reaches every process twice (from the
+    terminal, then passed on by the launcher), and the launcher itself kills what does not stop."""
 
     def __init__(self, announce=True):
-        self.asked, self.announce = False, announce
+        self.asked, self.signum, self.announce = False, None, announce
         self.torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-        self.previous = signal.signal(signal.SIGINT, self._on_ctrl_c)
+        self.previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
 
-    def _on_ctrl_c(self, signum, frame):
-        if self.asked and not self.torchrun:
+    def _on_signal(self, signum, frame):
+        if self.asked and signum == signal.SIGINT and not self.torchrun:
             raise KeyboardInterrupt
         if not self.asked and self.announce:
-            print("\nCtrl-C: saving a checkpoint after this step"
-                  + ("" if self.torchrun else " (press again to quit without saving)"), file=sys.stderr)
-        self.asked = True
+            print(f"\n{'Ctrl-C' if signum == signal.SIGINT else 'SIGTERM'}: saving a checkpoint after this step"
+                  + ("" if self.torchrun or signum != signal.SIGINT else " (press again to quit without saving)"),
+                  file=sys.stderr)
+        self.asked, self.signum = True, self.signum or signum
 
     def __bool__(self):
         return self.asked
 
     def restore(self):
-        signal.signal(signal.SIGINT, self.previous)
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
 def run(main, interrupted="interrupted."):
