@@ -10,7 +10,7 @@ export PYTHONUNBUFFERED=1
 start=$(date +%s)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit 1
 nvidia-smi -L
-echo "== GPU tests"; timeout 60 python3 -m pytest tests/test_graphs.py -q -p no:cacheprovider 2>&1 | tee $OUT/tests.log | tail -6
+echo "== GPU tests"; timeout 60 python3 -m pytest -o addopts="" tests/test_graphs.py -q -p no:cacheprovider 2>&1 | tee $OUT/tests.log | tail -6
 echo "== SDXL UNet step"; timeout 70 python3 bench/sdxl_unet_variants.py --variants diffusers minidb cuda_graph --json $OUT/variants.json 2>&1 | tee $OUT/variants.log | tail -4
 for row_runs_limit in sdxl-sample:5:75 sample:3:55; do
     IFS=: read row runs limit <<< "$row_runs_limit"
