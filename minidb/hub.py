@@ -88,8 +88,8 @@ def _download(model, repo, revision):
     except (errors.RevisionResolutionError, errors.LocalEntryNotFoundError) as e:  # no Hub to ask, nothing cached
         if isinstance(e.__cause__, errors.HfHubHTTPError):  # reached, but it answered an error (after retrying 5xx)
             raise _answered(e.__cause__, site, model) from None
-        why = ("HF_HUB_OFFLINE is set" if constants.is_offline_mode()
-               else f"{site} could not be reached ({_first_line(e.__cause__ or e)})")
+        reason = _first_line(e.__cause__ or e)
+        why = "HF_HUB_OFFLINE is set" if constants.is_offline_mode() else f"{site} could not be reached ({reason})"
         folder = Path(repo).parent
         if folder.is_dir():  # runs/dreambooth-9: a mistyped local path, more likely than an uncached Hub id
             raise ModelFileError(f"No model at {model}: {folder}/ holds no {Path(repo).name}, and as a Hub id it is "
@@ -98,7 +98,7 @@ def _download(model, repo, revision):
             raise ModelFileError(f"{model} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
                                  "HF_HUB_OFFLINE is set; run once with a network and without HF_HUB_OFFLINE to "
                                  "download it.") from None
-        raise ModelFileError(f"Could not reach {site} ({_first_line(e.__cause__ or e)}), and {model} is not in the "
+        raise ModelFileError(f"Could not reach {site} ({reason}), and {model} is not in the "
                              f"Hugging Face cache ({constants.HF_HUB_CACHE}); check the network (or HF_ENDPOINT) "
                              "and run again to download it.") from None
     except errors.HfHubHTTPError as e:  # the Hub answered, with an error of its own (a refused token, 5xx, ...)

@@ -126,6 +126,16 @@ def test_a_resume_may_change_the_processes_but_not_the_global_batch(world, tmp_p
     assert e.value.code == 2
     assert "trains a global batch of 2 (1 process at --batch-size 2), but this command's is 4 (2 processes at " \
            "--batch-size 2)" in capsys.readouterr().err
+    monkeypatch.undo()
+    # and the same global batch on another number of processes goes on as the run would have: 2 processes at
+    # --batch-size 1 resumed as 1 process at --batch-size 2 gives the losses of 1 process at --batch-size 2 throughout
+    cache = tmp_path / "cache"
+    resumed = torchrun(world, tmp_path / "two", cache, steps=2)
+    run(world, resumed, "--resume", "--batch-size", 2, "--class-images", 6, "--class-cache", cache, steps=3)
+    straight = run(world, tmp_path / "one", "--batch-size", 2, "--lr", 1e-3, "--class-images", 6, "--class-cache", cache,
+                   steps=3)
+    assert [r["step"] for r in log(resumed)] == [1, 2, 3]
+    assert [r["loss"] for r in log(resumed)] == pytest.approx([r["loss"] for r in log(straight)], rel=1e-4)
 
 
 FIRST_PROCESS_DISK_IS_FULL = """import os, runpy, sys
