@@ -130,7 +130,8 @@ def train(args, out, device):
         fail(f"--identifier {args.identifier} is already a token, and a new word needs a spelling of its own "
              "(diffusers refuses it too); choose another, or leave --identifier out.")
     pick = pick_new_word if args.new_token else pick_identifier
-    problem = name_subjects(subjects, model.tokenizer, pick, args.seed)  # each its own [V], prompts, captions
+    # each subject its own [V], prompts and captions
+    problem = name_subjects(subjects, model.tokenizer, pick, args.seed, prior=args.prior_weight > 0)
     if problem:
         fail(problem)
     rank, world = distributed.rank_and_world()

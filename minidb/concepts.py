@@ -15,6 +15,7 @@ minidb/data.py) replaces the instance prompt for that photo, with "[V]" read as 
 import json
 import random
 import re
+import unicodedata
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,8 +127,9 @@ def read_subjects(args):
 DRAWS = 10_000  # draws for an identifier no subject has yet: with one token left of SD's thousands, all but certain
 
 
-def name_subjects(subjects, tokenizer, pick, seed):
-    """Give every subject its identifier and prompts; a problem comes back as one sentence."""
+def name_subjects(subjects, tokenizer, pick, seed, prior=True):
+    """Give every subject its identifier and prompts; a problem comes back as one sentence. `prior`: the run
+    trains with a prior loss (--prior-weight above 0)."""
     given = [s.identifier.strip().lower() for s in subjects if s.identifier]  # as prompts read it: SKS is sks
     twice = sorted({i for i in given if given.count(i) > 1})
     if twice:
@@ -155,7 +157,7 @@ def name_subjects(subjects, tokenizer, pick, seed):
         classes = [(k, s.class_prompt or f"a photo of a {s.class_name}") for k, s in enumerate(subjects, 1)]
         clash = next(((k, p) for k, p in classes if re.search(rf"(?<!\w){re.escape(subject.identifier)}(?!\w)", p,
                                                                re.IGNORECASE)), None)
-        if clash:  # the prior loss would hold the identifier to what the class prompt means
+        if clash and prior:  # the prior loss would hold the identifier to what the class prompt means
             warnings.warn(f"The identifier {subject.identifier} is also a word of the class prompt {clash[1]!r}"
                           + (f" (subject {clash[0]})" if len(subjects) > 1 else "") + ", so the prior loss trains it "
                           "back toward any such picture; choose a rare word, or leave the identifier out.")
@@ -163,4 +165,8 @@ def name_subjects(subjects, tokenizer, pick, seed):
             warnings.warn(f"The instance prompt {given!r} does not name the identifier {subject.identifier}, so the "
                           "subject is learned under its other words and the prior loss pulls against it; write "
                           f"[V] where the identifier goes, e.g. 'a photo of a [V] {subject.class_name}'.")
+    read_alike = {}  # "Dog" and "dog": prompts are lower-cased and their spaces closed, so one prior serves both
+    for subject in subjects:
+        text = " ".join(unicodedata.normalize("NFC", subject.class_prompt).lower().split())
+        subject.class_prompt = read_alike.setdefault(text, subject.class_prompt)
     return None

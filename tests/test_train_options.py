@@ -342,6 +342,21 @@ def test_an_identifier_that_is_a_word_of_a_class_prompt_is_warned_of():
         warnings.simplefilter("error")
         name_subjects([Subject("photos", "ball", "sks"), Subject("photos2", "cat", "zwx")], None, None, 0)
         name_subjects([Subject("photos", "ball", "balls")], None, None, 0)  # a word of its own
+        name_subjects([Subject("photos", "ball", "ball")], None, None, 0, prior=False)  # --prior-weight 0
+
+
+def test_class_prompts_that_read_alike_share_one_prior():
+    """'Dog' in one entry and 'dog' in another drew two class priors (twice the drawing, and each subject held to
+    half the images), though the tokenizer lower-cases both to the same prompt."""
+    from minidb.concepts import Subject, name_subjects
+    from minidb.tokenizer import Tokenizer
+    subjects = [Subject("a", "dog", "sks"), Subject("b", "Dog", "zwx"),
+                Subject("c", "cat", "qrt", None, "a photo of  a DOG"), Subject("d", "cat", "vbn")]
+    name_subjects(subjects, None, None, 0)
+    assert [s.class_prompt for s in subjects] == ["a photo of a dog"] * 3 + ["a photo of a cat"]
+    tokenizer = Tokenizer.from_openai_bpe()  # what the change relies on: the model reads them alike
+    ids = [tokenizer.encode(p) for p in ("a photo of a Dog", "a photo of  a DOG", "a photo of a dog")]
+    assert ids[0] == ids[1] == ids[2]
 
 
 def test_a_key_given_twice_in_a_concepts_entry_is_refused(tmp_path):
