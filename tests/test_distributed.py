@@ -153,7 +153,8 @@ def test_a_check_of_the_first_process_alone_stops_every_process(world, tmp_path)
     (tmp_path / "full.py").write_text(FIRST_PROCESS_DISK_IS_FULL)
     args = ["--images", world / "photos", "--class", "ball", "--model", world / "base", "--out", tmp_path / "run",
             "--steps", 2, "--resolution", 32, "--sample-steps", 2, "--class-cache", tmp_path / "cache",
-            "--class-images", 2, "--drift-images", 2, "--device", "cpu", "--mixed-precision", "no"]
+            "--class-images", 2, "--drift-images", 2, "--device", "cpu", "--mixed-precision", "no",
+            "--warmup-steps", 5]
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(tmp_path / "full.py"), str(ROOT / "train.py"), *map(str, args)],
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}, cwd=ROOT,
@@ -163,3 +164,4 @@ def test_a_check_of_the_first_process_alone_stops_every_process(world, tmp_path)
     assert "Connection closed" not in done.stderr and "DistBackendError" not in done.stderr, done.stderr[-3000:]
     assert done.stdout.count("run folder:") == 1 and done.stdout.count("subject: ") == 1  # the first process speaks
     assert "cpu, 2 processes (torchrun)" in done.stdout
+    assert done.stderr.count("warning: --warmup-steps 5 is not shorter") == 1, done.stderr[-3000:]  # the first's
