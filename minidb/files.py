@@ -15,6 +15,7 @@ import pickle
 import re
 import shutil
 import struct
+import sys
 import tempfile
 import zipfile
 from contextlib import contextmanager, nullcontext
@@ -189,23 +190,50 @@ def fsync(path):
 def replace_folder(path, write):
     """Call write(tmp_folder), then swap it in for the folder `path`. A crash leaves the old folder
     (or, between the two renames, its copy `.NAME.old`), never a mix of old and new files; a failed
-    write (a full disk, say) removes what it wrote and leaves the old folder as it was."""
+    write (a full disk, say) removes what it wrote and leaves the old folder as it was. Two processes
+    writing into one folder take turns (the second would delete the first's `.NAME.tmp` as a leftover)."""
     path = Path(path)
     tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
-    for leftover in (tmp, old):
-        shutil.rmtree(leftover, ignore_errors=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with writing_into(path.parent):
+        for leftover in (tmp, old):
+            shutil.rmtree(leftover, ignore_errors=True)
+        try:
+            write(tmp)
+            for folder, _, _ in os.walk(tmp):  # the files fsynced themselves; now their names
+                fsync(folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        fsync(path.parent)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def writing_into(folder):
+    """Hold an exclusive lock on `folder` itself (no lock file is left behind), waiting for another process
+    that holds it. The operating system lets go when a process ends, however it ends. Where folders cannot
+    be locked (Windows, some network file systems) nothing is guarded."""
     try:
-        write(tmp)
-        for folder, _, _ in os.walk(tmp):  # the files fsynced themselves; now their names
-            fsync(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    fsync(path.parent)
-    shutil.rmtree(old, ignore_errors=True)
+        import fcntl
+        fd = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process that is writing into {folder} ...", file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # no locks on this file system
+            pass
+        yield
+    finally:
+        os.close(fd)
 
 
 class DiskFull(Exception):

@@ -1,8 +1,10 @@
 """`python -m minidb.info`: describes a model, converts it, and fails with one line on bad input."""
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -467,3 +469,37 @@ def test_metadata_nested_too_deeply_is_damage_not_a_traceback(tiny_file, tmp_pat
         assert main([str(tmp_path / "l.safetensors")]) == 2
         assert "has lora_adapter_metadata that is not a JSON object of LoRA settings" in error_line(capsys)
 
+
+
+SLOW_WRITER = """import sys, time
+from pathlib import Path
+from minidb.files import replace_folder
+def write(tmp):
+    tmp.mkdir()
+    (tmp / "a.txt").write_text("first")
+    Path(sys.argv[2]).touch()  # writing has begun
+    time.sleep(2)
+    (tmp / "b.txt").write_text("first")
+replace_folder(Path(sys.argv[1]), write)
+"""
+
+
+def test_two_writes_into_one_folder_take_turns(tmp_path, capfd):
+    """Two converts to one folder: the second deleted the first's .NAME.tmp as a leftover while it was being
+    written, and the first failed (or swapped in what was left of it)."""
+    from minidb.files import replace_folder
+    (tmp_path / "slow.py").write_text(SLOW_WRITER)
+    target, begun = tmp_path / "model", tmp_path / "begun"
+    root = Path(__file__).parents[1]
+    first = subprocess.Popen([sys.executable, tmp_path / "slow.py", target, begun], cwd=root, stderr=subprocess.PIPE,
+                             env={**os.environ, "PYTHONPATH": str(root)}, text=True)
+    try:
+        while not begun.exists() and first.poll() is None:
+            time.sleep(0.01)
+        replace_folder(target, lambda tmp: tmp.mkdir() or (tmp / "a.txt").write_text("second"))
+    finally:
+        _, errors = first.communicate(timeout=60)
+    assert first.returncode == 0, errors
+    assert "waiting for another process that is writing into" in capfd.readouterr().err
+    assert [(p.name, p.read_text()) for p in target.iterdir()] == [("a.txt", "second")]  # the later write, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["begun", "model", "slow.py"]  # no lock file, no leftovers
