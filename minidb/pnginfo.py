@@ -4,7 +4,10 @@ A1111 stores a picture's settings as one text chunk named "parameters": the prom
 "Negative prompt: ...", and a last line of "Key: value" fields (modules/processing.py create_infotext).
 Its "PNG Info" tab, ComfyUI and civitai read that chunk back. ComfyUI reads a chunk named "prompt" as
 its own JSON workflow before it looks at "parameters", so no other chunk may be called that; minidb's
-own settings go into one chunk named "minidb" (JSON), with no paths of the user's machine.
+own settings go into one chunk named "minidb" (JSON), with no paths of the user's machine. A1111 leaves
+the negative line out when there is no negative prompt, but ComfyUI builds a workflow from the chunk
+only when it finds "\nNegative prompt:" (ComfyUI_frontend, src/scripts/pnginfo.ts importA1111), so
+minidb always writes it, empty if need be: A1111 reads an empty one as no negative prompt.
 
 Hashes are A1111's short ones: a model's first 10 hex digits of the file's sha256; a LoRA's first 12
 of the sha256 of the bytes after a safetensors file's header (the "addnet" hash, modules/hashes.py),
@@ -48,7 +51,7 @@ def hashes(named):
 def parameters(prompt, negative_prompt, fields):
     """The "parameters" text. `fields` in A1111's order (None values left out): Steps, Sampler, Schedule type,
     CFG scale, Seed, Size, Model hash, Model, RNG, then extras such as Lora hashes and TI hashes."""
-    lines = [prompt] + ([f"Negative prompt: {negative_prompt}"] if negative_prompt else [])
+    lines = [prompt, f"Negative prompt: {negative_prompt or ''}"]  # even empty: see above
     lines.append(", ".join(f"{k}: {quote(v)}" for k, v in fields.items() if v is not None))
     return "\n".join(lines)
 

@@ -104,6 +104,17 @@ def parse_a1111(text):
     return fields
 
 
+def parse_comfyui(text):
+    """The prompts ComfyUI takes from a dropped PNG's "parameters" (ComfyUI_frontend, src/scripts/pnginfo.ts
+    importA1111): the text before the last "\nNegative prompt:" that comes before the last "\nSteps:", and the
+    text between the two (18 characters on). Without either line it builds nothing: None."""
+    steps = text.rfind("\nSteps:")
+    negative = text.rfind("\nNegative prompt:", 0, steps) if steps > -1 else -1
+    if negative == -1:
+        return None
+    return text[:negative].strip(), text[negative + 18:steps].strip()
+
+
 def test_parser_reads_a1111s_own_example():
     """The grammar above, checked on the example in A1111's docstring, so that the tests below prove something."""
     text = ("girl with an artist's beret, determined, blue eyes\nNegative prompt: ugly, fat, (((deformed)))\n"
@@ -223,8 +234,10 @@ def drawn(models, tmp_path_factory):
 def test_parameters_read_back_with_a1111s_grammar(drawn, name):
     _, paths = drawn
     prompt, negative, sampler, kind = ROUND_TRIPS[name]
-    fields = parse_a1111(Image.open(paths[name]).text["parameters"])
+    text = Image.open(paths[name]).text["parameters"]
+    fields = parse_a1111(text)
     assert fields.pop("Prompt") == prompt and fields.pop("Negative prompt") == negative
+    assert parse_comfyui(text) == (prompt, negative)  # ComfyUI too, even with no negative prompt (it built nothing)
     expected = {"Steps": "2", "CFG scale": "5", "Seed": "3", "Size-1": "32", "Size-2": "32",
                 "Model": "my, model: v1", "RNG": "CPU",
                 **({"Sampler": "DDIM", "Schedule type": "Automatic", "Eta DDIM": "1"} if sampler == "ddpm" else
