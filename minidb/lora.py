@@ -20,8 +20,10 @@ Other tools name the same layers in other ways: minidb/lora_files.py reads them 
 Legend: r rank, O/I a layer's output/input channels, k its kernel size.
 """
 
+import hashlib
 import math
 
+import safetensors.torch
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -228,4 +230,10 @@ def save_kohya(lora, path, metadata=None, dtype=torch.float16):
     info.update({"ss_network_module": "networks.lora", "ss_network_dim": str(lora.rank),
                  "ss_network_alpha": str(lora.alpha), "ss_base_model_version": version,
                  "ss_v2": str(lora.version == "SD 2.x")})
-    write_safetensors(path, {k: t.to(dtype) for k, t in lora.state_dict().items()}, metadata=info)
+    tensors = {k: t.to(dtype).contiguous().cpu() for k, t in lora.state_dict().items()}
+    # sshs_model_hash, as kohya writes it: the sha256 of the bytes after the header (the "addnet" hash, which the
+    # header and so the metadata do not change). A1111 indexes its LoRAs by it, so that a picture's "Lora hashes"
+    # finds this file by its content on paste (extensions-builtin/Lora/network.py); without it, only once hashed.
+    data = safetensors.torch.save(tensors)
+    info["sshs_model_hash"] = hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()
+    write_safetensors(path, tensors, metadata=info)

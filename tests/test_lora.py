@@ -28,6 +28,7 @@ from minidb import text_encoder as te, unet as un
 from minidb.files import ModelFileError
 from minidb.load import load
 from minidb.lora import LoRA, naming, save_kohya
+from minidb.pnginfo import sha256
 from minidb.lora_files import merge_lora, read_lora
 from minidb.pipeline import decode, sample_latents
 from minidb.save import save_single_file
@@ -178,6 +179,8 @@ def test_kohya_file_gives_diffusers_outputs(folder, tmp_path):
     assert metadata["ss_network_module"] == "networks.lora" and metadata["ss_network_dim"] == "4"
     assert metadata["ss_network_alpha"] == "2.0" and metadata["ss_steps"] == "400"
     assert (metadata["ss_base_model_version"], metadata["ss_v2"]) in [("sd_v1", "False"), ("sd_v2_v", "True")]
+    # A1111 finds a picture's LoRA by this on paste; it is the addnet hash that sample.py records (pnginfo)
+    assert metadata["sshs_model_hash"] == sha256(tmp_path / "lora.safetensors", skip_header=True)
 
     pipe = pipeline(folder)
     with complaints() as left_out:
