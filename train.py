@@ -63,25 +63,27 @@ def main(argv=None):
     # Under torchrun: this process's rank and card (cuda becomes cuda:LOCAL_RANK); args.device stays the flag,
     # which the run's settings record and a resume compares in every process.
     rank, world, device = distributed.start(args.device)
+    numbered = args.out is None and not args.resume  # a new runs/dreambooth-N, which runs/latest will point at
     with ExitStack() as held:
         out = problem = None
         if rank == 0:  # one process owns the run folder; the others learn where it is, or why it cannot be
             try:
-                out = runs.run_folder(args.out, args.resume)
-                held.enter_context(runs.locked(out, lambda: runs.check_folder(out, args.resume, args.overwrite)))
+                out, made = runs.run_folder(args.out, args.resume)
+                held.enter_context(runs.locked(out, lambda: runs.check_folder(out, args.resume, args.overwrite),
+                                               made))
             except runs.RunError as e:
                 problem = str(e)
         out, problem = distributed.share((out, problem))
         if problem:
             fail(problem)
         try:
-            train(args, Path(out), torch.device(device))
+            train(args, Path(out), torch.device(device), numbered)
         except (runs.RunError, DiskFull) as e:
             fail(e)
     distributed.finish()
 
 
-def train(args, out, device):
+def train(args, out, device, numbered=False):
     args.out = str(out)
     precision = args.mixed_precision or (("bf16" if cpu_bf16() else "no") if device.type == "cpu" else
                                          "bf16" if torch.cuda.is_bf16_supported() else "fp16")
@@ -323,6 +325,8 @@ def train(args, out, device):
             runs.trim_log(log_path, start)
         if writes:
             atomic_write(out / "settings.json", lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=2)))
+            if numbered:  # the run has begun (a bad input found before this leaves no runs/dreambooth-N behind)
+                runs.point_latest(out.parent, out)
 
     def crop_encode(subject, i, top, left):  # --random-crop: this example's square of the photo, encoded now
         return encode(subject.photos.whole[i][None, :, top:top + resolution, left:left + resolution])

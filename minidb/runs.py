@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from minidb.files import atomic_write, dangling_link, json_loads, read_metadata
@@ -50,21 +50,22 @@ def flag(key):
 # ---- where a run lives ----
 
 def new_run_folder(root=RUNS, name="dreambooth"):
-    """The first free root/name-N, and root/latest pointing at it."""
+    """The first free root/name-N, made (root/latest points at it once the run has begun: began())."""
     n = 1
     while (root / f"{name}-{n}").exists():
         n += 1
     folder = root / f"{name}-{n}"
     folder.mkdir(parents=True)
-    point_latest(root, folder)
     return folder
 
 
 def run_folder(out, resume):
-    """The folder a run writes to: `out` (--out) if given, runs/latest on --resume, else a new
-    runs/dreambooth-N; made, and checked writable."""
+    """(the folder a run writes to, whether it was made now): `out` (--out) if given, runs/latest on
+    --resume, else a new runs/dreambooth-N; made, and checked writable."""
+    made = out is None and not resume
     if out is not None:
         folder = Path(out)
+        made = not folder.exists() and not folder.is_symlink()
     elif resume:
         folder = (RUNS / "latest").resolve()
     else:
@@ -76,7 +77,12 @@ def run_folder(out, resume):
         link = dangling_link(folder)
         why = f"{link} is a link to {os.readlink(link)}, which does not exist" if link else e.strerror
         raise RunError(f"Cannot write to --out {folder} ({why}); choose another folder.") from None
-    return folder
+    return folder, made
+
+
+def began(folder):
+    """Whether the run in `folder` has begun: its settings.json, written before the first step."""
+    return (folder / "settings.json").exists()
 
 
 def point_latest(root, folder):
@@ -91,17 +97,23 @@ def point_latest(root, folder):
 
 
 @contextmanager
-def locked(folder, check=lambda: None):
+def locked(folder, check=lambda: None, made=False):
     """Hold an exclusive lock on folder/.lock while the run writes there. The operating system lets
     go of it when the process ends, however it ends, so a killed run never leaves a stale lock.
-    `check` (check_folder) runs once the lock is held; a folder it refuses is left as it was found."""
+    `check` (check_folder) runs once the lock is held. A folder it refuses is left as it was found,
+    and so is one whose run stops before it begins (a bad input found after the lock): its .lock goes,
+    and the folder too where the run `made` it, so that a typo leaves no empty run folder behind."""
     try:
         import fcntl
     except ImportError:  # Windows: no flock; runs are not guarded there
         check()
-        yield
+        try:
+            yield
+        finally:
+            if not began(folder):
+                _as_found(folder, False, made)
         return
-    made = not (folder / ".lock").exists()
+    lock_made = not (folder / ".lock").exists()
     f = open(folder / ".lock", "a+")
     try:
         try:
@@ -118,12 +130,24 @@ def locked(folder, check=lambda: None):
         try:
             check()
         except RunError:
-            if made:  # no .lock left behind in a folder the run may not use
-                (folder / ".lock").unlink()
+            _as_found(folder, lock_made, made)
             raise
-        yield
+        try:
+            yield
+        finally:
+            if not began(folder):
+                _as_found(folder, lock_made, made)
     finally:
         f.close()
+
+
+def _as_found(folder, lock_made, folder_made):
+    """Take back what taking the folder added: its .lock, if made, and the folder, if made and still empty."""
+    if lock_made:
+        (folder / ".lock").unlink(missing_ok=True)
+    if folder_made:
+        with suppress(OSError):  # something is in it after all: it stays
+            folder.rmdir()
 
 
 def check_folder(folder, resume, overwrite):

@@ -647,6 +647,28 @@ def test_default_runs_get_fresh_numbered_folders_and_runs_latest(world, tmp_path
     assert not (tmp_path / "runs" / "dreambooth-3").exists()
 
 
+def test_a_run_that_stops_before_it_begins_leaves_no_run_folder(world, tmp_path, monkeypatch):
+    """A typo in --images, found when the photos load (after the run folder is taken), left an empty
+    runs/dreambooth-N holding only .lock, pointed runs/latest at it (so `--resume` alone and the last run's
+    sample.py command broke), and used up its number; an --out it made stayed behind too."""
+    monkeypatch.chdir(tmp_path)
+    args = base_args(world, "X")
+    del args[args.index("--out"):args.index("--out") + 2]
+    train.main([str(a) for a in args + ["--steps", 1, "--save-dtype", "fp32"]])
+    bad = [str(a) for a in args + ["--steps", 1]]
+    bad[bad.index("--images") + 1] = str(tmp_path / "photoz")
+    for out in ([], ["--out", str(tmp_path / "new")], ["--out", str(tmp_path / "empty")]):
+        (tmp_path / "empty").mkdir(exist_ok=True)
+        with pytest.raises(SystemExit) as e:
+            train.main(bad + out)
+        assert e.value.code == 2
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["dreambooth-1", "latest"]
+    assert (tmp_path / "runs" / "latest").resolve() == (tmp_path / "runs" / "dreambooth-1").resolve()
+    assert not (tmp_path / "new").exists() and list((tmp_path / "empty").iterdir()) == []  # as found
+    train.main([str(a) for a in args + ["--steps", 2, "--resume", "--save-dtype", "fp32"]])  # the last run, still
+    assert runs.latest_state(tmp_path / "runs" / "dreambooth-1" / "checkpoints").name == "step-000002"
+
+
 def test_ctrl_c_during_setup_is_one_sentence(world, tmp_path):
     args = base_args(world, tmp_path / "out") + ["--class-images", 400, "--class-cache", tmp_path / "cache"]
     proc = subprocess.Popen([sys.executable, "-u", str(ROOT / "train.py"), *map(str, args)], cwd=ROOT,
