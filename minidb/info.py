@@ -31,15 +31,15 @@ from minidb.runs import embedding_to_add, recorded_identifiers, recorded_subject
 from minidb.save import save_diffusers, save_single_file
 from minidb.single_file import unsupported
 
-HELP = """\
+MODELS = """\
 MODEL is a diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/;
 SDXL also text_encoder_2/, tokenizer_2/), an original single file (.safetensors, or .ckpt read
 safely with weights_only), or the Hugging Face Hub id of a diffusers model, owner/name[@revision],
 downloaded into the Hugging Face cache (README: "Models by Hub id"). SD 1.x, SD 2.x and SDXL (base)
 text-to-image models are supported, smaller or pruned ones too (a single file's architecture is read
-from its tensors); the SDXL refiner, inpainting and other kinds are recognized and refused. MODEL may
-also be a LoRA or a textual-inversion embedding, to see what it holds.
+from its tensors); the SDXL refiner, inpainting and other kinds are recognized and refused."""
 
+PREDICTION = """\
 How the prediction type (epsilon or v) is chosen:
   diffusers folder   scheduler/scheduler_config.json's "prediction_type".
   single file        files written by minidb record it. Otherwise SD 1.x and SDXL are epsilon (a file
@@ -49,9 +49,13 @@ How the prediction type (epsilon or v) is chosen:
   --prediction-type  overrides both.
 """
 
+HELP = MODELS + "\n\n" + PREDICTION  # what train.py and sample.py say of their --model
+
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m minidb.info", description=__doc__.splitlines()[0], epilog=HELP,
+    addons = "MODEL may also be a LoRA or a textual-inversion embedding, to see what it holds."
+    parser = argparse.ArgumentParser(prog="python -m minidb.info", description=__doc__.splitlines()[0],
+                                     epilog=f"{MODELS}\n{addons}\n\n{PREDICTION}",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=nonempty_path, help="a diffusers folder, a .safetensors / .ckpt file or a "
                         "Hugging Face Hub id owner/name[@revision]; or a LoRA or an embedding, to describe it")

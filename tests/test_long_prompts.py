@@ -87,4 +87,7 @@ def test_both_scripts_explain_the_flag(capsys):
     for script in (sample, train):
         with pytest.raises(SystemExit):
             script.main(["--help"])
-        assert "in 75-token chunks whose encodings are concatenated" in " ".join(capsys.readouterr().out.split())
+        help_text = " ".join(capsys.readouterr().out.split())
+        assert "in 75-token chunks whose encodings are concatenated" in help_text
+        assert "SD 1.x, SD 2.x and SDXL (base)" in help_text and "How the prediction type" in help_text
+        assert "MODEL may also be a LoRA" not in help_text  # as minidb.info's may: these two refuse one
