@@ -68,9 +68,9 @@ def plot_losses(rows, path, size=(800, 400)):
             smooth = [(px, y(v)) for (px, _), v in zip(points, ema([v for _, v in points], span))]
             if len(smooth) > 1:
                 draw.line(smooth, fill=color, width=2)
-            label = f"{label} (dots: each step; line: average of ~{span} steps)"
             draw.text((legend_x, top - 20), label, fill=color)
             legend_x += draw.textlength(label) + 20
+        draw.text((right, size[1] - 4), f"dots: each step; lines: average of ~{span} steps", fill="gray", anchor="rd")
         # the drift score at each validation (train.py), and the frozen base model's as a dashed line
         drift = [(x(r["step"]), y(r["drift"])) for r in rows if r.get("drift") is not None]
         base = next((r["drift_base"] for r in rows if r.get("drift_base") is not None), None)

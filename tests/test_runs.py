@@ -726,6 +726,17 @@ def test_loss_plot_draws_both_smoothed_curves(tmp_path):
         assert tuple(c + (255 - c) // 2 for c in color) in pixels  # the raw points, faint
 
 
+def test_loss_plot_legend_fits_a_long_run(tmp_path):
+    """With the first command's 1,200 steps and its drift score the legend ran off the picture's right edge
+    ('dashed: base mod')."""
+    rows = [{"step": s, "instance_loss": 0.3, "prior_loss": 0.1} for s in range(1, 1201)]
+    rows[-1].update(drift=0.12, drift_base=0.11)
+    plot.plot_losses(rows, tmp_path / "loss.png")
+    image = Image.open(tmp_path / "loss.png").convert("RGB")
+    legend = {(x, y) for x in range(image.width) for y in range(28) if image.getpixel((x, y)) != (255, 255, 255)}
+    assert legend and max(x for x, _ in legend) < image.width - 20  # it ends inside the plot's width
+
+
 def test_first_non_finite_names_the_tensor_and_is_not_fooled_by_a_sum_that_overflows():
     """The batched check behind refusing NaN base models and checkpoints: one sum per tensor, then a look at
     the tensor itself, so that finite numbers whose sum overflows fp32 pass."""
