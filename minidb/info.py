@@ -114,7 +114,9 @@ def main(argv=None):
             print(f"  {name:14s} pads with id {getattr(model, name).pad_id}")
     identifiers = recorded_identifiers([args.model])
     if identifiers:  # a model train.py exported
-        print(f"  {'identifier':14s} {', '.join(identifiers)}: the subject train.py trained; sample.py reads [V] as it"
+        what = ("the subject train.py trained; sample.py reads [V] as it" if len(identifiers) == 1 else
+                "the subjects train.py trained, each by its own word (sample.py reads [V] as none of them)")
+        print(f"  {'identifier':14s} {', '.join(identifiers)}: {what}"
               + "".join(needs_embedding(s) for s in recorded_subjects([args.model]) if s["new_word"]))
     if args.convert:
         out = Path(args.convert)

@@ -52,6 +52,13 @@ def test_info_names_the_identifier_an_exported_model_records(tmp_path, capsys):
     save_single_file(tiny_model(), tmp_path / "model.safetensors", metadata={"minidb_run": run})
     assert main([str(tmp_path / "model.safetensors")]) == 0
     assert "  identifier     zwx: the subject train.py trained; sample.py reads [V] as it" in capsys.readouterr().out
+    # a --concepts run's: sample.py reads [V] as none of them (it warns), so info does not say it would
+    subjects = [{"identifier": "zwx", "class": "cup"}, {"identifier": "qpv", "class": "dog"}]
+    run = json.dumps({"identifier": "zwx", "class": "cup", "method": "full", "subjects": subjects})
+    save_single_file(tiny_model(), tmp_path / "two.safetensors", metadata={"minidb_run": run})
+    assert main([str(tmp_path / "two.safetensors")]) == 0
+    assert ("  identifier     zwx, qpv: the subjects train.py trained, each by its own word (sample.py reads [V] "
+            "as none of them)\n") in capsys.readouterr().out
 
 
 def test_info_says_a_new_word_needs_its_embedding(tmp_path, capsys):
