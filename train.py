@@ -99,7 +99,8 @@ def train(args, out, device, numbered=False):
         subjects = read_subjects(args)  # one from --images/--class, or several from --concepts
         for subject in subjects:
             subject.photos = load_images(subject.images, resolution, flip=args.flip, whole=args.random_crop)
-        class_photos = (load_images(args.class_dir, resolution, captions=False)  # class prompts only: no captions
+        class_photos = (load_images(args.class_dir, resolution, captions=False,  # class prompts only: no captions
+                                    what="class photos (--class-dir)")
                         if args.class_dir and args.prior_weight else None)
     except (ModelFileError, DataError) as e:
         fail(e)

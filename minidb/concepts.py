@@ -42,7 +42,9 @@ class Subject:
 
     def describe(self, resolution):
         """The line train.py prints for this subject at the start."""
-        n, captioned = len(self.photos.pixels), sum(c is not None for c in self.photos.captions)
+        n = len(self.photos.pixels)
+        captioned = sum(c is not None for c, name in zip(self.photos.captions, self.photos.names)
+                        if not name.endswith(" (mirrored)"))  # --flip: a mirrored copy shares its photo's caption
         own = (" (1 photo uses its own caption)" if captioned == 1 else
                f" ({captioned} photos use their own captions)" if captioned else "")
         return (f"subject: {self.identifier} ({self.class_name}), {n} image{'s' * (n != 1)} at {resolution}px "

@@ -57,18 +57,19 @@ class Photos(NamedTuple):
     whole: list = None  # with whole=True: each photo resized to a short side of R, uncropped (3, H', W')
 
 
-def load_images(folder, resolution, flip=False, whole=False, captions=True):
+def load_images(folder, resolution, flip=False, whole=False, captions=True, what="photos"):
     """Read every photo in `folder` -> Photos(pixels, names, original_sizes, crops, captions[, whole]).
 
     With `flip=True` a mirrored copy of every photo is appended (rows N..2N-1, named "<file>
     (mirrored)"), a cheap way to double a small data set; a centred crop is mirrored onto itself, so
     the copies keep their photo's size and crop. With `captions=False` no caption file is read or
-    warned of, and every caption is None (for class photos, whose captions nothing uses)."""
+    warned of, and every caption is None (for class photos, whose captions nothing uses). `what` names
+    the photos in the errors ("class photos (--class-dir)")."""
     folder = Path(folder)
     if not folder.exists():
-        raise DataError(f"{folder} does not exist; check the path to your photos.")
+        raise DataError(f"{folder} does not exist; check the path to your {what}.")
     if not folder.is_dir():
-        raise DataError(f"{folder} is a file, not a folder; pass the folder that holds your photos.")
+        raise DataError(f"{folder} is a file, not a folder; pass the folder that holds your {what}.")
 
     images, names, sizes, texts, wholes, unreadable, small = [], [], [], [], [], [], []
     for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
@@ -102,7 +103,7 @@ def load_images(folder, resolution, flip=False, whole=False, captions=True):
         warnings.warn(f"Skipped {len(unreadable)} file(s) in {folder} that could not be read as photos: "
                       f"{', '.join(unreadable)}.", stacklevel=2)
     if not images:
-        raise DataError(f"{folder} has no readable JPEG, PNG or WebP photos; put the photos to train on there.")
+        raise DataError(f"{folder} has no readable JPEG, PNG or WebP photos; put the {what} to train on there.")
     # samefile, below: on a case-insensitive disk Photo1.txt is photo1.txt; a link to nothing is no caption
     read = [r for name in names if (r := _caption_path(folder / name))]
     orphans = [] if not captions else sorted(  # class photos: their caption files are not read, nor warned of

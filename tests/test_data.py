@@ -349,3 +349,19 @@ def test_class_photos_captions_are_not_read(tmp_path):
     assert photos.names == ["a.png", "b.png", "c.png"] and photos.captions == [None, None, None]
     with pytest.raises(DataError, match="is empty"):  # a subject's captions are still read, and checked
         load_images(tmp_path, 16)
+
+
+def test_captions_are_counted_once_with_flip_and_class_photos_are_named_as_such(tmp_path):
+    """--flip printed "2 photos use their own captions" for one caption (its mirrored copy counted too), and a
+    missing --class-dir was "check the path to your photos", as if the subject's."""
+    from minidb.concepts import Subject
+    for name in ("a", "b"):
+        Image.new("RGB", (16, 16), RED).save(tmp_path / f"{name}.png")
+    (tmp_path / "a.txt").write_text("[V] on grass")
+    subject = Subject(str(tmp_path), "ball", "sks", "a photo of sks ball", "a photo of a ball")
+    subject.photos = load_quietly(tmp_path, 16, flip=True)
+    assert len(subject.photos.captions) == 4 and "4 images at 16px" in subject.describe(16)
+    assert "(1 photo uses its own caption)" in subject.describe(16)
+    with pytest.raises(DataError) as e:
+        load_images(tmp_path / "nope", 16, what="class photos (--class-dir)")
+    assert str(e.value) == f"{tmp_path / 'nope'} does not exist; check the path to your class photos (--class-dir)."
