@@ -33,7 +33,7 @@ import torch
 
 from minidb import hub, memory, pnginfo, runs
 from minidb.cli import (DTYPES, SEED_MAX, adapter_problem, check_device, cpu_bf16, fail, nonempty_path, number,
-                        path_and_scale, run, text)
+                        path_and_scale, run, text, warn_if_bf16_is_emulated)
 from minidb.dreambooth import NewWord
 from minidb.fetch import DEFAULT_MODEL, default_model, how_to_get_weights
 from minidb.files import DiskFull, ModelFileError, disk_full_is_an_error
@@ -223,6 +223,7 @@ def main(argv=None):
     if problem:
         fail(problem)
     device = torch.device(args.device)
+    warn_if_bf16_is_emulated(device, args.dtype, "--dtype")
     dtype_name = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
     dtype = DTYPES[dtype_name]
     # The CPU's default where bf16 is native: bf16 autocast for the text encoder, the UNet and the VAE (norms and

@@ -38,7 +38,7 @@ import torch
 from tqdm import tqdm
 
 from minidb import distributed, memory, runs, state
-from minidb.cli import DTYPES, FinishTheStep, cpu_bf16, fail, run
+from minidb.cli import DTYPES, FinishTheStep, cpu_bf16, fail, run, warn_if_bf16_is_emulated
 from minidb.data import DataError, load_images
 from minidb.export import disk_needed, export
 from minidb.dreambooth import NewWord, class_prior, dreambooth_loss, min_snr_weights, pick_identifier, pick_new_word
@@ -85,6 +85,7 @@ def main(argv=None):
 
 def train(args, out, device, numbered=False):
     args.out = str(out)
+    warn_if_bf16_is_emulated(device, args.mixed_precision, "--mixed-precision")
     precision = args.mixed_precision or (("bf16" if cpu_bf16() else "no") if device.type == "cpu" else
                                          "bf16" if torch.cuda.is_bf16_supported() else "fp16")
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)

@@ -12,6 +12,7 @@ import struct
 import subprocess
 import sys
 import time
+import warnings
 import zlib
 from pathlib import Path
 
@@ -735,3 +736,24 @@ def test_a_picture_not_finite_in_fp16_suggests_fp32():
     assert "fp16 likely overflowed, so draw again with --dtype fp32" in sentence
     assert "m.safetensors likely holds" in sentence
     assert "\n" not in sentence and sentence.endswith(".")
+
+
+def test_bf16_asked_for_on_a_cpu_without_it_is_warned_of(models, tmp_path, monkeypatch):
+    """--dtype bf16 (sample.py) or --mixed-precision bf16 (train.py) on a CPU that emulates bf16 ran many times
+    slower than fp32, silently; the default stays fp32 there, and a CPU with bf16 arithmetic is not warned of."""
+    from minidb import cli
+    monkeypatch.setattr(cli, "cpu_bf16", lambda: False)
+    with pytest.warns(UserWarning, match=r"^--dtype bf16 on this CPU, which has no bf16 arithmetic \(AVX512-BF16 or "
+                                         r"AMX\), is emulated and many times slower than fp32 .*; leave --dtype out to "
+                                         r"run in fp32\.$"):
+        main_of_sample()(["--model", str(models[0]), "--prompt", "a cup", "--dtype", "bf16", "--device", "cpu",
+                          "--steps", "1", "--height", "32", "--out", str(tmp_path / "out")])
+    assert len(list((tmp_path / "out").glob("*.png"))) == 1  # warned, not refused
+    with pytest.warns(UserWarning, match=r"^--mixed-precision bf16 on this CPU"):
+        cli.warn_if_bf16_is_emulated(torch.device("cpu"), "bf16", "--mixed-precision")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for device, asked in (("cpu", None), ("cpu", "fp32"), ("cuda", "bf16")):
+            cli.warn_if_bf16_is_emulated(device, asked, "--dtype")
+        monkeypatch.setattr(cli, "cpu_bf16", lambda: True)
+        cli.warn_if_bf16_is_emulated("cpu", "bf16", "--dtype")

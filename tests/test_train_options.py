@@ -451,3 +451,15 @@ def test_the_cpu_trains_in_bf16_autocast_by_default_only_where_bf16_is_native(wo
         assert [r["loss"] for r in a] != [r["loss"] for r in b]
     else:
         assert [r["loss"] for r in a] == [r["loss"] for r in b]
+
+
+def test_train_warns_of_bf16_asked_for_on_a_cpu_that_emulates_it(world, tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+    from minidb import cli
+    monkeypatch.setattr(cli, "cpu_bf16", lambda: False)
+    save_file({"x": torch.ones(2)}, tmp_path / "not-a-model.safetensors")  # refused once loading: a quick stop
+    with pytest.warns(UserWarning, match=r"^--mixed-precision bf16 on this CPU, which has no bf16 arithmetic"), \
+            pytest.raises(SystemExit):
+        train.main([str(a) for a in ["--images", world / "photos", "--class", "ball", "--model",
+                                     tmp_path / "not-a-model.safetensors", "--out", tmp_path / "run", "--device", "cpu",
+                                     "--mixed-precision", "bf16"]])
