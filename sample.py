@@ -70,7 +70,7 @@ def parse_args(argv=None):
                         "owner/name[@revision], downloaded into the Hugging Face cache (default: SD 1.5 in "
                         "weights/ once `python -m minidb.fetch` has downloaded it, else the toy model "
                         "weights/toy.safetensors)")
-    p.add_argument("--prompt", required=True, type=text, help="what to draw; at most 75 CLIP tokens are read, "
+    p.add_argument("--prompt", type=text, help="what to draw (required); at most 75 CLIP tokens are read, "
                    "unless --long-prompts")
     p.add_argument("--long-prompts", action="store_true", help="read prompts over 75 tokens whole, in 75-token "
                    "chunks whose encodings are concatenated, as AUTOMATIC1111 does (default: cut at 75 tokens, as "
@@ -110,7 +110,10 @@ def parse_args(argv=None):
                    help="weights and activations (default: fp16 on CUDA; on the CPU, fp32 weights under bf16 "
                         "autocast where the CPU has native bf16 (AVX512-BF16, AMX), about twice as fast, else fp32; "
                         "pass fp32 for results equal to diffusers)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)  # a misspelt flag (--promt) is named first: argparse checks required flags before it
+    if args.prompt is None:
+        p.error("the following arguments are required: --prompt")
+    return args
 
 
 def check(args):

@@ -738,6 +738,16 @@ def test_a_picture_not_finite_in_fp16_suggests_fp32():
     assert "\n" not in sentence and sentence.endswith(".")
 
 
+def test_a_misspelt_flag_is_named(capsys):
+    """`--promt "a cup"` said only that --prompt is required: argparse checks required flags before unknown ones."""
+    with pytest.raises(SystemExit) as e:
+        main_of_sample()(["--promt", "a cup"])
+    assert e.value.code == 2 and "error: unrecognized arguments: --promt a cup" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main_of_sample()(["--steps", "3"])
+    assert e.value.code == 2 and "error: the following arguments are required: --prompt" in capsys.readouterr().err
+
+
 def test_bf16_asked_for_on_a_cpu_without_it_is_warned_of(models, tmp_path, monkeypatch):
     """--dtype bf16 (sample.py) or --mixed-precision bf16 (train.py) on a CPU that emulates bf16 ran many times
     slower than fp32, silently; the default stays fp32 there, and a CPU with bf16 arithmetic is not warned of."""
