@@ -60,13 +60,15 @@ def parse_args(argv, doc):
     a("--long-prompts", action="store_true", help="read prompts over 75 tokens whole, in 75-token chunks whose "
       "encodings are concatenated, as AUTOMATIC1111 does (default: cut at 75 tokens, as diffusers, with a warning)")
     a("--steps", type=number(int, low=1, high=STEPS_MAX), default=None, help="training steps, at most "
-      f"{STEPS_MAX:,} (default: 800, within the paper's 800-1000 for SD; 1200 for full fine-tuning of the toy model)")
+      f"{STEPS_MAX:,} (default: 800, within the paper's 800-1000 for SD; 1200 for full fine-tuning of the toy model "
+      "weights/toy.safetensors, by that path, not a copy)")
     a("--batch-size", type=number(int, low=1, high=BATCH_MAX), default=1, help="subject images per step, each with a "
       f"class-prior image beside it, at most {BATCH_MAX} (default: %(default)s)")
     a("--grad-accum", type=number(int, low=1, high=BATCH_MAX), default=1, help="split each step into this many "
       f"micro-batches whose gradients add up: the same step in less memory, at most {BATCH_MAX} (default: %(default)s)")
     a("--lr", type=number(float, above=0, high=1), default=None, help="peak learning rate of what trains "
-      "(default: 5e-6 full, 1e-4 on the toy model; 1e-4 lora; 5e-3 textual-inversion)")
+      "(default: 5e-6 full, 1e-4 on the toy model weights/toy.safetensors by that path; 1e-4 lora; 5e-3 "
+      "textual-inversion)")
     a("--lr-schedule", choices=SCHEDULES, default="constant", help="after the warmup: constant, cosine or linear "
       "decay to 0, or polynomial decay to 1e-7, as diffusers' schedulers (default: %(default)s)")
     a("--warmup-steps", type=count, default=0, help="linear learning-rate warmup from 0 (default: %(default)s)")
