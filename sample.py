@@ -172,7 +172,8 @@ def fill_identifier(prompt, paths, words):
     """[V], the docs' placeholder for the subject, read as the identifier that the files given (a model, LoRA
     or embedding that train.py exported) record, when they record exactly one; else a warning, and the
     model reads the letters [V]. An identifier recorded as a new word gets a warning when the prompt holds it
-    but no --embedding gives it (`words`): without its embedding the model reads it as letters."""
+    but no --embedding gives it (`words`): without its embedding the model reads it as letters. A prompt that
+    names no recorded identifier gets a note: it draws the class, not the subject."""
     if "[V]" in prompt:
         found = runs.recorded_identifiers(paths)
         if len(found) == 1:
@@ -182,6 +183,11 @@ def fill_identifier(prompt, paths, words):
             these = f"; these files record {', '.join(found)}" if found else ""
             warnings.warn("The prompt holds [V], which the model reads as those letters; write the identifier your "
                           f"train.py run printed instead (its README.md names it{these}).")
+    else:  # a prompt copied from elsewhere ("sks dog") draws the class, not the subject: say what would
+        found = runs.recorded_identifiers(paths)
+        if found and not any(re.search(rf"(?<!\w){re.escape(word)}(?!\w)", prompt, re.IGNORECASE) for word in found):
+            print(f"note: the prompt names no subject these files were trained on ({', '.join(found)}), so it draws "
+                  f"without one; write {'[V] or ' * (len(found) == 1)}{' or '.join(found)} where the subject goes.")
     named = set(words)  # given by --embedding, or already warned about (a model and a LoRA may both record a word)
     for subject in runs.recorded_subjects(paths):
         word = subject["identifier"]

@@ -435,6 +435,14 @@ def test_the_placeholder_is_read_as_the_identifier_the_files_record(tmp_path):
     assert "[V] in the prompt is read as zwx" in r.stdout
     (png,) = (tmp_path / "one").glob("*.png")
     assert json.loads(dict((key, value) for _, key, value in text_chunks(png))["minidb"])["prompt"] == "a photo of a zwx dog"
+    # a prompt copied from elsewhere names another word: drawn, with a note of the word that would draw the subject
+    r = sample("--model", tmp_path / "model.safetensors", "--prompt", "a photo of sks dog", "--steps", "2",
+               "--height", "32", "--out", tmp_path / "sks")
+    assert r.returncode == 0 and ("note: the prompt names no subject these files were trained on (zwx), so it draws "
+                                  "without one; write [V] or zwx where the subject goes.") in r.stdout, r.stdout
+    r = sample("--model", tmp_path / "model.safetensors", "--prompt", "a photo of ZWX dog", "--steps", "2",
+               "--height", "32", "--out", tmp_path / "named")
+    assert r.returncode == 0 and "note:" not in r.stdout and "[V]" not in r.stdout
 
     save_kohya(LoRA(tiny_model(), rank=2), tmp_path / "lora.safetensors", metadata={"minidb": run("qpv")})
     r = sample("--model", tmp_path / "model.safetensors", "--lora", tmp_path / "lora.safetensors", "--prompt",
