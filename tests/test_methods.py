@@ -141,6 +141,7 @@ def test_full_with_a_new_word_writes_the_model_and_the_word(world, tmp_path, cap
             f"that needs its embedding: add --embedding the run's {word}.safetensors\n") in capsys.readouterr().out
 
 
+@pytest.mark.filterwarnings("ignore:--mixed-precision bf16 on this CPU")  # bf16 on purpose, emulated or not
 def test_lora_trains_under_bf16_autocast_and_checkpointing(world, tmp_path):
     out = run(world, tmp_path / "out", "--method", "lora", "--lora-rank", 2, "--mixed-precision", "bf16",
               "--gradient-checkpointing", "--lr", 1e-2, steps=2)

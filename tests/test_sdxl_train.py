@@ -201,6 +201,7 @@ def test_resumed_run_equals_the_run_made_in_one_go(world, pivotal):
     assert losses(straight) == losses(split)
 
 
+@pytest.mark.filterwarnings("ignore:--mixed-precision bf16 on this CPU")  # bf16 on purpose, emulated or not
 def test_full_training_on_sdxl_warns_of_its_memory_and_exports_both_layouts(world, tmp_path):
     with pytest.warns(UserWarning, match="--method full on SDXL trains .* add --use-8bit-adam and "
                                          "--gradient-checkpointing, or train a LoRA"):
@@ -279,6 +280,7 @@ def test_info_merges_an_sdxl_lora_into_both_text_encoders(world, pivotal, tmp_pa
                            base.text_encoder_2.encoder.layers[0].self_attn.q_proj.weight)
 
 
+@pytest.mark.filterwarnings("ignore:--mixed-precision bf16 on this CPU")  # bf16 on purpose, emulated or not
 def test_mixed_precision_keeps_the_frozen_base_in_its_dtype(world, tmp_path, monkeypatch):
     """With --mixed-precision bf16 a LoRA run holds the frozen UNet and text encoders in bf16 (half the
     memory, as diffusers' scripts), the VAE and the adapters in fp32, and still trains."""
