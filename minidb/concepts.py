@@ -15,12 +15,12 @@ minidb/data.py) replaces the instance prompt for that photo, with "[V]" read as 
 import json
 import random
 import re
-import unicodedata
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from minidb.data import DataError
+from minidb.tokenizer import as_read
 
 KEYS = {"images": "a folder", "class": "a class name", "identifier": "a token", "instance_prompt": "a prompt",
         "class_prompt": "a prompt"}
@@ -167,8 +167,7 @@ def name_subjects(subjects, tokenizer, pick, seed, prior=True):
             warnings.warn(f"The instance prompt {given!r} does not name the identifier {subject.identifier}, so the "
                           "subject is learned under its other words and the prior loss pulls against it; write "
                           f"[V] where the identifier goes, e.g. 'a photo of a [V] {subject.class_name}'.")
-    read_alike = {}  # "Dog" and "dog": prompts are lower-cased and their spaces closed, so one prior serves both
+    read_alike = {}  # "Dog" and "dog": the model reads them as one prompt, so one prior serves both
     for subject in subjects:
-        text = " ".join(unicodedata.normalize("NFC", subject.class_prompt).lower().split())
-        subject.class_prompt = read_alike.setdefault(text, subject.class_prompt)
+        subject.class_prompt = read_alike.setdefault(as_read(subject.class_prompt), subject.class_prompt)
     return None

@@ -20,6 +20,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from minidb.files import atomic_write, dangling_link, json_loads, read_metadata
+from minidb.tokenizer import as_read
 
 RUNS = Path("runs")
 # A checkpoint is checkpoints/step-000600; other names there (a copy, a backup) are the user's, never ours.
@@ -281,6 +282,8 @@ def check_resume_settings(folder, settings, given):
                            "--overwrite.")
         if key in PATH_FLAGS and value is not None and old is not None:
             same = Path(value).resolve() == Path(old).resolve()
+        elif key == "subjects":  # a run begun before class prompts that read alike ("Ball", "ball") shared a prior
+            same = _read_alike(value) == _read_alike(old)
         else:
             same = value == old
         if same:
@@ -297,6 +300,14 @@ def check_resume_settings(folder, settings, given):
         advice = f"resume without {flag(key)}" if old is None else f"resume with {old!r}"
         raise RunError(f"{flag(key)} is {value!r} now but the run in {folder} started with {old!r}, and "
                        f"changing it would not continue the same run; {advice}, or start a new run.")
+
+
+def _read_alike(subjects):
+    """--concepts subjects as recorded, their class prompts as the model reads them; None if not a list of them."""
+    try:
+        return [{**subject, "class_prompt": as_read(subject["class_prompt"])} for subject in subjects]
+    except (TypeError, KeyError, AttributeError):
+        return None
 
 
 def check_global_batch(folder, saved, settings):

@@ -16,6 +16,7 @@ prompt, so the two differ on text such as "&amp;" or curly quotes; we follow tra
 import gzip
 import json
 import os
+import unicodedata
 import warnings
 from itertools import accumulate, groupby
 from pathlib import Path
@@ -237,6 +238,12 @@ class Tokenizer:
 
     def __len__(self) -> int:
         return len(self.vocab)
+
+
+def as_read(text: str) -> str:
+    """`text` as the tokenizer reads it (the normalizer above): NFC, each run of spaces one space, lower case;
+    two prompts alike here are the same prompt to the model."""
+    return " ".join(unicodedata.normalize("NFC", text).split()).lower()
 
 
 def can_be_a_new_word(word: str) -> bool:

@@ -259,6 +259,12 @@ def test_two_subjects_take_turns_with_their_own_identifiers(world, tmp_path, cap
     train.main(["--out", str(out), "--resume", "--concepts", str(moved), "--steps", "4"])
     assert json.load(open(out / "settings.json"))["subjects"] == settings["subjects"]
     assert [r["step"] for r in map(json.loads, open(out / "log.jsonl"))][-1] == 4
+    # a run begun before class prompts read alike shared a prior recorded its own spelling: it resumes as before
+    older = json.load(open(out / "settings.json"))
+    older["subjects"][1]["class_prompt"] = "a photo of a  Cup"
+    (out / "settings.json").write_text(json.dumps(older))
+    train.main(["--out", str(out), "--resume", "--concepts", str(moved), "--steps", "5"])
+    assert [r["step"] for r in map(json.loads, open(out / "log.jsonl"))][-1] == 5
 
 
 @pytest.mark.parametrize("content, words", [
