@@ -173,7 +173,7 @@ def fill_identifier(prompt, paths, words):
     or embedding that train.py exported) record, when they record exactly one; else a warning, and the
     model reads the letters [V]. An identifier recorded as a new word gets a warning when the prompt holds it
     but no --embedding gives it (`words`): without its embedding the model reads it as letters. A prompt that
-    names no recorded identifier gets a note: it draws the class, not the subject."""
+    names no recorded identifier, with no --embedding, gets a note: it draws the class, not the subject."""
     if "[V]" in prompt:
         found = runs.recorded_identifiers(paths)
         if len(found) == 1:
@@ -183,8 +183,8 @@ def fill_identifier(prompt, paths, words):
             these = f"; these files record {', '.join(found)}" if found else ""
             warnings.warn("The prompt holds [V], which the model reads as those letters; write the identifier your "
                           f"train.py run printed instead (its README.md names it{these}).")
-    else:  # a prompt copied from elsewhere ("sks dog") draws the class, not the subject: say what would
-        found = runs.recorded_identifiers(paths)
+    elif not words:  # a prompt copied from elsewhere ("sks dog") draws the class, not the subject: say what would
+        found = runs.recorded_identifiers(paths)  # (an --embedding's word is its file's name, whatever it records)
         if found and not any(re.search(rf"(?<!\w){re.escape(word)}(?!\w)", prompt, re.IGNORECASE) for word in found):
             print(f"note: the prompt names no subject these files were trained on ({', '.join(found)}), so it draws "
                   f"without one; write {'[V] or ' * (len(found) == 1)}{' or '.join(found)} where the subject goes.")

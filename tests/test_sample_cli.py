@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from PIL import Image
 
@@ -443,6 +444,11 @@ def test_the_placeholder_is_read_as_the_identifier_the_files_record(tmp_path):
     r = sample("--model", tmp_path / "model.safetensors", "--prompt", "a photo of ZWX dog", "--steps", "2",
                "--height", "32", "--out", tmp_path / "named")
     assert r.returncode == 0 and "note:" not in r.stdout and "[V]" not in r.stdout
+    # an embedding's word is its file's name, whatever it records: no note sends the user to the recorded one
+    safetensors.torch.save_file({"emb_params": torch.ones(1, 32)}, tmp_path / "mydog.safetensors", metadata={"minidb": run("sks")})
+    r = sample("--model", tmp_path / "model.safetensors", "--embedding", tmp_path / "mydog.safetensors", "--prompt",
+               "a photo of mydog dog", "--steps", "2", "--height", "32", "--out", tmp_path / "renamed")
+    assert r.returncode == 0 and "note:" not in r.stdout, r.stdout
 
     save_kohya(LoRA(tiny_model(), rank=2), tmp_path / "lora.safetensors", metadata={"minidb": run("qpv")})
     r = sample("--model", tmp_path / "model.safetensors", "--lora", tmp_path / "lora.safetensors", "--prompt",
