@@ -18,7 +18,7 @@ import struct
 import sys
 import tempfile
 import zipfile
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 
 import numpy as np
@@ -190,26 +190,25 @@ def fsync(path):
 def replace_folder(path, write):
     """Call write(tmp_folder), then swap it in for the folder `path`. A crash leaves the old folder
     (or, between the two renames, its copy `.NAME.old`), never a mix of old and new files; a failed
-    write (a full disk, say) removes what it wrote and leaves the old folder as it was. Two processes
-    writing into one folder take turns (the second would delete the first's `.NAME.tmp` as a leftover)."""
+    write (a full disk, say) removes what it wrote and leaves the old folder as it was. (Two processes
+    must not replace one folder at once: the second deletes the first's `.NAME.tmp` as a leftover; see
+    writing_into.)"""
     path = Path(path)
     tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with writing_into(path.parent):
-        for leftover in (tmp, old):
-            shutil.rmtree(leftover, ignore_errors=True)
-        try:
-            write(tmp)
-            for folder, _, _ in os.walk(tmp):  # the files fsynced themselves; now their names
-                fsync(folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        fsync(path.parent)
-        shutil.rmtree(old, ignore_errors=True)
+    for leftover in (tmp, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    try:
+        write(tmp)
+        for folder, _, _ in os.walk(tmp):  # the files fsynced themselves; now their names
+            fsync(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    fsync(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 @contextmanager
@@ -221,20 +220,21 @@ def writing_into(folder):
         import fcntl
         fd = os.open(folder, os.O_RDONLY)
     except (ImportError, OSError):
-        yield
-        return
+        fcntl = fd = None
     try:
-        try:
+        if fd is not None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 print(f"waiting for another process that is writing into {folder} ...", file=sys.stderr, flush=True)
-                fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError:  # no locks on this file system
-            pass
+                with suppress(OSError):  # this file system refuses locks after all
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError:  # no locks on this file system
+                pass
         yield
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
 
 
 class DiskFull(Exception):

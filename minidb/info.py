@@ -24,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 from minidb.cli import NAME_MAX, adapter_problem, nonempty_path, path_and_scale, run
 from minidb.dreambooth import embedding_vectors
 from minidb.files import (PICKLE_SUFFIXES, ModelFileError, dangling_link, first_non_finite, json_loads, read_tensors,
-                          replace_folder)
+                          replace_folder, writing_into)
 from minidb.load import load
 from minidb.lora_files import describe_lora, merge_lora
 from minidb.runs import embedding_to_add, recorded_identifiers, recorded_subjects
@@ -121,10 +121,15 @@ def main(argv=None):
     if args.convert:
         out = Path(args.convert)
         try:
-            if out.suffix.lower() == ".safetensors":
-                save_single_file(model, out)
-            else:
-                replace_folder(out, lambda tmp: save_diffusers(model, tmp))
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with writing_into(out.parent):  # a second convert to OUT waits here, then finds OUT written: checked again
+                problem = target_problem(out, args.overwrite, [args.model, *loras])
+                if problem:
+                    return fail(problem)
+                if out.suffix.lower() == ".safetensors":
+                    save_single_file(model, out)
+                else:
+                    replace_folder(out, lambda tmp: save_diffusers(model, tmp))
         except OSError as e:
             return fail(f"cannot write {out} ({e.strerror or e}); choose a place you can write to.")
         print(f"wrote {out}")

@@ -480,21 +480,22 @@ def test_metadata_nested_too_deeply_is_damage_not_a_traceback(tiny_file, tmp_pat
 
 SLOW_WRITER = """import sys, time
 from pathlib import Path
-from minidb.files import replace_folder
+from minidb.files import replace_folder, writing_into
 def write(tmp):
     tmp.mkdir()
     (tmp / "a.txt").write_text("first")
     Path(sys.argv[2]).touch()  # writing has begun
     time.sleep(2)
     (tmp / "b.txt").write_text("first")
-replace_folder(Path(sys.argv[1]), write)
+with writing_into(Path(sys.argv[1]).parent):  # as info --convert writes
+    replace_folder(Path(sys.argv[1]), write)
 """
 
 
-def test_two_writes_into_one_folder_take_turns(tmp_path, capfd):
+def test_two_converts_to_one_folder_take_turns(tiny_file, tmp_path, capfd):
     """Two converts to one folder: the second deleted the first's .NAME.tmp as a leftover while it was being
-    written, and the first failed (or swapped in what was left of it)."""
-    from minidb.files import replace_folder
+    written, and the first failed (or swapped in what was left of it). Now the second waits, then finds the
+    folder written and refuses it as it refuses any (the slow writer's holds no model: "not a model")."""
     (tmp_path / "slow.py").write_text(SLOW_WRITER)
     target, begun = tmp_path / "model", tmp_path / "begun"
     root = Path(__file__).parents[1]
@@ -503,10 +504,12 @@ def test_two_writes_into_one_folder_take_turns(tmp_path, capfd):
     try:
         while not begun.exists() and first.poll() is None:
             time.sleep(0.01)
-        replace_folder(target, lambda tmp: tmp.mkdir() or (tmp / "a.txt").write_text("second"))
+        assert main([str(tiny_file), "--convert", str(target)]) == 2
     finally:
         _, errors = first.communicate(timeout=60)
     assert first.returncode == 0, errors
-    assert "waiting for another process that is writing into" in capfd.readouterr().err
-    assert [(p.name, p.read_text()) for p in target.iterdir()] == [("a.txt", "second")]  # the later write, whole
+    err = capfd.readouterr().err
+    assert "waiting for another process that is writing into" in err
+    assert f"--convert {target} holds files that are not a model (a.txt, b.txt)" in err  # checked after the wait
+    assert sorted((p.name, p.read_text()) for p in target.iterdir()) == [("a.txt", "first"), ("b.txt", "first")]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["begun", "model", "slow.py"]  # no lock file, no leftovers
