@@ -15,8 +15,8 @@ Several subjects train together with --concepts FILE, and several GPUs with PyTo
 
     torchrun --nproc_per_node 4 train.py --images ./dog --class dog
 
-The run writes into its folder (a new runs/dreambooth-N each time, linked as runs/latest, unless
---out names one): checkpoints/ (resumable with --resume), validation/ grids, log.jsonl, loss.png,
+The run writes into its folder (a new runs/dreambooth-N each time, linked as runs/latest once it begins,
+unless --out names one): checkpoints/ (resumable with --resume), validation/ grids, log.jsonl, loss.png,
 and at the end what the method made, for sample.py, diffusers, AUTOMATIC1111 and ComfyUI: the
 personalized model as a diffusers folder (model/) and one original-layout file (model.safetensors),
 or lora.safetensors (kohya's format), or WORD.safetensors (an embedding).

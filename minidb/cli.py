@@ -178,7 +178,8 @@ def run(main, interrupted="interrupted."):
     """Run a script's main(): warnings as one 'warning:' line (under torchrun, from the first process only),
     Ctrl-C as a sentence and exit 130."""
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
-    if os.environ.get("RANK", "0") != "0":  # torchrun: every process reads the same inputs; the first warns
+    if "WORLD_SIZE" in os.environ and os.environ.get("RANK", "0") != "0":  # torchrun (minidb/distributed.py):
+        # every process reads the same inputs; the first warns
         warnings.simplefilter("ignore")
     signal.signal(signal.SIGINT, signal.default_int_handler)  # the scripts quit quietly while importing
     try:

@@ -164,9 +164,10 @@ def name_subjects(subjects, tokenizer, pick, seed, prior=True):
                           + (f" (subject {clash[0]})" if len(subjects) > 1 else "") + ", so the prior loss trains it "
                           "back toward any such picture; choose a rare word, or leave the identifier out.")
         if not re.search(rf"(?<!\w){re.escape(subject.identifier)}(?!\w)", subject.instance_prompt, re.IGNORECASE):
+            against = " and the prior loss pulls against it" if prior else ""
             warnings.warn(f"The instance prompt {given!r} does not name the identifier {subject.identifier}, so the "
-                          "subject is learned under its other words and the prior loss pulls against it; write "
-                          f"[V] where the identifier goes, e.g. 'a photo of a [V] {subject.class_name}'.")
+                          f"subject is learned under its other words{against}; write [V] where the identifier goes, "
+                          f"e.g. 'a photo of a [V] {subject.class_name}'.")
     read_alike = {}  # "Dog" and "dog": the model reads them as one prompt, so one prior serves both
     for subject in subjects:
         subject.class_prompt = read_alike.setdefault(as_read(subject.class_prompt), subject.class_prompt)

@@ -39,7 +39,7 @@ def parse_args(argv, doc):
       "a Hugging Face Hub id owner/name[@revision], downloaded into the Hugging Face cache (default: SD 1.5 in "
       "weights/ once `python -m minidb.fetch` has downloaded it, else the toy model weights/toy.safetensors)")
     a("--out", default=None, type=nonempty_path,
-      help="the run's folder (default: a new runs/dreambooth-N, linked as runs/latest)")
+      help="the run's folder (default: a new runs/dreambooth-N, linked as runs/latest once it begins)")
     a("--overwrite", action="store_true", help="delete the run already in --out and start it over")
     a("--resume", nargs="?", const="latest", default=None, metavar="latest|STEP|PATH", type=resume_point,
       help="continue the run in --out (default: runs/latest) from its latest checkpoint, from the checkpoint of "

@@ -1,7 +1,8 @@
 """The run folder of train.py: where a run lives, who may write to it, and how it resumes.
 
 - Without --out, every run gets a fresh numbered folder (runs/dreambooth-1, -2, ...) and the link
-  runs/latest points at the newest one, so the same command works twice in a row.
+  runs/latest points at the newest one once it begins, so the same command works twice in a row;
+  a run that stops before it begins (a bad input) leaves no folder behind.
 - A lock file: two runs never write into one folder.
 - What a folder holds decides what a new run may do with it: nothing (start), a run with a
   checkpoint (--resume, or --overwrite), a run that died before its first checkpoint (--overwrite),
@@ -61,16 +62,15 @@ def new_run_folder(root=RUNS, name="dreambooth"):
 
 
 def run_folder(out, resume):
-    """(the folder a run writes to, whether it was made now): `out` (--out) if given, runs/latest on
-    --resume, else a new runs/dreambooth-N; made, and checked writable."""
-    made = out is None and not resume
-    if out is not None:
-        folder = Path(out)
-        made = not folder.exists() and not folder.is_symlink()
-    elif resume:
-        folder = (RUNS / "latest").resolve()
+    """(the folder a run writes to, the outermost folder made for it now or None): `out` (--out) if given,
+    runs/latest on --resume, else a new runs/dreambooth-N; made, and checked writable."""
+    if out is not None or resume:
+        folder = Path(out) if out is not None else (RUNS / "latest").resolve()
+        made = _outermost_missing(folder)
     else:
+        made = _outermost_missing(RUNS)
         folder = new_run_folder()
+        made = made or folder  # runs/ itself, or only the new folder in it
     try:
         folder.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=folder).close()
@@ -79,6 +79,16 @@ def run_folder(out, resume):
         why = f"{link} is a link to {os.readlink(link)}, which does not exist" if link else e.strerror
         raise RunError(f"Cannot write to --out {folder} ({why}); choose another folder.") from None
     return folder, made
+
+
+def _outermost_missing(folder):
+    """The outermost of `folder` and its parents that is not there yet (mkdir(parents=True) makes it), or None."""
+    missing = None
+    for path in (folder, *folder.parents):
+        if path.exists() or path.is_symlink():
+            return missing
+        missing = path
+    return missing
 
 
 def began(folder):
@@ -98,57 +108,56 @@ def point_latest(root, folder):
 
 
 @contextmanager
-def locked(folder, check=lambda: None, made=False):
+def locked(folder, check=lambda: None, made=None):
     """Hold an exclusive lock on folder/.lock while the run writes there. The operating system lets
     go of it when the process ends, however it ends, so a killed run never leaves a stale lock.
     `check` (check_folder) runs once the lock is held. A folder it refuses is left as it was found,
     and so is one whose run stops before it begins (a bad input found after the lock): its .lock goes,
-    and the folder too where the run `made` it, so that a typo leaves no empty run folder behind."""
+    and the folders made for it (`made`: the outermost, from run_folder) too, so that a typo leaves
+    no empty run folder behind. (Windows has no flock: runs are not guarded there.)"""
     try:
         import fcntl
-    except ImportError:  # Windows: no flock; runs are not guarded there
-        check()
-        try:
-            yield
-        finally:
-            if not began(folder):
-                _as_found(folder, False, made)
-        return
-    lock_made = not (folder / ".lock").exists()
-    f = open(folder / ".lock", "a+")
+    except ImportError:
+        fcntl = None
+    lock_made = fcntl is not None and not (folder / ".lock").exists()
+    f = open(folder / ".lock", "a+") if fcntl else None
     try:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                pid = f.read().strip() or "unknown"
+                raise RunError(f"Another train.py (process {pid}) is running in {folder}; wait for it to finish, "
+                               "or choose another --out.") from None
             f.seek(0)
-            pid = f.read().strip() or "unknown"
-            raise RunError(f"Another train.py (process {pid}) is running in {folder}; wait for it to finish, "
-                           "or choose another --out.") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
+            f.truncate()
+            f.write(f"{os.getpid()}\n")
+            f.flush()
         try:
             check()
-        except RunError:
-            _as_found(folder, lock_made, made)
-            raise
-        try:
             yield
         finally:
-            if not began(folder):
+            if not began(folder):  # refused, or stopped before its first step
                 _as_found(folder, lock_made, made)
     finally:
-        f.close()
+        if f:
+            f.close()
 
 
-def _as_found(folder, lock_made, folder_made):
-    """Take back what taking the folder added: its .lock, if made, and the folder, if made and still empty."""
+def _as_found(folder, lock_made, made):
+    """Take back what taking the folder added: its .lock, if made, and the folders from `folder` up to `made`
+    (the outermost made for the run), each if still empty."""
     if lock_made:
         (folder / ".lock").unlink(missing_ok=True)
-    if folder_made:
-        with suppress(OSError):  # something is in it after all: it stays
-            folder.rmdir()
+    if made is not None:
+        for path in (folder, *folder.parents):
+            try:
+                path.rmdir()
+            except OSError:  # something is in it after all: it stays, and so do the folders above it
+                return
+            if path == made:
+                return
 
 
 def check_folder(folder, resume, overwrite):

@@ -513,3 +513,26 @@ def test_two_converts_to_one_folder_take_turns(tiny_file, tmp_path, capfd):
     assert f"--convert {target} holds files that are not a model (a.txt, b.txt)" in err  # checked after the wait
     assert sorted((p.name, p.read_text()) for p in target.iterdir()) == [("a.txt", "first"), ("b.txt", "first")]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["begun", "model", "slow.py"]  # no lock file, no leftovers
+
+
+def test_a_file_system_without_folder_locks_writes_unguarded(tmp_path, monkeypatch, capfd):
+    """NFS may refuse flock on a folder (ENOLCK), at the first try or when waiting: the write goes on unguarded
+    rather than failing."""
+    fcntl = pytest.importorskip("fcntl")
+    from minidb.files import writing_into
+    tries = []
+
+    def refuse(fd, operation):
+        tries.append(operation)
+        raise BlockingIOError() if operation & fcntl.LOCK_NB else OSError(37, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    with writing_into(tmp_path):
+        (tmp_path / "written").touch()
+    assert (tmp_path / "written").exists() and tries == [fcntl.LOCK_EX | fcntl.LOCK_NB, fcntl.LOCK_EX]
+
+    def no_locks(fd, operation):
+        raise OSError(37, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with writing_into(tmp_path):
+        (tmp_path / "again").touch()
+    assert (tmp_path / "again").exists()

@@ -665,8 +665,15 @@ def test_a_run_that_stops_before_it_begins_leaves_no_run_folder(world, tmp_path,
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["dreambooth-1", "latest"]
     assert (tmp_path / "runs" / "latest").resolve() == (tmp_path / "runs" / "dreambooth-1").resolve()
     assert not (tmp_path / "new").exists() and list((tmp_path / "empty").iterdir()) == []  # as found
+    with pytest.raises(SystemExit):  # the folders made on the way to a new --out go too
+        train.main(bad + ["--out", str(tmp_path / "new" / "deeper" / "run")])
+    assert not (tmp_path / "new").exists()
     train.main([str(a) for a in args + ["--steps", 2, "--resume", "--save-dtype", "fp32"]])  # the last run, still
     assert runs.latest_state(tmp_path / "runs" / "dreambooth-1" / "checkpoints").name == "step-000002"
+    shutil.rmtree(tmp_path / "runs")  # the first run ever: runs/ itself is made for it, and goes with it
+    with pytest.raises(SystemExit):
+        train.main(bad)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_ctrl_c_during_setup_is_one_sentence(world, tmp_path):

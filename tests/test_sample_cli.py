@@ -445,7 +445,8 @@ def test_the_placeholder_is_read_as_the_identifier_the_files_record(tmp_path):
                "--height", "32", "--out", tmp_path / "named")
     assert r.returncode == 0 and "note:" not in r.stdout and "[V]" not in r.stdout
     # an embedding's word is its file's name, whatever it records: no note sends the user to the recorded one
-    safetensors.torch.save_file({"emb_params": torch.ones(1, 32)}, tmp_path / "mydog.safetensors", metadata={"minidb": run("sks")})
+    safetensors.torch.save_file({"emb_params": torch.ones(1, 32)}, tmp_path / "mydog.safetensors",
+                                metadata={"minidb": run("sks")})
     r = sample("--model", tmp_path / "model.safetensors", "--embedding", tmp_path / "mydog.safetensors", "--prompt",
                "a photo of mydog dog", "--steps", "2", "--height", "32", "--out", tmp_path / "renamed")
     assert r.returncode == 0 and "note:" not in r.stdout, r.stdout

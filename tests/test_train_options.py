@@ -349,6 +349,8 @@ def test_an_identifier_that_is_a_word_of_a_class_prompt_is_warned_of():
         name_subjects([Subject("photos", "ball", "sks"), Subject("photos2", "cat", "zwx")], None, None, 0)
         name_subjects([Subject("photos", "ball", "balls")], None, None, 0)  # a word of its own
         name_subjects([Subject("photos", "ball", "ball")], None, None, 0, prior=False)  # --prior-weight 0
+    with pytest.warns(UserWarning, match=r"is learned under its other words; write \[V\]"):  # no prior loss to pull
+        name_subjects([Subject("photos", "ball", "sks", "a photo of my ball")], None, None, 0, prior=False)
 
 
 def test_class_prompts_that_read_alike_share_one_prior():
