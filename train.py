@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from minidb import distributed, memory, runs, state
+from minidb import distributed, memory, resume, runs, state
 from minidb.cli import DTYPES, FinishTheStep, cpu_bf16, fail, run, warn_if_bf16_is_emulated
 from minidb.data import DataError, load_images
 from minidb.export import disk_needed, export
@@ -155,12 +155,12 @@ def train(args, out, device, numbered=False):
     settings = {**vars(args), "identifier": identifier, "instance_prompt": instance_prompt,
                 "class_prompt": class_prompt, "resolution": resolution, "mixed_precision": precision,
                 "base_version": model.version, "prediction_type": model.prediction_type,
-                "processes": world}  # torchrun's; a resume may change it, not the global batch (runs.check_global_batch)
+                "processes": world}  # torchrun's: a resume may change it, not the global batch (resume.py)
     if args.concepts:
         settings["subjects"] = [{"images": s.images, "class": s.class_name, "identifier": s.identifier,
                                  "instance_prompt": s.instance_prompt, "class_prompt": s.class_prompt} for s in subjects]
     if args.resume:
-        runs.check_resume_settings(out, settings, given)
+        resume.check_resume_settings(out, settings, given)
     if args.scale_lr:  # diffusers' --scale_lr: the rate grows with the images per step (the settings keep --lr)
         args.lr *= args.batch_size * args.grad_accum * world
 
@@ -253,7 +253,7 @@ def train(args, out, device, numbered=False):
         path = state.resume_point(out / "checkpoints", args.resume)
         source = path.parent.parent  # a checkpoint of another folder: it must be of this run too (a copy)
         if source.resolve() != out.resolve() and (source / "settings.json").is_file():
-            runs.check_resume_settings(source, settings, given)
+            resume.check_resume_settings(source, settings, given)
         resumed = state.load_state(path, trained)
         if writes:  # only now that it reads back whole: a damaged one leaves the folder as it was
             state.set_aside_later(out / "checkpoints", path)

@@ -11,6 +11,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from minidb import hub, runs, single_file
+from minidb.resume import EDITED
 from minidb.cli import DTYPES, SEED_MAX, check_device, fail, nonempty_path, number, text
 from minidb.fetch import DEFAULT_MODEL, TOY_MODEL, how_to_get_weights
 from minidb.files import WEIGHT_SUFFIXES, ModelFileError, read_tensors
@@ -191,7 +192,7 @@ def keep_the_runs_own(p, argv, args):
         else:
             fits, texts = type(value) in (str, int, float), [str(value)]  # str() of a float reads back the same
         if not fits:
-            return f"{where} records {flag} as {value!r}, which that flag cannot be, {runs.EDITED}"
+            return f"{where} records {flag} as {value!r}, which that flag cannot be, {EDITED}"
         typed += [flag] if action.nargs == 0 else [f"{flag}={text}" for text in texts]
 
     def refuse(message):
@@ -200,7 +201,7 @@ def keep_the_runs_own(p, argv, args):
     try:
         kept = vars(p.parse_args(typed))
     except ValueError as e:
-        return f"{where} records a value train.py refuses ({e}), {runs.EDITED}"
+        return f"{where} records a value train.py refuses ({e}), {EDITED}"
     for key, value in kept.items():
         setattr(args, key, value)
     return None

@@ -104,7 +104,8 @@ def test_a_resume_may_change_the_processes_but_not_the_global_batch(world, tmp_p
     1 process at --batch-size 1 (half the global batch, and the example order changed) with no word, while
     1 process at --batch-size 2, which trains the same global batch (see the test above), was refused."""
     import train
-    from minidb.runs import RunError, check_global_batch
+    from minidb.resume import check_global_batch
+    from minidb.runs import RunError
     saved = {"processes": 2, "batch_size": 1}
     assert check_global_batch(tmp_path, saved, {"processes": 1, "batch_size": 2}) is None
     with pytest.raises(RunError) as e:

@@ -21,7 +21,7 @@ from PIL import Image
 from safetensors import SafetensorError
 
 import train
-from minidb import files, plot, runs, state
+from minidb import files, plot, resume, runs, state
 from minidb.load import load
 from test_bad_input import Payload, one_sentence
 from test_train import ROOT, run, world  # noqa: F401  (world is a fixture)
@@ -592,7 +592,7 @@ def test_a_checkpoint_with_entries_of_the_wrong_type_or_nan_is_refused_before_tr
 def test_resume_refuses_a_settings_file_with_a_path_that_is_no_path(tmp_path):
     (tmp_path / "settings.json").write_text(json.dumps({"model": 5, "images": "photos"}))
     with pytest.raises(runs.RunError) as e:
-        runs.check_resume_settings(tmp_path, {"model": "base.safetensors", "images": "photos"}, given=set())
+        resume.check_resume_settings(tmp_path, {"model": "base.safetensors", "images": "photos"}, given=set())
     assert f"{tmp_path / 'settings.json'} records --model as 5, which is not a path" in one_sentence(e)
 
 

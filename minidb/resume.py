@@ -1,0 +1,93 @@
+"""--resume's checks: a resumed run is the run it continues, or one sentence says which flag would change it.
+
+train.py records every setting that shapes a run in its settings.json (minidb/runs.py has the folder). A
+resumed command must give the same ones, except the few that only say how long to train and how often
+to save and look; settings that follow from others come last, so that a change is named by the flag the
+user changed. Under torchrun the global batch (processes x --batch-size) is what must stay.
+"""
+
+from pathlib import Path
+
+from minidb.runs import RunError, flag, saved_settings
+from minidb.tokenizer import as_read
+
+# Flags that may change on --resume: how long to train, and how often to save and look.
+RESUMABLE_CHANGES = {"steps", "save_every", "validate_every", "resume", "overwrite", "out", "class_cache",
+                     "checkpoints_keep", "validation_prompt", "validation_images",
+                     "concepts"}  # the file may move: its "subjects" are compared
+PATH_FLAGS = {"images", "model", "class_dir", "concepts"}
+DERIVED = {"identifier", "instance_prompt", "class_prompt", "resolution", "mixed_precision", "base_version",
+           "prediction_type"}
+# The end of each sentence about a settings.json value that train.py never wrote.
+EDITED = "so the file was edited or damaged; put back the value the run started with, or start over with --overwrite."
+
+
+def check_resume_settings(folder, settings, given):
+    """On --resume, every setting that shapes the run must equal the one the run started with. `given`: the
+    flags the command names (the others are the run's own, or defaults)."""
+    saved = saved_settings(folder)
+    if not saved:
+        raise RunError(f"--resume cannot read {folder / 'settings.json'}, so it cannot check that this command "
+                       "continues the same run; start over with --overwrite.")
+    check_global_batch(folder, saved, settings)
+    # Settings that follow from others (the identifier from --seed, the resolution from --model)
+    # come last, so that a change is named by the flag the user changed.
+    for key in sorted(settings, key=lambda k: k in DERIVED):
+        value = settings[key]
+        if key in RESUMABLE_CHANGES or key not in saved or (key in ("batch_size", "processes") and "processes" in saved):
+            continue
+        old = saved[key]
+        if key in PATH_FLAGS and old is not None and not isinstance(old, str):
+            raise RunError(f"{folder / 'settings.json'} records {flag(key)} as {old!r}, which is not a path, so the "
+                           "file was edited or damaged; put back the path the run started with, or start over with "
+                           "--overwrite.")
+        if key in PATH_FLAGS and value is not None and old is not None:
+            same = Path(value).resolve() == Path(old).resolve()
+        elif key == "subjects":  # a run begun before class prompts that read alike ("Ball", "ball") shared a prior
+            same = _read_alike(value) == _read_alike(old)
+        else:
+            same = value == old
+        if same:
+            continue
+        numbers = all(type(v) in (int, float) for v in (old, value))
+        if (old is None and (key in DERIVED or key not in given)) or (None not in (old, value) and type(old) is not type(value) and not numbers):
+            raise RunError(f"{folder / 'settings.json'} records {flag(key)} as {old!r}, which train.py never writes "
+                           f"for it, {EDITED}")
+        if key == "subjects":  # --concepts: name the first subject that differs, not the whole list
+            which = next((i for i, (a, b) in enumerate(zip(value, old), 1) if a != b), min(len(value), len(old)) + 1)
+            raise RunError(f"--concepts {settings.get('concepts')} gives other subjects than the run in {folder} "
+                           f"started with (subject {which} differs), so it would not continue the same run; put the "
+                           "file back as it was, or start a new run.")
+        advice = f"resume without {flag(key)}" if old is None else f"resume with {old!r}"
+        raise RunError(f"{flag(key)} is {value!r} now but the run in {folder} started with {old!r}, and "
+                       f"changing it would not continue the same run; {advice}, or start a new run.")
+
+
+def _read_alike(subjects):
+    """--concepts subjects as recorded, their class prompts as the model reads them; None if not a list of them."""
+    try:
+        return [{**subject, "class_prompt": as_read(subject["class_prompt"])} for subject in subjects]
+    except (TypeError, KeyError, AttributeError):
+        return None
+
+
+def check_global_batch(folder, saved, settings):
+    """Under torchrun each of N processes trains --batch-size examples of one global batch, drawn alike in every
+    process (minidb/loop.py), so a run resumes on any number of processes whose global batch is the same: 2 at
+    --batch-size 1 goes on as 1 at --batch-size 2. A run recorded before the number of processes was (no
+    "processes") compares --batch-size alone, in check_resume_settings."""
+    if "processes" not in saved:
+        return
+    old, new = (saved.get("processes"), saved.get("batch_size")), (settings["processes"], settings["batch_size"])
+    if not all(type(x) is int and x > 0 for x in old):
+        raise RunError(f"{folder / 'settings.json'} records {old[0]!r} processes at --batch-size {old[1]!r}, which "
+                       f"train.py never writes, {EDITED}")
+    if old[0] * old[1] == new[0] * new[1]:
+        return
+    processes = lambda n: f"{n} process{'es' * (n > 1)}"  # noqa: E731
+    each = (f"--batch-size {old[0] * old[1] // new[0]} on {processes(new[0])}, or "
+            if old[0] * old[1] % new[0] == 0 else "")
+    first = (f"under torchrun --nproc_per_node {old[0]}" if old[0] > 1 else "as one process") + f" at --batch-size {old[1]}"
+    raise RunError(f"the run in {folder} trains a global batch of {old[0] * old[1]} ({processes(old[0])} at --batch-size "
+                   f"{old[1]}), but this command's is {new[0] * new[1]} ({processes(new[0])} at --batch-size "
+                   f"{new[1]}), which would not continue the same run; resume with {each}{first}.")
