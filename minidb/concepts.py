@@ -19,7 +19,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from minidb.data import DataError
+from minidb.data import MIRRORED, DataError
 from minidb.tokenizer import as_read
 
 KEYS = {"images": "a folder", "class": "a class name", "identifier": "a token", "instance_prompt": "a prompt",
@@ -44,7 +44,7 @@ class Subject:
         """The line train.py prints for this subject at the start."""
         n = len(self.photos.pixels)
         captioned = sum(c is not None for c, name in zip(self.photos.captions, self.photos.names)
-                        if not name.endswith(" (mirrored)"))  # --flip: a mirrored copy shares its photo's caption
+                        if not name.endswith(MIRRORED))  # --flip: a mirrored copy shares its photo's caption
         own = (" (1 photo uses its own caption)" if captioned == 1 else
                f" ({captioned} photos use their own captions)" if captioned else "")
         return (f"subject: {self.identifier} ({self.class_name}), {n} image{'s' * (n != 1)} at {resolution}px "

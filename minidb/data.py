@@ -57,6 +57,9 @@ class Photos(NamedTuple):
     whole: list = None  # with whole=True: each photo resized to a short side of R, uncropped (3, H', W')
 
 
+MIRRORED = " (mirrored)"  # what --flip adds to a photo's name for its mirrored copy
+
+
 def load_images(folder, resolution, flip=False, whole=False, captions=True, what="photos"):
     """Read every photo in `folder` -> Photos(pixels, names, original_sizes, crops, captions[, whole]).
 
@@ -123,7 +126,7 @@ def load_images(folder, resolution, flip=False, whole=False, captions=True, what
         # Appended in a fixed order, not flipped at random per step: each row must stay the same
         # picture, because train.py encodes every row to a latent once and reuses it.
         images = torch.cat([images, images.flip(3)])  # (2N, 3, R, R); dim 3 is the width
-        names, sizes = names + [f"{n} (mirrored)" for n in names], sizes + sizes
+        names, sizes = names + [n + MIRRORED for n in names], sizes + sizes
         texts, wholes = texts + texts, wholes + [w.flip(2) for w in wholes]
     return Photos(images, names, sizes, [crop_top_left(size, resolution) for size in sizes], texts,
                   wholes if whole else None)

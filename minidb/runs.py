@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 
 from minidb.files import atomic_write, dangling_link, json_loads, read_metadata
