@@ -36,7 +36,8 @@ from minidb.cli import (DTYPES, SEED_MAX, adapter_problem, check_device, cpu_bf1
                         path_and_scale, run, text, warn_if_bf16_is_emulated)
 from minidb.dreambooth import NewWord
 from minidb.fetch import DEFAULT_MODEL, default_model, how_to_get_weights
-from minidb.files import DiskFull, ModelFileError, disk_full_is_an_error
+from minidb.files import ModelFileError
+from minidb.writes import DiskFull, disk_full_is_an_error
 from minidb.graphs import UnetGraph
 from minidb.info import HELP as MODEL_HELP
 from minidb.load import load

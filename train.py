@@ -43,7 +43,8 @@ from minidb.data import DataError, load_images
 from minidb.export import disk_needed, export
 from minidb.dreambooth import NewWord, class_prior, dreambooth_loss, min_snr_weights, pick_identifier, pick_new_word
 from minidb.fetch import default_model
-from minidb.files import DiskFull, ModelFileError, atomic_write, disk_full_is_an_error, first_non_finite, room_problem
+from minidb.files import ModelFileError
+from minidb.writes import DiskFull, atomic_write, disk_full_is_an_error, first_non_finite, room_problem
 from minidb.load import load
 from minidb.concepts import name_subjects, read_subjects
 from minidb.lora import LoRA

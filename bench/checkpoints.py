@@ -31,7 +31,7 @@ def prepare_load_files(tmp, family):
     folder diffusers' from_single_file needs offline. Written one tensor at a time from shapes on the
     meta device: SDXL's is 6.9 GB, and no model is ever held in memory."""
     from minidb.convert import text_config_to_transformers, unet_config_to_diffusers, vae_config_to_diffusers
-    from minidb.files import write_json
+    from minidb.writes import write_json
     from minidb.load import StableDiffusion
     from minidb.save import model_index, scheduler_config, single_file_tensors
     from minidb.tokenizer import Tokenizer

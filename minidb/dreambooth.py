@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from minidb import hub
 from minidb.distributed import barrier, rank_and_world
-from minidb.files import ModelFileError, atomic_write, read_tensors, write_safetensors
+from minidb.files import ModelFileError, read_tensors
+from minidb.writes import atomic_write, write_safetensors
 from minidb.graphs import UnetGraph
 from minidb.pipeline import sample_latents
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from minidb.plot import plot_losses
-from minidb.files import atomic_write, replace_folder
+from minidb.writes import atomic_write, replace_folder
 from minidb.lora import save_kohya
 from minidb.runs import log_rows
 from minidb.save import save_diffusers, save_single_file

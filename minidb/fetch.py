@@ -37,7 +37,7 @@ from urllib.parse import urlparse
 from tqdm import tqdm
 
 from minidb.cli import nonempty_path
-from minidb.files import DiskFull, disk_full_is_an_error, room_problem
+from minidb.writes import DiskFull, disk_full_is_an_error, room_problem
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 DEFAULT_URL = ("https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5/resolve/main/"

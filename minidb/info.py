@@ -23,8 +23,8 @@ from safetensors import SafetensorError, safe_open
 
 from minidb.cli import NAME_MAX, adapter_problem, nonempty_path, path_and_scale, run
 from minidb.dreambooth import embedding_vectors
-from minidb.files import (PICKLE_SUFFIXES, ModelFileError, dangling_link, first_non_finite, json_loads, read_tensors,
-                          replace_folder, writing_into)
+from minidb.files import PICKLE_SUFFIXES, ModelFileError, json_loads, read_tensors
+from minidb.writes import dangling_link, first_non_finite, replace_folder, writing_into
 from minidb.load import load
 from minidb.lora_files import describe_lora, merge_lora
 from minidb.runs import embedding_to_add, recorded_identifiers, recorded_subjects
@@ -223,7 +223,7 @@ def target_problem(out, overwrite, inputs):
         target = os.readlink(link)
         return (f"--convert {out} goes through {link}, a link to {target}" + ("" if link.exists() else ", which "
                 "does not exist") + "; give the real path, or choose another.")
-    left = out.with_name(f".{out.name}.old")  # files.replace_folder's copy of the old folder, between two renames
+    left = out.with_name(f".{out.name}.old")  # writes.replace_folder's copy of the old folder, between two renames
     if left.is_dir() and not out.exists():
         return (f"a crash while replacing {out} left the model it held as {left}; move that back to {out} (or delete "
                 "it), then convert again.")

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minidb.convert import native_to_diffusers_names, unet_blocks
-from minidb.files import write_safetensors
+from minidb.writes import write_safetensors
 from minidb.unet import SpatialTransformer
 
 UNET = "lora_unet_"

@@ -6,7 +6,7 @@ import math
 
 from PIL import Image, ImageDraw
 
-from minidb.files import atomic_write
+from minidb.writes import atomic_write
 
 
 def ema(values, span):

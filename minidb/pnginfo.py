@@ -21,7 +21,7 @@ from pathlib import Path
 
 from PIL.PngImagePlugin import PngInfo
 
-from minidb.files import atomic_write
+from minidb.writes import atomic_write
 
 
 def sha256(path, skip_header=False):

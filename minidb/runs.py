@@ -20,7 +20,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from minidb.files import atomic_write, dangling_link, json_loads, read_metadata
+from minidb.files import json_loads, read_metadata
+from minidb.writes import atomic_write, dangling_link
 
 RUNS = Path("runs")
 # A checkpoint is checkpoints/step-000600; other names there (a copy, a backup) are the user's, never ours.

@@ -9,7 +9,7 @@
   expect (minidb/single_file.py), with minidb's exact configs in its metadata so that minidb reloads
   it without guessing.
 
-Every file is written to a temporary name and renamed into place (minidb/files.py).
+Every file is written to a temporary name and renamed into place (minidb/writes.py).
 """
 
 import json
@@ -20,7 +20,7 @@ import torch
 from minidb.convert import (native_to_diffusers_names, native_to_openclip, text_config_to_transformers,
                             unet_blocks, unet_config_to_diffusers, vae_attention_shape, vae_blocks,
                             vae_config_to_diffusers)
-from minidb.files import write_json, write_safetensors
+from minidb.writes import write_json, write_safetensors
 from minidb.schedulers import BETA_END, BETA_START, NUM_TRAIN_TIMESTEPS, STEPS_OFFSET
 from minidb.single_file import CLIP, OPENCLIP, UNET, V_PRED_MARKER, VAE, XL_CLIP, XL_OPENCLIP
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from minidb.files import ModelFileError, first_non_finite, fsync, read_tensors, write_pickle, write_safetensors
+from minidb.files import ModelFileError, read_tensors
+from minidb.writes import first_non_finite, fsync, write_pickle, write_safetensors
 from minidb.runs import CHECKPOINT, RunError, latest_state
 
 

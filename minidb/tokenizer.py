@@ -26,7 +26,8 @@ import torch
 from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
-from minidb.files import ModelFileError, atomic_write
+from minidb.files import ModelFileError
+from minidb.writes import atomic_write
 from minidb.tokenizer_files import read_folder
 
 # Ids and sizes of OpenAI's CLIP vocabulary (clip/simple_tokenizer.py): 256 byte characters, the

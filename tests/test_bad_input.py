@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from minidb import files
+from minidb import files, writes
 from minidb.files import ModelFileError
 from minidb.load import load
 from minidb.save import save_diffusers, save_single_file
@@ -237,7 +237,7 @@ def test_failed_write_leaves_the_old_file_and_no_debris(tiny, tmp_path, monkeypa
             f.write(b"half a file")
         raise KeyboardInterrupt  # e.g. Ctrl-C in the middle of a save
 
-    monkeypatch.setattr(files, "save_file", crash)
+    monkeypatch.setattr(writes, "save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         save_single_file(tiny[0], path)
     assert path.read_bytes() == before

@@ -140,9 +140,9 @@ def test_a_resume_may_change_the_processes_but_not_the_global_batch(world, tmp_p
 
 
 FIRST_PROCESS_DISK_IS_FULL = """import os, runpy, sys
-import minidb.files
+import minidb.writes
 if os.environ["RANK"] == "0":  # only the first process checks the disk (it alone writes)
-    minidb.files.room_problem = lambda *args: "The disk holding the run has 1 kB free; free some space."
+    minidb.writes.room_problem = lambda *args: "The disk holding the run has 1 kB free; free some space."
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from minidb.files import DiskFull
+from minidb.writes import DiskFull
 from minidb.fetch import DEFAULT_MODEL, FetchError, fetch, how_to_get_weights, part_path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -219,16 +219,16 @@ def test_a_full_disk_is_named_as_one(serve, tmp_path, monkeypatch):
     """Checked before the download where the length is known, and said as a disk problem when a write fails
     (it was "The download stopped at byte 0 ...; run again to resume")."""
     from minidb import fetch as f
-    from minidb import files
+    from minidb import writes
     server, out = serve(), tmp_path / "model.safetensors"
     free = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(files.shutil, "disk_usage", lambda path: free._replace(free=1000))
+    monkeypatch.setattr(writes.shutil, "disk_usage", lambda path: free._replace(free=1000))
     with pytest.raises(FetchError, match=r"^The disk holding .* has 1 kB free, but the rest of model.safetensors "
                                          r"needs about 300 kB; free some space or choose another --out.$"):
         fetch(server.url, SHA, out, progress=False)
     assert not part_path(out).exists()
 
-    monkeypatch.setattr(files.shutil, "disk_usage", lambda path: free)
+    monkeypatch.setattr(writes.shutil, "disk_usage", lambda path: free)
 
     class Full:  # a file on a disk that fills up at the first write
         def __init__(self, *args):

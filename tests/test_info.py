@@ -480,7 +480,7 @@ def test_metadata_nested_too_deeply_is_damage_not_a_traceback(tiny_file, tmp_pat
 
 SLOW_WRITER = """import sys, time
 from pathlib import Path
-from minidb.files import replace_folder, writing_into
+from minidb.writes import replace_folder, writing_into
 def write(tmp):
     tmp.mkdir()
     (tmp / "a.txt").write_text("first")
@@ -519,7 +519,7 @@ def test_a_file_system_without_folder_locks_writes_unguarded(tmp_path, monkeypat
     """NFS may refuse flock on a folder (ENOLCK), at the first try or when waiting: the write goes on unguarded
     rather than failing."""
     fcntl = pytest.importorskip("fcntl")
-    from minidb.files import writing_into
+    from minidb.writes import writing_into
     tries = []
 
     def refuse(fd, operation):

@@ -21,7 +21,7 @@ from PIL import Image
 from safetensors import SafetensorError
 
 import train
-from minidb import files, plot, resume, runs, state
+from minidb import files, plot, resume, runs, state, writes
 from minidb.load import load
 from test_bad_input import Payload, one_sentence
 from test_train import ROOT, run, world  # noqa: F401  (world is a fixture)
@@ -239,8 +239,8 @@ def test_a_kill_at_any_instant_of_a_resave_leaves_one_complete_checkpoint(tmp_pa
 
 def test_writes_are_fsynced_file_then_folder(tmp_path, monkeypatch):
     synced, real = [], os.fsync
-    monkeypatch.setattr(files.os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real(fd))
-    files.atomic_write(tmp_path / "a.txt", lambda tmp: Path(tmp).write_text("hello"))
+    monkeypatch.setattr(writes.os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real(fd))
+    writes.atomic_write(tmp_path / "a.txt", lambda tmp: Path(tmp).write_text("hello"))
     assert len(synced) == 2 and synced[0].startswith(str(tmp_path / ".a.txt.")) and synced[1] == str(tmp_path)
 
 
@@ -249,7 +249,7 @@ def fill_disk_on(monkeypatch, name):
     itself, then fails as safetensors' save_file fails on a full disk (its own error, checked on a
     2 MB tmpfs: "Error while serializing: I/O error: No space left on device (os error 28)"). The
     checkpoint's state.pt is written by torch.save into /dev/full, where every write fails with ENOSPC."""
-    real_save, real_open = files.save_file, open
+    real_save, real_open = writes.save_file, open
 
     def save_file(tensors, filename, metadata=None):
         if Path(filename).name.startswith(f".{name}."):
@@ -260,8 +260,8 @@ def fill_disk_on(monkeypatch, name):
     def full_open(file, mode="r", *args, **kwargs):
         return real_open("/dev/full" if Path(file).name == name and "w" in mode else file, mode, *args, **kwargs)
 
-    monkeypatch.setattr(files, "save_file", save_file)
-    monkeypatch.setattr(files, "open", full_open, raising=False)
+    monkeypatch.setattr(writes, "save_file", save_file)
+    monkeypatch.setattr(writes, "open", full_open, raising=False)
 
 
 @pytest.mark.parametrize("full_on", ["unet.safetensors", pytest.param("state.pt", marks=pytest.mark.skipif(
@@ -284,15 +284,15 @@ def test_a_full_disk_keeps_the_last_checkpoint_leaves_no_debris_and_resumes(worl
                                                (134_000_000, 63_000_000, "needs about 134 MB and 63 MB are free")])
 def test_a_full_disk_names_sizes_a_person_can_read(tmp_path, monkeypatch, needed, free, says):
     # a PNG of a few kB was "about 0 MB" next to "0 MB free"
-    monkeypatch.setattr(files.shutil, "disk_usage", lambda path: SimpleNamespace(free=free))
-    with pytest.raises(files.DiskFull, match=says):
-        with files.disk_full_is_an_error(tmp_path, needed, "the next image", "draw again"):
+    monkeypatch.setattr(writes.shutil, "disk_usage", lambda path: SimpleNamespace(free=free))
+    with pytest.raises(writes.DiskFull, match=says):
+        with writes.disk_full_is_an_error(tmp_path, needed, "the next image", "draw again"):
             raise OSError(errno.ENOSPC, "No space left on device")
 
 
 def test_a_disk_without_room_for_the_run_is_refused_before_training(world, tmp_path, capsys, monkeypatch):
     # The tiny model's checkpoint and export take about a megabyte; the disk has 1 kB free.
-    monkeypatch.setattr(files.shutil, "disk_usage", lambda path: SimpleNamespace(free=1000))
+    monkeypatch.setattr(writes.shutil, "disk_usage", lambda path: SimpleNamespace(free=1000))
     out = tmp_path / "out"
     err = refused(capsys, base_args(world, out) + ["--steps", 4, "--save-dtype", "fp32"])
     (line,) = [line for line in err.splitlines() if line.startswith("error:")]
@@ -360,7 +360,7 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_set_up(world, tmp_pat
                                                .read_bytes()[:1000])
     shutil.copytree(world / "base", tmp_path / "nan")  # a model that loads, and would diverge at step 1
     weights = tmp_path / "nan" / "unet" / "diffusion_pytorch_model.safetensors"
-    files.write_safetensors(weights, {k: v * float("nan") for k, v in files.read_tensors(weights)[0].items()})
+    writes.write_safetensors(weights, {k: v * float("nan") for k, v in files.read_tensors(weights)[0].items()})
     for bad in (["--images", tmp_path / "empty"], ["--model", tmp_path / "cut.safetensors"], ["--model", tmp_path / "nan"]):
         err = refused(capsys, base_args(world, out) + bad + ["--overwrite"])
         assert (out / "model.safetensors").read_text() == "old"
@@ -541,7 +541,7 @@ def test_a_damaged_checkpoint_is_one_sentence(world, tmp_path, capsys, damage):
         torch.save({"step": 1, "x": Payload(str(marker))}, ckpt / "state.pt")
     elif damage == "nan weights":  # not "the last good checkpoint" to train on from
         weights, _ = files.read_tensors(ckpt / "unet.safetensors")
-        files.write_safetensors(ckpt / "unet.safetensors", {k: v * float("nan") for k, v in weights.items()})
+        writes.write_safetensors(ckpt / "unet.safetensors", {k: v * float("nan") for k, v in weights.items()})
     else:
         torch.save({"step": 1}, ckpt / "state.pt")
     err = refused(capsys, base_args(world, out) + ["--resume", "--steps", 2, "--save-dtype", "fp32"])
@@ -575,7 +575,7 @@ def test_a_checkpoint_with_entries_of_the_wrong_type_or_nan_is_refused_before_tr
     assert state.load_state(path, {"unet": module})["step"] == 1  # the checkpoint as saved loads
     entries = torch.load(path / "state.pt", weights_only=True)
     if entry == "unet":
-        files.write_safetensors(path / "unet.safetensors", {k: v * float("nan") for k, v in module.state_dict().items()})
+        writes.write_safetensors(path / "unet.safetensors", {k: v * float("nan") for k, v in module.state_dict().items()})
     elif entry == "optimizer" and value == "inf moments":
         entries["optimizer"]["state"][0]["exp_avg"] = torch.full((2, 3), float("inf"))
     else:
@@ -747,9 +747,9 @@ def test_loss_plot_legend_fits_a_long_run(tmp_path):
 def test_first_non_finite_names_the_tensor_and_is_not_fooled_by_a_sum_that_overflows():
     """The batched check behind refusing NaN base models and checkpoints: one sum per tensor, then a look at
     the tensor itself, so that finite numbers whose sum overflows fp32 pass."""
-    assert files.first_non_finite({"a": torch.ones(2), "big": torch.full((4,), 3e38)}) is None
-    assert files.first_non_finite({"a": torch.ones(2), "b": torch.tensor([1.0, float("nan")]), "i": torch.arange(3)}) == "b"
-    assert files.first_non_finite({"h": torch.tensor([1.0, float("-inf")], dtype=torch.float16)}) == "h"
-    assert files.first_non_finite({"empty": torch.ones(0), "ids": torch.arange(4)}) is None
+    assert writes.first_non_finite({"a": torch.ones(2), "big": torch.full((4,), 3e38)}) is None
+    assert writes.first_non_finite({"a": torch.ones(2), "b": torch.tensor([1.0, float("nan")]), "i": torch.arange(3)}) == "b"
+    assert writes.first_non_finite({"h": torch.tensor([1.0, float("-inf")], dtype=torch.float16)}) == "h"
+    assert writes.first_non_finite({"empty": torch.ones(0), "ids": torch.arange(4)}) is None
     nan8 = torch.tensor([1.0, float("nan")]).to(torch.float8_e4m3fn)  # torch has no isfinite for fp8 (it raised)
-    assert files.first_non_finite({"ok": torch.ones(2, dtype=torch.float8_e4m3fn), "fp8": nan8}) == "fp8"
+    assert writes.first_non_finite({"ok": torch.ones(2, dtype=torch.float8_e4m3fn), "fp8": nan8}) == "fp8"

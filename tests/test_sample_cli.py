@@ -727,7 +727,8 @@ def test_a_vae_that_decodes_nan_saves_no_picture(models, tmp_path, capsys):
     """Finite latents, but a VAE decoder with a NaN weight: the decoded picture is NaN, which would be a black
     PNG; it is refused with the same sentence."""
     import shutil
-    from minidb.files import read_tensors, write_safetensors
+    from minidb.files import read_tensors
+    from minidb.writes import write_safetensors
     shutil.copytree(models[0], tmp_path / "model")
     vae = tmp_path / "model" / "vae" / "diffusion_pytorch_model.safetensors"
     tensors = read_tensors(vae)[0]

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from minidb.files import read_tensors, write_json, write_safetensors
+from minidb.files import read_tensors
+from minidb.writes import write_json, write_safetensors
 from minidb.toy import base, lab, measure
 
 TINY = ["--vae-steps", "3", "--vae-ch", "32", "--steps", "4", "--batch", "2", "--pictures", "8", "--save-every", "2"]

@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 from minidb import text_encoder as te, unet as un, vae as va
 from minidb.cli import fail
-from minidb.files import ModelFileError, first_non_finite, json_loads, read_tensors, write_json, write_safetensors
+from minidb.files import ModelFileError, json_loads, read_tensors
+from minidb.writes import first_non_finite, write_json, write_safetensors
 from minidb.load import StableDiffusion, load
 from minidb.runs import CHECKPOINT, latest_state, saved_settings
 from minidb.state import load_state, save_state

@@ -32,7 +32,8 @@ from minidb.cli import fail, run
 from minidb.data import DataError
 from minidb.dreambooth import pick_identifier
 from minidb.fetch import file_in_the_way
-from minidb.files import ModelFileError, write_safetensors
+from minidb.files import ModelFileError
+from minidb.writes import write_safetensors
 from minidb.load import load
 from minidb.pipeline import bf16_for_autocast, decode, grid, sample_latents
 from minidb.runs import CHECKPOINT, RunError, log_rows, saved_settings
