@@ -55,7 +55,8 @@ SDXL_VAE = {"_class_name": "AutoencoderKL", "act_fn": "silu", "block_out_channel
             "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 3,
             "sample_size": 1024, "scaling_factor": 0.13025, "up_block_types": ["UpDecoderBlock2D"] * 4}
 # The text encoders' config.json files carry transformers' old token ids (bos 0, eos 2), with which
-# transformers finds the end-of-text token by argmax, as CLIP's original code and minidb do.
+# transformers finds the end-of-text token by argmax, as CLIP's original code does: for a prompt without
+# a new word, the token minidb takes as the first end-of-text token (minidb/text_encoder.py).
 LEGACY_IDS = {"bos_token_id": 0, "eos_token_id": 2}
 PROMPTS = ["a photo of sks dog", "A DSLR photo of an astronaut riding a horse on Mars, highly detailed"]
 

@@ -28,6 +28,7 @@ from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
 from minidb.attention import attention
+from minidb.tokenizer import EOS
 
 
 @dataclass
@@ -142,7 +143,10 @@ class TextEncoder(nn.Module):
         if not pooled:
             return context
         last = self.final_layer_norm(self.encoder(h, start=stop))
-        # the end-of-text token's vector: the highest id in CLIP's vocabulary (49407), found by argmax as
-        # OpenAI's and OpenCLIP's code and transformers do; a new word's larger id wins instead, as there
-        eos = ids.argmax(dim=-1)
+        # the first end-of-text token's vector. OpenAI's and OpenCLIP's code find it by argmax, as the highest
+        # id in CLIP's vocabulary, but a new word's id (49408 on) is higher: pooled there, an embedding would
+        # condition the UNet on another vector than AUTOMATIC1111, ComfyUI and kohya give it, which all pool
+        # at the end-of-text token. So does transformers where a config's eos_token_id is 49407 (minidb's
+        # exports); SDXL's own configs say 2, which keeps the argmax (diffusers pools such a prompt at the word)
+        eos = (ids == EOS).int().argmax(dim=-1)  # (B,): the first match
         return context, self.text_projection(last[torch.arange(len(ids), device=ids.device), eos])
