@@ -94,7 +94,7 @@ def parse_args(argv, doc):
     a("--sample-steps", type=number(int, low=1, high=999), default=50, help="DDIM steps for prior and validation images (default: %(default)s)")
     a("--train-text-encoder", action="store_true", help="train the text encoder too (full), or adapters on it (lora)")
     a("--text-encoder-lr", type=number(float, above=0, high=1), default=None, help="learning rate of the text "
-      "encoder or its adapters, and of a new word with full or lora (default: --lr; 5e-3 for a new word)")
+      "encoder or its adapters (--train-text-encoder), and of a new word (--new-token) (default: --lr; 5e-3 for a new word)")
     a("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
       help="autocast the UNet and text encoders; master weights stay fp32 (default: bf16 on CUDA GPUs that "
       "support it, else fp16; on the CPU bf16 where it is native (AVX512-BF16, AMX), else no; pass no for results "
@@ -310,8 +310,11 @@ def check(args):
                       f"the learning rate never reaches --lr {args.lr:g}; shorten the warm-up if that is not meant.")
     if args.resolution is not None and args.resolution % 8:
         return f"--resolution must be a multiple of 8 (the VAE works in 8x8 pixel cells), not {args.resolution}."
-    if args.text_encoder_lr is not None and not args.train_text_encoder:
-        return "--text-encoder-lr sets the rate of a text encoder that --train-text-encoder trains; add that, or leave it out."
+    if args.text_encoder_lr is not None and args.method == "textual-inversion":
+        return "--text-encoder-lr: textual-inversion trains its new word alone, at --lr; set that instead."
+    if args.text_encoder_lr is not None and not (args.train_text_encoder or args.new_token):
+        return ("--text-encoder-lr sets the rate of a text encoder that --train-text-encoder trains, or of a new word "
+                "(--new-token); add one of them, or leave it out.")
     if args.class_dir and args.prior_weight == 0:
         return ("--class-dir gives the prior-preservation loss its class photos, but the prior is off (--prior-weight 0"
                 f"{', as textual-inversion has it' if args.method == 'textual-inversion' else ''}); turn it on with "

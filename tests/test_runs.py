@@ -49,7 +49,10 @@ def base_args(world, out):
 @pytest.mark.parametrize("args,message", [
     (["--lr", "nan"], "argument --lr: must be a finite number, not nan"),
     (["--out", ""], "argument --out: must not be empty; give a path"),  # it meant the current folder
-    (["--text-encoder-lr", "1e-5"], "--text-encoder-lr sets the rate of a text encoder that --train-text-encoder"),
+    (["--text-encoder-lr", "1e-5"], "--text-encoder-lr sets the rate of a text encoder that --train-text-encoder "
+     "trains, or of a new word (--new-token); add one of them"),
+    (["--text-encoder-lr", "1e-5", "--method", "textual-inversion"], "--text-encoder-lr: textual-inversion trains its "
+     "new word alone, at --lr"),  # it was told to add --train-text-encoder, which textual-inversion refuses
     (["--prior-weight", "0", "--class-dir", "."], "--class-dir gives the prior-preservation loss its class photos, but "
      "the prior is off (--prior-weight 0); turn it on"),  # both did nothing, silently
     (["--model", " "], "argument --model: must not be empty; give a path"),  # it meant the default model

@@ -86,6 +86,28 @@ def test_lr_schedules_equal_diffusers(schedule):
         theirs.step()
 
 
+@pytest.mark.parametrize("flags,rates", [
+    ([], {"unet": 1e-4, "word": 5e-3}),  # the new word at textual inversion's rate
+    (["--text-encoder-lr", "1e-3"], {"unet": 1e-4, "word": 1e-3}),  # it was refused without --train-text-encoder
+    (["--train-text-encoder"], {"unet": 1e-4, "text": 1e-4, "word": 5e-3}),
+    (["--train-text-encoder", "--text-encoder-lr", "1e-3"], {"unet": 1e-4, "text": 1e-3, "word": 1e-3}),
+])
+def test_a_new_word_trains_at_the_text_encoder_rate_when_one_is_given(world, tmp_path, flags, rates):
+    """--text-encoder-lr's help says it sets a new word's rate under full or lora; check() refused it unless
+    --train-text-encoder trained the text encoder too."""
+    from minidb.loop import optimizer_for
+    from minidb.options import check, parse_args, with_method_defaults
+    args = parse_args([str(a) for a in ["--images", world / "photos", "--class", "ball", "--model", world / "base",
+                                        "--out", tmp_path / "out", "--method", "lora", "--new-token", "--lr", "1e-4",
+                                        "--device", "cpu", *flags]], train.__doc__)
+    assert with_method_defaults(args) is None and check(args) is None
+    unet, text, word = (torch.nn.Linear(2, 2) for _ in range(3))
+    trained = {"unet": unet, "new_word": word, **({"text_encoder": text} if args.train_text_encoder else {})}
+    optimizer = optimizer_for(trained, {"text_encoder"}, args, "cpu", word_default=train.METHOD_LR["textual-inversion"])
+    side = {id(p): name for name, m in (("unet", unet), ("text", text), ("word", word)) for p in m.parameters()}
+    assert {side[id(g["params"][0])]: g["lr"] for g in optimizer.param_groups} == rates
+
+
 def test_the_log_follows_the_schedule_and_scale_lr_multiplies(world, tmp_path):
     out = run(world, tmp_path / "cosine", "--lr-schedule", "cosine", "--warmup-steps", 2, "--lr", 1e-3,
               "--batch-size", 2, "--scale-lr", "--save-every", 3, "--checkpoints-keep", 2, steps=6)
