@@ -193,7 +193,9 @@ def dreambooth_loss(pred, target, n_instance, prior_weight, weights=None):
         loss = mean ‖ε̂ − ε‖² over subject examples + λ · mean ‖ε̂' − ε'‖² over class examples
 
     (ε, or v for v-prediction models: `target` is whichever the model predicts). `weights`, one per
-    example, rescale each example's error, e.g. for min-SNR weighting. Returns (loss, instance, prior).
+    example, rescale each example's error, e.g. for min-SNR weighting: the class examples' too, as kohya
+    weights every example (diffusers' DreamBooth scripts weight the subject's alone), since the prior
+    term is the same denoising loss on other pictures. Returns (loss, instance, prior).
     """
     per_example = (pred.float() - target.float()).square().mean(dim=(1, 2, 3))  # (B,)
     if weights is not None:

@@ -101,7 +101,7 @@ def parse_args(argv, doc):
       "equal to diffusers)")
     a("--gradient-checkpointing", action="store_true", help="recompute activations: less memory, ~30%% slower")
     a("--use-8bit-adam", action="store_true", help="bitsandbytes' 8-bit AdamW (CUDA only), saves ~5 GB")
-    a("--snr-gamma", type=positive, default=None, help="min-SNR loss weighting with this γ (5 is typical); off by default")
+    a("--snr-gamma", type=positive, default=None, help="min-SNR loss weighting with this γ (5 is typical), of the class prior's examples too, as kohya weights them (diffusers' DreamBooth scripts weight the subject's alone); off by default")
     a("--offset-noise", type=number(float, low=0, high=1), default=0.0, help="add per-channel offset noise of this scale (0.1 is typical) (default: %(default)s)")
     # (these three, left out, are the run's own on --resume: keep_the_runs_own; else RUN_DEFAULTS)
     a("--save-every", type=count, default=None, help="write a resumable checkpoint every N steps (0: only at the end) "
