@@ -102,9 +102,11 @@ def _fill(cls, cfg, tensors, dtype, device, what):
     unexpected = [k for k in tensors if k not in expected]
     wrong = [f"{k} is {tuple(tensors[k].shape)}, expected {tuple(v.shape)}"
              for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape]
+    wrong += [f"{k} holds {str(tensors[k].dtype).removeprefix('torch.')} numbers, not floating-point ones"  # cast, int8
+              for k in expected if k in tensors and not tensors[k].is_floating_point()]  # weights would load as whole numbers
     if missing or unexpected or wrong:
         problems = [f"{len(keys)} {label} ({_few(keys)})" for label, keys in
-                    (("missing tensors", missing), ("unexpected tensors", unexpected), ("wrong shapes", wrong)) if keys]
+                    (("missing tensors", missing), ("unexpected tensors", unexpected), ("wrong shapes or types", wrong)) if keys]
         raise ModelFileError(f"The {what} does not match its architecture: {'; '.join(problems)}; the file is "
                              "incomplete or damaged, so download or export it again.")
     dtype = dtype or next(t.dtype for t in tensors.values() if t.is_floating_point())

@@ -186,6 +186,19 @@ def test_a_model_missing_its_unets_first_tensor_is_damaged_not_a_vae(tiny, tmp_p
                            "incomplete or damaged; download or export it again.")
 
 
+@pytest.mark.parametrize("dtype,which", [(torch.int8, "model.diffusion_model."), (torch.int32, "model.diffusion_model.out.0.bias")])
+def test_a_model_of_whole_numbers_is_damaged(tiny, tmp_path, dtype, which):
+    """A UNet in int8 ended in a StopIteration traceback (no floating-point tensor to take the dtype from);
+    one int32 bias loaded as whole numbers and drew another picture, without a word."""
+    path = tmp_path / "m.safetensors"
+    save_file({k: (v * 100).round().to(dtype) if k.startswith(which) else v for k, v in tiny[1].items()}, path, tiny[2])
+    with pytest.raises(ModelFileError) as e:
+        load(path)
+    message = one_sentence(e)
+    assert f"holds {str(dtype).removeprefix('torch.')} numbers, not floating-point ones" in message
+    assert "UNet in" in message and "does not match its architecture" in message and "export it again" in message
+
+
 @pytest.mark.parametrize("kind,tensors,use", [
     ("a LoRA", {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.ones(4, 4)}, "--lora"),
     ("a textual-inversion embedding", {"emb_params": torch.ones(2, 32)}, "--embedding"),
