@@ -174,16 +174,27 @@ class FinishTheStep:
             signal.signal(signum, handler)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's stop, `kill`), raised where the script is, as Ctrl-C raises KeyboardInterrupt, so
+    that the same clean-up runs: a temporary file or folder half written is removed, a run that had not begun
+    leaves no folder. (Inside train.py's loop FinishTheStep takes both signals and saves a checkpoint.)"""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def run(main, interrupted="interrupted."):
     """Run a script's main(): warnings as one 'warning:' line (under torchrun, from the first process only),
-    Ctrl-C as a sentence and exit 130."""
+    Ctrl-C as a sentence and exit 130, SIGTERM as the same sentence and exit 143 (the shell's codes)."""
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
     if "WORLD_SIZE" in os.environ and os.environ.get("RANK", "0") != "0":  # torchrun (minidb/distributed.py):
         # every process reads the same inputs; the first warns
         warnings.simplefilter("ignore")
     signal.signal(signal.SIGINT, signal.default_int_handler)  # the scripts quit quietly while importing
+    signal.signal(signal.SIGTERM, _terminate)  # by default it ends the process at once, leaving what it was writing
     try:
         sys.exit(main())
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print(f"\n{interrupted}", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT))

@@ -679,17 +679,45 @@ def test_a_run_that_stops_before_it_begins_leaves_no_run_folder(world, tmp_path,
     assert not (tmp_path / "runs").exists()
 
 
-def test_ctrl_c_during_setup_is_one_sentence(world, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_during_setup_is_one_sentence_and_leaves_no_run(world, tmp_path, signum):
+    """SIGTERM (a scheduler's stop, `kill`) ended the process at once, exit 143 and no word, and left the run's
+    folder holding its .lock alone: only train.py's loop took it, as it takes Ctrl-C."""
     args = base_args(world, tmp_path / "out") + ["--class-images", 400, "--class-cache", tmp_path / "cache"]
     proc = subprocess.Popen([sys.executable, "-u", str(ROOT / "train.py"), *map(str, args)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not list((tmp_path / "cache").glob("*/00000.safetensors")):
         time.sleep(0.05)  # drawing the class prior: before the first training step
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    assert proc.returncode == 128 + signum, err  # the shell's codes: 130, 143
     assert "interrupted" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # the run had not begun: its folder goes
+
+
+SIGTERM_MID_WRITE = """import os, signal, sys
+from pathlib import Path
+from minidb.cli import run
+from minidb.writes import atomic_write
+
+def write(tmp):
+    Path(tmp).write_text("half")
+    os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's stop, in the middle of an export
+    Path(tmp).write_text("whole")
+
+run(lambda: atomic_write(sys.argv[1], write))
+"""
+
+
+def test_sigterm_in_the_middle_of_a_write_leaves_no_temporary_file(tmp_path):
+    """Outside train.py's loop SIGTERM ended the process at once: an export cut short left its temporary file
+    (.model.safetensors.RANDOM.tmp, 2 GB for SD 1.5), which neither --resume nor --overwrite removes."""
+    (tmp_path / "out").mkdir()
+    proc = subprocess.run([sys.executable, "-c", SIGTERM_MID_WRITE, str(tmp_path / "out" / "model.safetensors")],
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 143 and proc.stderr.strip() == "interrupted." and "Traceback" not in proc.stderr, proc.stderr
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 @pytest.mark.parametrize("script", ["train.py", "sample.py", "minidb.info"])
