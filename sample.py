@@ -157,6 +157,9 @@ def check(args):
         return f"--out {args.out} cannot be a folder: {nearest} is a file; choose another --out."
     if not os.access(nearest, os.W_OK | os.X_OK):
         return f"Cannot write to --out {args.out} ({nearest} is not writable); choose another folder."
+    if runs.saved_settings(out):  # a picture there would stop train.py from resuming the run (minidb/runs.py)
+        return (f"--out {args.out} is a train.py run's folder, which holds only what the run writes (a picture in it "
+                f"would stop --resume); draw into another folder, such as --out {out.name}-samples.")
     made = [p for p in (out, *out.parents) if not p.exists()]  # the deepest first
     try:
         runs.run_folder(out, resume=False)  # made and written to, as train.py checks its --out

@@ -161,8 +161,10 @@ def check_folder(folder, resume, overwrite):
     ours = RUN_FILES | {f"{saved_settings(folder).get('identifier')}.safetensors"}
     foreign = [name for name in entries if name not in ours or "settings.json" not in entries]
     if foreign:
+        advice = ("move them out of it first" if "settings.json" in entries and (resume or overwrite)  # a run's
+                  else "choose a new or empty folder")  # folder: choosing another would leave the run behind
         raise RunError(f"--out {folder} holds files that are not a minidb run ({', '.join(foreign[:3])}"
-                       f"{', ...' if len(foreign) > 3 else ''}); choose a new or empty folder.")
+                       f"{', ...' if len(foreign) > 3 else ''}); {advice}.")
     state = latest_state(folder / "checkpoints")
     if overwrite:
         return

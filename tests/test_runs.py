@@ -343,6 +343,24 @@ def test_a_folder_without_checkpoint_offers_overwrite(world, tmp_path, capsys):
     assert "holds a run with a checkpoint at step 1; pass --resume" in refused(capsys, base_args(world, out))
 
 
+def test_a_picture_in_a_run_folder_is_named_and_sample_py_does_not_draw_into_one(world, tmp_path, capsys):
+    """sample.py --out RUN drew into the run (exit 0); after that --resume said to choose a new or empty
+    folder, which abandons the run."""
+    out = tmp_path / "run"
+    train.main([str(a) for a in base_args(world, out) + ["--steps", 1]])
+    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--model", str(out / "model"), "--prompt", "x",
+                        "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip() == (
+        f"error: --out {out} is a train.py run's folder, which holds only what the run writes (a picture in it would "
+        "stop --resume); draw into another folder, such as --out run-samples."), r.stderr
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted(
+        n for n in runs.RUN_FILES if n != "lora.safetensors")  # nothing drawn there
+    (out / "00000-1.png").write_bytes(b"a picture put there by hand")
+    for flags in (["--resume", "--steps", 2], ["--overwrite"]):
+        assert refused(capsys, base_args(world, out) + flags).endswith(
+            "holds files that are not a minidb run (00000-1.png); move them out of it first.\n")
+
+
 def test_overwrite_never_deletes_files_that_are_not_a_run(world, tmp_path, capsys):
     out = tmp_path / "home"
     out.mkdir()
