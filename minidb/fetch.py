@@ -81,6 +81,9 @@ def part_path(out):
 def fetch(url=DEFAULT_URL, sha256=DEFAULT_SHA256, out=DEFAULT_MODEL, progress=True):
     """Download url to out unless out is already there with this sha256. Returns out."""
     out, part, sha256 = Path(out), part_path(out), sha256.lower()
+    if kind := _not_a_file(out):  # /dev/null: nothing to move away, and no file the download could replace
+        raise FetchError(f"{out} is {kind}, not a file, so the download cannot be saved there; give --out a file "
+                         "path (or a folder to save it in).")
     if out.exists():
         digest = file_sha256(out, progress, f"checking {out.name}")
         if digest != sha256:
@@ -153,6 +156,15 @@ def _open(url, out, have):
         raise FetchError(f"{url} is not an address that can be downloaded ({e}); give an https:// URL.") from None
 
 
+def _not_a_file(path):
+    """What stands at path, in words, when something does and it is no regular file ("a folder", "a device", ...);
+    else None."""
+    if not path.exists() or path.is_file():
+        return None
+    return ("a folder" if path.is_dir() else "a device" if path.is_char_device() or path.is_block_device()
+            else "a pipe" if path.is_fifo() else "a socket")
+
+
 def _download(response, part, have, progress, name):
     """Write the body to part: appended when the server sent the rest (206), from zero when it
     ignored the Range header and sent the whole file (200). Returns whether the server said how long it is."""
@@ -223,14 +235,19 @@ def file_sha256(path, progress=False, desc=None):
 
 
 def url_problem(url):
-    """Why url is not an address to download from, as a sentence for argparse, or None. A file:// URL has no
-    host and needs none."""
+    """Why url is not an address to download from, as a sentence for argparse, or None. Only http(s) is
+    downloaded: urllib's answer for file:// or ftp:// is no HTTP response (no length, no ranges)."""
     try:
         parts = urlparse(url)
     except ValueError as e:  # e.g. "Invalid IPv6 URL"
         return f"--url {url!r} is not a valid address ({e}); give an https:// URL"
-    if not parts.scheme or not (parts.netloc or parts.scheme == "file"):
+    if parts.scheme == "file":
+        return (f"--url {url!r} names a file already on this machine, which needs no download; pass its path to "
+                f"--model, or move it into {WEIGHTS}/")
+    if not parts.scheme or not parts.netloc:
         return f"--url {url!r} is not a full address with a host; give an https:// URL"
+    if parts.scheme not in ("http", "https"):
+        return f"--url {url!r} is not an http:// or https:// address; give an https:// URL"
     return None
 
 

@@ -375,10 +375,12 @@ def test_known_models_match_the_weights_readme():
         assert f"`{repo}`" in row and f"{size:,}" in row and f"`{sha256}`" in row
 
 
-@pytest.mark.parametrize("url", ["http://[::1", "", "http:///model.safetensors", "notaurl", "https://example.com/"])
+@pytest.mark.parametrize("url", ["http://[::1", "", "http:///model.safetensors", "notaurl", "https://example.com/",
+                                 "ftp://example.com/model.safetensors"])
 def test_cli_refuses_an_address_it_cannot_download(tmp_path, monkeypatch, capsys, url):
-    """A malformed, empty or hostless --url, or one that names no file when --out is not given, is refused
-    as an address before anything is written (no traceback, no 'weights: Is a directory')."""
+    """A malformed, empty or hostless --url, one that names no file when --out is not given, or an ftp:// one
+    (urllib's answer has no length: an AttributeError traceback), is refused as an address before anything
+    is written (no traceback, no 'weights: Is a directory')."""
     from minidb import fetch as f
     monkeypatch.setattr(f, "WEIGHTS", tmp_path)
     with pytest.raises(SystemExit) as e:
@@ -398,3 +400,30 @@ def test_cli_names_the_file_that_stands_where_a_folder_should_be(tmp_path, capsy
         assert f.main(["--url", f"http://127.0.0.1:{closed_port()}/m.safetensors", "--sha256", SHA, "--out", str(out)]) == 2
         assert capsys.readouterr().err == f"error: {afile} is a file, not a folder; choose another --out.\n"
     assert afile.read_bytes() == b"keep me"
+
+
+def test_a_file_url_is_refused_as_needing_no_download(tmp_path, capsys):
+    """file:///... passed the address check, then ended in an AttributeError traceback (urllib's answer for a
+    file has no length)."""
+    from minidb import fetch as f
+    (tmp_path / "model.safetensors").write_bytes(BODY)
+    url = (tmp_path / "model.safetensors").as_uri()
+    with pytest.raises(SystemExit) as e:
+        f.main(["--url", url, "--sha256", SHA, "--out", str(tmp_path / "w" / "model.safetensors")])
+    assert e.value.code == 2 and not (tmp_path / "w").exists()
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"python -m minidb.fetch: error: --url {url!r} names a file already on this machine, which needs no download; "
+        f"pass its path to --model, or move it into {f.WEIGHTS}/")
+
+
+@pytest.mark.skipif(os.name != "posix", reason="/dev/null and mkfifo")
+def test_an_out_that_is_a_device_or_pipe_is_named_as_one(tmp_path, capsys):
+    """It said "/dev/null already exists but its sha256 is ...; move it away or delete it"."""
+    from minidb import fetch as f
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    for out, kind in ((os.devnull, "a device"), (pipe, "a pipe")):
+        assert f.main(["--url", f"http://127.0.0.1:{closed_port()}/m.safetensors", "--sha256", SHA, "--out", str(out)]) == 2
+        assert capsys.readouterr().err == (f"error: {out} is {kind}, not a file, so the download cannot be saved "
+                                           "there; give --out a file path (or a folder to save it in).\n")
+    assert not part_path(pipe).exists()
