@@ -73,6 +73,8 @@ class Embeddings(nn.Module):
 class SelfAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
+        if cfg.width % cfg.heads:  # a damaged config: the weights would load, and the first prompt fail
+            raise ValueError(f"width {cfg.width} does not split into {cfg.heads} heads")
         self.heads = cfg.heads
         self.q_proj = nn.Linear(cfg.width, cfg.width)
         self.k_proj = nn.Linear(cfg.width, cfg.width)

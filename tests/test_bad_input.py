@@ -298,6 +298,8 @@ def edit_json(path, change):
     ("text_encoder", {"hidden_size": 32.5}, '"hidden_size" is 32.5 where a positive whole number'),
     ("text_encoder", {"num_hidden_layers": True}, '"num_hidden_layers" is true where a positive whole number'),
     ("text_encoder", {"hidden_act": "banana"}, '"hidden_act" is "banana", but SD\'s text encoders use'),
+    # it loaded, and the first prompt ended in an einops traceback
+    ("text_encoder", {"num_attention_heads": 3}, "has an architecture minidb cannot build (width 32 does not split into 3"),
 ])
 def test_diffusers_config_with_wrong_types(folder, part, entries, words):
     edit_json(folder / part / "config.json", lambda c: {**c, **entries})
@@ -305,7 +307,8 @@ def test_diffusers_config_with_wrong_types(folder, part, entries, words):
         load(folder)
     message = one_sentence(e)
     # the file is named; a config that no model can be built from names the part in the folder
-    where = f"The UNet in {folder}" if "cannot build" in words else str(folder / part / "config.json")
+    where = (f"The {'UNet' if part == 'unet' else 'text encoder'} in {folder}" if "cannot build" in words
+             else str(folder / part / "config.json"))
     assert words in message and where in message, message
 
 
