@@ -256,6 +256,10 @@ def train(args, out, device, numbered=False):
         if source.resolve() != out.resolve() and (source / "settings.json").is_file():
             resume.check_resume_settings(source, settings, given)
         resumed = state.load_state(path, trained)
+        if resumed["step"] > args.steps:  # it would export that step's model, and record --steps as its length
+            raise runs.RunError(f"--steps {args.steps} is fewer than the {resumed['step']} steps the run in {out} has "
+                                f"already taken; pass --steps {resumed['step']} or more, or resume an earlier "
+                                "checkpoint (--resume STEP).")
         if writes:  # only now that it reads back whole: a damaged one leaves the folder as it was
             state.set_aside_later(out / "checkpoints", path)
         optimizer.load_state_dict(resumed["optimizer"])

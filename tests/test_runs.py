@@ -361,6 +361,18 @@ def test_a_picture_in_a_run_folder_is_named_and_sample_py_does_not_draw_into_one
             "holds files that are not a minidb run (00000-1.png); move them out of it first.\n")
 
 
+def test_resume_with_fewer_steps_than_the_run_took_is_refused_and_changes_nothing(world, tmp_path, capsys):
+    """It said the run had already reached step 2, then exited 0 after exporting again and writing settings.json and
+    README.md with "steps": 1 for a model of step 2."""
+    out = tmp_path / "run"
+    train.main([str(a) for a in base_args(world, out) + ["--steps", 2]])
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    err = refused(capsys, base_args(world, out) + ["--resume", "--steps", 1])
+    assert err.strip().splitlines()[-1] == (f"error: --steps 1 is fewer than the 2 steps the run in {out} has already taken; pass --steps 2 "
+                           "or more, or resume an earlier checkpoint (--resume STEP).")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
 def test_overwrite_never_deletes_files_that_are_not_a_run(world, tmp_path, capsys):
     out = tmp_path / "home"
     out.mkdir()
