@@ -240,12 +240,14 @@ def class_prior(model, model_path, prompt, count, resolution, sampler, steps, gu
                 "sampler": sampler, "steps": steps, "guidance": guidance, "seed": seed}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     folder = Path(cache_root) / f"{re.sub(r'[^a-z0-9]+', '-', prompt.lower()).strip('-')[:40]}-{key}"
+    side = resolution // 2 ** (len(model.vae.cfg.ch_mult) - 1)
+    shape = (model.vae.cfg.z_channels, side, side)  # each latent's
     if rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write(folder / "settings.json", lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=2)))
-        _valid_prefix(folder, count)  # a damaged file is removed, with those after it, by one process
+        _valid_prefix(folder, count, shape)  # a damaged file is removed, with those after it, by one process
     barrier()
-    have = _valid_prefix(folder, count)
+    have = _valid_prefix(folder, count, shape)
     mine = shard(have, count, batch, rank, world)
     graph = UnetGraph(model.unet)  # on a GPU without autocast (--mixed-precision no): one recording for every batch
     with tqdm(total=sum(min(batch, count - first) for first in mine),  # the last batch may be short
@@ -267,24 +269,25 @@ def shard(have, count, batch, rank, world):
     return list(range(have, count, batch))[rank::world]
 
 
-def _valid_prefix(folder, count):
-    """How many cached latents 0, 1, 2, ... are readable and finite. A damaged file (a crash, a full
-    disk, a bad sector) is a cache miss: it and every file after it are drawn again, exactly as a run
-    that had cached only the files before it would draw them."""
-    shapes = set()
+CACHED = "[0-9]" * 5 + ".safetensors"  # 00000.safetensors, ...; other names there ("00000 copy") are not ours
+
+
+def _valid_prefix(folder, count, shape):
+    """How many cached latents 0, 1, 2, ... are readable, finite and of this `shape`. A damaged file (a crash,
+    a full disk, a bad sector, an edit) is a cache miss: it and every file after it are drawn again, exactly
+    as a run that had cached only the files before it would draw them."""
     for i in range(count):
         path = folder / f"{i:05d}.safetensors"
         if not path.exists():
             return i
         try:
             latent = read_tensors(path)[0]["latent"]
-            ok = latent.ndim == 3 and bool(torch.isfinite(latent).all())
+            ok = tuple(latent.shape) == shape and latent.is_floating_point() and bool(torch.isfinite(latent).all())
         except (ModelFileError, KeyError):
             ok = False
-        shapes.add(tuple(latent.shape) if ok else None)
-        if not ok or len(shapes) > 1:
+        if not ok:
             warnings.warn(f"the class-prior cache file {path} is damaged; drawing it and the ones after it again")
-            for later in folder.glob("[0-9]*.safetensors"):
+            for later in folder.glob(CACHED):
                 if int(later.stem) >= i:
                     later.unlink()
             return i

@@ -663,6 +663,15 @@ def test_a_damaged_class_prior_cache_file_is_drawn_again(world, tmp_path):
     kept = files.read_tensors(folder / "00000.safetensors")[0]["latent"]
     assert latent.shape == kept.shape and torch.isfinite(latent).all()
     assert (folder / "00000.safetensors").stat().st_mtime_ns == first  # the good one is kept
+    # A copy made by a file manager is not ours (it was a ValueError traceback: int("00000 copy")), and a latent
+    # of another shape is damaged (it was a size-mismatch traceback, after the run had written settings.json).
+    shutil.copy(folder / "00000.safetensors", folder / "00000 copy.safetensors")
+    copy = (folder / "00000 copy.safetensors").read_bytes()
+    writes.write_safetensors(folder / "00000.safetensors", {"latent": torch.zeros(kept.shape[0], 3, 3)})
+    with pytest.warns(UserWarning, match="class-prior cache file .*00000.safetensors is damaged"):
+        run(world, tmp_path / "c", "--class-cache", cache, "--drift-images", 0, steps=1)
+    assert files.read_tensors(folder / "00000.safetensors")[0]["latent"].shape == kept.shape
+    assert (folder / "00000 copy.safetensors").read_bytes() == copy  # the user's, left alone
 
 
 # ---- the README's command, twice; Ctrl-C before training ----
