@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from minidb import distributed, memory, resume, runs, state
 from minidb.cli import DTYPES, FinishTheStep, cpu_bf16, fail, run, warn_if_bf16_is_emulated
-from minidb.data import DataError, load_images
+from minidb.data import DataError, fingerprint, load_images
 from minidb.export import disk_needed, export
 from minidb.dreambooth import NewWord, class_prior, dreambooth_loss, min_snr_weights, pick_identifier, pick_new_word
 from minidb.fetch import default_model
@@ -160,6 +160,8 @@ def train(args, out, device, numbered=False):
     if args.concepts:
         settings["subjects"] = [{"images": s.images, "class": s.class_name, "identifier": s.identifier,
                                  "instance_prompt": s.instance_prompt, "class_prompt": s.class_prompt} for s in subjects]
+    settings["photos"] = [fingerprint(s.images, s.photos) for s in subjects]  # a resume checks they are the same
+    settings["class_photos"] = class_photos and fingerprint(args.class_dir, class_photos)
     if args.resume:
         resume.check_resume_settings(out, settings, given)
     if args.scale_lr:  # diffusers' --scale_lr: the rate grows with the images per step (the settings keep --lr)

@@ -30,6 +30,8 @@ the user knows which one it is. One file is decoded at a time, so memory holds f
 single photo only.
 """
 
+import hashlib
+import json
 import os
 import warnings
 from pathlib import Path
@@ -58,6 +60,16 @@ class Photos(NamedTuple):
 
 
 MIRRORED = " (mirrored)"  # what --flip adds to a photo's name for its mirrored copy
+
+
+def fingerprint(folder, photos):
+    """What --resume checks a run's photos against (minidb/resume.py): how many there are, and a sha256 of their
+    names, bytes and captions. A photo added, removed, edited or recaptioned changes what the run trains on."""
+    names = [n for n in photos.names if not n.endswith(MIRRORED)]
+    digest = hashlib.sha256(json.dumps([names, photos.captions]).encode())
+    for name in names:
+        digest.update((Path(folder) / name).read_bytes())
+    return {"photos": len(names), "sha256": digest.hexdigest()[:16]}
 
 
 def load_images(folder, resolution, flip=False, whole=False, captions=True, what="photos"):

@@ -53,6 +53,10 @@ def check_resume_settings(folder, settings, given):
         if (old is None and (key in DERIVED or key not in given)) or (None not in (old, value) and type(old) is not type(value) and not numbers):
             raise RunError(f"{folder / 'settings.json'} records {flag(key)} as {old!r}, which train.py never writes "
                            f"for it, {EDITED}")
+        if key in ("photos", "class_photos") and old is not None:
+            raise RunError(f"the {'class photos (--class-dir)' if key == 'class_photos' else 'photos'} are not the ones "
+                           f"the run in {folder} started with ({_count(old)} photos then, {_count(value)} now), so it would "
+                           "not continue the same run; put them back as they were, or start a new run.")
         if key == "subjects":  # --concepts: name the first subject that differs, not the whole list
             which = next((i for i, (a, b) in enumerate(zip(value, old), 1) if a != b), min(len(value), len(old)) + 1)
             raise RunError(f"--concepts {settings.get('concepts')} gives other subjects than the run in {folder} "
@@ -61,6 +65,12 @@ def check_resume_settings(folder, settings, given):
         advice = f"resume without {flag(key)}" if old is None else f"resume with {old!r}"
         raise RunError(f"{flag(key)} is {value!r} now but the run in {folder} started with {old!r}, and "
                        f"changing it would not continue the same run; {advice}, or start a new run.")
+
+
+def _count(fingerprints):
+    """How many photos data.fingerprint counted (one count per subject, "2 + 3")."""
+    return " + ".join(str(f.get("photos", "?") if isinstance(f, dict) else "?") for f in
+                      (fingerprints if isinstance(fingerprints, list) else [fingerprints]))
 
 
 def _read_alike(subjects):

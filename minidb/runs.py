@@ -111,7 +111,11 @@ def locked(folder, check=lambda: None, made=None):
     except ImportError:
         fcntl = None
     lock_made = fcntl is not None and not (folder / ".lock").exists()
-    f = open(folder / ".lock", "a+") if fcntl else None
+    try:
+        f = open(folder / ".lock", "a+") if fcntl else None
+    except OSError as e:  # a folder of that name, or a file the user cannot write
+        raise RunError(f"Cannot use {folder / '.lock'} as the run's lock file ({e.strerror}); move it away, or "
+                       "choose another --out.") from None
     try:
         if f:
             try:

@@ -55,6 +55,8 @@ def base_args(world, out):
      "new word alone, at --lr"),  # it was told to add --train-text-encoder, which textual-inversion refuses
     (["--prior-weight", "0", "--class-dir", "."], "--class-dir gives the prior-preservation loss its class photos, but "
      "the prior is off (--prior-weight 0); turn it on"),  # both did nothing, silently
+    (["--class-dir", "PHOTOS"], "is the --images folder, so the prior-preservation loss would teach the class prompt "
+     "your subject's own photos"),  # it trained the prior on the subject
     (["--model", " "], "argument --model: must not be empty; give a path"),  # it meant the default model
     (["--lr", "inf"], "argument --lr: must be a finite number, not inf"),
     (["--lr", "0"], "argument --lr: must be above 0"),
@@ -100,7 +102,7 @@ def base_args(world, out):
 ])
 def test_bad_values_are_refused_before_any_work(world, tmp_path, capsys, args, message):
     out = tmp_path / "out"
-    err = refused(capsys, base_args(world, out) + args)
+    err = refused(capsys, base_args(world, out) + [world / "photos" if a == "PHOTOS" else a for a in args])
     assert message in err and err.count("error:") == 1
     assert not out.exists()  # nothing was started
 
@@ -373,6 +375,29 @@ def test_resume_with_fewer_steps_than_the_run_took_is_refused_and_changes_nothin
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
+def test_resume_refuses_photos_that_changed_since_the_run_began(world, tmp_path, capsys):
+    """It went on with 3 photos of 5, exit 0: another run than the one it continued."""
+    photos, out = tmp_path / "photos", tmp_path / "run"
+    shutil.copytree(world / "photos", photos)
+    assert len(list(photos.iterdir())) > 1
+    args = [*base_args(world, out), "--images", photos, "--steps", 1]
+    train.main([str(a) for a in args])
+    gone = sorted(photos.iterdir())[-1]
+    kept = gone.read_bytes()
+    gone.unlink()
+    n = len(list(photos.iterdir()))
+    resume = [*args[:-1], 2, "--resume"]
+    assert refused(capsys, resume).strip().splitlines()[-1] == (
+        f"error: the photos are not the ones the run in {out} started with ({n + 1} photos then, {n} now), so it would "
+        "not continue the same run; put them back as they were, or start a new run.")
+    gone.write_bytes(kept)
+    (photos / f"{gone.stem}.txt").write_text("a photo of [V] ball in the snow")  # a caption is what it trains on too
+    assert "the photos are not the ones the run" in refused(capsys, resume)
+    (photos / f"{gone.stem}.txt").unlink()
+    train.main([str(a) for a in resume])  # put back as they were: it goes on
+    assert runs.latest_state(out / "checkpoints").name == "step-000002"
+
+
 def test_overwrite_never_deletes_files_that_are_not_a_run(world, tmp_path, capsys):
     out = tmp_path / "home"
     out.mkdir()
@@ -411,6 +436,16 @@ def test_a_second_run_on_the_same_folder_is_refused(world, tmp_path, capsys):
         err = refused(capsys, base_args(world, out))
     assert f"Another train.py (process {os.getpid()}) is running in {out}" in err
     assert not (out / "log.jsonl").exists()
+
+
+def test_a_lock_that_is_a_folder_is_one_sentence(world, tmp_path, capsys):
+    """It was an IsADirectoryError traceback."""
+    out = tmp_path / "out"
+    (out / ".lock").mkdir(parents=True)
+    err = refused(capsys, base_args(world, out))
+    assert err.strip() == (f"error: Cannot use {out / '.lock'} as the run's lock file (Is a directory); move it away, "
+                           "or choose another --out.")
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]
 
 
 @pytest.mark.parametrize("flag,value", [("--seed", 1), ("--lr", 1e-4), ("--class", "cup"), ("--resolution", 48),
