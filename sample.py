@@ -130,6 +130,9 @@ def check(args):
         return problem
     if args.dtype == "fp16" and torch.device(args.device).type == "cpu":
         return "--dtype fp16 is not supported on the CPU; use fp32 (the default) or bf16."
+    if args.guidance == 1 and args.negative_prompt.strip():  # guidance steers away from it; at 1 there is none
+        warnings.warn("--negative-prompt does nothing at --guidance 1, which draws without guidance (the picture is the "
+                      "same without it); raise --guidance to use it.")
     problem = (adapter_problem("--lora", [path for path, _ in args.lora])
                or adapter_problem("--embedding", args.embedding))
     if problem:

@@ -412,6 +412,19 @@ def test_long_prompt_warns_then_runs(models, tmp_path):
     assert len(list(tmp_path.glob("*.png"))) == 1
 
 
+def test_a_negative_prompt_without_guidance_is_warned_of(models, tmp_path):
+    """At --guidance 1 the negative prompt is never read: the picture was the same, and the PNG recorded it, unsaid."""
+    common = ["--model", models[1], "--prompt", "a dog", "--steps", "2", "--height", "32", "--guidance", "1", "--seed", "3"]
+    r = sample(*common, "--negative-prompt", "blurry", "--out", tmp_path / "neg")
+    assert r.returncode == 0, r.stderr
+    assert "warning: --negative-prompt does nothing at --guidance 1, which draws without guidance (the picture is the " \
+           "same without it); raise --guidance to use it." in r.stderr
+    plain = sample(*common, "--out", tmp_path / "plain")
+    assert plain.returncode == 0 and "negative" not in plain.stderr, plain.stderr
+    (a,), (b,) = (list((tmp_path / name).glob("*.png")) for name in ("neg", "plain"))
+    assert pixels(a) == pixels(b)  # what the warning says
+
+
 def test_the_docs_placeholder_in_a_prompt_is_warned_of_then_drawn(models, tmp_path):
     """[V] copied from the docs is read as the letters [V]: a warning names what to write instead."""
     r = sample("--model", models[1], "--prompt", "a photo of a [V] dog", "--steps", "2", "--height", "32",
