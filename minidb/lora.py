@@ -230,7 +230,10 @@ def save_kohya(lora, path, metadata=None, dtype=torch.float16):
     info.update({"ss_network_module": "networks.lora", "ss_network_dim": str(lora.rank),
                  "ss_network_alpha": str(lora.alpha), "ss_base_model_version": version,
                  "ss_v2": str(lora.version == "SD 2.x")})
-    tensors = {k: t.to(dtype).contiguous().cpu() for k, t in lora.state_dict().items()}
+    # alpha stays fp32, the number training scaled by: in fp16 0.1 would read back as 0.09998, and an alpha under
+    # 6e-8 as 0, which kohya, A1111 and ComfyUI take for "no alpha", scale 1
+    tensors = {k: t.to(torch.float32 if k.endswith(".alpha") else dtype).contiguous().cpu()
+               for k, t in lora.state_dict().items()}
     # sshs_model_hash, as kohya writes it: the sha256 of the bytes after the header (the "addnet" hash, which the
     # header and so the metadata do not change). A1111 indexes its LoRAs by it, so that a picture's "Lora hashes"
     # finds this file by its content on paste (extensions-builtin/Lora/network.py); without it, only once hashed.

@@ -171,6 +171,19 @@ def test_names_at_sd15_size_are_the_layers_a1111_patches():
         assert original == table[name][1].replace(".", "_"), name
 
 
+@pytest.mark.parametrize("alpha", [0.1, 1e-9])
+def test_alpha_is_saved_as_the_number_training_scaled_by(folder, tmp_path, alpha):
+    """Saved in fp16 with the weights, alpha 0.1 read back as 0.09998, and 1e-9 as 0, which kohya, A1111 and
+    ComfyUI take for no alpha at all: scale 1 instead of 1e-9 / rank."""
+    lora = random_lora(load(folder), alpha=alpha)
+    save_kohya(lora, tmp_path / "lora.safetensors")  # fp16, the default
+    tensors = load_file(tmp_path / "lora.safetensors")
+    alphas = {k: t for k, t in tensors.items() if k.endswith(".alpha")}
+    assert alphas and all(t.dtype == torch.float32 and t.item() == torch.tensor(alpha).item() for t in alphas.values())
+    assert all(t.dtype == torch.float16 for k, t in tensors.items() if k not in alphas)
+    assert all(a.scale == alpha / 4 for a in lora.children())  # what training scaled by
+
+
 def test_kohya_file_gives_diffusers_outputs(folder, tmp_path):
     model = load(folder)
     save_kohya(random_lora(model), tmp_path / "lora.safetensors", metadata={"ss_output_name": "sks", "ss_steps": 400})
