@@ -9,7 +9,7 @@ import torch
 
 from minidb.files import read_tensors
 from minidb.writes import write_json, write_safetensors
-from minidb.toy import base, lab, measure
+from minidb.toy import arguments, base, lab, measure
 
 TINY = ["--vae-steps", "3", "--vae-ch", "32", "--steps", "4", "--batch", "2", "--pictures", "8", "--save-every", "2"]
 
@@ -318,6 +318,7 @@ def test_a_model_with_nan_weights_is_never_written(tmp_path, monkeypatch, capsys
     """train-base --lr 1e30 wrote a model of NaN and infinite weights, by default over weights/toy.safetensors.
     Such a --lr is refused now (test_huge_counts_and_seeds_are_refused_before_any_work); and whatever makes the
     weights diverge, the model is not written."""
+    import shutil
     from minidb.fetch import TOY_MODEL
     unet_stage = base.train_unet
 
@@ -328,19 +329,103 @@ def test_a_model_with_nan_weights_is_never_written(tmp_path, monkeypatch, capsys
         return unet, text, tokenizer
     monkeypatch.setattr(base, "train_unet", diverged)
     out = tmp_path / "o.safetensors"
-    out.write_bytes(b"an earlier model")
+    shutil.copyfile(TOY_MODEL, out)  # an earlier toy base model, which train-base may replace
+    earlier = out.read_bytes()
     line = lab_error(capsys, "train-base", "--work", str(tmp_path / "w"), "--out", str(out), "--vae-from", str(TOY_MODEL),
                      "--steps", "1", "--batch", "1", "--pictures", "2")
     assert line == "error: The trained model has NaN or infinite weights (first in unet.time_embed.0.weight), so " \
                    f"{out} was not written (an earlier file there is kept); lower --lr and start over with --overwrite."
-    assert out.read_bytes() == b"an earlier model"
+    assert out.read_bytes() == earlier
     monkeypatch.setattr(base, "train_unet", unet_stage)  # a loss that is NaN stops the run at that step
     monkeypatch.setattr(base.F, "mse_loss", lambda prediction, target: (prediction - target).mean() * float("nan"))
     line = lab_error(capsys, "train-base", "--work", str(tmp_path / "w"), "--out", str(out), "--vae-from", str(TOY_MODEL),
                      "--steps", "1", "--batch", "1", "--pictures", "2", "--overwrite")
     assert line == "error: The UNet's loss became nan at step 1, so training cannot go on; lower --lr and start over " \
                    "with --overwrite."
-    assert out.read_bytes() == b"an earlier model"
+    assert out.read_bytes() == earlier
+
+
+def test_train_base_writes_a_safetensors_name_and_replaces_only_a_toy_base_model(tmp_path, monkeypatch, capsys):
+    """train-base --out replaced any file (notes, a LoRA) with exit 0, and wrote safetensors bytes under any name
+    (m, m.ckpt), which every script then could not read. It still replaces a toy base model, as the shipped
+    weights/toy.safetensors it writes by default."""
+    import shutil
+    from minidb.fetch import TOY_MODEL
+    no_training(monkeypatch)
+    notes, lora = tmp_path / "notes.safetensors", tmp_path / "lora.safetensors"
+    notes.write_text("my notes")
+    write_safetensors(lora, {"lora_unet_out.lora_down.weight": torch.zeros(4, 8)}, metadata={"ss_output_name": "cup"})
+    kept = tree(tmp_path)
+    for out in (notes, lora):
+        line = lab_error(capsys, "train-base", "--out", str(out), "--work", str(tmp_path / "w"), *TINY)
+        assert line == f"error: --out {out} is a file that is not a toy base model (a LoRA, a trained model or " \
+                       "another file), which train-base does not replace; choose another --out.", line
+    for out in (tmp_path / "m", tmp_path / "new" / "m.ckpt"):
+        line = lab_error(capsys, "train-base", "--out", str(out), "--work", str(tmp_path / "w"), *TINY)
+        assert line == f"error: --out {out} does not end in .safetensors, and train-base writes a safetensors file; " \
+                       f"name it {out.with_suffix('.safetensors')}.", line
+    assert tree(tmp_path) == kept  # nothing replaced, no --work, no folder made for the refused name
+
+    earlier = tmp_path / "earlier.safetensors"  # a toy base model: replaced, by default the shipped one
+    shutil.copyfile(TOY_MODEL, earlier)
+    assert arguments.is_toy_base(earlier) and arguments.is_toy_base(TOY_MODEL)
+    for out in (["--out", str(earlier)], []):
+        with pytest.raises(AssertionError, match="started training"):
+            lab.main(["train-base", *out, "--work", str(tmp_path / f"w{len(out)}"), *TINY])
+
+
+def test_examples_refuses_a_folder_holding_other_files(tmp_path, monkeypatch, capsys):
+    """`examples --out DIR` wrote its photos over DIR's own 0.png and beside DIR's other photos, which train.py
+    --images DIR would then train on with them. Its own photos, written before, are written again."""
+    from PIL import Image
+    mine = tmp_path / "my-dog"
+    mine.mkdir()
+    Image.new("RGB", (64, 64), "brown").save(mine / "0.png")
+    (mine / "park.jpg").write_bytes(b"a photo")
+    ours = tmp_path / "ours"
+    lab.main(["examples", "--out", str(ours)])
+    lab.main(["examples", "--out", str(ours)])  # again: the same photos
+    kept = tree(tmp_path)
+    for argv, folder, whose in ((["--out", str(mine)], mine, "subject's"), (["--out", str(ours), "--tuning"], ours,
+                                                                            "tuning subject's")):
+        line = lab_error(capsys, "examples", *argv)
+        shown = "0.png, park.jpg" if folder == mine else "0.png, 1.png, 2.png, ..."
+        assert line == f"error: {folder} holds files that are not the {whose} five photos ({shown}); choose a new " \
+                       "or empty folder.", line
+    assert tree(tmp_path) == kept
+
+
+def test_train_args_split_as_a_shell_does_and_never_set_the_labs_own_flags(tmp_path, monkeypatch, capsys):
+    """--train-args was split on spaces, so a quoted prompt reached train.py in pieces; and --out (or --seed,
+    --model, ...) in it quietly won over the lab's own, training outside the sweep's folder."""
+    import subprocess
+    commands = []
+
+    def train_py(cmd):  # stop at the first run, with what it was asked
+        commands.append(cmd)
+        raise subprocess.CalledProcessError(2, cmd)
+    monkeypatch.setattr(lab, "train_py", train_py)
+    runs, files = tmp_path / "runs", ["--json", str(tmp_path / "a.json"), "--picture", str(tmp_path / "a.png")]
+    lab_error(capsys, "ablation", "--seeds", "0", "--out", str(runs), *files,
+              "--train-args=--instance-prompt 'a photo of a [V] cup' --steps 2")
+    assert commands[0][-4:] == ["--instance-prompt", "a photo of a [V] cup", "--steps", "2"]
+    commands.clear()
+    cases = [("ablation", "--out /tmp/zzz", "--out", "--out", "use the lab's --out instead"),
+             ("ablation", "--ou=/tmp/zzz", "--ou=/tmp/zzz", "--out", "use the lab's --out instead"),
+             ("tune", "--see 3", "--see", "--seed", "use the lab's --seeds instead"),
+             ("methods", "--model=m.safetensors", "--model=m.safetensors", "--model", "use the lab's --model instead"),
+             ("tune", "--lr 1e-3", "--lr", "--lr", "use the lab's --lrs instead"),
+             ("methods", "--meth lora", "--meth", "--method", "leave it out"),
+             ("ablation", "--prior-weight=0.5", "--prior-weight=0.5", "--prior-weight", "leave it out"),
+             ("ablation", "--images my-dog", "--images", "--images", "leave it out"),
+             ("tune", "--overwrite", "--overwrite", "--overwrite", "leave it out")]
+    for command, train_args, word, flag, use in cases:
+        line = lab_error(capsys, command, "--seeds", "0", "--out", str(runs), *files, f"--train-args={train_args}")
+        assert line == f"error: --train-args {word} sets train.py's {flag}, which the lab sets itself; {use}.", line
+    line = lab_error(capsys, "ablation", "--out", str(runs), *files, "--train-args=--instance-prompt 'a photo")
+    assert line == "error: --train-args --instance-prompt 'a photo cannot be split as a shell splits it (no closing " \
+                   "quotation); quote as in a shell, e.g. --train-args \"--instance-prompt 'a photo of a [V] cup'\"."
+    assert commands == [] and not runs.exists()  # refused before the tuning photos or any run
 
 
 COMMANDS = ("run_evaluate", "run_compare", "run_train_probe", "run_base", "train_base", "write_examples")

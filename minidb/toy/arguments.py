@@ -4,12 +4,15 @@ above what the lab uses, so that a slip of the keyboard is refused at once rathe
 allocate (or running for days) later, and an output that could only fail at the end is refused first."""
 
 import argparse
+import json
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 from minidb.cli import SEED_MAX, fail, nonempty_path, number, text
 from minidb.fetch import TOY_MODEL
-from minidb.toy.base import TOY_VAE
+from minidb.files import json_loads, read_metadata
+from minidb.toy.base import TOY_TEXT, TOY_UNET, TOY_VAE
 from minidb.toy.measure import TOY_PROBE
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -38,8 +41,11 @@ def vae_width(value):
 
 def check_outputs(args):
     """Refuse, before any work, an output that could only fail once the work is done: a picture without a
-    picture's extension, a file where a folder exists, a folder that cannot be made or written.
-    The folders the files go into are made now."""
+    picture's extension, a file where a folder exists, a folder that cannot be made or written, a model
+    train-base would misname or write over (base_out_problem). The folders the files go into are made now."""
+    problem = args.command == "train-base" and base_out_problem(Path(args.out))
+    if problem:  # before its folder is made
+        fail(problem)
     outputs = {"--out": args.out if args.command in ("train-base", "train-probe") else None,
                "--json": getattr(args, "json", None), "--picture": getattr(args, "picture", None)}
     for flag, path in ((f, Path(p)) for f, p in outputs.items() if p):
@@ -50,6 +56,33 @@ def check_outputs(args):
         path.parent.mkdir(parents=True, exist_ok=True)  # an OSError here is a sentence too (main)
         if not os.access(path.parent, os.W_OK):
             fail(f"{flag} {path} cannot be written (the folder {path.parent} is not writable); choose another path.")
+
+
+def base_out_problem(out):
+    """Why train-base must not write its model to `out`, or None: it writes safetensors (under another name
+    every tool misreads it), and replaces only a toy base model, such as its default weights/toy.safetensors."""
+    if out.is_dir():
+        return None  # check_outputs says so
+    if out.suffix.lower() != ".safetensors":
+        return (f"--out {out} does not end in .safetensors, and train-base writes a safetensors file; name it "
+                f"{out.with_suffix('.safetensors')}.")
+    if out.exists() and not is_toy_base(out):
+        return (f"--out {out} is a file that is not a toy base model (a LoRA, a trained model or another file), "
+                "which train-base does not replace; choose another --out.")
+    return None
+
+
+def is_toy_base(path):
+    """Whether `path` is a model as train-base writes one, read from its header: minidb's configs of the toy UNet
+    and text encoder (the VAE's width is --vae-ch's), and no train.py run's record (a DreamBooth model has one)."""
+    metadata = read_metadata(path)  # {} for a file that is not safetensors
+    try:
+        configs = json_loads(metadata.get("minidb", "null"))
+    except json.JSONDecodeError:
+        return False
+    toy = json.loads(json.dumps({"unet": asdict(TOY_UNET), "text_encoder": asdict(TOY_TEXT)}))  # tuples as lists
+    return set(metadata) == {"format", "minidb"} and isinstance(configs, dict) and all(
+        configs.get(part) == config for part, config in toy.items())
 
 
 def parse_args(argv, description):

@@ -23,10 +23,12 @@ if __name__ == "__main__":  # Ctrl-C in the seconds torch takes to import: a sen
 import json
 import math
 import random
+import shlex
 import subprocess
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from minidb.cli import fail, run
 from minidb.data import DataError
@@ -116,6 +118,30 @@ VARIANTS = {  # what each comparison trains, as train.py arguments
                 "Textual Inversion": ["--method", "textual-inversion"]},
 }  # and "tune", the toy recipe: one variant per --lrs rate, on the tuning subject only (a ball), never the cup
 TUNING_EXAMPLES = ROOT / "runs" / "tuning-subject"  # rendered on demand: the tuning subject's 5 photos
+# train.py flags the lab sets itself, each with the lab's option for it (None: it has none), besides each variant's
+# own (VARIANTS; tune's --lr is --lrs). Given in --train-args too, argparse would take the later one: a run outside
+# the sweep's folder, of another seed, or with another variant's setting.
+LAB_FLAGS = {"--images": None, "--class": None, "--model": "--model", "--out": "--out", "--seed": "--seeds",
+             "--resume": None, "--overwrite": None}
+
+
+def train_py_args(args):
+    """--train-args split as a shell splits it (a quoted prompt stays one word); refused in one sentence if it
+    cannot be split, or if it sets a flag the lab sets: by its name, a prefix argparse takes for it, or with =."""
+    try:
+        words = shlex.split(args.train_args)
+    except ValueError as e:  # "No closing quotation", "No escaped character"
+        fail(f"--train-args {args.train_args} cannot be split as a shell splits it ({str(e).lower()}); quote as in "
+             "a shell, e.g. --train-args \"--instance-prompt 'a photo of a [V] cup'\".")
+    own = {**LAB_FLAGS, **({"--lr": "--lrs"} if args.command == "tune" else
+                           {w: None for extra in VARIANTS[args.command].values() for w in extra if w[:2] == "--"})}
+    for word in words:
+        name = word.split("=", 1)[0]  # --out=x, --ou x and --ou=x all mean --out x to argparse
+        flag = next((f for f in own if f.startswith(name)), None) if name[:2] == "--" and name != "--" else None
+        if flag:
+            fail(f"--train-args {word} sets train.py's {flag}, which the lab sets itself; "
+                 + (f"use the lab's {own[flag]} instead." if own[flag] else "leave it out."))
+    return words
 
 
 def load_run(folder):
@@ -140,6 +166,7 @@ def run_compare(args):
     """A table of the paper in miniature: each variant trained on the subject for several seeds, each
     run exactly as a user would type it, then measured. Finished runs (README.md written) are reused."""
     tuning = args.command == "tune"
+    train_args = train_py_args(args)  # before any work
     variants = {f"lr {lr}": ["--lr", lr] for lr in args.lrs} if tuning else VARIANTS[args.command]
     images, cls = ((write_examples(Path(args.out) / "tuning-subject", tuning=True), TUNING_SUBJECT) if tuning
                    else (EXAMPLES, SUBJECT))  # the tuning photos go with the sweep's runs, not into the repo's runs/
@@ -152,7 +179,7 @@ def run_compare(args):
                          ["--overwrite"] if out.exists() else [])
                 try:
                     train_py([sys.executable, str(ROOT / "train.py"), "--images", str(images), "--class", cls, "--model",
-                              str(args.model), "--out", str(out), "--seed", str(seed), *args.train_args.split(), *extra,
+                              str(args.model), "--out", str(out), "--seed", str(seed), *train_args, *extra,
                               *again])
                 except subprocess.CalledProcessError as e:  # resuming with other --train-args is refused by train.py
                     if again != ["--resume"]:
@@ -218,7 +245,7 @@ def train_py(cmd):
     """Run train.py as a user would. A Ctrl-C from the terminal reaches it too (it signals the whole process
     group), and train.py then finishes its step and saves a checkpoint, which the next sweep resumes: wait for
     that, rather than kill it 0.25 s later as subprocess.run does. A second Ctrl-C stops it at once."""
-    print(" ".join(cmd))
+    print(shlex.join(cmd))
     child = subprocess.Popen(cmd)
     try:
         code = child.wait()
@@ -235,13 +262,32 @@ def train_py(cmd):
 
 
 def write_examples(out, tuning=False):
-    """Render the subject's (or the tuning subject's) five photos into `out`; return it."""
+    """Render the subject's (or the tuning subject's) five photos into `out`; return it. A folder holding anything
+    else (a user's own 0.png too) is refused, which would be overwritten or trained on with them; the same
+    photos, written before, may be written again."""
     out = Path(out)
+    photos = {f"{i}.png": photo for i, photo in enumerate(subject_photos(n=5, tuning=tuning))}
+    others = [p.name for p in sorted(out.iterdir()) if p.name not in photos or not same_picture(p, photos[p.name][0])
+              ] if out.is_dir() else []
+    if others:
+        fail(f"{out} holds files that are not the {'tuning ' if tuning else ''}subject's five photos "
+             f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); choose a new or empty folder.")
     out.mkdir(parents=True, exist_ok=True)
-    for i, (image, scene) in enumerate(subject_photos(n=5, tuning=tuning)):
-        image.save(out / f"{i}.png")
-        print(f"wrote {out / f'{i}.png'}: {caption(scene, identifier='[V]')}")
+    for name, (image, scene) in photos.items():
+        image.save(out / name)
+        print(f"wrote {out / name}: {caption(scene, identifier='[V]')}")
     return out
+
+
+def same_picture(path, image):
+    """Whether `path` is a picture of exactly `image`'s pixels (its bytes may differ by PIL's version)."""
+    if not path.is_file() or path.is_symlink():  # not a pipe, which would block the reading
+        return False
+    try:
+        with Image.open(path) as old:
+            return old.mode == image.mode and old.size == image.size and old.tobytes() == image.tobytes()
+    except (OSError, ValueError, Image.DecompressionBombError):  # not a picture, or a damaged one
+        return False
 
 
 def main(argv=None):
