@@ -268,8 +268,8 @@ def from_original(tensors, metadata, path, dtype=None, device=torch.device("cpu"
             if kind.startswith("a LoRA") else f"--embedding {path}"
         raise ModelFileError(f"{path} is {kind}; draw with a base model and this file: sample.py {use}.")
     if kind:
-        raise ModelFileError(f"{path} is {kind}; minidb supports SD 1.x, 2.x and SDXL text-to-image models only, "
-                             "not this kind yet.")
+        raise ModelFileError(given_as_model(path) or f"{path} is {kind}; minidb supports SD 1.x, 2.x and SDXL "
+                             "text-to-image models only, not this kind yet.")
     version = single_file.version(tensors)
     parts, leftover = single_file.split(tensors, version)
     if leftover:

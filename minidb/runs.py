@@ -212,10 +212,13 @@ def saved_settings(folder):
         return {}
 
 
-def given_as_model(folder):
-    """One sentence for a train.py run folder passed where a model belongs (sample.py --model runs/latest):
-    the file it made, and how to use it; None if `folder` is no run folder."""
-    folder = Path(folder)
+def given_as_model(path):
+    """One sentence for a train.py run folder, or a checkpoint of one or a file in it, passed where a model
+    belongs (sample.py --model runs/latest): the file the run made, and how to use it; None if `path` is
+    none of these."""
+    path = Path(path)
+    step = next((p for p in (path, path.parent) if p.match(CHECKPOINT) and p.parent.name == "checkpoints"), None)
+    folder = step.parent.parent if step else path
     if not (folder / "settings.json").is_file():
         return None
     base, words = saved_settings(folder).get("model"), sorted(set(folder.glob("*.safetensors")) - {
@@ -229,7 +232,9 @@ def given_as_model(folder):
         use = f"it trained a new word, so load its base model{f' ({base})' if base else ''} with --embedding {words[0]}"
     else:
         use = "it has exported nothing yet; let it finish, or continue it with train.py --resume"
-    return f"{folder} is a train.py run folder, not a model: {use}."
+    what = (f"{path} is {'' if step == path else 'part of '}the checkpoint of step {int(step.name[5:])} of the train.py "
+            f"run in {folder}, which train.py --resume continues" if step else f"{folder} is a train.py run folder")
+    return f"{what}, not a model: {use}."
 
 
 def recorded_subjects(paths):

@@ -80,6 +80,24 @@ def test_a_run_folder_given_as_a_model_names_what_to_load(tiny, tmp_path, made):
         assert "exported nothing yet" in message
 
 
+def test_a_checkpoint_given_as_a_model_names_what_to_load(tiny, tmp_path):
+    """A checkpoint's unet.safetensors or state.pt was "not a Stable Diffusion checkpoint ...; minidb supports SD
+    1.x, 2.x and SDXL text-to-image models only, not this kind yet", as if it were another tool's."""
+    run = tmp_path / "dreambooth-1"
+    ckpt = run / "checkpoints" / "step-000002"
+    ckpt.mkdir(parents=True)
+    (run / "settings.json").write_text(json.dumps({"model": "weights/base.safetensors"}))
+    save_single_file(tiny[0], run / "model.safetensors")
+    save_file({k: v.contiguous() for k, v in tiny[0].unet.state_dict().items()}, ckpt / "unet.safetensors")
+    torch.save({"step": 2, "optimizer": {}}, ckpt / "state.pt")
+    for given, part in ((ckpt / "unet.safetensors", "part of "), (ckpt / "state.pt", "part of "), (ckpt, "")):
+        with pytest.raises(ModelFileError) as e:
+            load(given)
+        assert one_sentence(e) == (f"{given} is {part}the checkpoint of step 2 of the train.py run in {run}, which "
+                                   "train.py --resume continues, not a model: its personalized model is "
+                                   f"{run / 'model.safetensors'}, so load that.")
+
+
 def test_diffusers_folder_without_weights(tiny, tmp_path):
     save_diffusers(tiny[0], tmp_path / "m")
     os.remove(tmp_path / "m" / "vae" / "diffusion_pytorch_model.safetensors")
