@@ -156,6 +156,10 @@ def name_subjects(subjects, tokenizer, pick, seed, prior=True):
         subject.instance_prompt = (given or f"a photo of a [V] {subject.class_name}").replace(
             "[V]", subject.identifier)  # [V] stands for the identifier, as in captions and validation prompts
         subject.class_prompt = subject.class_prompt or f"a photo of a {subject.class_name}"
+        if "[V]" in subject.class_prompt and prior:  # no identifier there: the prior is the class without the subject
+            warnings.warn(f"The class prompt {subject.class_prompt!r} holds [V], which only instance prompts, captions "
+                          "and validation prompts read as the identifier, so the prior draws and trains it as those "
+                          f"letters; describe the class alone, e.g. 'a photo of a {subject.class_name}'.")
         classes = [(k, s.class_prompt or f"a photo of a {s.class_name}") for k, s in enumerate(subjects, 1)]
         clash = next(((k, p) for k, p in classes if re.search(rf"(?<!\w){re.escape(subject.identifier)}(?!\w)", p,
                                                                re.IGNORECASE)), None)

@@ -375,6 +375,20 @@ def test_an_identifier_that_is_a_word_of_a_class_prompt_is_warned_of():
         name_subjects([Subject("photos", "ball", "sks", "a photo of my ball")], None, None, 0, prior=False)
 
 
+def test_a_class_prompt_holding_the_placeholder_is_warned_of():
+    """--class-prompt 'a photo of a [V] cup' went on silently: [V] is read as the identifier only where the subject
+    is meant (instance prompts, captions, validation prompts), so the prior drew and trained the letters [V]."""
+    from minidb.concepts import Subject, name_subjects
+    subject = Subject("photos", "cup", "sks", class_prompt="a photo of a [V] cup")
+    with pytest.warns(UserWarning, match=r"^The class prompt 'a photo of a \[V\] cup' holds \[V\], which only instance "
+                                         r"prompts, captions and validation prompts read as the identifier"):
+        name_subjects([subject], None, None, 0)
+    assert subject.class_prompt == "a photo of a [V] cup"  # kept as given: the warning says what it means
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no prior: the class prompt is not used
+        name_subjects([Subject("photos", "cup", "sks", class_prompt="a photo of a [V] cup")], None, None, 0, prior=False)
+
+
 def test_class_prompts_that_read_alike_share_one_prior():
     """'Dog' in one entry and 'dog' in another drew two class priors (twice the drawing, and each subject held to
     half the images), though the tokenizer lower-cases both to the same prompt."""
