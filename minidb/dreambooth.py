@@ -74,8 +74,9 @@ def embedding_vectors(path, tensors):
     else:
         names = []
     if not names or any(found[name].ndim not in (1, 2) for name in names):
-        raise ModelFileError(f"{path} is not a textual-inversion embedding (one tensor of vectors, e.g. "
-                             f"emb_params, or SDXL's clip_l and clip_g); it holds {', '.join(list(tensors)[:3]) or 'nothing'}.")
+        held = ", ".join(f"{k} {tuple(found[k].shape)}" if k in found else k for k in list(tensors)[:3]) or "nothing"
+        raise ModelFileError(f"{path} is not a textual-inversion embedding (one tensor of vectors (n, width), e.g. "
+                             f"emb_params, or SDXL's clip_l and clip_g); it holds {held}.")
     for name in names:
         if not found[name].is_floating_point():  # cast to float, int8 vectors would be zeros and bool ones 0 and 1
             raise ModelFileError(f"{path} holds {str(found[name].dtype).removeprefix('torch.')} values in {name} where "

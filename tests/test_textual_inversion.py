@@ -130,6 +130,7 @@ def test_an_fp8_embedding_is_read_as_its_numbers(folder, tmp_path, dtype):
     ({"emb_params": torch.zeros(0, 32)}, "holds no vectors (emb_params has the shape (0, 32))"),
     ({"emb_params": torch.zeros(0)}, "holds no vectors (emb_params has the shape (0,))"),
     ({"emb_params": torch.tensor(1.0)}, "is not a textual-inversion embedding"),
+    ({"emb_params": torch.ones(1, 1, 32)}, "); it holds emb_params (1, 1, 32)."),  # not an embedding: it named no shape
     ({"emb_params": torch.full((1, 32), float("nan"))}, "holds NaN or infinite numbers in emb_params"),
     ({"emb_params": torch.full((2, 32), float("-inf"))}, "holds NaN or infinite numbers in emb_params"),
     # used silently: cast to float, int8 vectors became zeros and bool ones 0 and 1
