@@ -160,9 +160,10 @@ def check(args):
         return f"--out {args.out} cannot be a folder: {nearest} is a file; choose another --out."
     if not os.access(nearest, os.W_OK | os.X_OK):
         return f"Cannot write to --out {args.out} ({nearest} is not writable); choose another folder."
-    if runs.saved_settings(out):  # a picture there would stop train.py from resuming the run (minidb/runs.py)
-        return (f"--out {args.out} is a train.py run's folder, which holds only what the run writes (a picture in it "
-                f"would stop --resume); draw into another folder, such as --out {out.name}-samples.")
+    run = next((p for p in (out.absolute(), *out.absolute().parents) if runs.is_run_folder(p)), None)
+    if run:  # a picture there would stop train.py resuming the run, or go with the next export (RUN/model/)
+        return (f"--out {args.out} is {'' if run == out.absolute() else 'inside '}a train.py run's folder, which holds "
+                f"only what the run writes; draw into another folder, such as --out {run.with_name(run.name + '-samples')}.")
     made = [p for p in (out, *out.parents) if not p.exists()]  # the deepest first
     try:
         runs.run_folder(out, resume=False)  # made and written to, as train.py checks its --out

@@ -160,8 +160,8 @@ def train(args, out, device, numbered=False):
     if args.concepts:
         settings["subjects"] = [{"images": s.images, "class": s.class_name, "identifier": s.identifier,
                                  "instance_prompt": s.instance_prompt, "class_prompt": s.class_prompt} for s in subjects]
-    settings["photos"] = [fingerprint(s.images, s.photos) for s in subjects]  # a resume checks they are the same
-    settings["class_photos"] = class_photos and fingerprint(args.class_dir, class_photos)
+    settings["photos"] = [fingerprint(s.photos) for s in subjects]  # a resume checks they are the same
+    settings["class_photos"] = class_photos and fingerprint(class_photos)
     if args.resume:
         resume.check_resume_settings(out, settings, given)
     if args.scale_lr:  # diffusers' --scale_lr: the rate grows with the images per step (the settings keep --lr)

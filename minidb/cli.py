@@ -181,6 +181,7 @@ class Terminated(KeyboardInterrupt):
 
 
 def _terminate(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one (SLURM and torchrun each pass it on) is one stop
     raise Terminated
 
 

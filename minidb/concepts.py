@@ -68,6 +68,16 @@ def one_value_per_key(pairs):
     return dict(pairs)
 
 
+def class_dir_problem(class_dir, folders):
+    """One sentence if --class-dir is one of the subjects' photo folders, else None: the prior-preservation loss
+    would then train the class prompt on a subject, the drift it is there to prevent."""
+    if class_dir and any(Path(f).resolve() == Path(class_dir).resolve() for f in folders if f):
+        return (f"--class-dir {class_dir} is the folder of a subject's own photos, so the prior-preservation loss "
+                "would teach the class prompt that subject, the drift it is there to prevent; give photos of others "
+                "of its class, or leave --class-dir out to draw them.")
+    return None
+
+
 def read_subjects(args):
     """[Subject] from the command line: --concepts FILE, or --images with --class (and the prompt flags)."""
     if args.concepts is None:
@@ -117,6 +127,9 @@ def read_subjects(args):
                             f"{'is a file' if folder.exists() else 'does not exist'}{relative}; check it.")
         subjects.append(Subject(str(folder), concept["class"], concept.get("identifier"),
                                 concept.get("instance_prompt"), concept.get("class_prompt")))
+    problem = class_dir_problem(getattr(args, "class_dir", None), [s.images for s in subjects])
+    if problem:
+        raise DataError(problem)
     folders = [Path(s.images).resolve() for s in subjects]
     for k, folder in enumerate(folders):
         if folder in folders[:k]:  # most likely an entry copied and not edited

@@ -62,14 +62,19 @@ class Photos(NamedTuple):
 MIRRORED = " (mirrored)"  # what --flip adds to a photo's name for its mirrored copy
 
 
-def fingerprint(folder, photos):
-    """What --resume checks a run's photos against (minidb/resume.py): how many there are, and a sha256 of their
-    names, bytes and captions. A photo added, removed, edited or recaptioned changes what the run trains on."""
-    names = [n for n in photos.names if not n.endswith(MIRRORED)]
-    digest = hashlib.sha256(json.dumps([names, photos.captions]).encode())
-    for name in names:
-        digest.update((Path(folder) / name).read_bytes())
-    return {"photos": len(names), "sha256": digest.hexdigest()[:16]}
+def fingerprint(photos):
+    """What --resume checks a run's photos against (minidb/resume.py): a short sha256 of each photo as training
+    reads it (its pixels, caption, size and crop), by name. A photo added, removed, edited or recaptioned makes
+    another run; a file saved again with the same pixels (its metadata changed, say) does not."""
+    wholes = photos.whole or [None] * len(photos.names)
+    found = {}
+    for i, name in enumerate(photos.names):
+        digest = hashlib.sha256(json.dumps([photos.captions[i], photos.original_sizes[i], photos.crops[i]]).encode())
+        for pixels in (photos.pixels[i], wholes[i]):
+            if pixels is not None:
+                digest.update(pixels.contiguous().numpy())
+        found[name] = digest.hexdigest()[:12]
+    return found
 
 
 def load_images(folder, resolution, flip=False, whole=False, captions=True, what="photos"):

@@ -78,7 +78,9 @@ def how_to_use(args, out, model, subjects, lora_file=None, word_file=None):
         diffusers = (f"`pipe.load_textual_inversion(\"{word_file}\", token=\"{identifier}\")`." if model.version != "SDXL"
                      else f"`vectors = safetensors.torch.load_file(\"{word_file}\")`, then `pipe.load_textual_inversion("
                      f"vectors[\"clip_l\"], token=\"{identifier}\", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)`"
-                     " and the same with `clip_g`, `pipe.text_encoder_2`, `pipe.tokenizer_2`.")
+                     " and the same with `clip_g`, `pipe.text_encoder_2`, `pipe.tokenizer_2`; then "
+                     "`pipe.text_encoder_2.text_model.eos_token_id = 49407`, so that its pooled vector is taken at the "
+                     "end-of-text token, as in training (SDXL's config says 2, which takes it at the new word).")
         elsewhere.append(f"AUTOMATIC1111: copy `{word_file.name}` into `embeddings/` and write `{identifier}` in the "
                          f"prompt; ComfyUI: copy it into `models/embeddings` and write `embedding:{identifier}`; "
                          f"diffusers: {diffusers}")

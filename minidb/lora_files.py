@@ -281,7 +281,8 @@ def describe_lora(path, tensors, metadata):
     ranks = sorted({t.shape[0] for t in downs.values()})
     settings = _peft_settings(path, metadata)
     if alphas:
-        values, source = sorted({round(float(t.float().reshape(-1)[0]), 4) for t in alphas.values()}), ""
+        # 4 significant digits, not decimals: an alpha of 1e-05 is not 0 (and fp16's 0.09998 reads as 0.1)
+        values, source = sorted({float(f"{float(t.float().reshape(-1)[0]):.4g}") for t in alphas.values()}), ""
     else:
         values = sorted({v for k, v in settings.items() if k.endswith(".lora_alpha") and isinstance(v, (int, float))})
         source = " (lora_adapter_metadata)" if values else " (none given: alpha = rank)"

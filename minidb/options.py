@@ -12,6 +12,7 @@ from safetensors import SafetensorError, safe_open
 
 from minidb import hub, runs, single_file
 from minidb.resume import EDITED
+from minidb.concepts import class_dir_problem
 from minidb.cli import DTYPES, SEED_MAX, check_device, fail, nonempty_path, number, text
 from minidb.fetch import DEFAULT_MODEL, TOY_MODEL, how_to_get_weights
 from minidb.files import WEIGHT_SUFFIXES, ModelFileError, read_tensors
@@ -319,10 +320,9 @@ def check(args):
         return ("--class-dir gives the prior-preservation loss its class photos, but the prior is off (--prior-weight 0"
                 f"{', as textual-inversion has it' if args.method == 'textual-inversion' else ''}); turn it on with "
                 "--prior-weight, or leave --class-dir out.")
-    if args.class_dir and args.images and Path(args.class_dir).resolve() == Path(args.images).resolve():
-        return (f"--class-dir {args.class_dir} is the --images folder, so the prior-preservation loss would teach the "
-                "class prompt your subject's own photos, which is the drift it is there to prevent; give photos of "
-                "others of its class, or leave --class-dir out to draw them.")
+    problem = class_dir_problem(args.class_dir, [args.images])  # --concepts' folders: once read (read_subjects)
+    if problem:
+        return problem
     if args.prior_weight > 0 and not args.class_dir and args.class_images == 0:
         return ("--class-images 0 leaves the prior-preservation loss without images; draw at least 1 (the paper "
                 "draws about 200), or turn the prior off with --prior-weight 0.")

@@ -55,8 +55,8 @@ def check_resume_settings(folder, settings, given):
                            f"for it, {EDITED}")
         if key in ("photos", "class_photos") and old is not None:
             raise RunError(f"the {'class photos (--class-dir)' if key == 'class_photos' else 'photos'} are not the ones "
-                           f"the run in {folder} started with ({_count(old)} photos then, {_count(value)} now), so it would "
-                           "not continue the same run; put them back as they were, or start a new run.")
+                           f"the run in {folder} started with ({_change(old, value)}), so it would not continue the same "
+                           "run; put them back as they were, or start a new run.")
         if key == "subjects":  # --concepts: name the first subject that differs, not the whole list
             which = next((i for i, (a, b) in enumerate(zip(value, old), 1) if a != b), min(len(value), len(old)) + 1)
             raise RunError(f"--concepts {settings.get('concepts')} gives other subjects than the run in {folder} "
@@ -67,10 +67,17 @@ def check_resume_settings(folder, settings, given):
                        f"changing it would not continue the same run; {advice}, or start a new run.")
 
 
-def _count(fingerprints):
-    """How many photos data.fingerprint counted (one count per subject, "2 + 3")."""
-    return " + ".join(str(f.get("photos", "?") if isinstance(f, dict) else "?") for f in
-                      (fingerprints if isinstance(fingerprints, list) else [fingerprints]))
+def _change(old, new):
+    """The first photo that differs between two records of data.fingerprint (one per subject for "photos"), in
+    words: "3.png is gone", "7.png is new", "2.png changed"."""
+    pairs = list(zip(old, new)) if isinstance(old, list) and isinstance(new, list) else [(old, new)]
+    for was, now in pairs:
+        if not (isinstance(was, dict) and isinstance(now, dict)):
+            break
+        for name in sorted(was.keys() | now.keys()):
+            if was.get(name) != now.get(name):
+                return f"{name} {'is gone' if name not in now else 'is new' if name not in was else 'changed'}"
+    return "they changed"
 
 
 def _read_alike(subjects):

@@ -203,6 +203,11 @@ def clear(folder):
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
+def is_run_folder(folder):
+    """Whether `folder` is a train.py run's: its settings.json says which method trained which identifier."""
+    return {"method", "identifier"} <= saved_settings(folder).keys()
+
+
 def saved_settings(folder):
     """The run's settings.json as a dict, or {} when it is missing or unreadable."""
     try:

@@ -258,6 +258,15 @@ def test_info_describes_a_lora_minidb_trained(tmp_path, capsys):
                             '--prompt "a photo of zwx cup"')
 
 
+def test_info_shows_a_small_alpha_as_it_is(tmp_path, capsys):
+    """An alpha of 1e-05 showed as "alpha 0, scale 0" (rounded to 4 decimals)."""
+    layer = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    save_file({f"{layer}.lora_down.weight": torch.ones(4, 32, 1, 1), f"{layer}.lora_up.weight": torch.ones(32, 4, 1, 1),
+               f"{layer}.alpha": torch.tensor(1e-5)}, tmp_path / "small.safetensors")
+    status, lines = described(capsys, tmp_path / "small.safetensors")
+    assert status == 0 and lines["rank"] == "4; alpha 1e-05, scale 2.5e-06", lines["rank"]
+
+
 @pytest.mark.parametrize("dtype", ["float8_e4m3fn", "float8_e5m2"])
 def test_info_describes_an_fp8_lora(tmp_path, capsys, dtype):
     """torch has no isfinite for float8_e4m3fn: checking such a file was a traceback."""

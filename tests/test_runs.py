@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
 from safetensors import SafetensorError
 
 import train
@@ -55,8 +55,8 @@ def base_args(world, out):
      "new word alone, at --lr"),  # it was told to add --train-text-encoder, which textual-inversion refuses
     (["--prior-weight", "0", "--class-dir", "."], "--class-dir gives the prior-preservation loss its class photos, but "
      "the prior is off (--prior-weight 0); turn it on"),  # both did nothing, silently
-    (["--class-dir", "PHOTOS"], "is the --images folder, so the prior-preservation loss would teach the class prompt "
-     "your subject's own photos"),  # it trained the prior on the subject
+    (["--class-dir", "PHOTOS"], "is the folder of a subject's own photos, so the prior-preservation loss would teach "
+     "the class prompt that subject"),  # it trained the prior on the subject
     (["--model", " "], "argument --model: must not be empty; give a path"),  # it meant the default model
     (["--lr", "inf"], "argument --lr: must be a finite number, not inf"),
     (["--lr", "0"], "argument --lr: must be above 0"),
@@ -350,11 +350,13 @@ def test_a_picture_in_a_run_folder_is_named_and_sample_py_does_not_draw_into_one
     folder, which abandons the run."""
     out = tmp_path / "run"
     train.main([str(a) for a in base_args(world, out) + ["--steps", 1]])
-    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--model", str(out / "model"), "--prompt", "x",
-                        "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and r.stderr.strip() == (
-        f"error: --out {out} is a train.py run's folder, which holds only what the run writes (a picture in it would "
-        "stop --resume); draw into another folder, such as --out run-samples."), r.stderr
+    # RUN/samples/ stopped --resume too, and the next export replaced RUN/model/ with whatever was drawn into it
+    for given, inside in ((out, ""), (out / "samples", "inside "), (out / "model", "inside ")):
+        r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--model", str(out / "model"), "--prompt", "x",
+                            "--out", str(given)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and r.stderr.strip() == (
+            f"error: --out {given} is {inside}a train.py run's folder, which holds only what the run writes; draw into "
+            f"another folder, such as --out {tmp_path / 'run-samples'}."), r.stderr
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted(
         n for n in runs.RUN_FILES if n != "lora.safetensors")  # nothing drawn there
     (out / "00000-1.png").write_bytes(b"a picture put there by hand")
@@ -385,15 +387,18 @@ def test_resume_refuses_photos_that_changed_since_the_run_began(world, tmp_path,
     gone = sorted(photos.iterdir())[-1]
     kept = gone.read_bytes()
     gone.unlink()
-    n = len(list(photos.iterdir()))
     resume = [*args[:-1], 2, "--resume"]
     assert refused(capsys, resume).strip().splitlines()[-1] == (
-        f"error: the photos are not the ones the run in {out} started with ({n + 1} photos then, {n} now), so it would "
-        "not continue the same run; put them back as they were, or start a new run.")
+        f"error: the photos are not the ones the run in {out} started with ({gone.name} is gone), so it would not "
+        "continue the same run; put them back as they were, or start a new run.")
     gone.write_bytes(kept)
     (photos / f"{gone.stem}.txt").write_text("a photo of [V] ball in the snow")  # a caption is what it trains on too
-    assert "the photos are not the ones the run" in refused(capsys, resume)
+    assert f"started with ({gone.name} changed)" in refused(capsys, resume)
     (photos / f"{gone.stem}.txt").unlink()
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", "saved again by an editor")  # other bytes, the same pixels: the same photo
+    Image.open(gone).save(gone, pnginfo=info)
+    assert gone.read_bytes() != kept
     train.main([str(a) for a in resume])  # put back as they were: it goes on
     assert runs.latest_state(out / "checkpoints").name == "step-000002"
 
@@ -782,6 +787,30 @@ def write(tmp):
 
 run(lambda: atomic_write(sys.argv[1], write))
 """
+
+
+SIGTERM_TWICE = """import os, signal, sys, time
+from pathlib import Path
+from minidb.cli import run
+
+def main():
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+    finally:  # the clean-up, which a second SIGTERM (SLURM and torchrun each pass one on) cut short
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)
+        Path(sys.argv[1]).write_text("cleaned up")
+
+run(main)
+"""
+
+
+def test_a_second_sigterm_does_not_cut_the_clean_up_short(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", SIGTERM_TWICE, str(tmp_path / "done")], cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 143 and proc.stderr.strip() == "interrupted.", proc.stderr
+    assert (tmp_path / "done").read_text() == "cleaned up"
 
 
 def test_sigterm_in_the_middle_of_a_write_leaves_no_temporary_file(tmp_path):

@@ -160,9 +160,14 @@ def test_the_embedding_draws_in_diffusers_what_it_draws_in_sample_py(world, pivo
     model = load(world / "base")
     NewWord.from_file(model, out / f"{word}.safetensors").attach(model.text_encoder, model.text_encoder_2)
     context, pooled = encode_prompt(model, [prompt])  # both encoders side by side, and bigG's pooled vector
+    pipe.text_encoder_2.text_model.eos_token_id = 2  # as SDXL's own config says: the pooled vector at the new word
+    _, _, legacy_pooled, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False)
+    pipe.text_encoder_2.text_model.eos_token_id = 49407  # what the run's README says to set (minidb/export.py)
     ref_context, _, ref_pooled, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False)
     assert_close(context, ref_context)
-    assert_close(pooled, ref_pooled)  # bigG's pooled vector, at the end-of-text token as transformers takes it
+    assert_close(pooled, ref_pooled)  # bigG's pooled vector, at the end-of-text token
+    assert (legacy_pooled - ref_pooled).abs().max() > 0.1 * ref_pooled.abs().max()  # which the line does change
+    assert "pipe.text_encoder_2.text_model.eos_token_id = 49407" in (out / "README.md").read_text()
     base_context, _ = encode_prompt(load(world / "base"), [prompt])
     assert (context - base_context).abs().max() > 0.1 * base_context.abs().max()  # the word is not the BPE pieces
     ours = draw(["--model", world / "base", "--prompt", prompt, "--embedding", out / f"{word}.safetensors"], tmp_path)

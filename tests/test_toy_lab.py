@@ -384,6 +384,7 @@ def test_examples_refuses_a_folder_holding_other_files(tmp_path, monkeypatch, ca
     (mine / "park.jpg").write_bytes(b"a photo")
     ours = tmp_path / "ours"
     lab.main(["examples", "--out", str(ours)])
+    (ours / ".DS_Store").write_bytes(b"a file manager's")  # hidden: no photo to train.py either
     lab.main(["examples", "--out", str(ours)])  # again: the same photos
     kept = tree(tmp_path)
     for argv, folder, whose in ((["--out", str(mine)], mine, "subject's"), (["--out", str(ours), "--tuning"], ours,
@@ -508,7 +509,8 @@ if "--resume" in sys.argv or "--overwrite" in sys.argv:  # the second sweep: say
     (out / "again").write_text(" ".join(sys.argv[1:]))
     sys.exit(2)
 asked = []
-signal.signal(signal.SIGINT, lambda *_: asked.append(True))  # as train.py: finish the step, then save
+for signum in (signal.SIGINT, signal.SIGTERM):  # as train.py: finish the step, then save
+    signal.signal(signum, lambda *_: asked.append(True))
 out.mkdir(parents=True)
 (out / "started").write_text("")
 while not asked:
@@ -527,10 +529,12 @@ run(lambda: lab.main(sys.argv[2:]), interrupted="interrupted.")
 """
 
 
-def test_ctrl_c_in_a_sweep_lets_train_py_save_its_checkpoint(tmp_path):
+@pytest.mark.parametrize("sigterm", [False, True], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_in_a_sweep_lets_train_py_save_its_checkpoint(tmp_path, sigterm):
     """A terminal's Ctrl-C reaches the lab and its train.py alike. The lab killed train.py 0.25 s later,
     before the checkpoint train.py saves after a Ctrl-C, and the next sweep started that run over
-    (--overwrite). Now it waits for train.py, and the next sweep continues the run (--resume)."""
+    (--overwrite). Now it waits for train.py, and the next sweep continues the run (--resume). SIGTERM (`kill`)
+    reaches the lab alone: it passes it on to train.py (it waited 5 minutes for a train.py never told to stop)."""
     import os
     import signal
     import subprocess
@@ -543,9 +547,12 @@ def test_ctrl_c_in_a_sweep_lets_train_py_save_its_checkpoint(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(lab.ROOT)}
     first = subprocess.Popen(sweep, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
     started(run / "started", first)
-    os.killpg(first.pid, signal.SIGINT)  # as a terminal's Ctrl-C: to the whole process group
+    if sigterm:
+        first.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(first.pid, signal.SIGINT)  # as a terminal's Ctrl-C: to the whole process group
     _, err = first.communicate(timeout=60)
-    assert first.returncode == 130 and "Traceback" not in err, err
+    assert first.returncode == (143 if sigterm else 130) and "Traceback" not in err, err
     assert (run / "checkpoints" / "step-000003").is_dir(), err
     second = subprocess.run(sweep, env=env, capture_output=True, text=True, timeout=120)
     assert second.returncode == 2

@@ -312,6 +312,19 @@ def test_a_bad_concepts_file_is_one_sentence(world, tmp_path, capsys, content, w
     assert words in line, line
 
 
+def test_a_class_dir_that_is_a_concepts_subjects_folder_is_refused(tmp_path):
+    """--images was refused as --class-dir; a --concepts entry's folder went on, the prior trained on that subject."""
+    for name in "ab":
+        (tmp_path / name).mkdir()
+    concepts = tmp_path / "concepts.json"
+    concepts.write_text('[{"images": "a", "class": "dog"}, {"images": "b", "class": "cat"}]')
+    with pytest.raises(DataError) as e:
+        read_subjects(SimpleNamespace(concepts=str(concepts), class_dir=str(tmp_path / "b")))
+    assert str(e.value).startswith(f"--class-dir {tmp_path / 'b'} is the folder of a subject's own photos, so the "
+                                   "prior-preservation loss would teach the class prompt that subject")
+    assert len(read_subjects(SimpleNamespace(concepts=str(concepts), class_dir=str(tmp_path)))) == 2  # another folder
+
+
 def test_a_concepts_file_that_is_not_utf8_says_so(tmp_path):
     concepts = tmp_path / "concepts.json"
     concepts.write_bytes('[{"images": "a", "class": "café"}]'.encode("latin-1"))

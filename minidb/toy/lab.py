@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from minidb.cli import fail, run
+from minidb.cli import Terminated, fail, run
 from minidb.data import DataError
 from minidb.dreambooth import pick_identifier
 from minidb.fetch import file_in_the_way
@@ -249,7 +249,9 @@ def train_py(cmd):
     child = subprocess.Popen(cmd)
     try:
         code = child.wait()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
+        if isinstance(stop, Terminated):  # `kill` reaches the lab alone (a terminal's Ctrl-C reaches both): pass it on
+            child.send_signal(signal.SIGTERM)
         print("waiting for train.py to save its checkpoint (press Ctrl-C again to stop it at once)", file=sys.stderr)
         try:
             child.wait(timeout=GRACE)
@@ -267,15 +269,18 @@ def write_examples(out, tuning=False):
     photos, written before, may be written again."""
     out = Path(out)
     photos = {f"{i}.png": photo for i, photo in enumerate(subject_photos(n=5, tuning=tuning))}
-    others = [p.name for p in sorted(out.iterdir()) if p.name not in photos or not same_picture(p, photos[p.name][0])
-              ] if out.is_dir() else []
+    same = {p.name for p in out.iterdir() if p.name in photos and same_picture(p, photos[p.name][0])} \
+        if out.is_dir() else set()
+    others = [p.name for p in sorted(out.iterdir()) if p.name not in same and not p.name.startswith(".")] \
+        if out.is_dir() else []  # hidden files (.DS_Store) are no photos to train.py either
     if others:
         fail(f"{out} holds files that are not the {'tuning ' if tuning else ''}subject's five photos "
              f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); choose a new or empty folder.")
     out.mkdir(parents=True, exist_ok=True)
     for name, (image, scene) in photos.items():
-        image.save(out / name)
-        print(f"wrote {out / name}: {caption(scene, identifier='[V]')}")
+        if name not in same:  # the same picture is left as it is
+            image.save(out / name)
+        print(f"{'kept' if name in same else 'wrote'} {out / name}: {caption(scene, identifier='[V]')}")
     return out
 
 
