@@ -16,6 +16,7 @@ RESUMABLE_CHANGES = {"steps", "save_every", "validate_every", "resume", "overwri
                      "checkpoints_keep", "validation_prompt", "validation_images",
                      "concepts"}  # the file may move: its "subjects" are compared
 PATH_FLAGS = {"images", "model", "class_dir", "concepts"}
+PHOTOS = {"photos", "class_photos"}  # data.fingerprint's record of them
 DERIVED = {"identifier", "instance_prompt", "class_prompt", "resolution", "mixed_precision", "base_version",
            "prediction_type"}
 # The end of each sentence about a settings.json value that train.py never wrote.
@@ -30,9 +31,10 @@ def check_resume_settings(folder, settings, given):
         raise RunError(f"--resume cannot read {folder / 'settings.json'}, so it cannot check that this command "
                        "continues the same run; start over with --overwrite.")
     check_global_batch(folder, saved, settings)
-    # Settings that follow from others (the identifier from --seed, the resolution from --model)
-    # come last, so that a change is named by the flag the user changed.
-    for key in sorted(settings, key=lambda k: k in DERIVED):
+    # Settings that follow from others (the identifier from --seed, the resolution from --model) come last, so that
+    # a change is named by the flag the user changed; the photos as training reads them (at --resolution, --flip'ed)
+    # come after all.
+    for key in sorted(settings, key=lambda k: (k in PHOTOS, k in DERIVED)):
         value = settings[key]
         if key in RESUMABLE_CHANGES or key not in saved or (key in ("batch_size", "processes") and "processes" in saved):
             continue
@@ -53,7 +55,7 @@ def check_resume_settings(folder, settings, given):
         if (old is None and (key in DERIVED or key not in given)) or (None not in (old, value) and type(old) is not type(value) and not numbers):
             raise RunError(f"{folder / 'settings.json'} records {flag(key)} as {old!r}, which train.py never writes "
                            f"for it, {EDITED}")
-        if key in ("photos", "class_photos") and old is not None:
+        if key in PHOTOS and old is not None:
             raise RunError(f"the {'class photos (--class-dir)' if key == 'class_photos' else 'photos'} are not the ones "
                            f"the run in {folder} started with ({_change(old, value)}), so it would not continue the same "
                            "run; put them back as they were, or start a new run.")
