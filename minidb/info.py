@@ -72,6 +72,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.merge_lora and not args.convert:
         return fail("--merge-lora changes the model only in memory; add --convert OUT to write the merged model.")
+    if args.overwrite and not args.convert:  # it was taken, and nothing was written
+        return fail("--overwrite lets --convert replace the model at OUT; add --convert OUT, or leave it out.")
     loras = [path for path, _ in args.merge_lora]
     problem = (adapter_problem("--merge-lora", loras)  # before the slow load
                or args.convert and target_problem(Path(args.convert), args.overwrite, [args.model, *loras]))
