@@ -81,9 +81,9 @@ def part_path(out):
 def fetch(url=DEFAULT_URL, sha256=DEFAULT_SHA256, out=DEFAULT_MODEL, progress=True):
     """Download url to out unless out is already there with this sha256. Returns out."""
     out, part, sha256 = Path(out), part_path(out), sha256.lower()
-    if kind := _not_a_file(out):  # /dev/null: nothing to move away, and no file the download could replace
-        raise FetchError(f"{out} is {kind}, not a file, so the download cannot be saved there; give --out a file "
-                         "path (or a folder to save it in).")
+    if out.exists() and not out.is_file():  # /dev/null: nothing to move away, and no file the download could replace
+        raise FetchError(f"{out} is {'a folder' if out.is_dir() else 'a device or a pipe'}, not a file, so the download "
+                         "cannot be saved there; give --out a file path (or a folder to save it in).")
     if out.exists():
         digest = file_sha256(out, progress, f"checking {out.name}")
         if digest != sha256:
@@ -154,15 +154,6 @@ def _open(url, out, have):
         raise FetchError(_by_hand(url, out, f"the server could not be reached ({reason})")) from None
     except ValueError as e:  # urllib's word for a malformed address
         raise FetchError(f"{url} is not an address that can be downloaded ({e}); give an https:// URL.") from None
-
-
-def _not_a_file(path):
-    """What stands at path, in words, when something does and it is no regular file ("a folder", "a device", ...);
-    else None."""
-    if not path.exists() or path.is_file():
-        return None
-    return ("a folder" if path.is_dir() else "a device" if path.is_char_device() or path.is_block_device()
-            else "a pipe" if path.is_fifo() else "a socket")
 
 
 def _download(response, part, have, progress, name):
