@@ -11,7 +11,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from minidb import hub, runs, single_file
-from minidb.resume import EDITED
+from minidb.resume import METHOD_FLAGS, keep_the_runs_own
 from minidb.concepts import class_dir_problem
 from minidb.cli import DTYPES, SEED_MAX, check_device, fail, nonempty_path, number, text
 from minidb.fetch import DEFAULT_MODEL, TOY_MODEL, how_to_get_weights
@@ -147,67 +147,6 @@ def resume_point(value):
     return nonempty_path(value)
 
 
-# On --resume a flag the command leaves out takes the value the run began with, from its settings.json, so
-# that `train.py --resume` alone continues any run, even where a default has changed since. Not taken: the
-# command's own flags; the subject's when the command names a subject (another subject is refused, named);
-# a --concepts run's identifier and prompts (the first subject's, which the file names); and another
-# --method's flags (the changed method is refused, named).
-COMMAND_OWN = {"help", "resume", "overwrite", "out"}
-SUBJECT = {"images", "class_name", "concepts", "identifier", "instance_prompt", "class_prompt"}
-
-
-def keep_the_runs_own(p, argv, args):
-    """Give each flag `argv` leaves out the run's own value. The values go through the flags' own checks,
-    as if typed, so a hand-edited settings.json is refused in one sentence. Returns a problem, or None.
-    (A folder without settings.json keeps nothing: the resume then refuses it, and says why.)"""
-    where = (Path(args.out) if args.out is not None else runs.RUNS / "latest") / "settings.json"
-    saved = runs.saved_settings(where.parent)
-    if where.is_file() and not saved and any((where.parent / "checkpoints").glob(runs.CHECKPOINT)):
-        return (f"--resume cannot read {where} (it is damaged, or not the settings train.py wrote), so it cannot "
-                "continue the run as it began; start over with --overwrite.")
-    for action in p._actions:
-        action.default = argparse.SUPPRESS
-    given = set(vars(p.parse_args(argv)))  # the flags the command names, and only those
-    args.given = given  # check_resume_settings: a null the command did not set is the file's, not the command's
-    leave = COMMAND_OWN | given
-    if given & {"images", "class_name", "concepts"}:
-        leave |= SUBJECT
-    elif saved.get("concepts") is not None:
-        leave |= {"identifier", "instance_prompt", "class_prompt"}
-    method = args.method or saved.get("method")
-    leave |= {key for key, methods in METHOD_FLAGS.items() if method not in methods}
-    concepts = saved.get("concepts")
-    if "concepts" not in leave and isinstance(concepts, str) and not Path(concepts).is_file():
-        return (f"the run's --concepts {concepts} is no longer there; give --concepts with the file's new place (its "
-                "subjects must be the ones the run started with).")
-    typed = []  # the run's own values, as the command line would give them
-    for action in p._actions:
-        value = saved.get(action.dest)
-        if action.dest in leave or value is None or value is False or not action.option_strings:
-            continue
-        flag = action.option_strings[0]
-        if action.nargs == 0:  # a switch: on, or left out
-            fits, texts = value is True, []
-        elif isinstance(action, argparse._AppendAction):  # repeatable: a list
-            fits, texts = isinstance(value, list) and all(type(v) is str for v in value), value
-        else:
-            fits, texts = type(value) in (str, int, float), [str(value)]  # str() of a float reads back the same
-        if not fits:
-            return f"{where} records {flag} as {value!r}, which that flag cannot be, {EDITED}"
-        typed += [flag] if action.nargs == 0 else [f"{flag}={text}" for text in texts]
-
-    def refuse(message):
-        raise ValueError(message)
-    p.error = refuse  # argparse reports a bad value through error(): here it is the file's, not the command's
-    try:
-        kept = vars(p.parse_args(typed))
-    except ValueError as e:
-        return f"{where} records a value train.py refuses ({e}), {EDITED}"
-    for key, value in kept.items():
-        setattr(args, key, value)
-    return None
-
-
 METHOD_LR = {"full": 5e-6, "lora": 1e-4, "textual-inversion": 5e-3}  # the paper; kohya's and diffusers' LoRA
 # and textual-inversion defaults
 STEPS = 800
@@ -219,8 +158,6 @@ TOY_LR, TOY_STEPS = {"full": 1e-4}, {"full": 1200}  # the toy model's own: its 1
 LORA_ALPHA_MAX, PRIOR_WEIGHT_MAX, CLASS_IMAGES_MAX, STEPS_MAX, BATCH_MAX = 10_000, 1_000, 100_000, 1_000_000, 1024
 WORD_MAX = 200  # bytes of a new word, which names its file
 RUN_DEFAULTS = {"save_every": 0, "checkpoints_keep": 1, "validate_every": 0}  # None until a resume has kept the run's
-METHOD_FLAGS = {"lora_rank": ("lora",), "lora_alpha": ("lora",), "train_text_encoder": ("full", "lora"),
-                "new_token": ("full", "lora"), "save_dtype": ("full",)}  # flags that mean nothing to other methods
 
 
 def is_sdxl(path):

@@ -1,14 +1,16 @@
-"""--resume's checks: a resumed run is the run it continues, or one sentence says which flag would change it.
+"""--resume: a resumed run is the run it continues, or one sentence says which flag would change it.
 
 train.py records every setting that shapes a run in its settings.json (minidb/runs.py has the folder). A
-resumed command must give the same ones, except the few that only say how long to train and how often
-to save and look; settings that follow from others come last, so that a change is named by the flag the
-user changed. Under torchrun the global batch (processes x --batch-size) is what must stay.
+flag the resumed command leaves out is the run's own (keep_the_runs_own). One it gives must be the same,
+except the few that only say how long to train and how often to save and look; settings that follow from
+others come last, so that a change is named by the flag the user changed. Under torchrun the global batch
+(processes x --batch-size) is what must stay.
 """
 
+import argparse
 from pathlib import Path
 
-from minidb.runs import RunError, flag, saved_settings
+from minidb.runs import CHECKPOINT, RUNS, RunError, flag, saved_settings
 from minidb.tokenizer import as_read
 
 # Flags that may change on --resume: how long to train, and how often to save and look.
@@ -21,6 +23,70 @@ DERIVED = {"identifier", "instance_prompt", "class_prompt", "resolution", "mixed
            "prediction_type"}
 # The end of each sentence about a settings.json value that train.py never wrote.
 EDITED = "so the file was edited or damaged; put back the value the run started with, or start over with --overwrite."
+
+METHOD_FLAGS = {"lora_rank": ("lora",), "lora_alpha": ("lora",), "train_text_encoder": ("full", "lora"),
+                "new_token": ("full", "lora"), "save_dtype": ("full",)}  # flags that mean nothing to other methods
+
+
+# On --resume a flag the command leaves out takes the value the run began with, from its settings.json, so
+# that `train.py --resume` alone continues any run, even where a default has changed since. Not taken: the
+# command's own flags; the subject's when the command names a subject (another subject is refused, named);
+# a --concepts run's identifier and prompts (the first subject's, which the file names); and another
+# --method's flags (the changed method is refused, named).
+COMMAND_OWN = {"help", "resume", "overwrite", "out"}
+SUBJECT = {"images", "class_name", "concepts", "identifier", "instance_prompt", "class_prompt"}
+
+
+def keep_the_runs_own(p, argv, args):
+    """Give each flag `argv` leaves out the run's own value. The values go through the flags' own checks,
+    as if typed, so a hand-edited settings.json is refused in one sentence. Returns a problem, or None.
+    (A folder without settings.json keeps nothing: the resume then refuses it, and says why.)"""
+    where = (Path(args.out) if args.out is not None else RUNS / "latest") / "settings.json"
+    saved = saved_settings(where.parent)
+    if where.is_file() and not saved and any((where.parent / "checkpoints").glob(CHECKPOINT)):
+        return (f"--resume cannot read {where} (it is damaged, or not the settings train.py wrote), so it cannot "
+                "continue the run as it began; start over with --overwrite.")
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    given = set(vars(p.parse_args(argv)))  # the flags the command names, and only those
+    args.given = given  # check_resume_settings: a null the command did not set is the file's, not the command's
+    leave = COMMAND_OWN | given
+    if given & {"images", "class_name", "concepts"}:
+        leave |= SUBJECT
+    elif saved.get("concepts") is not None:
+        leave |= {"identifier", "instance_prompt", "class_prompt"}
+    method = args.method or saved.get("method")
+    leave |= {key for key, methods in METHOD_FLAGS.items() if method not in methods}
+    concepts = saved.get("concepts")
+    if "concepts" not in leave and isinstance(concepts, str) and not Path(concepts).is_file():
+        return (f"the run's --concepts {concepts} is no longer there; give --concepts with the file's new place (its "
+                "subjects must be the ones the run started with).")
+    typed = []  # the run's own values, as the command line would give them
+    for action in p._actions:
+        value = saved.get(action.dest)
+        if action.dest in leave or value is None or value is False or not action.option_strings:
+            continue
+        name = action.option_strings[0]
+        if action.nargs == 0:  # a switch: on, or left out
+            fits, texts = value is True, []
+        elif isinstance(action, argparse._AppendAction):  # repeatable: a list
+            fits, texts = isinstance(value, list) and all(type(v) is str for v in value), value
+        else:
+            fits, texts = type(value) in (str, int, float), [str(value)]  # str() of a float reads back the same
+        if not fits:
+            return f"{where} records {name} as {value!r}, which that flag cannot be, {EDITED}"
+        typed += [name] if action.nargs == 0 else [f"{name}={text}" for text in texts]
+
+    def refuse(message):
+        raise ValueError(message)
+    p.error = refuse  # argparse reports a bad value through error(): here it is the file's, not the command's
+    try:
+        kept = vars(p.parse_args(typed))
+    except ValueError as e:
+        return f"{where} records a value train.py refuses ({e}), {EDITED}"
+    for key, value in kept.items():
+        setattr(args, key, value)
+    return None
 
 
 def check_resume_settings(folder, settings, given):

@@ -9,7 +9,7 @@
   or files that are not a run (never touched).
 - --resume continues the run exactly as it started: a flag that would change the run is refused
   (minidb/resume.py), and a flag left out is the run's own (settings.json) rather than today's
-  default (minidb/options.py keep_the_runs_own).
+  default (keep_the_runs_own, there too).
 - The checkpoints inside it: minidb/state.py writes and reads them; latest_state, here, finds the newest.
 """
 
