@@ -348,9 +348,10 @@ def test_a_model_with_nan_weights_is_never_written(tmp_path, monkeypatch, capsys
 def test_train_base_writes_a_safetensors_name_and_replaces_only_a_toy_base_model(tmp_path, monkeypatch, capsys):
     """train-base --out replaced any file (notes, a LoRA) with exit 0, and wrote safetensors bytes under any name
     (m, m.ckpt), which every script then could not read. It still replaces a toy base model, as the shipped
-    weights/toy.safetensors it writes by default."""
+    weights/toy.safetensors it writes by default. train-probe --out, the same, replaces only a probe."""
     import shutil
     from minidb.fetch import TOY_MODEL
+    from minidb.toy.measure import TOY_PROBE
     no_training(monkeypatch)
     notes, lora = tmp_path / "notes.safetensors", tmp_path / "lora.safetensors"
     notes.write_text("my notes")
@@ -365,6 +366,13 @@ def test_train_base_writes_a_safetensors_name_and_replaces_only_a_toy_base_model
         assert line == f"error: --out {out} does not end in .safetensors, and train-base writes a safetensors file; " \
                        f"name it {out.with_suffix('.safetensors')}.", line
     assert tree(tmp_path) == kept  # nothing replaced, no --work, no folder made for the refused name
+
+    for out in (lora, TOY_MODEL):  # train-probe likewise replaces only a probe (it replaced any file)
+        line = lab_error(capsys, "train-probe", "--out", str(out), "--steps", "1")
+        assert line == f"error: --out {out} is a file that is not a toy probe (a LoRA, a trained model or " \
+                       "another file), which train-probe does not replace; choose another --out.", line
+    assert arguments.is_probe(TOY_PROBE) and not arguments.is_probe(notes)
+    assert tree(tmp_path) == kept
 
     earlier = tmp_path / "earlier.safetensors"  # a toy base model: replaced, by default the shipped one
     shutil.copyfile(TOY_MODEL, earlier)

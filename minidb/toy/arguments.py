@@ -9,11 +9,14 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
+from safetensors import SafetensorError, safe_open
+
 from minidb.cli import SEED_MAX, fail, nonempty_path, number, text
 from minidb.fetch import TOY_MODEL
 from minidb.files import json_loads, read_metadata
 from minidb.toy.base import TOY_TEXT, TOY_UNET, TOY_VAE
 from minidb.toy.measure import TOY_PROBE
+from minidb.toy.probe import Probe
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 STEPS = number(int, low=1, high=1_000_000)  # training steps (train.py's limit too)
@@ -42,8 +45,9 @@ def vae_width(value):
 def check_outputs(args):
     """Refuse, before any work, an output that could only fail once the work is done: a picture without a
     picture's extension, a file where a folder exists, a folder that cannot be made or written, a model
-    train-base would misname or write over (base_out_problem). The folders the files go into are made now."""
-    problem = args.command == "train-base" and base_out_problem(Path(args.out))
+    train-base or train-probe would misname or write over (model_out_problem). The folders the files go into are
+    made now."""
+    problem = args.command in MODEL_OUTS and model_out_problem(args.command, Path(args.out))
     if problem:  # before its folder is made
         fail(problem)
     outputs = {"--out": args.out if args.command in ("train-base", "train-probe") else None,
@@ -58,17 +62,18 @@ def check_outputs(args):
             fail(f"{flag} {path} cannot be written (the folder {path.parent} is not writable); choose another path.")
 
 
-def base_out_problem(out):
-    """Why train-base must not write its model to `out`, or None: it writes safetensors (under another name
-    every tool misreads it), and replaces only a toy base model, such as its default weights/toy.safetensors."""
+def model_out_problem(command, out):
+    """Why train-base or train-probe must not write its file to `out`, or None: each writes safetensors (under
+    another name every tool misreads it), and replaces only a file of its own kind, such as its default."""
     if out.is_dir():
         return None  # check_outputs says so
     if out.suffix.lower() != ".safetensors":
-        return (f"--out {out} does not end in .safetensors, and train-base writes a safetensors file; name it "
+        return (f"--out {out} does not end in .safetensors, and {command} writes a safetensors file; name it "
                 f"{out.with_suffix('.safetensors')}.")
-    if out.exists() and not is_toy_base(out):
-        return (f"--out {out} is a file that is not a toy base model (a LoRA, a trained model or another file), "
-                "which train-base does not replace; choose another --out.")
+    kind, is_kind = MODEL_OUTS[command]
+    if out.exists() and not is_kind(out):
+        return (f"--out {out} is a file that is not {kind} (a LoRA, a trained model or another file), "
+                f"which {command} does not replace; choose another --out.")
     return None
 
 
@@ -83,6 +88,18 @@ def is_toy_base(path):
     toy = json.loads(json.dumps({"unet": asdict(TOY_UNET), "text_encoder": asdict(TOY_TEXT)}))  # tuples as lists
     return set(metadata) == {"format", "minidb"} and isinstance(configs, dict) and all(
         configs.get(part) == config for part, config in toy.items())
+
+
+def is_probe(path):
+    """Whether `path` holds a probe's tensors, by name, read from its header: what train-probe writes."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return set(f.keys()) == set(Probe().state_dict())
+    except (SafetensorError, OSError):
+        return False
+
+
+MODEL_OUTS = {"train-base": ("a toy base model", is_toy_base), "train-probe": ("a toy probe", is_probe)}
 
 
 def parse_args(argv, description):
