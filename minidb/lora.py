@@ -1,5 +1,6 @@
-"""LoRA (Hu et al. 2021, arXiv 2106.09685): DreamBooth that trains small low-rank updates, in the files
-that AUTOMATIC1111, ComfyUI, kohya's scripts and diffusers read as they are.
+"""LoRA (Hu et al. 2021, arXiv 2106.09685): DreamBooth that trains small low-rank updates, in kohya's files,
+which AUTOMATIC1111, ComfyUI, kohya's scripts and diffusers read as they are (diffusers' loader in the tests;
+the others' naming rules).
 
 A LoRA leaves a layer y = W x + b frozen and adds (alpha / rank) * up(down(x)), where `down` maps the
 layer's input to `rank` channels (4 to 128) and `up` maps them back. `up` starts at zero, so training
