@@ -70,7 +70,7 @@ def main(argv=None):
                         help="merge a LoRA into the model first, at SCALE (default 1), so that --convert writes "
                              "one model file with it built in; repeat for several")
     args = parser.parse_args(argv)
-    if args.merge_lora and not args.convert:
+    if args.merge_lora and not args.convert and not is_addon(args.model):  # an add-on: the load names it, below
         return fail("--merge-lora changes the model only in memory; add --convert OUT to write the merged model.")
     if args.overwrite and not args.convert:  # it was taken, and nothing was written
         return fail("--overwrite lets --convert replace the model at OUT; add --convert OUT, or leave it out.")
@@ -136,6 +136,17 @@ def main(argv=None):
             return fail(f"cannot write {out} ({e.strerror or e}); choose a place you can write to.")
         print(f"wrote {out}")
     return 0
+
+
+def is_addon(path):
+    """Whether `path` is a LoRA's or an embedding's safetensors file, from its header alone: unsupported()'s rules
+    for those two kinds read the tensors' names, not their values."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            kind = unsupported(dict.fromkeys(f.keys())) or ""
+    except (SafetensorError, OSError):
+        return False
+    return kind.startswith(("a LoRA", "a textual-inversion"))
 
 
 def describe_addon(path):

@@ -226,6 +226,9 @@ def test_merge_lora_writes_the_base_plus_the_lora(tiny_file, tmp_path, capsys):
     assert any(not torch.equal(a[k], v) for k, v in load(tiny_file).unet.state_dict().items())
     assert main([str(tiny_file), "--merge-lora", str(tmp_path / "l.safetensors")]) == 2
     assert "add --convert OUT" in capsys.readouterr().err
+    # The LoRA given as the model: said first (it said to add --convert, and then that MODEL is a LoRA)
+    assert main([str(tmp_path / "l.safetensors"), "--merge-lora", str(tmp_path / "l.safetensors")]) == 2
+    assert f"{tmp_path / 'l.safetensors'} is a LoRA, not a full model" in capsys.readouterr().err
     assert main([str(tiny_file), "--overwrite"]) == 2  # it was taken, and described the model: nothing to overwrite
     assert capsys.readouterr().err == "error: --overwrite lets --convert replace the model at OUT; add --convert OUT, or " \
                                       "leave it out.\n"
