@@ -56,8 +56,7 @@ def test_sdxl_lora_rows_train_the_same_layers(tiny_sdxl, tmp_path, row):
     assert steps[0].trained == steps[1].trained > 0
 
 
-def test_sdxl_load_row_reads_the_same_weights_in_both(tiny_sdxl, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the row sets it in its own process; here it is put back
+def test_sdxl_load_row_reads_the_same_weights_in_both(tiny_sdxl, tmp_path):
     prepare_load_files(tmp_path, "SDXL")
     sums = [rows.loader(impl, "cpu", tmp_path, "SDXL")() for impl in ("minidb", "diffusers")]
     assert sums[0] == pytest.approx(sums[1], rel=1e-6) and sums[0] != 0

@@ -4,6 +4,7 @@ that sends the UNet through it. Without a GPU the kernels run in Triton's CPU in
 slower than SDPA, so the CPU shapes are small; the GPU class adds bf16 and SD's real sizes."""
 
 import os
+import types
 
 import pytest
 import torch
@@ -174,18 +175,22 @@ def test_causal_and_wide_heads_never_reach_the_kernel(monkeypatch, kernel_calls)
 
 
 @pytest.mark.parametrize("faster", [False, True])
-def test_auto_uses_the_kernel_only_for_half_precision_on_cuda_and_only_while_it_is_faster(monkeypatch, kernel_calls,
-                                                                                           faster):
+def test_auto_picks_the_kernel_only_for_half_precision_on_cuda_and_only_while_it_is_faster(monkeypatch, kernel_calls,
+                                                                                            faster):
     import minidb.attention as dispatch
     monkeypatch.setattr(dispatch, "KERNEL_IS_FASTER", faster)
+    monkeypatch.setattr(dispatch, "_kernel_failed", [])
     monkeypatch.setenv("MINIDB_ATTENTION", "auto")
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         attention(*(torch.randn(1, 2, 16, 40).to(dtype),) * 3)  # on the CPU: SDPA, interpreter or not
     assert kernel_calls == []
-    if torch.cuda.is_available() and not INTERPRET:
+    # the decision for CUDA tensors, asked of stand-ins so that it is checked without a GPU too
+    for is_cuda in (False, True):
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            attention(*(torch.randn(1, 2, 16, 40, device="cuda").to(dtype),) * 3)
-        assert len(kernel_calls) == (2 if faster else 0)  # fp16 and bf16; fp32 stays on SDPA
+            q = types.SimpleNamespace(is_cuda=is_cuda, dtype=dtype)
+            assert dispatch._auto_picks_kernel(q) == (faster and is_cuda and dtype != torch.float32), (is_cuda, dtype)
+    monkeypatch.setattr(dispatch, "_kernel_failed", [RuntimeError("out of resources")])
+    assert not dispatch._auto_picks_kernel(types.SimpleNamespace(is_cuda=True, dtype=torch.float16))  # failed once
 
 
 def test_forcing_triton_without_a_gpu_is_a_clear_error(monkeypatch):
@@ -222,6 +227,16 @@ class TestOnGPU:
     def test_bf16_ragged_small_tiles(self):
         q, k, v = (randn(2, 3, n, 80, dtype=torch.bfloat16, seed=s) for s, n in enumerate((37, 53, 53)))
         check(q, k, v, run=lambda q, k, v: fa.flash_attention(q, k, v, block_m=16, block_n=16))
+
+    @pytest.mark.parametrize("faster", [False, True])
+    def test_auto_sends_half_precision_to_the_kernel_only_while_it_is_faster(self, monkeypatch, kernel_calls, faster):
+        import minidb.attention as dispatch
+        monkeypatch.setattr(dispatch, "KERNEL_IS_FASTER", faster)
+        monkeypatch.setattr(dispatch, "_kernel_failed", [])
+        monkeypatch.setenv("MINIDB_ATTENTION", "auto")
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            attention(*(torch.randn(1, 2, 16, 40, device="cuda").to(dtype),) * 3)
+        assert len(kernel_calls) == (2 if faster else 0)  # fp16 and bf16; fp32 stays on SDPA
 
 
 def test_auto_falls_back_to_sdpa_once_if_the_kernel_fails(monkeypatch):

@@ -310,27 +310,43 @@ def test_diffusers_peft_file_gives_diffusers_outputs(folder, tmp_path):
     assert_same(ours(model, ids, x, t), theirs(pipe, ids, x, t), base)
 
 
-def test_older_layouts_and_comfyui_names_read_the_same(tmp_path):
+def test_older_layouts_and_comfyui_names_give_diffusers_outputs(tmp_path):
+    """A kohya file's tensors renamed to each layout: minidb reads every layer's update as from the kohya file,
+    and diffusers' own loaders, given the renamed file, compute what minidb computes after merging it."""
     reference_pipeline("SD 1.x", tmp_path).save_pretrained(tmp_path / "model")
     model = load(tmp_path / "model")
+    ids, x, t = inputs(model)
+    base = ours(model, ids, x, t)
     table = naming(model)
     save_kohya(random_lora(model, alpha=4.0), tmp_path / "kohya.safetensors", dtype=torch.float32)  # alpha = rank
     kohya = load_file(tmp_path / "kohya.safetensors")
     expected = {id(layer): delta for layer, delta in read_lora(tmp_path / "kohya.safetensors", model)}
 
-    def layout(rename, suffixes=(".down.weight", ".up.weight"), file="layout.safetensors"):
-        """Write the kohya file's tensors under rename(part, native, path) + suffix; read_lora must agree."""
+    def layout(rename, load_in_diffusers=lambda pipe, path: pipe.load_lora_weights(path),
+               suffixes=(".down.weight", ".up.weight"), file="layout.safetensors"):
+        """Write the kohya file's tensors under rename(part, native, path) + suffix; read_lora must agree, and
+        load_in_diffusers(pipe, path) must give diffusers minidb's outputs."""
         out = {}
-        for key, t in kohya.items():
+        for key, tensor in kohya.items():
             name, part = key.split(".", 1)
             new = rename(*table[name])
             if new and part in KOHYA_PARTS[: len(suffixes)]:
-                out[new + suffixes[KOHYA_PARTS.index(part)]] = t
+                out[new + suffixes[KOHYA_PARTS.index(part)]] = tensor
         (save_file if file.endswith(".safetensors") else torch.save)(out, tmp_path / file)
         deltas = read_lora(tmp_path / file, model)
         assert len(deltas) == len(out) // len(suffixes) > 0
         for layer, delta in deltas:
             assert torch.equal(delta, expected[id(layer)])
+
+        merged, pipe = load(tmp_path / "model"), pipeline(tmp_path / "model")
+        merge_lora(merged, tmp_path / file)
+        with complaints() as left_out:
+            load_in_diffusers(pipe, tmp_path / file)
+        assert not left_out
+        got, want, before = ours(merged, ids, x, t), theirs(pipe, ids, x, t), base
+        if not any(k.startswith("text_encoder.") for k in out):  # a UNet-only file: the text encoder is as it was
+            got, want, before = got[1:], want[1:], before[1:]
+        assert_same(got, want, before)
 
     # diffusers 0.21-0.24: LoRACompatibleLinear's .lora, and the text encoder's lora_linear_layer
     layout(lambda part, native, path: f"unet.{path}.lora" if part == "unet" else f"text_encoder.{path}.lora_linear_layer")
@@ -343,9 +359,18 @@ def test_older_layouts_and_comfyui_names_read_the_same(tmp_path):
         if m and part == "unet":
             return f"{m[1]}.processor.{old[m[2]]}_lora"
         return m and f"text_encoder.{m[1]}.{old[m[2]]}_lora"
-    layout(processor, file="pytorch_lora_weights.bin")  # a pickle then, read with weights_only
-    # ComfyUI: kohya's prefix on the original layout's path, with alpha
+
+    def processors_in_diffusers(pipe, path):  # diffusers 0.42 reads UNet keys without the prefix given prefix=None
+        tensors = torch.load(path, weights_only=True)
+        unet = {k: v for k, v in tensors.items() if not k.startswith("text_encoder.")}
+        pipe.unet.load_lora_adapter(unet, prefix=None)
+        pipe.load_lora_into_text_encoder(tensors, None, pipe.text_encoder)
+    layout(processor, processors_in_diffusers, file="pytorch_lora_weights.bin")  # a pickle, read with weights_only
+    # ComfyUI: kohya's prefix on the original layout's path, with alpha. diffusers maps the original block names
+    # when given the UNet's config, as its SDXL pipeline does.
     layout(lambda part, native, path: "lora_unet_" + native.replace(".", "_") if part == "unet" else None,
+           lambda pipe, path: pipe.load_lora_into_unet(*pipe.lora_state_dict(path, unet_config=pipe.unet.config),
+                                                       pipe.unet),
            suffixes=tuple("." + p for p in KOHYA_PARTS))
 
 
@@ -633,8 +658,8 @@ def test_a_whole_number_alpha_is_a_number_like_any_other(sd1, tmp_path):
     alphas = {k: torch.tensor(2) for k in tensors if k.endswith(".alpha")}
     save_file({**tensors, **alphas}, tmp_path / "int.safetensors")
     save_file({**tensors, **{k: t.float() for k, t in alphas.items()}}, tmp_path / "float.safetensors")
-    pairs = zip(read_lora(tmp_path / "int.safetensors", model), read_lora(tmp_path / "float.safetensors", model))
-    assert all(torch.equal(a, b) for (_, a), (_, b) in pairs)
+    ints, floats = read_lora(tmp_path / "int.safetensors", model), read_lora(tmp_path / "float.safetensors", model)
+    assert len(ints) == len(floats) > 0 and all(torch.equal(a, b) for (_, a), (_, b) in zip(ints, floats))
 
 
 ALPHA = UP.replace(".lora_up.weight", ".alpha")

@@ -14,13 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: never reach the hub
-import transformers  # noqa: E402
-
-from minidb.files import ModelFileError  # noqa: E402
-from minidb.tokenizer import BOS, CONTEXT_LENGTH, DEFAULT_BPE_PATH, EOS, VOCAB_SIZE, Tokenizer  # noqa: E402
-from test_bad_input import one_sentence  # noqa: E402
+from minidb.files import ModelFileError
+from minidb.tokenizer import BOS, CONTEXT_LENGTH, DEFAULT_BPE_PATH, EOS, VOCAB_SIZE, Tokenizer
+from test_bad_input import one_sentence
 
 BPE_PATH = Path(__file__).resolve().parent.parent / "weights" / "bpe_simple_vocab_16e6.txt.gz"
 SD1_PAD, SD2_PAD = EOS, 0  # SD 1.x pads with <|endoftext|>, SD 2.x with '!'
