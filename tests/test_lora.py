@@ -310,6 +310,25 @@ def test_diffusers_peft_file_gives_diffusers_outputs(folder, tmp_path):
     assert_same(ours(model, ids, x, t), theirs(pipe, ids, x, t), base)
 
 
+def test_a_unet_only_file_gives_diffusers_outputs(folder, tmp_path):
+    """train.py's default LoRA adapts the UNet alone (no --train-text-encoder); diffusers loads it too, and its text
+    encoder stays as it was."""
+    model = load(folder)
+    save_kohya(random_lora(model, text_encoder=False), tmp_path / "lora.safetensors")
+    pipe = pipeline(folder)
+    with complaints() as left_out:
+        pipe.load_lora_weights(tmp_path / "lora.safetensors")
+    # diffusers says it found no keys for the text encoder, in a line that reads "unexpected" too: that one is true
+    assert [line for line in left_out if "No LoRA keys associated to CLIPTextModel" not in line] == []
+    ids, x, t = inputs(model)
+    base = ours(model, ids, x, t)
+    assert merge_lora(model, tmp_path / "lora.safetensors")["unet"] == 84
+    (context, out), (their_context, their_out) = ours(model, ids, x, t), theirs(pipe, ids, x, t)
+    assert torch.equal(context, base[0])
+    assert_close(their_context, base[0], rtol=1e-5, atol=1e-5)
+    assert_same([out], [their_out], [base[1]])
+
+
 def test_older_layouts_and_comfyui_names_give_diffusers_outputs(tmp_path):
     """A kohya file's tensors renamed to each layout: minidb reads every layer's update as from the kohya file,
     and diffusers' own loaders, given the renamed file, compute what minidb computes after merging it."""
