@@ -111,7 +111,9 @@ def parse_args(argv=None):
                    help="weights and activations (default: fp16 on CUDA; on the CPU, fp32 weights under bf16 "
                         "autocast where the CPU has native bf16 (AVX512-BF16, AMX), about twice as fast, else fp32; "
                         "pass fp32 for results equal to diffusers)")
-    args = p.parse_args(argv)  # a misspelt flag (--promt) is named first: argparse checks required flags before it
+    # --prompt is required, but checked below: argparse checks required flags before it names a misspelt one (--promt)
+    p.usage = p.format_usage().removeprefix("usage: ").rstrip().replace("[--prompt PROMPT]", "--prompt PROMPT")
+    args = p.parse_args(argv)
     if args.prompt is None:
         p.error("the following arguments are required: --prompt")
     return args

@@ -478,6 +478,7 @@ def test_help_says_what_each_sampler_is_and_the_default_size(capsys):
         main_of_sample()(["--help"])
     help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert e.value.code == 0 and "default: the model's own training size" in help_text
+    assert "[--model MODEL] --prompt PROMPT [--long-prompts]" in help_text  # required, though checked after parsing
     for line in ("ddim DDIM with eta 0: deterministic", "ddpm DDPM", "euler Euler: deterministic",
                  "euler-a Euler ancestral", "dpmpp-2m DPM-Solver++ 2M"):
         assert line in help_text
