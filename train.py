@@ -354,59 +354,66 @@ def train(args, out, device, numbered=False):
         drift_base = drift()  # the frozen base model's figure: nothing has trained yet
     per_micro = args.batch_size * world  # examples in one micro-batch, over all processes
     bar = tqdm(total=args.steps, initial=start, desc="training", disable=not writes)
-    for step in range(start, args.steps):
-        t0 = time.time()
-        lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the schedule changes it)
-        losses = torch.zeros(3)  # loss, instance loss, prior loss, averaged over the micro-batches
-        for micro in range(args.grad_accum):
-            # every process draws the whole micro-batch's examples and keeps its own share (minidb/loop.py)
-            batch = examples.draw((step * args.grad_accum + micro) * per_micro, per_micro, latent_shape,
-                                  args.offset_noise)[rank * args.batch_size:(rank + 1) * args.batch_size]
-            x0, noise, t, which, sizes = assemble(batch, subjects, priors, prompts, scale, device,
-                                                  crop_encode if args.random_crop else None)
-            x_t = schedule.add_noise(x0, noise, t)
-            target = schedule.target(x0, noise, t)  # ε, or v for v-prediction models
-            last = micro == args.grad_accum - 1  # DDP averages the gradients across processes once, at the end
-            with autocast, (nullcontext() if last or world == 1 else denoise.no_sync()):
-                pred = denoise(x_t, t, which, sizes)
-                weights = min_snr_weights(schedule, t, args.snr_gamma) if args.snr_gamma else None
-                # instance loss + λ · prior loss (minidb/dreambooth.py, the paper's eq. 2)
-                loss, instance_loss, prior_loss = dreambooth_loss(pred, target, len(batch), args.prior_weight, weights)
-                scaler.scale(loss / args.grad_accum).backward()  # the gradients of the micro-batches add up
-            losses += torch.stack([loss, instance_loss, prior_loss]).detach().float().cpu() / args.grad_accum
-        losses = distributed.total(losses) / world  # the whole global batch's, as one process would log it
-        stop_if_not_finite(step + 1, losses[0])
+    try:
+        for step in range(start, args.steps):
+            t0 = time.time()
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the schedule changes it)
+            losses = torch.zeros(3)  # loss, instance loss, prior loss, averaged over the micro-batches
+            for micro in range(args.grad_accum):
+                # every process draws the whole micro-batch's examples and keeps its own share (minidb/loop.py)
+                batch = examples.draw((step * args.grad_accum + micro) * per_micro, per_micro, latent_shape,
+                                      args.offset_noise)[rank * args.batch_size:(rank + 1) * args.batch_size]
+                x0, noise, t, which, sizes = assemble(batch, subjects, priors, prompts, scale, device,
+                                                      crop_encode if args.random_crop else None)
+                x_t = schedule.add_noise(x0, noise, t)
+                target = schedule.target(x0, noise, t)  # ε, or v for v-prediction models
+                last = micro == args.grad_accum - 1  # DDP averages the gradients across processes once, at the end
+                with autocast, (nullcontext() if last or world == 1 else denoise.no_sync()):
+                    pred = denoise(x_t, t, which, sizes)
+                    weights = min_snr_weights(schedule, t, args.snr_gamma) if args.snr_gamma else None
+                    # instance loss + λ · prior loss (minidb/dreambooth.py, the paper's eq. 2)
+                    loss, instance_loss, prior_loss = dreambooth_loss(pred, target, len(batch), args.prior_weight,
+                                                                      weights)
+                    scaler.scale(loss / args.grad_accum).backward()  # the gradients of the micro-batches add up
+                losses += torch.stack([loss, instance_loss, prior_loss]).detach().float().cpu() / args.grad_accum
+            losses = distributed.total(losses) / world  # the whole global batch's, as one process would log it
+            stop_if_not_finite(step + 1, losses[0])
 
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
 
-        row = {"step": step + 1, "loss": losses[0].item(), "instance_loss": losses[1].item(),
-               "prior_loss": losses[2].item() if priors else None, "lr": lr, "step_time": time.time() - t0}
-        looks = args.validate_every and (step + 1) % args.validate_every == 0 or step + 1 == args.steps
-        if looks and drift_sets and writes:
-            row["drift"], row["drift_base"] = drift(), drift_base
-        if writes:
-            with disk_full(), open(log_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-        bar.set_postfix(loss=f"{row['loss']:.4f}", **({"drift": f"{row['drift']:.4f}"} if "drift" in row else {}))
-        bar.update(1)
-        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
-            checkpoint(step + 1)
-        if looks and step + 1 < args.steps:
-            validate(step + 1)
-        if distributed.total(torch.tensor([float(bool(stop))]))[0] > 0:  # every process stops at the same step
-            bar.close()
-            path = checkpoint(step + 1)
-            distributed.barrier()
+            row = {"step": step + 1, "loss": losses[0].item(), "instance_loss": losses[1].item(),
+                   "prior_loss": losses[2].item() if priors else None, "lr": lr, "step_time": time.time() - t0}
+            looks = args.validate_every and (step + 1) % args.validate_every == 0 or step + 1 == args.steps
+            if looks and drift_sets and writes:
+                row["drift"], row["drift_base"] = drift(), drift_base
             if writes:
-                print(f"interrupted: saved {path}; continue with the same command plus --resume", file=sys.stderr)
-            sys.exit(128 + (stop.signum or signal.SIGINT))  # the shell's code for the signal: 130, or 143 for SIGTERM
+                with disk_full(), open(log_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            bar.set_postfix(loss=f"{row['loss']:.4f}", **({"drift": f"{row['drift']:.4f}"} if "drift" in row else {}))
+            bar.update(1)
+            if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+                checkpoint(step + 1)
+            if looks and step + 1 < args.steps:
+                validate(step + 1)
+            if distributed.total(torch.tensor([float(bool(stop))]))[0] > 0:  # every process stops at the same step
+                bar.close()
+                path = checkpoint(step + 1)
+                distributed.barrier()
+                if writes:
+                    print(f"interrupted: saved {path}; continue with the same command plus --resume", file=sys.stderr)
+                sys.exit(128 + (stop.signum or signal.SIGINT))  # the shell's code: 130, or 143 for SIGTERM
+    finally:
+        # The caller gets its handlers back, also when the loop raises (a NaN loss, a full disk), but not on the
+        # way out after Ctrl-C or SIGTERM: there FinishTheStep keeps a second one (SLURM and torchrun each pass
+        # SIGTERM on) from cutting the exit short.
+        if not stop:
+            stop.restore()
     bar.close()
-    stop.restore()
 
     # ---- save the result: the files each method gives ----
     last = max(args.steps, start)

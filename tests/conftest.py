@@ -3,6 +3,7 @@ same random weights. Everything is created here; nothing is read from outside th
 
 import dataclasses
 import os
+import signal
 
 import pytest
 import torch
@@ -105,7 +106,9 @@ def _global_state():
     environment = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
     return {"environment": environment, "default dtype": torch.get_default_dtype(),
             "grad enabled": torch.is_grad_enabled(), "threads": torch.get_num_threads(), "cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
-            "cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32}
+            "cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+            # train.py's loop takes Ctrl-C and SIGTERM (minidb/cli.py FinishTheStep) and must give them back
+            "SIGINT handler": signal.getsignal(signal.SIGINT), "SIGTERM handler": signal.getsignal(signal.SIGTERM)}
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -130,8 +133,8 @@ def test_run_environment(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def global_state_is_restored():
-    """Every test leaves the environment variables and torch's global switches as it found them, so
-    a test that leaks state (say MINIDB_ATTENTION=triton) fails itself instead of tests after it."""
+    """Every test leaves the environment variables, torch's global switches and the signal handlers as it
+    found them, so a test that leaks state (say MINIDB_ATTENTION=triton) fails itself instead of tests after it."""
     before = _global_state()
     yield
     after = _global_state()
@@ -143,6 +146,8 @@ def global_state_is_restored():
         torch.set_num_threads(before["threads"])
         torch.backends.cudnn.allow_tf32 = before["cudnn.allow_tf32"]
         torch.backends.cuda.matmul.allow_tf32 = before["cuda.matmul.allow_tf32"]
+        signal.signal(signal.SIGINT, before["SIGINT handler"])
+        signal.signal(signal.SIGTERM, before["SIGTERM handler"])
     changed = {k: (before[k], after[k]) for k in before if before[k] != after[k]}
     if "environment" in changed:
         old, new = changed.pop("environment")

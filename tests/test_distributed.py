@@ -44,7 +44,7 @@ def test_two_processes_train_what_one_process_trains_at_the_same_global_batch(wo
               "--class-cache", tmp_path / "cache1", *extra, steps=3)
     assert [r["loss"] for r in log(two)] == pytest.approx([r["loss"] for r in log(one)], rel=1e-4)
     a, b = weights(two, "unet" if method == "full" else "lora"), weights(one, "unet" if method == "full" else "lora")
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 2 * 3 * 1e-3  # Adam's sign noise at most
+    # the mean, not the largest: three Adam steps at lr 1e-3 move any weight by 3e-3 at most, whatever trained
     assert sum((a[k] - b[k]).abs().sum().item() for k in a) / sum(v.numel() for v in a.values()) < 1e-5
     # one shared cache, each image drawn once, the same images one process draws
     (drawn,) = [f for f in (tmp_path / "cache2").iterdir() if len(list(f.glob("0*.safetensors"))) == 6]

@@ -226,6 +226,8 @@ def test_a_kill_at_any_instant_of_a_resave_leaves_one_complete_checkpoint(tmp_pa
         monkeypatch.setattr(target, {"replace": "replace", "rmtree": "rmtree", "write": "write_safetensors",
                                      "save": "write_pickle"}[name], counted(name))
     state.save_state(folder, 5, {"unet": module}, {"step_marker": torch.tensor(5)})
+    calls["n"] = 0  # count a re-save's calls: it has one more than the first save (the old copy steps aside)
+    state.save_state(folder, 5, {"unet": module}, {"step_marker": torch.tensor(5)})
     n_calls = calls["n"]
     for kill_at in range(1, n_calls + 1):
         calls.update(n=0, kill_at=kill_at)
@@ -491,7 +493,10 @@ def test_resume_without_steps_model_or_subject_continues_the_run_as_it_began(wor
     args = base_args(world, branch)
     for flag in ("--model", "--images", "--class"):
         del args[args.index(flag):args.index(flag) + 2]
+    (branch / "model.safetensors").unlink()  # the model compared below must be the resumed run's own
     train.main([str(a) for a in args + ["--save-dtype", "fp32", "--resume", 1]])
+    # it set aside the copied steps 2 and 3, then trained and saved them again
+    assert sorted(p.name for p in (branch / "checkpoints" / "abandoned").glob("step-*")) == ["step-000002", "step-000003"]
     assert sorted(p.name for p in (branch / "checkpoints").glob("step-*")) == [f"step-00000{i}" for i in (1, 2, 3)]
     a, b = load(straight / "model.safetensors"), load(branch / "model.safetensors")
     assert all(torch.equal(x, y) for x, y in zip(a.unet.state_dict().values(), b.unet.state_dict().values()))
@@ -506,7 +511,10 @@ def test_resume_alone_continues_a_run_of_its_own_settings(world, tmp_path):
     straight = run(world, tmp_path / "straight", *own, steps=3)
     branch = tmp_path / "branch"
     shutil.copytree(straight, branch)
+    (branch / "model.safetensors").unlink()  # the model compared below must be the resumed run's own
     train.main(["--out", str(branch), "--resume", "1"])
+    # it set aside the copied steps 2 and 3 and trained them again
+    assert sorted(p.name for p in (branch / "checkpoints" / "abandoned").glob("step-*")) == ["step-000002", "step-000003"]
     a, b = load(straight / "model.safetensors"), load(branch / "model.safetensors")
     assert all(torch.equal(x, y) for x, y in zip(a.unet.state_dict().values(), b.unet.state_dict().values()))
     settings = [json.loads((folder / "settings.json").read_text()) for folder in (straight, branch)]

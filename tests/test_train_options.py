@@ -68,8 +68,10 @@ def test_batch_of_two_equals_two_accumulated_micro_batches(world, tmp_path, monk
     assert [r["loss"] for r in log(batched)] == pytest.approx([r["loss"] for r in log(accumulated)], rel=1e-5)
     _, single = gradients_of(monkeypatch, world, tmp_path / "single", "--lr", 1e-3, steps=3)  # batch 1: other examples
     assert (single[0] - a[0]).abs().max() > 0.1 * a[0].abs().max()
-    moved = max((weights(batched)[k] - weights(accumulated)[k]).abs().max().item() for k in weights(batched))
-    assert moved <= 2 * 3 * 1e-3  # and no weight is further apart than Adam's sign noise allows
+    # The weights: sign noise moves a few of them apart (up to 7e-4 here), so the mean says more than the
+    # largest: 2e-7 per weight, where batch 1's other examples give 1e-3 (and a largest of 6e-3, Adam's own).
+    wa, wb = weights(batched), weights(accumulated)
+    assert sum((wa[k] - wb[k]).abs().sum().item() for k in wa) / sum(v.numel() for v in wa.values()) < 1e-5
 
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine", "linear", "polynomial"])
@@ -117,6 +119,8 @@ def test_the_log_follows_the_schedule_and_scale_lr_multiplies(world, tmp_path):
     assert rates == pytest.approx([peak * lr_factor("cosine", 2, 6)(s) for s in range(6)])
     # a resume from step 3, alone or with the same flags, keeps that rate and scales it once
     for again in ([], ["--lr", "1e-3", "--scale-lr", "--batch-size", "2"]):
+        first_three = (out / "log.jsonl").read_text().splitlines(keepends=True)[:3]
+        (out / "log.jsonl").write_text("".join(first_three))  # so the rates of steps 4 to 6 are the resume's own
         train.main(["--out", str(out), "--resume", "3", *again])
         assert [r["lr"] for r in log(out)] == rates
 
