@@ -5,6 +5,8 @@ draws with them, how AUTOMATIC1111, ComfyUI and diffusers load them, and the run
 import json
 from pathlib import Path
 
+import torch
+
 from minidb.plot import plot_losses
 from minidb.writes import atomic_write, replace_folder
 from minidb.lora import save_kohya
@@ -35,7 +37,7 @@ def export(args, settings, out, model, parts, trained, subjects, steps, dtypes):
                                    **({"new_word": True} if "new_word" in trained else {}),
                                    **({"subjects": settings["subjects"]} if args.concepts else {})})}
     sample, elsewhere = how_to_use(args, out, model, subjects, lora_file if "lora" in trained else None,
-                                   word_file if "new_word" in trained else None)
+                                   word_file if "new_word" in trained else None, dtypes["unet"])
     plot_losses([row for _, row in log_rows(out / "log.jsonl")], out / "loss.png")
     written = []
     if args.method == "full":
@@ -62,13 +64,26 @@ def lora_name(out):
     return Path(out).resolve().name.translate(str.maketrans("", "", ":,"))
 
 
-def how_to_use(args, out, model, subjects, lora_file=None, word_file=None):
-    """(the sample.py command, [one line per other tool]) for a run whose method wrote `out`'s files."""
+def how_to_use(args, out, model, subjects, lora_file=None, word_file=None, dtype=torch.float32):
+    """(the sample.py command, [one line per other tool]) for a run whose method wrote `out`'s files; a full
+    run's model was saved in `dtype` (its UNet's, which diffusers is told to load every part in)."""
     identifier = subjects[0].identifier
     sample = (f"python sample.py --model {out / 'model.safetensors' if args.method == 'full' else args.model}"
               + (f" --lora {lora_file}" if lora_file else "")
               + (f" --embedding {word_file}" if word_file else "") + f' --prompt "{subjects[0].new_scene}"')
     elsewhere = []
+    if args.method == "full":
+        pipeline = "StableDiffusionXLPipeline" if model.version == "SDXL" else "StableDiffusionPipeline"
+        folder, file = out / "model", out / "model.safetensors"
+        elsewhere.append(f"AUTOMATIC1111 / Forge: copy `model.safetensors` into `models/Stable-diffusion`; ComfyUI: "
+                         f"copy it into `models/checkpoints` and pick it in a Load Checkpoint node; diffusers: "
+                         f"`pipe = {pipeline}.from_pretrained(\"{folder}\", torch_dtype={dtype})`, or "
+                         f"`pipe = {pipeline}.from_single_file(\"{file}\", config=\"{folder}\", torch_dtype={dtype})`. "
+                         "torch_dtype is the dtype the model was saved in (without it diffusers loads the UNet in "
+                         "fp32 and the text encoder in the file's dtype, which fails in half precision); config is the "
+                         "folder beside the file, whose configs give this model's architecture and prediction type "
+                         "(without it diffusers downloads a stock one: any SD 2 file as 2.1's 768 v-prediction, SDXL "
+                         "as epsilon).")
     if lora_file:
         name = lora_name(out)
         elsewhere.append(f"AUTOMATIC1111 / Forge: copy `lora.safetensors` into `models/Lora` as `{name}.safetensors` "

@@ -17,7 +17,8 @@ from minidb.info import main
 from minidb.load import StableDiffusion, load
 from minidb.save import save_diffusers, save_single_file
 from minidb.tokenizer import Tokenizer
-from conftest import tiny_model
+from conftest import TINY_TEXT, TINY_UNET, diffusers, randomize_, tiny_model
+from test_load_save import assert_same_outputs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -232,6 +233,41 @@ def test_merge_lora_writes_the_base_plus_the_lora(tiny_file, tmp_path, capsys):
     assert main([str(tiny_file), "--overwrite"]) == 2  # it was taken, and described the model: nothing to overwrite
     assert capsys.readouterr().err == "error: --overwrite lets --convert replace the model at OUT; add --convert OUT, or " \
                                       "leave it out.\n"
+
+
+def test_what_convert_writes_opens_in_diffusers(tmp_path):
+    """The folder --convert writes, read by diffusers' from_pretrained, and a single file with a LoRA merged in,
+    read by its from_single_file with that folder as the config (as a run's README says): the same outputs as
+    minidb's model, and as minidb's own merge. An SD 2.x v-prediction model, whose config diffusers cannot guess."""
+    from minidb.lora import LoRA, save_kohya
+    from minidb.lora_files import merge_lora
+    model = StableDiffusion(Tokenizer.for_version("SD 2.x"), randomize_(te.TextEncoder(TINY_TEXT["SD 2.x"])),
+                            randomize_(va.AutoencoderKL(va.TINY), 1), randomize_(un.UNet(TINY_UNET["SD 2.x"]), 2),
+                            "SD 2.x", "v_prediction")
+    save_single_file(model, tmp_path / "m.safetensors")
+    assert main([str(tmp_path / "m.safetensors"), "--convert", str(tmp_path / "folder")]) == 0
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(tmp_path / "folder")
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert_same_outputs(model, pipe)
+
+    lora = LoRA(model, rank=2, text_encoder=True)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_up" in name:
+                p.normal_(generator=g)
+    save_kohya(lora, tmp_path / "l.safetensors", dtype=torch.float32)
+    assert main([str(tmp_path / "m.safetensors"), "--merge-lora", f"{tmp_path / 'l.safetensors'}:0.5",
+                 "--convert", str(tmp_path / "merged.safetensors")]) == 0
+    merged = diffusers.StableDiffusionPipeline.from_single_file(str(tmp_path / "merged.safetensors"),
+                                                                config=str(tmp_path / "folder"))
+    assert merged.scheduler.config.prediction_type == "v_prediction"
+    expected = load(tmp_path / "m.safetensors")
+    merge_lora(expected, tmp_path / "l.safetensors", 0.5)
+    assert_same_outputs(expected, merged)
+    for name in ("unet", "text_encoder"):  # the LoRA is in both
+        before, after = getattr(pipe, name).state_dict(), getattr(merged, name).state_dict()
+        assert any(not torch.equal(after[k], v) for k, v in before.items()), name
 
 
 # ---- a LoRA or an embedding: what it holds and how to draw with it ----

@@ -18,6 +18,7 @@ from minidb.files import read_tensors
 from minidb.info import main as info
 from minidb.load import load
 from minidb.lora import LoRA
+from test_load_save import as_the_readme_says, assert_same_weights, readme_calls
 from test_runs import base_args, refused
 from test_train import ROOT, run, world  # noqa: F401  (world is a fixture)
 
@@ -106,10 +107,26 @@ def test_pivotal_tuning_writes_the_lora_and_the_word(world, tmp_path, capsys):
     assert f"--lora {out / 'lora.safetensors'} --embedding {embedding} --prompt" in described
 
 
+@pytest.mark.filterwarnings("ignore:`torch_dtype` is deprecated")  # 0.42 prefers dtype=, which older ones ignore
 def test_full_with_a_new_word_writes_the_model_and_the_word(world, tmp_path, capsys):
-    out = run(world, tmp_path / "out", "--new-token", steps=1)
+    out = run(world, tmp_path / "out", "--new-token", "--save-dtype", "fp16", steps=1)  # half, as SD 1.5's own files
     word = settings(out)["identifier"]
     assert (out / "model.safetensors").is_file() and (out / f"{word}.safetensors").is_file()
+
+    # the run's README says how other tools load the model, and its diffusers lines, run as written, load it in fp16
+    # (test_load_save.py: such a model draws there what the fp32 model draws)
+    readme = (out / "README.md").read_text()
+    assert "`model.safetensors` into `models/Stable-diffusion`; ComfyUI: copy it into `models/checkpoints`" in readme
+    calls = readme_calls(readme)
+    assert calls == {
+        "from_pretrained": f'StableDiffusionPipeline.from_pretrained("{out / "model"}", torch_dtype=torch.float16)',
+        "from_single_file": f'StableDiffusionPipeline.from_single_file("{out / "model.safetensors"}", '
+                            f'config="{out / "model"}", torch_dtype=torch.float16)'}
+    folder, single = (as_the_readme_says(code) for code in calls.values())
+    assert {name: getattr(folder, name).dtype for name in ("unet", "vae", "text_encoder")} == dict.fromkeys(
+        ("unet", "vae", "text_encoder"), torch.float16)
+    assert_same_weights(single, folder)
+    assert torch.equal(folder.unet.conv_out.weight, load(out / "model").unet.out[2].weight)
     (ckpt,) = (out / "checkpoints").iterdir()
     assert sorted(p.name for p in ckpt.iterdir()) == ["new_word.safetensors", "state.pt", "unet.safetensors"]
 

@@ -3,7 +3,9 @@
 - A diffusers SDXL folder written by save_pretrained loads in minidb with identical outputs: the UNet
   with its added conditioning, both text encoders (bigG's pooled vector too), the VAE.
 - minidb's single-file export, converted back by diffusers' single-file functions, gives exactly the
-  tensors it came from; minidb's diffusers export opens in StableDiffusionXLPipeline.
+  tensors it came from; minidb's diffusers export opens in StableDiffusionXLPipeline. The lines a full
+  run's README gives, run as written, draw an fp16 export as the fp32 model draws, and read the single
+  file of a v-prediction model as v-prediction.
 - An SDXL single file written by this test's own renaming (not minidb's saver) loads with the
   architecture read from its tensors.
 - The refiner, SDXL inpainting, half files and other kinds are refused in one sentence.
@@ -28,7 +30,8 @@ from minidb.save import _transformers_names, save_diffusers, save_single_file, s
 from minidb.tokenizer import Tokenizer
 from test_bad_input import one_sentence
 from test_foreign_files import unet_to_original, vae_to_original
-from test_load_save import openclip_layout
+from test_load_save import (as_the_readme_says, assert_half_as_the_readme_says, assert_same_weights, draw,
+                            openclip_layout, readme_code)
 from test_sdxl import SDXL_UNET, TINY_G, TINY_L, TINY_SDXL_UNET, reference_text
 from diffusers.loaders import single_file_utils as sfu
 
@@ -143,6 +146,39 @@ def test_diffusers_export_opens_in_diffusers(saved, tmp_path):
     assert again.vae.config.force_upcast and again.vae.config.scaling_factor == 0.13025
     assert again.tokenizer_2.pad_token == "!" and again.config.force_zeros_for_empty_prompt
     assert_same_outputs(load(tmp_path / "out"), pipe)
+
+
+@pytest.mark.filterwarnings("ignore:`torch_dtype` is deprecated")  # 0.42 prefers dtype=, which older ones ignore
+@pytest.mark.filterwarnings("ignore:`upcast_vae` is deprecated")  # the pipeline's own fp32 decode (force_upcast)
+def test_an_fp16_export_draws_in_diffusers_as_the_run_readme_says(saved, tmp_path):
+    pipe, folder = saved
+    model = load(folder)  # SDXL base's files are fp16, and a full run exports in the base's dtype
+    save_diffusers(model, tmp_path / "run" / "model", dtype=torch.float16)
+    save_single_file(model, tmp_path / "run" / "model.safetensors", dtype=torch.float16)
+    calls = readme_code(model, tmp_path / "run", torch.float16)
+    assert calls["from_single_file"] == (
+        f'StableDiffusionXLPipeline.from_single_file("{tmp_path / "run" / "model.safetensors"}", '
+        f'config="{tmp_path / "run" / "model"}", torch_dtype=torch.float16)')
+    assert_half_as_the_readme_says(calls, torch.float16, draw(pipe), draw(pipe, seed=6))
+
+
+def test_a_v_prediction_export_opens_in_diffusers_as_v_prediction(saved, tmp_path):
+    """The folder says so in its scheduler config. The single file read by the README's line takes the folder as
+    its config; without it diffusers would read an SDXL file as epsilon, since it ignores ComfyUI's v_pred marker
+    (single_file_utils.py knows no such key)."""
+    pipe, folder = saved
+    model = load(folder, prediction_type="v_prediction")
+    save_diffusers(model, tmp_path / "run" / "model")
+    again = diffusers.StableDiffusionXLPipeline.from_pretrained(tmp_path / "run" / "model")
+    assert again.scheduler.config.prediction_type == "v_prediction"
+    with torch.no_grad():  # the file differs from the folder here, so equal weights come from the file
+        model.unet.out[2].bias.add_(1.0)
+        again.unet.conv_out.bias.add_(1.0)
+    save_single_file(model, tmp_path / "run" / "model.safetensors")
+    single = as_the_readme_says(readme_code(model, tmp_path / "run", torch.float32)["from_single_file"])
+    assert single.scheduler.config.prediction_type == "v_prediction"
+    assert isinstance(single.scheduler, diffusers.EulerDiscreteScheduler)
+    assert_same_weights(single, again)
 
 
 # ---- a single file that minidb did not write: the architecture from its tensors ----

@@ -4,7 +4,9 @@
   --train-text-encoder and --new-token (pivotal tuning), so one run writes every file SDXL has: kohya
   keys for the UNet and both text encoders, and an embedding with clip_l and clip_g vectors.
 - Both files mean in diffusers' StableDiffusionXLPipeline what they mean in sample.py: the same image,
-  no LoRA key left out, and every adapter in the file one diffusers layer.
+  no LoRA key left out, and every adapter in the file one diffusers layer; the LoRA also without its
+  text-encoder adapters, as a default run writes it.
+- A full run's README gives diffusers lines for SDXL's pipeline, which load its two files alike.
 - The UNet's added conditioning carries each photo's own size and crop; drawn prior images their own.
 - A run stopped and resumed equals the run made in one go; --method full trains and warns of its memory.
 - An SDXL LoRA or embedding on an SD 1.x model, and the reverse, are one sentence.
@@ -19,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import sample
 import train
@@ -36,6 +38,7 @@ from minidb.save import save_single_file
 from test_bad_input import one_sentence
 from test_lora import complaints
 from test_sdxl import SDXL_UNET, TINY_G, TINY_L
+from test_load_save import as_the_readme_says, assert_same_weights, readme_calls
 from test_sdxl_files import tiny_sdxl
 from test_train import draw_subject
 
@@ -125,19 +128,28 @@ def test_sdxl_trains_a_lora_by_default(world, pivotal):
         assert f.metadata()["ss_base_model_version"] == "sdxl_base_v1-0" and f.metadata()["ss_network_dim"] == "16"
 
 
-def test_the_lora_draws_in_diffusers_what_it_draws_in_sample_py(world, pivotal, tmp_path):
+@pytest.mark.parametrize("text_encoders", [True, False])
+def test_the_lora_draws_in_diffusers_what_it_draws_in_sample_py(world, pivotal, tmp_path, text_encoders):
+    """With the text encoders' adapters (--train-text-encoder), and without: the UNet's alone, as a default SDXL
+    run writes it (here the same run's file without its lora_te1_ / lora_te2_ keys)."""
     out, _ = pivotal
     lora = out / "lora.safetensors"
     tensors = load_file(lora)
     layers = {k.split(".")[0] for k in tensors}
     assert {n.split("_")[1] for n in layers} == {"unet", "te1", "te2"}  # lora_unet_, lora_te1_, lora_te2_
     assert "lora_unet_input_blocks_4_1_transformer_blocks_1_attn2_to_k" in layers  # kohya's SDXL names: the original's
+    if not text_encoders:
+        with safe_open(str(lora), "pt") as f:
+            metadata = f.metadata()
+        lora, layers = tmp_path / "unet_only.safetensors", {n for n in layers if n.startswith("lora_unet_")}
+        save_file({k: v for k, v in tensors.items() if k.startswith("lora_unet_")}, lora, metadata=metadata)
 
     pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(world / "base")
     plain = reference_image(pipe, "a photo of a ball on the beach")
     with complaints() as left_out:
         pipe.load_lora_weights(lora)
-    assert not left_out
+    # a file without text-encoder keys: diffusers says it found none for them ("... if you think it's unexpected")
+    assert not [line for line in left_out if not line.startswith("No LoRA keys associated to CLIPTextModel")], left_out
     adapted = {part: sum(hasattr(m, "lora_A") for m in getattr(pipe, part).modules())
                for part in ("unet", "text_encoder", "text_encoder_2")}
     assert adapted == {part: sum(n.startswith(p) for n in layers) for part, p in
@@ -208,6 +220,7 @@ def test_resumed_run_equals_the_run_made_in_one_go(world, pivotal):
 
 
 @pytest.mark.filterwarnings("ignore:--mixed-precision bf16 on this CPU")  # bf16 on purpose, emulated or not
+@pytest.mark.filterwarnings("ignore:`torch_dtype` is deprecated")  # 0.42 prefers dtype=, which older ones ignore
 def test_full_training_on_sdxl_warns_of_its_memory_and_exports_both_layouts(world, tmp_path):
     with pytest.warns(UserWarning, match="--method full on SDXL trains .* add --use-8bit-adam and "
                                          "--gradient-checkpointing, or train a LoRA"):
@@ -220,6 +233,10 @@ def test_full_training_on_sdxl_warns_of_its_memory_and_exports_both_layouts(worl
     for part in ("text_encoder", "text_encoder_2", "vae"):  # frozen parts come out as they went in
         a, c = getattr(single, part).state_dict(), getattr(base, part).state_dict()
         assert all(torch.equal(a[k], c[k]) for k in a), part
+    calls = readme_calls((out / "README.md").read_text())  # the README's diffusers lines, for SDXL's pipeline
+    assert calls["from_pretrained"] == (f'StableDiffusionXLPipeline.from_pretrained("{out / "model"}", '
+                                        f'torch_dtype=torch.float32)')  # the base's dtype, as the export's
+    assert_same_weights(*(as_the_readme_says(code) for code in calls.values()))
 
 
 def test_adapters_for_one_family_are_refused_by_the_other(world, pivotal, tmp_path, capsys):

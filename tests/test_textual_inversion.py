@@ -66,14 +66,21 @@ def test_starting_vectors_are_the_class_words_embedding(folder):
     assert word.emb_params.requires_grad
 
 
-@pytest.mark.parametrize("n", [1, 3])
-def test_the_file_means_the_same_in_diffusers(folder, tmp_path, n):
+@pytest.mark.parametrize("family,n", [("SD 1.x", 1), ("SD 1.x", 3), ("SD 2.x", 3)])
+def test_the_file_means_the_same_in_diffusers(folder, tmp_path, family, n):
+    """SD 2.x: OpenCLIP's tower (1024 wide at full size), a tokenizer that pads with 0, v-prediction. A word of
+    several vectors is several tokens in diffusers, which its pipeline spells out (maybe_convert_prompt)."""
+    if family == "SD 2.x":
+        reference_pipeline(family, tmp_path).save_pretrained(tmp_path / "sd2")
+        folder = tmp_path / "sd2"
     model = load(folder)
+    assert model.version == family
     word = random_word(model, "abz", n).attach(model.text_encoder)
     path = tmp_path / "abz.safetensors"
     word.save(path)
-    with safe_open(str(path), "pt") as f:  # AUTOMATIC1111's layout: one tensor emb_params (n, 32)
-        assert list(f.keys()) == ["emb_params"] and f.get_tensor("emb_params").shape == (n, 32)
+    with safe_open(str(path), "pt") as f:  # AUTOMATIC1111's layout: one tensor emb_params (n, width)
+        assert list(f.keys()) == ["emb_params"]
+        assert f.get_tensor("emb_params").shape == (n, model.text_encoder.cfg.width)
 
     ref = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
     ref.set_progress_bar_config(disable=True)
