@@ -152,7 +152,7 @@ def train(args, out, device, numbered=False):
         distributed.barrier()  # the old run
         if writes:
             runs.clear(out)
-    given = vars(args).pop("given", set())  # the flags a --resume command names (options.keep_the_runs_own)
+    given = vars(args).pop("given", set())  # the flags a --resume command names (resume.keep_the_runs_own)
     settings = {**vars(args), "identifier": identifier, "instance_prompt": instance_prompt,
                 "class_prompt": class_prompt, "resolution": resolution, "mixed_precision": precision,
                 "base_version": model.version, "prediction_type": model.prediction_type,
@@ -350,11 +350,11 @@ def train(args, out, device, numbered=False):
     # Under torchrun, DistributedDataParallel averages the gradients of what trains over the processes.
     denoise = distributed.wrap(distributed.Step(trained, forward), device)
     stop = FinishTheStep(announce=writes)  # Ctrl-C or SIGTERM: this step ends, a checkpoint is saved (minidb/cli.py)
-    if drift_base is None and start == 0:
-        drift_base = drift()  # the frozen base model's figure: nothing has trained yet
-    per_micro = args.batch_size * world  # examples in one micro-batch, over all processes
-    bar = tqdm(total=args.steps, initial=start, desc="training", disable=not writes)
     try:
+        if drift_base is None and start == 0:
+            drift_base = drift()  # the frozen base model's figure: nothing has trained yet
+        per_micro = args.batch_size * world  # examples in one micro-batch, over all processes
+        bar = tqdm(total=args.steps, initial=start, desc="training", disable=not writes)
         for step in range(start, args.steps):
             t0 = time.time()
             lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the schedule changes it)
@@ -408,7 +408,7 @@ def train(args, out, device, numbered=False):
                     print(f"interrupted: saved {path}; continue with the same command plus --resume", file=sys.stderr)
                 sys.exit(128 + (stop.signum or signal.SIGINT))  # the shell's code: 130, or 143 for SIGTERM
     finally:
-        # The caller gets its handlers back, also when the loop raises (a NaN loss, a full disk), but not on the
+        # The caller gets its handlers back, also when training raises (a NaN loss, a full disk), but not on the
         # way out after Ctrl-C or SIGTERM: there FinishTheStep keeps a second one (SLURM and torchrun each pass
         # SIGTERM on) from cutting the exit short.
         if not stop:

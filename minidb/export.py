@@ -64,6 +64,12 @@ def lora_name(out):
     return Path(out).resolve().name.translate(str.maketrans("", "", ":,"))
 
 
+def literal(path):
+    """`path` as a Python string in a line of code to copy: in double quotes, a Windows path's backslashes doubled
+    (in "D:\\work\\runs", Python reads \\r as a carriage return)."""
+    return json.dumps(str(path), ensure_ascii=False)
+
+
 def how_to_use(args, out, model, subjects, lora_file=None, word_file=None, dtype=torch.float32):
     """(the sample.py command, [one line per other tool]) for a run whose method wrote `out`'s files; a full
     run's model was saved in `dtype` (its UNet's, which diffusers is told to load every part in)."""
@@ -77,10 +83,11 @@ def how_to_use(args, out, model, subjects, lora_file=None, word_file=None, dtype
         folder, file = out / "model", out / "model.safetensors"
         elsewhere.append(f"AUTOMATIC1111 / Forge: copy `model.safetensors` into `models/Stable-diffusion`; ComfyUI: "
                          f"copy it into `models/checkpoints` and pick it in a Load Checkpoint node; diffusers: "
-                         f"`pipe = {pipeline}.from_pretrained(\"{folder}\", torch_dtype={dtype})`, or "
-                         f"`pipe = {pipeline}.from_single_file(\"{file}\", config=\"{folder}\", torch_dtype={dtype})`. "
-                         "torch_dtype is the dtype the model was saved in (without it diffusers loads the UNet in "
-                         "fp32 and the text encoder in the file's dtype, which fails in half precision); config is the "
+                         f"`pipe = {pipeline}.from_pretrained({literal(folder)}, torch_dtype={dtype})`, or "
+                         f"`pipe = {pipeline}.from_single_file({literal(file)}, config={literal(folder)}, "
+                         f"torch_dtype={dtype})`. torch_dtype is the dtype the model was saved in (without it diffusers "
+                         "loads the UNet in fp32 and the text encoder in the file's dtype, which fails in half "
+                         "precision; diffusers 0.42 and later also take it as dtype=); config is the "
                          "folder beside the file, whose configs give this model's architecture and prediction type "
                          "(without it diffusers downloads a stock one: any SD 2 file as 2.1's 768 v-prediction, SDXL "
                          "as epsilon).")
@@ -88,10 +95,10 @@ def how_to_use(args, out, model, subjects, lora_file=None, word_file=None, dtype
         name = lora_name(out)
         elsewhere.append(f"AUTOMATIC1111 / Forge: copy `lora.safetensors` into `models/Lora` as `{name}.safetensors` "
                          f"and add `<lora:{name}:1>` to the prompt; ComfyUI: copy it into `models/loras` and use a "
-                         f"LoraLoader node; diffusers: `pipe.load_lora_weights(\"{out}\", weight_name=\"lora.safetensors\")`.")
+                         f"LoraLoader node; diffusers: `pipe.load_lora_weights({literal(out)}, weight_name=\"lora.safetensors\")`.")
     if word_file:
-        diffusers = (f"`pipe.load_textual_inversion(\"{word_file}\", token=\"{identifier}\")`." if model.version != "SDXL"
-                     else f"`vectors = safetensors.torch.load_file(\"{word_file}\")`, then `pipe.load_textual_inversion("
+        diffusers = (f"`pipe.load_textual_inversion({literal(word_file)}, token=\"{identifier}\")`." if model.version != "SDXL"
+                     else f"`vectors = safetensors.torch.load_file({literal(word_file)})`, then `pipe.load_textual_inversion("
                      f"vectors[\"clip_l\"], token=\"{identifier}\", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)`"
                      " and the same with `clip_g`, `pipe.text_encoder_2`, `pipe.tokenizer_2`; then "
                      "`pipe.text_encoder_2.text_model.eos_token_id = 49407`, so that its pooled vector is taken at the "

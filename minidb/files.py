@@ -62,6 +62,16 @@ def read_metadata(path):
         return {}
 
 
+def tensor_names(path):
+    """The names of a .safetensors file's tensors, from its header alone (none is read); None for a file that is
+    not safetensors or cannot be read."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return set(f.keys())
+    except (SafetensorError, OSError, RuntimeError, ValueError):
+        return None
+
+
 def _read_safetensors(path):
     try:
         with safe_open(str(path), framework="pt") as f:

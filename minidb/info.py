@@ -19,11 +19,10 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from minidb.cli import NAME_MAX, adapter_problem, nonempty_path, path_and_scale, run
 from minidb.dreambooth import embedding_vectors
-from minidb.files import PICKLE_SUFFIXES, ModelFileError, json_loads, read_tensors
+from minidb.files import PICKLE_SUFFIXES, ModelFileError, json_loads, read_tensors, tensor_names
 from minidb.writes import dangling_link, first_non_finite, replace_folder, writing_into
 from minidb.load import load
 from minidb.lora_files import describe_lora, merge_lora
@@ -141,11 +140,8 @@ def main(argv=None):
 def is_addon(path):
     """Whether `path` is a LoRA's or an embedding's safetensors file, from its header alone: unsupported()'s rules
     for those two kinds read the tensors' names, not their values."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            kind = unsupported(dict.fromkeys(f.keys())) or ""
-    except (SafetensorError, OSError):
-        return False
+    names = tensor_names(path)
+    kind = names is not None and unsupported(dict.fromkeys(names)) or ""
     return kind.startswith(("a LoRA", "a textual-inversion"))
 
 
@@ -274,11 +270,7 @@ def target_problem(out, overwrite, inputs):
 def is_model_file(path):
     """Whether a .safetensors file holds a whole model (its UNet in the original layout, as --convert writes
     one), read from its header alone."""
-    try:
-        with safe_open(str(path), "pt") as f:
-            return any(key.startswith("model.diffusion_model.") for key in f.keys())
-    except (OSError, SafetensorError):  # not safetensors at all: not a model --convert wrote
-        return False
+    return any(key.startswith("model.diffusion_model.") for key in tensor_names(path) or ())  # None: no safetensors
 
 
 if __name__ == "__main__":

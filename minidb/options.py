@@ -8,14 +8,13 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from minidb import hub, runs, single_file
 from minidb.resume import METHOD_FLAGS, keep_the_runs_own
 from minidb.concepts import class_dir_problem
 from minidb.cli import DTYPES, SEED_MAX, check_device, fail, nonempty_path, number, text
 from minidb.fetch import DEFAULT_MODEL, TOY_MODEL, how_to_get_weights
-from minidb.files import WEIGHT_SUFFIXES, ModelFileError, read_tensors
+from minidb.files import WEIGHT_SUFFIXES, ModelFileError, read_tensors, tensor_names
 from minidb.info import HELP as MODEL_HELP
 from minidb.loop import SCHEDULES
 from minidb.tokenizer import can_be_a_new_word
@@ -171,15 +170,14 @@ def is_sdxl(path):
         return False
     if path.is_dir():
         return (path / "text_encoder_2" / "config.json").is_file()
-    try:
-        if path.suffix.lower() == ".safetensors":
-            with safe_open(str(path), framework="pt") as f:  # the header only
-                keys = list(f.keys())
-        else:
+    if path.suffix.lower() == ".safetensors":
+        keys = tensor_names(path) or ()  # the header only
+    else:
+        try:
             tensors = read_tensors(path)[0]  # a pickle, memory-mapped: no tensor is read yet
-            keys = list(tensors["state_dict"] if isinstance(tensors.get("state_dict"), dict) else tensors)
-    except (ModelFileError, SafetensorError, OSError):
-        return False
+        except (ModelFileError, OSError):
+            return False
+        keys = list(tensors["state_dict"] if isinstance(tensors.get("state_dict"), dict) else tensors)
     return single_file.version(keys) == "SDXL"
 
 

@@ -230,6 +230,9 @@ def test_merge_lora_writes_the_base_plus_the_lora(tiny_file, tmp_path, capsys):
     # The LoRA given as the model: said first (it said to add --convert, and then that MODEL is a LoRA)
     assert main([str(tmp_path / "l.safetensors"), "--merge-lora", str(tmp_path / "l.safetensors")]) == 2
     assert f"{tmp_path / 'l.safetensors'} is a LoRA, not a full model" in capsys.readouterr().err
+    save_file({"emb_params": torch.zeros(1, 32)}, tmp_path / "word.safetensors")  # an embedding, the same
+    assert main([str(tmp_path / "word.safetensors"), "--merge-lora", str(tmp_path / "l.safetensors")]) == 2
+    assert f"{tmp_path / 'word.safetensors'} is a textual-inversion embedding, not a full model" in capsys.readouterr().err
     assert main([str(tiny_file), "--overwrite"]) == 2  # it was taken, and described the model: nothing to overwrite
     assert capsys.readouterr().err == "error: --overwrite lets --convert replace the model at OUT; add --convert OUT, or " \
                                       "leave it out.\n"

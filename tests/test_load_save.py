@@ -11,8 +11,10 @@
   config, gives the folder's model and prediction type.
 """
 
+import ast
 import re
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -250,9 +252,9 @@ def assert_half_as_the_readme_says(calls, dtype, reference, another):
     """Both README lines give the model in `dtype`, and it draws the fp32 `reference` picture up to rounding.
     Its weights are rounded to the dtype and it computes in it: the mean error stays within two of the dtype's
     rounding steps (finfo.eps: 2^-10 for fp16, 2^-7 for bf16) of the 0..255 range (measured: under one step),
-    while the picture from another seed (`another`) is tens of levels away. Without torch_dtype the call fails
+    while the picture from another seed (`another`) is tens of levels away. Without torch_dtype drawing fails
     ("mat1 and mat2 must have the same dtype": diffusers makes the UNet fp32, transformers keeps the text encoder
-    in the file's dtype)."""
+    in the file's dtype), as the README line says."""
     half = as_the_readme_says(calls["from_pretrained"])
     assert {name: getattr(half, name).dtype for name in parts_of(half)} == dict.fromkeys(parts_of(half), dtype)
     bound = 2 * 255 * torch.finfo(dtype).eps
@@ -260,6 +262,10 @@ def assert_half_as_the_readme_says(calls, dtype, reference, another):
     assert error < bound, error
     assert np.abs(another - reference).mean() > 5 * bound  # a bound that tells pictures apart
     assert_same_weights(as_the_readme_says(calls["from_single_file"]), half)  # so it draws the same
+    # why the line names torch_dtype: without it, drawing fails (with these diffusers and transformers pins)
+    without = as_the_readme_says(calls["from_pretrained"].replace(f", torch_dtype={dtype}", ""))
+    with pytest.raises(RuntimeError, match="must have the same dtype"):
+        draw(without)
 
 
 @pytest.fixture(scope="module")
@@ -301,3 +307,21 @@ def test_the_single_file_opens_in_diffusers_with_its_folder_as_the_config(tmp_pa
     with torch.no_grad():
         folder.unet.conv_out.bias.add_(1.0)
     assert_same_weights(again, folder)
+
+
+def test_the_readme_lines_write_a_windows_path_as_python_reads_it():
+    """A path goes into the lines as a Python string with its backslashes doubled: written as it was, in
+    "D:\\work\\runs" Python read \\r as a carriage return, and "C:\\Users" was a SyntaxError."""
+    out = Path(r"D:\work\runs\dreambooth-1")
+    subject = types.SimpleNamespace(identifier="sks", new_scene="a photo of sks dog on the beach")
+    full, lora = (types.SimpleNamespace(method=method, model="base") for method in ("full", "lora"))
+    for version in ("SD 1.x", "SDXL"):
+        model = types.SimpleNamespace(version=version)
+        lines = [*how_to_use(full, out, model, [subject], dtype=torch.float16)[1],
+                 *how_to_use(lora, out, model, [subject], lora_file=out / "lora.safetensors",
+                             word_file=out / "sks.safetensors")[1]]
+        calls = [node for line in lines for code in re.findall(r"`([^`]*\(.*?\))`", line)
+                 for node in ast.walk(ast.parse(code)) if isinstance(node, ast.Call)]
+        paths = {node.value for call in calls for node in [*call.args, *(k.value for k in call.keywords)]
+                 if isinstance(node, ast.Constant) and isinstance(node.value, str) and "\\" in node.value}
+        assert paths == {str(out / "model"), str(out / "model.safetensors"), str(out), str(out / "sks.safetensors")}

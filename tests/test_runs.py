@@ -200,6 +200,16 @@ def test_nan_weights_are_never_checkpointed(world, tmp_path, capsys, monkeypatch
     assert runs.latest_state(out / "checkpoints") is None and not (out / "model.safetensors").exists()
 
 
+def test_a_failure_before_the_first_step_gives_back_the_signal_handlers(world, tmp_path, monkeypatch):
+    """train.py takes Ctrl-C and SIGTERM just before it measures the base model's drift, which can run out of
+    GPU memory: the handlers are given back then too (conftest fails a test that leaves them changed)."""
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (a stand-in)")
+    monkeypatch.setattr(train, "drift_score", out_of_memory)
+    with pytest.raises(RuntimeError, match="a stand-in"):
+        train.main([str(a) for a in base_args(world, tmp_path / "out") + ["--steps", 1]])
+
+
 # ---- checkpoints survive a kill at any instant, and a full disk ----
 
 class Killed(BaseException):

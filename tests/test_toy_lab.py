@@ -371,6 +371,9 @@ def test_train_base_writes_a_safetensors_name_and_replaces_only_a_toy_base_model
         line = lab_error(capsys, "train-probe", "--out", str(out), "--steps", "1")
         assert line == f"error: --out {out} is a file that is not a toy probe (a LoRA, a trained model or " \
                        "another file), which train-probe does not replace; choose another --out.", line
+    line = lab_error(capsys, "train-probe", "--out", str(tmp_path / "probe"), "--steps", "1")
+    assert line == f"error: --out {tmp_path / 'probe'} does not end in .safetensors, and train-probe writes a " \
+                   f"safetensors file; name it {tmp_path / 'probe.safetensors'}.", line
     assert arguments.is_probe(TOY_PROBE) and not arguments.is_probe(notes)
     assert tree(tmp_path) == kept
 

@@ -9,11 +9,9 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-from safetensors import SafetensorError, safe_open
-
 from minidb.cli import SEED_MAX, fail, nonempty_path, number, text
 from minidb.fetch import TOY_MODEL
-from minidb.files import json_loads, read_metadata
+from minidb.files import json_loads, read_metadata, tensor_names
 from minidb.toy.base import TOY_TEXT, TOY_UNET, TOY_VAE
 from minidb.toy.measure import TOY_PROBE
 from minidb.toy.probe import Probe
@@ -92,11 +90,7 @@ def is_toy_base(path):
 
 def is_probe(path):
     """Whether `path` holds a probe's tensors, by name, read from its header: what train-probe writes."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return set(f.keys()) == set(Probe().state_dict())
-    except (SafetensorError, OSError):
-        return False
+    return tensor_names(path) == set(Probe().state_dict())
 
 
 MODEL_OUTS = {"train-base": ("a toy base model", is_toy_base), "train-probe": ("a toy probe", is_probe)}
