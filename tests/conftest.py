@@ -134,9 +134,12 @@ def test_run_environment(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def global_state_is_restored():
     """Every test leaves the environment variables, torch's global switches and the signal handlers as it
-    found them, so a test that leaks state (say MINIDB_ATTENTION=triton) fails itself instead of tests after it."""
-    before = _global_state()
+    found them, so a test that leaks state (say MINIDB_ATTENTION=triton) fails itself instead of tests after it.
+    torch's random state is put back without a word: many tests seed it on purpose, and a test's unseeded
+    inputs are then the same whichever tests ran before it."""
+    before, random_state = _global_state(), torch.random.get_rng_state()
     yield
+    torch.random.set_rng_state(random_state)
     after = _global_state()
     if after != before:  # put it back, so that only this test fails
         os.environ.clear()
