@@ -18,7 +18,7 @@ from minidb.files import read_tensors
 from minidb.info import main as info
 from minidb.load import load
 from minidb.lora import LoRA
-from test_load_save import as_the_readme_says, assert_same_weights, readme_calls
+from test_run_readme import as_the_readme_says, assert_same_weights, readme_calls
 from test_runs import base_args, refused
 from test_train import ROOT, run, world  # noqa: F401  (world is a fixture)
 

@@ -30,8 +30,8 @@ from minidb.save import _transformers_names, save_diffusers, save_single_file, s
 from minidb.tokenizer import Tokenizer
 from test_bad_input import one_sentence
 from test_foreign_files import unet_to_original, vae_to_original
-from test_load_save import (as_the_readme_says, assert_half_as_the_readme_says, assert_same_weights, draw,
-                            openclip_layout, readme_code)
+from test_load_save import openclip_layout
+from test_run_readme import as_the_readme_says, assert_half_as_the_readme_says, assert_same_weights, draw, readme_code
 from test_sdxl import SDXL_UNET, TINY_G, TINY_L, TINY_SDXL_UNET, reference_text
 from diffusers.loaders import single_file_utils as sfu
 

@@ -38,7 +38,7 @@ from minidb.save import save_single_file
 from test_bad_input import one_sentence
 from test_lora import complaints
 from test_sdxl import SDXL_UNET, TINY_G, TINY_L
-from test_load_save import as_the_readme_says, assert_same_weights, readme_calls
+from test_run_readme import as_the_readme_says, assert_same_weights, readme_calls
 from test_sdxl_files import tiny_sdxl
 from test_train import draw_subject
 
