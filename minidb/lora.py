@@ -23,6 +23,7 @@ Legend: r rank, O/I a layer's output/input channels, k its kernel size.
 
 import hashlib
 import math
+import warnings
 
 import safetensors.torch
 import torch
@@ -185,6 +186,11 @@ class LoRA(nn.Module):
         for kohya, layer in _kohya_targets(model, text_encoder):
             self.add_module(kohya, Adapter(layer, rank, self.alpha).to(layer.weight.device))
             self.bases[kohya] = layer
+        widest = max(min(layer.weight.shape[:2]) for layer in self.bases.values())  # the largest rank a layer has
+        if rank > widest:  # (the toy model's are 64 or 128; SD's 320 to 1280)
+            warnings.warn(f"--lora-rank {rank} is more than any adapted layer's own rank (at most {widest}), so "
+                          f"the adapters hold more numbers than their layers and learn no more than at rank {widest}; "
+                          f"pick --lora-rank {widest} or less.")
         for part, prefix in text_parts(model).items() if text_encoder else ():
             cfg = getattr(model, part).cfg
             if cfg.skip_last and not cfg.projection:  # SDXL's CLIP-L: its context is the penultimate layer's

@@ -84,8 +84,9 @@ def parse_args(argv, doc):
     a("--prior-weight", type=number(float, low=0, high=PRIOR_WEIGHT_MAX), default=None, help="λ, the weight of the "
       f"prior-preservation loss, at most {PRIOR_WEIGHT_MAX}; 0 turns it off (default: 1; 0 for textual-inversion, "
       "whose frozen model cannot drift)")
-    a("--class-images", type=number(int, low=0, high=CLASS_IMAGES_MAX), default=200, help="how many prior images the "
-      f"frozen model draws, at most {CLASS_IMAGES_MAX} (default: %(default)s)")
+    a("--class-images", type=number(int, low=0, high=CLASS_IMAGES_MAX), default=None, help="how many prior images the "
+      f"frozen model draws, at most {CLASS_IMAGES_MAX}; not with --class-dir, whose photos are all used (default: "
+      f"{CLASS_IMAGES})")
     a("--class-dir", default=None, type=nonempty_path,
       help="use your own class photos from this folder instead of drawing them")
     a("--class-cache", default=str(cache_home() / "minidb" / "class-prior"), type=nonempty_path,
@@ -154,6 +155,7 @@ TOY_LR, TOY_STEPS = {"full": 1e-4}, {"full": 1200}  # the toy model's own: its 1
 # Upper bounds, far past any recipe: past them a run only overflows (alpha/rank as a float32 scale, a loss
 # weighted past fp32's range) or runs out of memory (the class prior is held in memory, its cache files
 # are numbered with five digits), or run for weeks.
+CLASS_IMAGES = 200  # about 200 prior images, as DESIGN.md reads the paper (~200 x N, N photos)
 LORA_ALPHA_MAX, PRIOR_WEIGHT_MAX, CLASS_IMAGES_MAX, STEPS_MAX, BATCH_MAX = 10_000, 1_000, 100_000, 1_000_000, 1024
 WORD_MAX = 200  # bytes of a new word, which names its file
 RUN_DEFAULTS = {"save_every": 0, "checkpoints_keep": 1, "validate_every": 0}  # None until a resume has kept the run's
@@ -186,6 +188,8 @@ def with_method_defaults(args, sdxl=False):
     --method, then fill in the method's own defaults (they are written into the run's settings). SDXL's method is LoRA unless asked: its full UNet with AdamW needs
     about 40 GB of GPU memory, its LoRA (as diffusers' and kohya's SDXL recipes train) a fraction.
     Returns a problem as one sentence, or None."""
+    if args.class_images is None and not args.class_dir:  # (--class-dir's photos are all used: no count)
+        args.class_images = CLASS_IMAGES
     for key, value in RUN_DEFAULTS.items():
         setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
     args.method = args.method or ("lora" if sdxl else "full")
@@ -258,6 +262,9 @@ def check(args):
     problem = class_dir_problem(args.class_dir, [args.images])  # --concepts' folders: once read (read_subjects)
     if problem:
         return problem
+    if args.class_dir and args.class_images is not None and not args.resume:  # (a resume keeps the run's count)
+        return (f"--class-images {args.class_images} sets how many prior images the model draws, but --class-dir "
+                "gives them as photos, all of which are used; leave one of the two out.")
     if args.prior_weight > 0 and not args.class_dir and args.class_images == 0:
         return ("--class-images 0 leaves the prior-preservation loss without images; draw at least 1 (the paper "
                 "draws about 200), or turn the prior off with --prior-weight 0.")

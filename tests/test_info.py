@@ -361,6 +361,14 @@ def test_info_refuses_other_adapter_kinds_and_conversions_of_add_ons(tmp_path, c
     assert main([str(tmp_path / "w.safetensors"), "--convert", str(tmp_path / "out.safetensors")]) == 2
     assert "draw with a base model and this file: sample.py --embedding" in error_line(capsys)
     assert not (tmp_path / "out.safetensors").exists()
+    for addon in ("w", "l"):  # a prediction type belongs to a model: on an add-on it was taken, then ignored
+        if addon == "l":
+            save_file({f"{LAYER}.lora_down.weight": torch.ones(2, 32, 1, 1),
+                       f"{LAYER}.lora_up.weight": torch.ones(32, 2, 1, 1)}, tmp_path / "l.safetensors")
+        assert main([str(tmp_path / f"{addon}.safetensors"), "--prediction-type", "epsilon"]) == 2
+        assert "is a LoRA or an embedding, which has none (the model it is drawn with decides); leave it out." \
+            in error_line(capsys)
+        assert main([str(tmp_path / f"{addon}.safetensors")]) == 0  # described, without the flag
 
 
 # ---- broken add-ons, odd --convert targets and merges that would write NaN ----

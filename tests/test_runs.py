@@ -55,6 +55,8 @@ def base_args(world, out):
      "new word alone, at --lr"),  # it was told to add --train-text-encoder, which textual-inversion refuses
     (["--prior-weight", "0", "--class-dir", "."], "--class-dir gives the prior-preservation loss its class photos, but "
      "the prior is off (--prior-weight 0); turn it on"),  # both did nothing, silently
+    (["--class-dir", ".", "--class-images", "50"], "--class-images 50 sets how many prior images the model draws, "
+     "but --class-dir gives them as photos, all of which are used"),  # the count did nothing, silently
     (["--class-dir", "PHOTOS"], "is the folder of a subject's own photos, so the prior-preservation loss would teach "
      "the class prompt that subject"),  # it trained the prior on the subject
     (["--model", " "], "argument --model: must not be empty; give a path"),  # it meant the default model

@@ -52,7 +52,7 @@ def run(world, out, *extra, steps=4, prior=True):
     args = ["--images", world / "photos", "--class", "ball", "--model", world / "base", "--out", out,
             "--steps", steps, "--resolution", 32, "--sample-steps", 2, "--class-cache", world / "cache",
             *(["--save-dtype", "fp32"] if full else []), *extra]
-    if prior and "--class-images" not in extra:
+    if prior and "--class-images" not in extra and "--class-dir" not in extra:
         args += ["--class-images", 2]
     if "--drift-images" not in extra:
         args += ["--drift-images", 2]
