@@ -3,8 +3,10 @@ same random weights. Everything is created here; nothing is read from outside th
 
 import dataclasses
 import os
+import random
 import signal
 
+import numpy as np
 import pytest
 import torch
 
@@ -135,11 +137,14 @@ def test_run_environment(tmp_path_factory):
 def global_state_is_restored():
     """Every test leaves the environment variables, torch's global switches and the signal handlers as it
     found them, so a test that leaks state (say MINIDB_ATTENTION=triton) fails itself instead of tests after it.
-    torch's random state is put back without a word: many tests seed it on purpose, and a test's unseeded
-    inputs are then the same whichever tests ran before it."""
-    before, random_state = _global_state(), torch.random.get_rng_state()
+    The random states (torch's, numpy's and Python's) are put back without a word: many tests seed them on
+    purpose, and a test's unseeded inputs are then the same whichever tests ran before it."""
+    before = _global_state()
+    random_states = torch.random.get_rng_state(), np.random.get_state(), random.getstate()
     yield
-    torch.random.set_rng_state(random_state)
+    torch.random.set_rng_state(random_states[0])
+    np.random.set_state(random_states[1])
+    random.setstate(random_states[2])
     after = _global_state()
     if after != before:  # put it back, so that only this test fails
         os.environ.clear()
