@@ -26,7 +26,7 @@ from minidb.files import PICKLE_SUFFIXES, ModelFileError, json_loads, read_tenso
 from minidb.writes import dangling_link, first_non_finite, replace_folder, writing_into
 from minidb.load import load
 from minidb.lora_files import describe_lora, merge_lora
-from minidb.runs import embedding_to_add, recorded_identifiers, recorded_subjects
+from minidb.runs import embedding_to_add, recorded_identifiers, recorded_subjects, run_record
 from minidb.save import save_diffusers, save_single_file
 from minidb.single_file import unsupported
 
@@ -130,14 +130,23 @@ def main(argv=None):
                 problem = target_problem(out, args.overwrite, [args.model, *loras])
                 if problem:
                     return fail(problem)
+                record = kept_record(args.model, loras)
                 if out.suffix.lower() == ".safetensors":
-                    save_single_file(model, out)
+                    save_single_file(model, out, metadata=record)
                 else:
-                    replace_folder(out, lambda tmp: save_diffusers(model, tmp))
+                    replace_folder(out, lambda tmp: save_diffusers(model, tmp, metadata=record))
         except OSError as e:
             return fail(f"cannot write {out} ({e.strerror or e}); choose a place you can write to.")
         print(f"wrote {out}")
     return 0
+
+
+def kept_record(model, loras):
+    """The train.py record a converted model keeps, as save_*'s metadata ({} for none): the model's own; else, with
+    one LoRA merged that has one, the LoRA's, whose identifier the merged model now draws (sample.py reads [V]
+    as it). Without it info, sample.py and the toy lab would take a trained model for a base."""
+    record = run_record(model) or (run_record(loras[0]) if len(loras) == 1 else None)
+    return {"minidb_run": record} if record else {}
 
 
 def is_addon(path):

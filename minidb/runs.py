@@ -250,20 +250,34 @@ def recorded_subjects(paths):
     LoRA's or an embedding's "minidb" entry; a --concepts run lists its subjects."""
     found = []
     for path in map(Path, paths):
-        metadata = read_metadata(path / "unet" / "diffusion_pytorch_model.safetensors" if path.is_dir() else path)
-        for key in ("minidb_run", "minidb"):  # a model's "minidb" entry holds its configs, with no identifier
-            try:
-                run = json_loads(metadata.get(key, "null"))
-            except json.JSONDecodeError:
-                continue
-            subjects = run.get("subjects") if isinstance(run, dict) and isinstance(run.get("subjects"), list) else [run]
-            for subject in subjects:
-                if isinstance(subject, dict) and isinstance(subject.get("identifier"), str):
-                    word_file = path.parent / f"{subject['identifier']}.safetensors"
-                    new_word = run.get("new_word") is True
-                    found.append({**subject, "new_word": new_word,
-                                  "embedding": word_file if new_word and word_file.is_file() else None})
+        run = json_loads(run_record(path) or "null")
+        for subject in named_subjects(run):
+            word_file = path.parent / f"{subject['identifier']}.safetensors"
+            new_word = run.get("new_word") is True
+            found.append({**subject, "new_word": new_word,
+                          "embedding": word_file if new_word and word_file.is_file() else None})
     return found
+
+
+def named_subjects(run):
+    """A record's subjects that name their identifier: a --concepts run's list, or the record itself."""
+    subjects = run.get("subjects") if isinstance(run, dict) and isinstance(run.get("subjects"), list) else [run]
+    return [s for s in subjects if isinstance(s, dict) and isinstance(s.get("identifier"), str)]
+
+
+def run_record(path):
+    """The text of train.py's record in the file at `path` (recorded_subjects reads it), or None: a model's
+    "minidb_run" entry, a LoRA's or an embedding's "minidb" entry (a model's "minidb" holds its configs)."""
+    path = Path(path)
+    metadata = read_metadata(path / "unet" / "diffusion_pytorch_model.safetensors" if path.is_dir() else path)
+    for key in ("minidb_run", "minidb"):
+        try:
+            run = json_loads(metadata.get(key, "null"))
+        except json.JSONDecodeError:
+            continue
+        if named_subjects(run):
+            return metadata[key]
+    return None
 
 
 def embedding_to_add(subject):

@@ -62,6 +62,42 @@ def test_info_names_the_identifier_an_exported_model_records(tmp_path, capsys):
             "as none of them)\n") in capsys.readouterr().out
 
 
+def test_a_converted_model_keeps_the_identifier_it_was_trained_with(tmp_path, capsys):
+    """--convert dropped train.py's record, so a trained model, converted, read as a base: info named no
+    identifier, sample.py read [V] as nothing, and the toy lab's train-base would write over it. Now the
+    single file and the folder keep it, and a model merged with one recorded LoRA takes the LoRA's."""
+    from minidb.lora import LoRA, save_kohya
+    from minidb.runs import recorded_identifiers
+    from minidb.toy.arguments import is_toy_base
+    run = json.dumps({"identifier": "zwx", "class": "cup", "method": "full"})
+    save_single_file(tiny_model(), tmp_path / "model.safetensors", metadata={"minidb_run": run})
+    for out in ("one.safetensors", "folder"):
+        assert main([str(tmp_path / "model.safetensors"), "--convert", str(tmp_path / out)]) == 0
+        assert recorded_identifiers([tmp_path / out]) == ["zwx"]
+    capsys.readouterr()
+    assert main([str(tmp_path / "one.safetensors")]) == 0
+    assert "identifier     zwx: the subject train.py trained" in capsys.readouterr().out
+    save_single_file(tiny_model(), tmp_path / "base.safetensors")
+    about = {"minidb": json.dumps({"identifier": "qpv", "class": "dog", "method": "lora"})}
+    save_kohya(LoRA(tiny_model(), rank=2), tmp_path / "lora.safetensors", metadata=about)
+    save_kohya(LoRA(tiny_model(), rank=2), tmp_path / "other.safetensors")  # no record
+    cases = {"merged.safetensors": ["lora"], "two.safetensors": ["lora", "other"], "base-copy.safetensors": []}
+    for out, loras in cases.items():
+        merges = [a for name in loras for a in ("--merge-lora", str(tmp_path / f"{name}.safetensors"))]
+        assert main([str(tmp_path / "base.safetensors"), *merges, "--convert", str(tmp_path / out)]) == 0
+    assert recorded_identifiers([tmp_path / "merged.safetensors"]) == ["qpv"]
+    assert recorded_identifiers([tmp_path / "two.safetensors"]) == []  # two LoRAs: whose word, no record says
+    assert recorded_identifiers([tmp_path / "base-copy.safetensors"]) == []
+    assert main([str(tmp_path / "model.safetensors"), "--merge-lora", str(tmp_path / "lora.safetensors"),
+                 "--convert", str(tmp_path / "trained-merged.safetensors")]) == 0
+    assert recorded_identifiers([tmp_path / "trained-merged.safetensors"]) == ["zwx"]  # the model's own first
+    from minidb.fetch import TOY_MODEL  # the toy lab's train-base replaces a toy base model, not a trained one
+    for name, record in (("toy-base", {}), ("toy-trained", {"minidb_run": run})):
+        save_single_file(load(TOY_MODEL), tmp_path / f"{name}.safetensors", metadata=record)
+        assert main([str(tmp_path / f"{name}.safetensors"), "--convert", str(tmp_path / f"{name}-2.safetensors")]) == 0
+        assert is_toy_base(tmp_path / f"{name}-2.safetensors") == (not record)
+
+
 def test_info_says_a_new_word_needs_its_embedding(tmp_path, capsys):
     """A --new-token run's model records its identifier as a new word, which it knows only with the run's
     embedding file; a diffusers folder records it in its UNet file's header."""
