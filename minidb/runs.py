@@ -43,13 +43,18 @@ def flag(key):
 # ---- where a run lives ----
 
 def new_run_folder(root=RUNS, name="dreambooth"):
-    """The first free root/name-N, made (root/latest points at it once the run has begun: began())."""
-    n = 1
-    while (root / f"{name}-{n}").exists():
-        n += 1
-    folder = root / f"{name}-{n}"
-    folder.mkdir(parents=True)
-    return folder
+    """root/name-N, one past the highest N there, made (root/latest points at it once the run has begun:
+    began()). Past the highest, not the first gap: a deleted run's number is not given to a newer run, so
+    the newest run has the highest number. Two runs starting at once each get their own."""
+    taken = [p.name.removeprefix(f"{name}-") for p in root.glob(f"{name}-*")] if root.is_dir() else []
+    n = max((int(t) for t in taken if t.isdigit() and t.isascii()), default=0) + 1
+    while True:
+        folder = root / f"{name}-{n}"
+        try:
+            folder.mkdir(parents=True)
+            return folder
+        except FileExistsError:  # another run took it between the look and the mkdir
+            n += 1
 
 
 def run_folder(out, resume):

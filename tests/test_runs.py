@@ -749,6 +749,17 @@ def test_default_runs_get_fresh_numbered_folders_and_runs_latest(world, tmp_path
     assert not (tmp_path / "runs" / "dreambooth-3").exists()
 
 
+def test_a_new_run_is_numbered_past_the_highest_not_in_a_gap(tmp_path, monkeypatch):
+    """With dreambooth-2 deleted, the next run took 2 again: older than 3 by its number, newer by its date.
+    And a folder another run made between the look and the mkdir was a FileExistsError traceback."""
+    for name in ("dreambooth-1", "dreambooth-3", "dreambooth-x", "dreambooth-\u0663", "other-7"):
+        (tmp_path / name).mkdir()
+    assert runs.new_run_folder(tmp_path) == tmp_path / "dreambooth-4" and (tmp_path / "dreambooth-4").is_dir()
+    assert runs.new_run_folder(tmp_path / "first") == tmp_path / "first" / "dreambooth-1"  # (made, with runs/)
+    monkeypatch.setattr(Path, "glob", lambda self, pattern: iter(()))  # as if looked before dreambooth-1 was made
+    assert runs.new_run_folder(tmp_path / "first") == tmp_path / "first" / "dreambooth-2"
+
+
 def test_a_run_that_stops_before_it_begins_leaves_no_run_folder(world, tmp_path, monkeypatch):
     """A typo in --images, found when the photos load (after the run folder is taken), left an empty
     runs/dreambooth-N holding only .lock, pointed runs/latest at it (so `--resume` alone and the last run's
