@@ -44,7 +44,7 @@ def parse_args(argv, doc):
     a("--overwrite", action="store_true", help="delete the run already in --out and start it over")
     a("--resume", nargs="?", const="latest", default=None, metavar="latest|STEP|PATH", type=resume_point,
       help="continue the run in --out (default: runs/latest) from its latest checkpoint, from the checkpoint of "
-      "step STEP, or from the checkpoint folder PATH; a flag left out is the run's own, and only --steps, "
+      "step STEP, or from the checkpoint folder PATH (a run's folder as PATH: its latest, as --out PATH --resume); a flag left out is the run's own, and only --steps, "
       "--save-every, --validate-every, --checkpoints-keep, --class-cache and the validation flags may differ "
       "from it (and --concepts's place, not its subjects; under torchrun, the number of processes, not the global "
       "batch)")
@@ -126,11 +126,24 @@ def parse_args(argv, doc):
       help="override the base model's detected prediction type (see below)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
     args = p.parse_args(argv)
+    if args.resume and is_run_folder(args.resume):  # `--resume RUN` continues that run: `--out RUN --resume`
+        if args.out is not None and Path(args.out).resolve() != Path(args.resume).resolve():
+            fail(f"--resume {args.resume} is a run's folder, but --out names {args.out}; to continue that run "
+                 f"pass --out {args.resume} --resume, or give --resume one of its checkpoint folders "
+                 f"({Path(args.resume) / 'checkpoints' / 'step-N'}) to start --out from it.")
+        args.out, args.resume = args.resume, "latest"
     if args.resume:
         problem = keep_the_runs_own(p, argv, args)
         if problem:
             fail(problem)
     return args
+
+
+def is_run_folder(path):
+    """Whether `path` is a train.py run's folder (its settings or its checkpoints), not one checkpoint's."""
+    path = Path(path)
+    return ((path / "settings.json").is_file() or (path / "checkpoints").is_dir()) \
+        and not (path / "state.pt").is_file()
 
 
 def cache_home():
@@ -214,6 +227,16 @@ def with_method_defaults(args, sdxl=False):
 
 def check(args):
     """Problems with the arguments found before any work starts, as one sentence; None if all is well."""
+    if args.resume and args.resume != "latest" and not args.resume.isdigit() \
+            and not (Path(args.resume) / "state.pt").is_file():  # (found only after the model had loaded)
+        return (f"--resume {args.resume} is neither latest, a step number, a run's folder nor a checkpoint folder "
+                "(one with a state.pt); pass one of those.")
+    if args.resume and args.out is None and not (runs.RUNS / "latest").is_dir():  # (before the subject, which a
+        # resume takes from the run)
+        return (f"--resume without --out continues {runs.RUNS / 'latest'}, which does not exist here; pass the "
+                "run's folder, as --resume RUN or --out RUN --resume.")
+    if args.resume and args.out is not None and not Path(args.out).is_dir():
+        return f"--resume found no run in {args.out}, which does not exist; check the path, or start without --resume."
     if args.concepts is None and (args.images is None or args.class_name is None):
         return ("train.py needs the subject: --images FOLDER --class NAME (e.g. --images ./dog --class dog), "
                 "or --concepts FILE for several subjects.")
@@ -288,8 +311,6 @@ def check(args):
             import bitsandbytes  # noqa: F401
         except ImportError:
             return "--use-8bit-adam needs bitsandbytes (pip install bitsandbytes, CUDA only); or leave the flag off."
-    if args.resume and args.out is None and not (runs.RUNS / "latest").is_dir():
-        return f"--resume without --out continues {runs.RUNS / 'latest'}, which does not exist; pass the run's --out."
     if args.out is not None and Path(args.out).suffix.lower() in WEIGHT_SUFFIXES \
             and not Path(args.out).is_dir():
         return (f"--out {args.out} looks like a model file's name, but --out is the run's folder (the model is "
@@ -297,6 +318,4 @@ def check(args):
                 f"{Path(args.out).parent / Path(args.out).stem}.")
     if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
         return f"--out {args.out} is a file, not a folder; choose a folder."
-    if args.resume and args.out is not None and not Path(args.out).is_dir():
-        return f"--resume found no run in {args.out}, which does not exist; check the path, or start without --resume."
     return None

@@ -64,8 +64,8 @@ def resume_point(folder, what):
                            "pass one of those, or latest.")
         return path
     if not (Path(what) / "state.pt").is_file():
-        raise RunError(f"--resume {what} is neither latest, a step number, nor a checkpoint folder (one with a "
-                       "state.pt); pass one of those.")
+        raise RunError(f"--resume {what} is neither latest, a step number, a run's folder nor a checkpoint folder "
+                       "(one with a state.pt); pass one of those.")
     return Path(what).resolve()
 
 

@@ -346,6 +346,26 @@ def test_resume_of_a_folder_that_does_not_exist_creates_nothing(world, tmp_path,
     assert not out.exists()
 
 
+def test_resume_names_the_run_it_cannot_find_and_takes_a_run_folder(world, tmp_path, capsys, monkeypatch):
+    """`--resume` alone with no runs/latest (a fresh clone) was told to give the subject, as if starting a run.
+    `--resume RUN`, a run's folder, was refused only after another run's folder was taken and the model
+    loaded, and never said how; it now continues RUN, as `--out RUN --resume` does."""
+    monkeypatch.chdir(tmp_path)
+    for argv in (["--resume"], ["--resume", "5"]):
+        err = refused(capsys, argv)
+        assert "--resume without --out continues runs/latest, which does not exist here; pass the run's folder, " \
+               "as --resume RUN or --out RUN --resume." in err
+    typo = refused(capsys, ["--resume", tmp_path / "nothing"])
+    assert "is neither latest, a step number, a run's folder nor a checkpoint folder" in typo
+    assert not (tmp_path / "runs").exists()  # refused before a run folder was taken
+    out = run(world, tmp_path / "run", steps=1)
+    train.main([str(a) for a in ["--resume", out, "--steps", 2]])  # the run's own flags, from its settings
+    assert state.latest_state(out / "checkpoints").name == "step-000002" and not (tmp_path / "runs").exists()
+    err = refused(capsys, ["--resume", out, "--out", tmp_path / "other", "--steps", 3])
+    assert f"--resume {out} is a run's folder, but --out names {tmp_path / 'other'}; to continue that run pass " \
+           f"--out {out} --resume" in err
+
+
 def test_a_folder_without_checkpoint_offers_overwrite(world, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()

@@ -489,7 +489,7 @@ def test_bad_captions_resume_paths_and_words_with_concepts_are_one_sentence(worl
     line = refused(capsys, ["--images", world / "photos", *base, "--out", out, "--resume", tmp_path, "--steps", 1,
                             "--sample-steps", 2, "--class-images", 2, "--drift-images", 2, "--save-dtype", "fp32",
                             "--mixed-precision", "no"])
-    assert "is neither latest, a step number, nor a checkpoint folder" in line
+    assert "is neither latest, a step number, a run's folder nor a checkpoint folder" in line
     concepts = tmp_path / "c.json"
     concepts.write_text(json.dumps([{"images": str(world / "photos"), "class": "ball"}]))
     line = refused(capsys, ["--concepts", concepts, "--model", world / "base", "--method", "textual-inversion"])
