@@ -78,6 +78,15 @@ def class_dir_problem(class_dir, folders):
     return None
 
 
+def placeholder_problem(identifier, what):
+    """One sentence if an identifier holds [V], the docs' placeholder for it (copied from an example prompt),
+    which captions and prompts read as the identifier: as a token it is only "[", "v" and "]"."""
+    if identifier and "[v]" in identifier.lower():
+        return (f"{what} {identifier} holds [V], the placeholder that prompts and captions read as the identifier; "
+                "give a rare word such as sks, or leave it out to have one picked.")
+    return None
+
+
 def read_subjects(args):
     """[Subject] from the command line: --concepts FILE, or --images with --class (and the prompt flags)."""
     if args.concepts is None:
@@ -95,7 +104,9 @@ def read_subjects(args):
         raise DataError(f"--concepts {path} gives {e} twice in one entry, and only the last would count; keep one.") \
             from None
     except ValueError as e:
-        raise DataError(f"--concepts {path} is not valid JSON ({e}); it must be a list of "
+        empty = not getattr(e, "doc", "?").strip()  # (a JSONDecodeError keeps the text it read)
+        what = "is empty" if empty else f"is not valid JSON ({e})"
+        raise DataError(f"--concepts {path} {what}; it must be a list of "
                         '{"images": ..., "class": ...} objects.') from None
     except RecursionError:  # '[' * 100000: json gives up; a real concepts list is never nested that deep
         raise DataError(f"--concepts {path} is not a valid concepts list (it is nested too deeply to read); it must "
@@ -125,6 +136,9 @@ def read_subjects(args):
                 f" (a relative folder is read from the file's own folder, {path.parent})"
             raise DataError(f"--concepts {path}: entry {k}'s \"images\" folder {folder} "
                             f"{'is a file' if folder.exists() else 'does not exist'}{relative}; check it.")
+        problem = placeholder_problem(concept.get("identifier"), f'--concepts {path}: entry {k}\'s "identifier"')
+        if problem:
+            raise DataError(problem)
         subjects.append(Subject(str(folder), concept["class"], concept.get("identifier"),
                                 concept.get("instance_prompt"), concept.get("class_prompt")))
     problem = class_dir_problem(getattr(args, "class_dir", None), [s.images for s in subjects])

@@ -11,7 +11,7 @@ import torch
 
 from minidb import hub, runs, single_file
 from minidb.resume import METHOD_FLAGS, keep_the_runs_own
-from minidb.concepts import class_dir_problem
+from minidb.concepts import class_dir_problem, placeholder_problem
 from minidb.cli import DTYPES, SEED_MAX, check_device, fail, nonempty_path, number, text
 from minidb.fetch import DEFAULT_MODEL, TOY_MODEL, how_to_get_weights
 from minidb.files import WEIGHT_SUFFIXES, ModelFileError, read_tensors, tensor_names
@@ -247,6 +247,9 @@ def check(args):
     if args.concepts is not None and args.new_token:
         return ("--concepts trains one identifier per subject in the model; a new word (--new-token, "
                 "textual-inversion) is learned for one subject per run, so train those one at a time.")
+    problem = placeholder_problem(args.identifier, "--identifier")
+    if problem:
+        return problem
     word = args.identifier if args.new_token else None
     if word is not None and not can_be_a_new_word(word):  # what Tokenizer.add_word will require, checked before loading
         return (f"--identifier {word!r} must be one lower-case word to become a new word (prompts are read in lower "

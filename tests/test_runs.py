@@ -57,6 +57,9 @@ def base_args(world, out):
      "the prior is off (--prior-weight 0); turn it on"),  # both did nothing, silently
     (["--class-dir", ".", "--class-images", "50"], "--class-images 50 sets how many prior images the model draws, "
      "but --class-dir gives them as photos, all of which are used"),  # the count did nothing, silently
+    # the docs' placeholder copied in as the identifier trained the letters [V] silently (common tokens)
+    (["--identifier", "[V]"], "--identifier [V] holds [V], the placeholder that prompts and captions read as the "
+     "identifier; give a rare word such as sks, or leave it out to have one picked."),
     (["--class-dir", "PHOTOS"], "is the folder of a subject's own photos, so the prior-preservation loss would teach "
      "the class prompt that subject"),  # it trained the prior on the subject
     (["--model", " "], "argument --model: must not be empty; give a path"),  # it meant the default model

@@ -299,6 +299,9 @@ def test_two_subjects_take_turns_with_their_own_identifiers(world, tmp_path, cap
     ("[{\"images\": \"a\", \"class\": \"dog\", \"colour\": \"red\"}]", "unknown key 'colour'"),
     ("[{\"images\": \"a\", \"class\": 3}]", 'entry 1 needs "class" as a class name'),
     ("not json", "is not valid JSON"),
+    (" \n", 'is empty; it must be a list of {"images": ..., "class": ...} objects.'),  # "Expecting value: line 1"
+    ("[{\"images\": \"a\", \"class\": \"dog\", \"identifier\": \"[V]\"}]", "entry 1's \"identifier\" [V] "
+     "holds [V], the placeholder that prompts and captions read as the identifier; give a rare word such as sks"),
     ("[{\"images\": \"a\", \"class\": \"dog\", \"identifier\": \"sks\"}, "
      "{\"images\": \"b\", \"class\": \"cat\", \"identifier\": \"sks\"}]", "two subjects use the identifier sks"),
     ("[{\"images\": \"a\", \"class\": \"dog\", \"identifier\": \"sks\"}, "  # prompts read both as sks
