@@ -618,10 +618,24 @@ def test_an_embedding_whose_name_cannot_be_a_word_is_one_sentence(models, adapte
     assert not (tmp_path / "out").exists()
 
 
+def a_lora(folder, tensors=None):
+    """A file of a LoRA's tensor names (or of `tensors`), for the refusals."""
+    layer = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    tensors = tensors or {f"{layer}.lora_down.weight": torch.ones(2, 32), f"{layer}.lora_up.weight": torch.ones(32, 2)}
+    safetensors.torch.save_file(tensors, folder / "x.safetensors")
+    return folder / "x.safetensors"
+
+
 @pytest.mark.parametrize("flag,make,message", [
     ("--lora", lambda tmp, models: models[1], "is a full model checkpoint, not a LoRA"),
     ("--lora", lambda tmp, models: f"{models[1]}:20", "argument --lora: must be between -10 and 10, not 20"),
-    ("--embedding", lambda tmp, models: models[1], "is not a textual-inversion embedding"),
+    # each in the other's place: told where it goes (a model was "not an embedding; it holds cond_stage_model...")
+    ("--embedding", lambda tmp, models: models[1], "is a full model checkpoint, not an embedding; load it as the base "
+     "model (--model) instead."),
+    ("--embedding", lambda tmp, models: a_lora(tmp), "is a LoRA, not a textual-inversion embedding: it changes weights "
+     "rather than adding a word, so draw with it by sample.py --lora"),
+    ("--embedding", lambda tmp, models: a_lora(tmp, {"bias": torch.ones(1, 1, 1)}), "is not a textual-inversion "
+     "embedding (one tensor of vectors (n, width), e.g. emb_params, or SDXL's clip_l and clip_g); it holds bias"),
     ("--lora", lambda tmp, models: models[1].parent, "is a folder, not a weights file; pass the file itself (it holds "),
     ("--embedding", lambda tmp, models: tmp, "is a folder, not a weights file; pass the file itself."),
 ])
