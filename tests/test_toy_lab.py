@@ -571,3 +571,23 @@ def test_ctrl_c_in_a_sweep_lets_train_py_save_its_checkpoint(tmp_path, sigterm):
     # train.py refusing the resume (other --train-args, say): the way out names the run folder
     assert second.stderr.strip().splitlines()[-1] == f"error: train.py stopped with exit code 2 while resuming {run}; " \
         f"fix what it says above, or delete {run} to train that run over."
+
+
+def test_every_command_says_what_it_does_and_which_defaults_replace_the_docs_own(capsys):
+    """A command's --help had only its flags: what it does was in the lab's list alone. The pictures and JSON the
+    experiments write by default are the docs' own, which a newcomer's first try replaced unwarned."""
+    with pytest.raises(SystemExit):
+        arguments.parse_args(["--help"], "the lab")
+    listing = capsys.readouterr().out
+    commands = ["examples", "train-base", "train-probe", "evaluate", "base", "ablation", "methods", "tune"]
+    for command in commands:
+        with pytest.raises(SystemExit):
+            arguments.parse_args([command, "--help"], "the lab")
+        text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+        description = text.split(" options: ")[0].split("] ")[-1]
+        assert description.endswith(".") and description[:-1].lower() in " ".join(listing.split()).lower(), command
+        for flag in ("--picture", "--json"):
+            if flag in text and "docs" in text.split(flag, 2)[-1].split(" --")[0]:
+                assert "which this replaces" in text.split(flag, 2)[-1].split(" --")[0], (command, flag)
+        if command in ("train-probe", "evaluate"):  # their --model's default was not shown
+            assert "--model" in text and "(default: " in text.split("--model", 2)[-1].split(" --")[0], command

@@ -99,11 +99,15 @@ MODEL_OUTS = {"train-base": ("a toy base model", is_toy_base), "train-probe": ("
 def parse_args(argv, description):
     p = argparse.ArgumentParser(prog="python -m minidb.toy.lab", description=description)
     sub = p.add_subparsers(dest="command", required=True)
-    ex = sub.add_parser("examples", help="render the subject's photos")
+
+    def add(name, about):  # the command's line in the lab's --help, and the first line of its own
+        return sub.add_parser(name, help=about, description=about[0].upper() + about[1:] + ".")
+
+    ex = add("examples", "render the subject's photos")
     ex.add_argument("--out", type=nonempty_path, default=None, help="folder for the five photos (default: "
                     "examples/two-tone-cup, or runs/tuning-subject with --tuning)")
     ex.add_argument("--tuning", action="store_true", help="the tuning subject's photos instead of the shipped subject's")
-    base = sub.add_parser("train-base", help="train the toy base model from scratch")
+    base = add("train-base", "train the toy base model from scratch")
     base.add_argument("--out", type=nonempty_path, default=str(TOY_MODEL),
                       help="where to write the model (default: %(default)s)")
     base.add_argument("--work", type=nonempty_path, default="runs/toy-base",
@@ -128,17 +132,19 @@ def parse_args(argv, description):
     base.add_argument("--vae-from", type=nonempty_path, default=None,
                       help="skip stage 1: take the VAE of a model trained earlier")
     base.add_argument("--seed", type=SEED, default=0, help="seed for the world's pictures and the weights (default: %(default)s)")
-    pr = sub.add_parser("train-probe", help="train the measuring probe on the world")
+    pr = add("train-probe", "train the measuring probe on the world")
     pr.add_argument("--model", type=nonempty_path, default=str(TOY_MODEL),
-                    help="its VAE softens half the training pictures")
+                    help="the model whose VAE softens half the training pictures, as drawn pictures are "
+                         "(default: %(default)s)")
     pr.add_argument("--out", type=nonempty_path, default=str(TOY_PROBE),
                     help="where to write the probe (default: %(default)s)")
     pr.add_argument("--steps", type=STEPS, default=3000, help="training steps (default: %(default)s)")
     pr.add_argument("--seed", type=SEED, default=0, help="seed for its pictures and weights (default: %(default)s)")
-    ev = sub.add_parser("evaluate", help="subject fidelity, prompt fidelity, PRES, DIV of models")
+    ev = add("evaluate", "subject fidelity, prompt fidelity, PRES, DIV of models")
     ev.add_argument("--model", type=nonempty_path, nargs="+", default=[str(TOY_MODEL)],
-                    help="one or more models, compared side by side")
-    ev.add_argument("--identifier", type=text, default=None, help="the [V] token (default: from the run's settings.json)")
+                    help="one or more models, compared side by side (default: the toy base model, %(default)s)")
+    ev.add_argument("--identifier", type=text, default=None, help="the [V] token (default: from the settings.json "
+                    "of the run beside each model; for a model outside a run, the token train.py picks at --seed 0)")
     ev.add_argument("--probe", type=nonempty_path, default=str(TOY_PROBE),
                     help="the measuring probe (default: %(default)s)")
     ev.add_argument("--n", type=N, default=4, help="images per prompt (default: %(default)s)")
@@ -149,19 +155,20 @@ def parse_args(argv, description):
                     help="also write the subject's generations in each place, as a grid")
     ev.add_argument("--bf16", action="store_true", help="sample under bf16 autocast, as sample.py does by default "
                     "on a CPU with native bf16 (the probe still reads in fp32)")
-    bs = sub.add_parser("base", help="how well the base model draws the world: class, colour, place, smears")
+    bs = add("base", "how well the base model draws the world: class, colour, place, smears")
     bs.add_argument("--model", type=nonempty_path, default=str(TOY_MODEL), help="the base model (default: %(default)s)")
     bs.add_argument("--probe", type=nonempty_path, default=str(TOY_PROBE),
                     help="the measuring probe (default: %(default)s)")
     bs.add_argument("--n", type=N, default=8, help="images per prompt (default: %(default)s)")
     bs.add_argument("--steps", type=SAMPLE_STEPS, default=25, help="DDIM steps (default: %(default)s)")
     bs.add_argument("--picture", type=nonempty_path, default=str(ROOT / "docs" / "toy-base-samples.png"),
-                    help="a grid of samples, one per class and background (default: %(default)s)")
+                    help="a grid of samples, one per class and background (default: %(default)s, the picture "
+                         "docs/toy-world.md shows, which this replaces)")
     helps = {"ablation": "DreamBooth with vs without the prior loss, several seeds, measured (the paper's Table 3)",
              "methods": "DreamBooth full, LoRA and textual inversion, several seeds, measured (its Table 1)",
              "tune": "the toy DreamBooth recipe: a learning-rate sweep on the tuning subject only"}
     for name, about in helps.items():
-        ab = sub.add_parser(name, help=about)
+        ab = add(name, about)
         ab.add_argument("--model", type=nonempty_path, default=str(TOY_MODEL),
                         help="the base model (default: %(default)s)")
         ab.add_argument("--probe", type=nonempty_path, default=str(TOY_PROBE),
@@ -177,7 +184,9 @@ def parse_args(argv, description):
         ab.add_argument("--n", type=N, default=4, help="images per prompt (default: %(default)s)")
         ab.add_argument("--steps", type=SAMPLE_STEPS, default=25, help="DDIM steps (default: %(default)s)")
         ab.add_argument("--json", type=nonempty_path, default=str(ROOT / "bench" / f"toy-{name}.json"),
-                        help="where to write the measurements (default: %(default)s)")
+                        help="where to write the measurements (default: %(default)s, the numbers docs/toy-world.md "
+                             "cites, which this replaces)")
         ab.add_argument("--picture", type=nonempty_path, default=str(ROOT / "docs" / f"toy-{name}.png"),
-                        help="where to write the picture (default: %(default)s)")
+                        help="where to write the picture (default: %(default)s, the one docs/toy-world.md shows, "
+                             "which this replaces)")
     return p.parse_args(argv)
