@@ -436,5 +436,5 @@ def train(args, out, device, numbered=False):
 DRIFT_SEED = 10**6  # the drift watch draws its class images with --seed + this: never the trained ones
 
 if __name__ == "__main__":
-    run(main, interrupted="interrupted: the run keeps its last checkpoint, if it has one; continue it with "
-                          "--resume, or start over with --overwrite.")
+    run(main, interrupted="interrupted: a run with a checkpoint keeps its last one (continue it with --resume, or "
+                          "start over with --overwrite); a new run stopped before its first leaves nothing behind.")

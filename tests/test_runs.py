@@ -826,6 +826,7 @@ def test_ctrl_c_or_sigterm_during_setup_is_one_sentence_and_leaves_no_run(world,
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signum, err  # the shell's codes: 130, 143
     assert "interrupted" in err and "Traceback" not in err
+    assert "a new run stopped before its first leaves nothing behind" in err  # not only "continue it with --resume"
     assert not (tmp_path / "out").exists()  # the run had not begun: its folder goes
 
 
