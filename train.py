@@ -148,6 +148,10 @@ def train(args, out, device, numbered=False):
         processes = f", {world} processes (torchrun)" if world > 1 else ""
         print(f"run folder: {out}\n{model.version} ({model.prediction_type}), {device}{processes}, mixed precision "
               f"{precision}")
+        prior = "off" if not args.prior_weight else f"λ {args.prior_weight:g} on " + (
+            f"the photos in {args.class_dir}" if args.class_dir else
+            f"{args.class_images} images per class prompt, drawn once and cached in {args.class_cache}")
+        print(f"{args.method}: {args.steps} steps at lr {args.lr:g}; class prior {prior}")
     if args.overwrite:  # only now that the model, photos and subjects are good (in every process): a bad one keeps
         distributed.barrier()  # the old run
         if writes:

@@ -360,7 +360,7 @@ def test_a_frozen_base_holds_its_norms_in_fp32_for_cuda_and_trains_bit_for_bit_a
     from bench.op_count import cuda_norms
     from minidb.loop import hold_frozen
     from minidb.pipeline import added_conditioning, encode_tokens
-    from test_lora import Casts
+    from test_lora_training import Casts
     if device == "cuda":  # kernels that give the same sums run to run
         monkeypatch.setenv("MINIDB_ATTENTION", "math")
         monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
