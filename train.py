@@ -148,10 +148,11 @@ def train(args, out, device, numbered=False):
         processes = f", {world} processes (torchrun)" if world > 1 else ""
         print(f"run folder: {out}\n{model.version} ({model.prediction_type}), {device}{processes}, mixed precision "
               f"{precision}")
-        prior = "off" if not args.prior_weight else f"λ {args.prior_weight:g} on " + (
+        prior = "off" if not args.prior_weight else f"weight {args.prior_weight:g} on " + (
             f"the photos in {args.class_dir}" if args.class_dir else
             f"{args.class_images} images per class prompt, drawn once and cached in {args.class_cache}")
-        print(f"{args.method}: {args.steps} steps at lr {args.lr:g}; class prior {prior}")
+        scaled = " (times the images per step: --scale-lr)" if args.scale_lr else ""
+        print(f"{args.method}: {args.steps} steps at lr {args.lr:g}{scaled}; class prior {prior}")
     if args.overwrite:  # only now that the model, photos and subjects are good (in every process): a bad one keeps
         distributed.barrier()  # the old run
         if writes:
@@ -440,5 +441,6 @@ def train(args, out, device, numbered=False):
 DRIFT_SEED = 10**6  # the drift watch draws its class images with --seed + this: never the trained ones
 
 if __name__ == "__main__":
-    run(main, interrupted="interrupted: a run with a checkpoint keeps its last one (continue it with --resume, or "
-                          "start over with --overwrite); a new run stopped before its first leaves nothing behind.")
+    run(main, interrupted="interrupted: a run that has a checkpoint continues from its last one with --resume; one "
+                          "stopped before its first checkpoint (a new run, or one --overwrite began again) leaves "
+                          "nothing to continue.")

@@ -71,9 +71,6 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.merge_lora and not args.convert and not is_addon(args.model):  # an add-on: the load names it, below
         return fail("--merge-lora changes the model only in memory; add --convert OUT to write the merged model.")
-    if args.prediction_type and is_addon(args.model):  # (a model's prediction type; an add-on has none)
-        return fail(f"--prediction-type sets a model's prediction type, but {args.model} is a LoRA or an embedding, "
-                    "which has none (the model it is drawn with decides); leave it out.")
     if args.overwrite and not args.convert:  # it was taken, and nothing was written
         return fail("--overwrite lets --convert replace the model at OUT; add --convert OUT, or leave it out.")
     loras = [path for path, _ in args.merge_lora]
@@ -100,6 +97,9 @@ def main(argv=None):
             return fail(str(refusal))
         if lines is None:
             return fail(str(e))
+        if args.prediction_type:  # a model's; an add-on has none
+            return fail(f"--prediction-type sets a model's prediction type, but {args.model} is a LoRA or an "
+                        "embedding, which has none (the model it is drawn with decides); leave it out.")
         print(f"{args.model}: {lines[0][1]}")
         for heading, text in lines[1:]:
             print(f"  {heading:10s} {text}")

@@ -186,7 +186,7 @@ class LoRA(nn.Module):
         for kohya, layer in _kohya_targets(model, text_encoder):
             self.add_module(kohya, Adapter(layer, rank, self.alpha).to(layer.weight.device))
             self.bases[kohya] = layer
-        widest = max(min(layer.weight.shape[:2]) for layer in self.bases.values())  # the largest rank a layer has
+        widest = max((min(layer.weight.shape[:2]) for layer in self.bases.values()), default=rank)  # a layer's rank
         if rank > widest:  # (the toy model's are 64 or 128; SD's 320 to 1280)
             warnings.warn(f"--lora-rank {rank} is more than any adapted layer's own rank (at most {widest}), so "
                           f"the adapters hold more numbers than their layers and learn no more than at rank {widest}; "

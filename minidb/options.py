@@ -11,6 +11,7 @@ import torch
 
 from minidb import hub, runs, single_file
 from minidb.resume import METHOD_FLAGS, keep_the_runs_own
+from minidb.state import NOT_A_RESUME_POINT
 from minidb.concepts import class_dir_problem, placeholder_problem
 from minidb.cli import DTYPES, SEED_MAX, check_device, fail, nonempty_path, number, text
 from minidb.fetch import DEFAULT_MODEL, TOY_MODEL, how_to_get_weights
@@ -126,24 +127,19 @@ def parse_args(argv, doc):
       help="override the base model's detected prediction type (see below)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
     args = p.parse_args(argv)
-    if args.resume and is_run_folder(args.resume):  # `--resume RUN` continues that run: `--out RUN --resume`
-        if args.out is not None and Path(args.out).resolve() != Path(args.resume).resolve():
-            fail(f"--resume {args.resume} is a run's folder, but --out names {args.out}; to continue that run "
-                 f"pass --out {args.resume} --resume, or give --resume one of its checkpoint folders "
-                 f"({Path(args.resume) / 'checkpoints' / 'step-N'}) to start --out from it.")
-        args.out, args.resume = args.resume, "latest"
+    folder = Path(args.resume or ".")
+    if (runs.is_run_folder(folder) or (folder / "checkpoints").is_dir()) and not (folder / "state.pt").is_file():
+        # `--resume RUN`, a run's folder, continues that run, as `--out RUN --resume`
+        if args.out is not None and Path(args.out).resolve() != folder.resolve():
+            fail(f"--resume {folder} is a run's folder, but --out names {args.out}; to continue that run pass "
+                 f"--resume {folder} alone (or --out {folder} --resume), or leave --resume out to start a new run "
+                 f"in {args.out}.")
+        args.out, args.resume = str(folder), "latest"
     if args.resume:
         problem = keep_the_runs_own(p, argv, args)
         if problem:
             fail(problem)
     return args
-
-
-def is_run_folder(path):
-    """Whether `path` is a train.py run's folder (its settings or its checkpoints), not one checkpoint's."""
-    path = Path(path)
-    return ((path / "settings.json").is_file() or (path / "checkpoints").is_dir()) \
-        and not (path / "state.pt").is_file()
 
 
 def cache_home():
@@ -156,7 +152,8 @@ def resume_point(value):
     """An argparse type for --resume: not empty (which read as no --resume at all), and a path's names no longer
     than a file system holds."""
     if not value.strip():
-        raise argparse.ArgumentTypeError("must not be empty; give latest, a step number or a checkpoint folder")
+        raise argparse.ArgumentTypeError("must not be empty; give latest, a step number, a run's folder or a "
+                                         "checkpoint folder")
     return nonempty_path(value)
 
 
@@ -229,8 +226,7 @@ def check(args):
     """Problems with the arguments found before any work starts, as one sentence; None if all is well."""
     if args.resume and args.resume != "latest" and not args.resume.isdigit() \
             and not (Path(args.resume) / "state.pt").is_file():  # (found only after the model had loaded)
-        return (f"--resume {args.resume} is neither latest, a step number, a run's folder nor a checkpoint folder "
-                "(one with a state.pt); pass one of those.")
+        return NOT_A_RESUME_POINT.format(args.resume)
     if args.resume and args.out is None and not (runs.RUNS / "latest").is_dir():  # (before the subject, which a
         # resume takes from the run)
         return (f"--resume without --out continues {runs.RUNS / 'latest'}, which does not exist here; pass the "
@@ -247,7 +243,7 @@ def check(args):
     if args.concepts is not None and args.new_token:
         return ("--concepts trains one identifier per subject in the model; a new word (--new-token, "
                 "textual-inversion) is learned for one subject per run, so train those one at a time.")
-    problem = placeholder_problem(args.identifier, "--identifier")
+    problem = not args.resume and placeholder_problem(args.identifier, "--identifier")  # (a run begun so goes on)
     if problem:
         return problem
     word = args.identifier if args.new_token else None

@@ -51,6 +51,10 @@ def save_state(folder, step, modules, extra, keep=1):
     return final
 
 
+NOT_A_RESUME_POINT = ("--resume {} is neither latest, a step number, a run's folder nor a checkpoint folder (one "
+                      "with a state.pt); pass one of those.")
+
+
 def resume_point(folder, what):
     """The checkpoint --resume WHAT continues from: "latest", a step number, or a checkpoint folder's path."""
     folder = Path(folder)
@@ -64,8 +68,7 @@ def resume_point(folder, what):
                            "pass one of those, or latest.")
         return path
     if not (Path(what) / "state.pt").is_file():
-        raise RunError(f"--resume {what} is neither latest, a step number, a run's folder nor a checkpoint folder "
-                       "(one with a state.pt); pass one of those.")
+        raise RunError(NOT_A_RESUME_POINT.format(what))  # (train.py's options refuse it first)
     return Path(what).resolve()
 
 

@@ -77,6 +77,8 @@ def test_a_converted_model_keeps_the_identifier_it_was_trained_with(tmp_path, ca
     capsys.readouterr()
     assert main([str(tmp_path / "one.safetensors")]) == 0
     assert "identifier     zwx: the subject train.py trained" in capsys.readouterr().out
+    from minidb.toy.lab import identifier_of  # the lab's evaluate reads it too, outside any run folder
+    assert identifier_of(tmp_path / "one.safetensors") == "zwx" != identifier_of(tmp_path / "model-missing")
     save_single_file(tiny_model(), tmp_path / "base.safetensors")
     about = {"minidb": json.dumps({"identifier": "qpv", "class": "dog", "method": "lora"})}
     save_kohya(LoRA(tiny_model(), rank=2), tmp_path / "lora.safetensors", metadata=about)

@@ -163,7 +163,7 @@ def test_the_cast_copies_follow_the_weights_over_steps_accumulation_and_validati
 
 
 def test_a_rank_wider_than_every_layer_is_warned_of(tmp_path):
-    """A rank past every adapted layer's own  trains adapters bigger than their
+    """A rank past every adapted layer's own rank trains adapters bigger than their
     layers that learn nothing more; it is said, with the largest rank that means something. Up to it: silent."""
     reference_pipeline("SD 1.x", tmp_path).save_pretrained(tmp_path / "model")
     model = load(tmp_path / "model")

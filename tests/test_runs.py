@@ -89,7 +89,7 @@ def base_args(world, out):
     # a word past 200 bytes made a file name past the 255 a file system holds: the export failed after training
     (["--new-token", "--identifier", "q" * 201], "--identifier qqqqqqqqqqqqqqqqqqqq... is 201 bytes long"),
     (["--images", ""], "argument --images: must not be empty; give a path"),  # it meant the current folder
-    (["--resume", " "], "argument --resume: must not be empty; give latest, a step number or a checkpoint"),
+    (["--resume", " "], "argument --resume: must not be empty; give latest, a step number, a run's folder or a checkpoint"),
     (["--class-dir", ""], "argument --class-dir: must not be empty; give a path"),  # it was ignored, silently
     (["--class-cache", " "], "argument --class-cache: must not be empty; give a path"),
     (["--out", "o" * 256], "argument --out: has a name of 256 bytes (oooooooooooooooooooo...), longer than the 255"),
@@ -358,15 +358,20 @@ def test_resume_names_the_run_it_cannot_find_and_takes_a_run_folder(world, tmp_p
         err = refused(capsys, argv)
         assert "--resume without --out continues runs/latest, which does not exist here; pass the run's folder, " \
                "as --resume RUN or --out RUN --resume." in err
-    typo = refused(capsys, ["--resume", tmp_path / "nothing"])
-    assert "is neither latest, a step number, a run's folder nor a checkpoint folder" in typo
-    assert not (tmp_path / "runs").exists()  # refused before a run folder was taken
     out = run(world, tmp_path / "run", steps=1)
     train.main([str(a) for a in ["--resume", out, "--steps", 2]])  # the run's own flags, from its settings
     assert state.latest_state(out / "checkpoints").name == "step-000002" and not (tmp_path / "runs").exists()
     err = refused(capsys, ["--resume", out, "--out", tmp_path / "other", "--steps", 3])
-    assert f"--resume {out} is a run's folder, but --out names {tmp_path / 'other'}; to continue that run pass " \
-           f"--out {out} --resume" in err
+    assert f"error: --resume {out} is a run's folder, but --out names {tmp_path / 'other'}; to continue that run " \
+           f"pass --resume {out} alone (or --out {out} --resume), or leave --resume out to start a new run in " \
+           f"{tmp_path / 'other'}.\n" in err
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "latest").symlink_to(out)
+    monkeypatch.setattr(train, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(runs, "locked", lambda *a, **k: pytest.fail("the run's folder was taken"))
+    for argv in (["--resume", tmp_path / "nothing"], ["--out", out, "--resume", tmp_path / "nothing"]):
+        assert f"--resume {tmp_path / 'nothing'} is neither latest, a step number, a run's folder nor a checkpoint " \
+               "folder (one with a state.pt); pass one of those." in refused(capsys, argv)
 
 
 def test_a_folder_without_checkpoint_offers_overwrite(world, tmp_path, capsys):
@@ -826,7 +831,8 @@ def test_ctrl_c_or_sigterm_during_setup_is_one_sentence_and_leaves_no_run(world,
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signum, err  # the shell's codes: 130, 143
     assert "interrupted" in err and "Traceback" not in err
-    assert "a new run stopped before its first leaves nothing behind" in err  # not only "continue it with --resume"
+    assert "one stopped before its first checkpoint (a new run, or one --overwrite began again) leaves nothing to " \
+           "continue." in err  # not only "continue it with --resume"
     assert not (tmp_path / "out").exists()  # the run had not begun: its folder goes
 
 

@@ -111,7 +111,7 @@ def test_end_to_end_run_writes_everything_and_loads_in_diffusers(world, tmp_path
         warnings.simplefilter("always", ResourceWarning)
         out = run(world, tmp_path / "out", "--save-every", 2, "--validate-every", 2)
     # the recipe, said at the start: the first run's minutes go into drawing the prior, which later runs reuse
-    assert f"full: 4 steps at lr 5e-06; class prior λ 1 on 2 images per class prompt, drawn once and cached in " \
+    assert f"full: 4 steps at lr 5e-06; class prior weight 1 on 2 images per class prompt, drawn once and cached in " \
            f"{world / 'cache'}\n" in capsys.readouterr().out
     unclosed = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
     assert not [m for m in unclosed if "log.jsonl" in m], unclosed  # export reads the log and closes it

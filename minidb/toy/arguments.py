@@ -142,9 +142,9 @@ def parse_args(argv, description):
     pr.add_argument("--seed", type=SEED, default=0, help="seed for its pictures and weights (default: %(default)s)")
     ev = add("evaluate", "subject fidelity, prompt fidelity, PRES, DIV of models")
     ev.add_argument("--model", type=nonempty_path, nargs="+", default=[str(TOY_MODEL)],
-                    help="one or more models, compared side by side (default: the toy base model, %(default)s)")
+                    help=f"one or more models, compared side by side (default: the toy base model, {TOY_MODEL})")
     ev.add_argument("--identifier", type=text, default=None, help="the [V] token (default: from the settings.json "
-                    "of the run beside each model; for a model outside a run, the token train.py picks at --seed 0)")
+                    "of the run beside each model, or the record its file keeps; else the token train.py picks at --seed 0)")
     ev.add_argument("--probe", type=nonempty_path, default=str(TOY_PROBE),
                     help="the measuring probe (default: %(default)s)")
     ev.add_argument("--n", type=N, default=4, help="images per prompt (default: %(default)s)")

@@ -38,7 +38,7 @@ from minidb.files import ModelFileError
 from minidb.writes import write_safetensors
 from minidb.load import load
 from minidb.pipeline import bf16_for_autocast, decode, grid, sample_latents
-from minidb.runs import CHECKPOINT, RunError, log_rows, saved_settings
+from minidb.runs import CHECKPOINT, RunError, log_rows, recorded_identifiers, saved_settings
 from minidb.tokenizer import Tokenizer
 from minidb.toy.arguments import check_outputs, parse_args
 from minidb.toy.base import SIZE, to_tensor, train_base
@@ -67,11 +67,13 @@ def run_settings(folder, what_to_do):
 
 
 def identifier_of(model_path):
-    """The identifier a train.py run used (its settings.json), else the default one."""
+    """The identifier a train.py run used (its settings.json, or the record its model file keeps, also when
+    converted by info --convert), else the one train.py picks at --seed 0."""
     folder = Path(model_path).resolve().parent
     if (folder / "settings.json").is_file():
         return run_settings(folder, "pass the identifier with --identifier")["identifier"]
-    return pick_identifier(Tokenizer.for_version("SD 1.x"), random.Random(0))
+    recorded = recorded_identifiers([model_path])
+    return recorded[0] if len(recorded) == 1 else pick_identifier(Tokenizer.for_version("SD 1.x"), random.Random(0))
 
 
 def print_table(columns):
