@@ -72,7 +72,8 @@ def parse_args(argv=None):
                         "weights/ once `python -m minidb.fetch` has downloaded it, else the toy model "
                         "weights/toy.safetensors)")
     p.add_argument("--prompt", type=text, help="what to draw (required); [V] in it is read as the identifier "
-                   "train.py recorded in the model, LoRA or embedding given, where they record one; at most 75 CLIP tokens are read, unless --long-prompts")
+                   "train.py recorded in the model, LoRA or embedding given, where they record one; at most 75 CLIP "
+                   "tokens are read, unless --long-prompts")
     p.add_argument("--long-prompts", action="store_true", help="read prompts over 75 tokens whole, in 75-token "
                    "chunks whose encodings are concatenated, as AUTOMATIC1111 does (default: cut at 75 tokens, as "
                    "diffusers, with a warning)")

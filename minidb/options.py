@@ -45,7 +45,8 @@ def parse_args(argv, doc):
     a("--overwrite", action="store_true", help="delete the run already in --out and start it over")
     a("--resume", nargs="?", const="latest", default=None, metavar="latest|STEP|PATH", type=resume_point,
       help="continue the run in --out (default: runs/latest) from its latest checkpoint, from the checkpoint of "
-      "step STEP, or from the checkpoint folder PATH (a run's folder as PATH: its latest, as --out PATH --resume); a flag left out is the run's own, and only --steps, "
+      "step STEP, or from the checkpoint folder PATH (a run's folder as PATH: its latest, as --out PATH "
+      "--resume); a flag left out is the run's own, and only --steps, "
       "--save-every, --validate-every, --checkpoints-keep, --class-cache and the validation flags may differ "
       "from it (and --concepts's place, not its subjects; under torchrun, the number of processes, not the global "
       "batch)")

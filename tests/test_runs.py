@@ -89,7 +89,8 @@ def base_args(world, out):
     # a word past 200 bytes made a file name past the 255 a file system holds: the export failed after training
     (["--new-token", "--identifier", "q" * 201], "--identifier qqqqqqqqqqqqqqqqqqqq... is 201 bytes long"),
     (["--images", ""], "argument --images: must not be empty; give a path"),  # it meant the current folder
-    (["--resume", " "], "argument --resume: must not be empty; give latest, a step number, a run's folder or a checkpoint"),
+    (["--resume", " "], "argument --resume: must not be empty; give latest, a step number, a run's folder or a "
+     "checkpoint"),
     (["--class-dir", ""], "argument --class-dir: must not be empty; give a path"),  # it was ignored, silently
     (["--class-cache", " "], "argument --class-cache: must not be empty; give a path"),
     (["--out", "o" * 256], "argument --out: has a name of 256 bytes (oooooooooooooooooooo...), longer than the 255"),

@@ -144,7 +144,8 @@ def parse_args(argv, description):
     ev.add_argument("--model", type=nonempty_path, nargs="+", default=[str(TOY_MODEL)],
                     help=f"one or more models, compared side by side (default: the toy base model, {TOY_MODEL})")
     ev.add_argument("--identifier", type=text, default=None, help="the [V] token (default: from the settings.json "
-                    "of the run beside each model, or the record its file keeps; else the token train.py picks at --seed 0)")
+                    "of the run beside each model, or the record its file keeps; else the token train.py picks at "
+                    "--seed 0)")
     ev.add_argument("--probe", type=nonempty_path, default=str(TOY_PROBE),
                     help="the measuring probe (default: %(default)s)")
     ev.add_argument("--n", type=N, default=4, help="images per prompt (default: %(default)s)")
