@@ -50,7 +50,8 @@ from minidb.concepts import name_subjects, read_subjects
 from minidb.lora import LoRA
 from minidb.loop import (Examples, PromptText, assemble, drift_score, hold_frozen, lr_factor, optimizer_for,
                          validation_grid)
-from minidb.options import METHOD_LR, check, is_sdxl, parse_args, with_method_defaults
+from minidb.detect import is_sdxl
+from minidb.options import METHOD_LR, check, parse_args, with_method_defaults
 from minidb.pipeline import DEFAULTS, added_conditioning
 from minidb.schedulers import NoiseSchedule
 

@@ -20,15 +20,18 @@
   1280/20); SD 2.x computes attention in fp32 as 2.1 needs; the training size is 512 px (latent 64),
   768 px (latent 96) for SD 2 v-prediction, 1024 px (latent 128) for SDXL; SDXL's latent scale is
   0.13025; SDXL reads both text towers at the penultimate layer without the final LayerNorm.
+- is_sdxl tells SDXL apart before anything loads (train.py's defaults depend on it), from a folder's
+  layout or a file's tensor names alone.
 """
 
 import json
 import re
 from dataclasses import fields
+from pathlib import Path
 
-from minidb import text_encoder as te, unet as un, vae as va
+from minidb import hub, single_file, text_encoder as te, unet as un, vae as va
 from minidb.convert import TEXT_ACTIVATIONS
-from minidb.files import ModelFileError, json_loads
+from minidb.files import ModelFileError, json_loads, read_tensors, tensor_names
 
 VERSIONS = ("SD 1.x", "SD 2.x", "SDXL")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -267,3 +270,25 @@ def text_config(tensors, version, path, second=False):
     return te.TextEncoderConfig(vocab_size=vocab, max_length=_shape(tensors, position, 2, part, path)[0], width=width,
                                 layers=layers, heads=width // 64, mlp_width=_shape(tensors, fc1, 2, part, path)[0],
                                 activation="gelu" if openclip else "quick_gelu", **xl)
+
+
+def is_sdxl(path):
+    """Whether the base model is SDXL, found cheaply before it loads (SDXL changes --method's default), as
+    minidb/load.py decides: a diffusers folder with text_encoder_2/, or a single file with SDXL's text keys.
+    A Hub id is downloaded here (minidb/hub.py) and read as its folder. False when unsure: check() and
+    loading say what is wrong with the model."""
+    try:
+        path = Path(hub.local_path(path))
+    except ModelFileError:
+        return False
+    if path.is_dir():
+        return (path / "text_encoder_2" / "config.json").is_file()
+    if path.suffix.lower() == ".safetensors":
+        keys = tensor_names(path) or ()  # the header only
+    else:
+        try:
+            tensors = read_tensors(path)[0]  # a pickle, memory-mapped: no tensor is read yet
+        except (ModelFileError, OSError):
+            return False
+        keys = list(tensors["state_dict"] if isinstance(tensors.get("state_dict"), dict) else tensors)
+    return single_file.version(keys) == "SDXL"

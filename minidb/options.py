@@ -9,13 +9,13 @@ from pathlib import Path
 
 import torch
 
-from minidb import hub, runs, single_file
+from minidb import hub, runs
 from minidb.resume import METHOD_FLAGS, keep_the_runs_own
 from minidb.state import NOT_A_RESUME_POINT
 from minidb.concepts import class_dir_problem, placeholder_problem
 from minidb.cli import DTYPES, SEED_MAX, check_device, fail, nonempty_path, number, text
 from minidb.fetch import DEFAULT_MODEL, TOY_MODEL, how_to_get_weights
-from minidb.files import WEIGHT_SUFFIXES, ModelFileError, read_tensors, tensor_names
+from minidb.files import WEIGHT_SUFFIXES, ModelFileError
 from minidb.info import HELP as MODEL_HELP
 from minidb.loop import SCHEDULES
 from minidb.tokenizer import can_be_a_new_word
@@ -170,28 +170,6 @@ CLASS_IMAGES = 200  # about 200 prior images, as DESIGN.md reads the paper (~200
 LORA_ALPHA_MAX, PRIOR_WEIGHT_MAX, CLASS_IMAGES_MAX, STEPS_MAX, BATCH_MAX = 10_000, 1_000, 100_000, 1_000_000, 1024
 WORD_MAX = 200  # bytes of a new word, which names its file
 RUN_DEFAULTS = {"save_every": 0, "checkpoints_keep": 1, "validate_every": 0}  # None until a resume has kept the run's
-
-
-def is_sdxl(path):
-    """Whether the base model is SDXL, found cheaply before it loads (SDXL changes --method's default), as
-    minidb/load.py decides: a diffusers folder with text_encoder_2/, or a single file with SDXL's text keys.
-    A Hub id is downloaded here (minidb/hub.py) and read as its folder. False when unsure: check() and
-    loading say what is wrong with the model."""
-    try:
-        path = Path(hub.local_path(path))
-    except ModelFileError:
-        return False
-    if path.is_dir():
-        return (path / "text_encoder_2" / "config.json").is_file()
-    if path.suffix.lower() == ".safetensors":
-        keys = tensor_names(path) or ()  # the header only
-    else:
-        try:
-            tensors = read_tensors(path)[0]  # a pickle, memory-mapped: no tensor is read yet
-        except (ModelFileError, OSError):
-            return False
-        keys = list(tensors["state_dict"] if isinstance(tensors.get("state_dict"), dict) else tensors)
-    return single_file.version(keys) == "SDXL"
 
 
 def with_method_defaults(args, sdxl=False):

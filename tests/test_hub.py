@@ -33,7 +33,8 @@ from minidb import hub
 from minidb.dreambooth import _model_identity
 from minidb.files import ModelFileError
 from minidb.load import load
-from minidb.options import check, is_sdxl, parse_args
+from minidb.detect import is_sdxl
+from minidb.options import check, parse_args
 from test_bad_input import one_sentence
 from test_load_save import reference_pipeline
 

@@ -32,7 +32,8 @@ from minidb.files import ModelFileError
 from minidb.load import load
 from minidb.lora import LoRA, save_kohya
 from minidb.lora_files import merge_lora
-from minidb.options import is_sdxl, parse_args, with_method_defaults
+from minidb.detect import is_sdxl
+from minidb.options import parse_args, with_method_defaults
 from minidb.pipeline import encode_prompt
 from minidb.save import save_single_file
 from test_bad_input import one_sentence
