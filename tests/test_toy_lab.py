@@ -573,9 +573,10 @@ def test_ctrl_c_in_a_sweep_lets_train_py_save_its_checkpoint(tmp_path, sigterm):
         f"fix what it says above, or delete {run} to train that run over."
 
 
-def test_every_command_says_what_it_does_and_which_defaults_replace_the_docs_own(capsys):
+def test_every_command_says_what_it_does_and_which_defaults_replace_the_docs_own(capsys, monkeypatch):
     """A command's --help had only its flags: what it does was in the lab's list alone. The pictures and JSON the
     experiments write by default are the docs' own, which a newcomer's first try replaced unwarned."""
+    monkeypatch.setenv("COLUMNS", "10000")  # argparse wraps at a path's hyphens (/tmp/ci-clone) otherwise
     with pytest.raises(SystemExit):
         arguments.parse_args(["--help"], "the lab")
     listing = capsys.readouterr().out
