@@ -74,12 +74,13 @@ def embedding_vectors(path, tensors):
         names = ["emb_params" if "emb_params" in found else next(iter(found))]
     else:
         names = []
-    kind = None if names else unsupported(found)  # None: a Stable Diffusion model of its own
-    if not names and (kind is None or kind.startswith("a LoRA")):  # given in the other's place
+    kind = "" if names else unsupported(found)  # None: a Stable Diffusion model of its own
+    if kind is None:  # a file given in another's place: said where it goes
         raise ModelFileError(f"{path} is a full model checkpoint, not an embedding; load it as the base model "
-                             "(--model) instead." if kind is None else f"{path} is a LoRA, not a textual-inversion "
-                             "embedding: it changes weights rather than adding a word, so draw with it by sample.py "
-                             f"--lora {path}.")
+                             "(--model) instead.")
+    if kind.startswith("a LoRA"):
+        raise ModelFileError(f"{path} is a LoRA, not a textual-inversion embedding: it changes weights rather than "
+                             f"adding a word, so draw with it by sample.py --lora {path}.")
     if not names or any(found[name].ndim not in (1, 2) for name in names):
         held = ", ".join(f"{k} {tuple(found[k].shape)}" if k in found else k for k in list(tensors)[:3]) or "nothing"
         raise ModelFileError(f"{path} is not a textual-inversion embedding (one tensor of vectors (n, width), e.g. "

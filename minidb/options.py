@@ -128,9 +128,9 @@ def parse_args(argv, doc):
       help="override the base model's detected prediction type (see below)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
     args = p.parse_args(argv)
-    folder = Path(args.resume or ".")
-    if (runs.is_run_folder(folder) or (folder / "checkpoints").is_dir()) and not (folder / "state.pt").is_file():
-        # `--resume RUN`, a run's folder, continues that run, as `--out RUN --resume`
+    folder = Path(args.resume) if args.resume and args.resume != "latest" and not args.resume.isdigit() else None
+    if folder and (runs.is_run_folder(folder) or (folder / "checkpoints").is_dir()) \
+            and not (folder / "state.pt").is_file():  # `--resume RUN`, a run's folder: as `--out RUN --resume`
         if args.out is not None and Path(args.out).resolve() != folder.resolve():
             fail(f"--resume {folder} is a run's folder, but --out names {args.out}; to continue that run pass "
                  f"--resume {folder} alone (or --out {folder} --resume), or leave --resume out to start a new run "

@@ -21,7 +21,7 @@ from PIL import Image, PngImagePlugin
 from safetensors import SafetensorError
 
 import train
-from minidb import files, plot, resume, runs, state, writes
+from minidb import files, options, plot, resume, runs, state, writes
 from minidb.load import load
 from test_bad_input import Payload, one_sentence
 from test_train import ROOT, run, world  # noqa: F401  (world is a fixture)
@@ -362,6 +362,10 @@ def test_resume_names_the_run_it_cannot_find_and_takes_a_run_folder(world, tmp_p
     out = run(world, tmp_path / "run", steps=1)
     train.main([str(a) for a in ["--resume", out, "--steps", 2]])  # the run's own flags, from its settings
     assert state.latest_state(out / "checkpoints").name == "step-000002" and not (tmp_path / "runs").exists()
+    with monkeypatch.context() as m:  # run from inside a run's folder, a new run stays new: "." is no --resume
+        m.chdir(out)
+        args = options.parse_args([str(a) for a in base_args(world, tmp_path / "new")], train.__doc__)
+        assert args.resume is None and args.out == str(tmp_path / "new")
     err = refused(capsys, ["--resume", out, "--out", tmp_path / "other", "--steps", 3])
     assert f"error: --resume {out} is a run's folder, but --out names {tmp_path / 'other'}; to continue that run " \
            f"pass --resume {out} alone (or --out {out} --resume), or leave --resume out to start a new run in " \
