@@ -130,9 +130,10 @@ def check_resume_settings(folder, settings, given):
             raise RunError(f"--concepts {settings.get('concepts')} gives other subjects than the run in {folder} "
                            f"started with (subject {which} differs), so it would not continue the same run; put the "
                            "file back as it was, or start a new run.")
+        began = f"started without {flag(key)}" if old is None else f"started with {old!r}"
         advice = f"resume without {flag(key)}" if old is None else f"resume with {old!r}"
-        raise RunError(f"{flag(key)} is {value!r} now but the run in {folder} started with {old!r}, and "
-                       f"changing it would not continue the same run; {advice}, or start a new run.")
+        raise RunError(f"{flag(key)} is {value!r} now but the run in {folder} {began}, and changing it would not "
+                       f"continue the same run; {advice}, or start a new run.")
 
 
 def _change(old, new):

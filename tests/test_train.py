@@ -219,11 +219,13 @@ def test_instance_loss_falls_when_overfitting_one_image(world, tmp_path):
     assert after < 0.5 * before, (before, after)
 
 
-def test_prior_preservation_reduces_class_drift(world, tmp_path):
+def test_prior_preservation_reduces_class_drift(world, tmp_path, capsys):
     """The paper's claim (section 4.3): without the prior term, the class prompt drifts towards
     the subject. Measure the change of the class prediction on fixed probe inputs."""
     with_prior = run(world, tmp_path / "prior", "--class-images", 4, "--lr", 5e-4, "--drift-images", 8, steps=30)
+    capsys.readouterr()
     without = run(world, tmp_path / "none", "--lr", 5e-4, "--drift-images", 8, steps=30, prior=False)
+    assert "full: 30 steps at lr 0.0005; class prior off\n" in capsys.readouterr().out
     base = load(world / "base")
     ids = base.tokenizer([json.load(open(with_prior / "settings.json"))["class_prompt"]])
     probe = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(1))

@@ -458,9 +458,10 @@ def test_concepts_and_images_do_not_mix(world, tmp_path, capsys):
     assert "--images FOLDER --class NAME" in line
 
 
-def test_class_photos_train_without_reading_their_captions(world, tmp_path):
+def test_class_photos_train_without_reading_their_captions(world, tmp_path, capsys):
     """--class-dir photos train with the class prompt, so their captions are not read: an empty one stopped
-    the run, and a stray one was warned of."""
+    the run, and a stray one was warned of. The start line names the folder, and a resume that would give
+    the run a count of prior images to draw is refused in words (the run records none)."""
     photos = tmp_path / "class"
     shutil.copytree(world / "photos", photos)
     (photos / "0.txt").write_text("  \n")
@@ -469,6 +470,10 @@ def test_class_photos_train_without_reading_their_captions(world, tmp_path):
         warnings.filterwarnings("error", message=".*caption")
         out = run(world, tmp_path / "run", "--class-dir", photos, steps=1)
     assert json.load(open(out / "settings.json"))["class_dir"] == str(photos)
+    assert f"; class prior weight 1 on the photos in {photos}\n" in capsys.readouterr().out
+    line = refused(capsys, ["--out", out, "--resume", "--steps", 2, "--class-images", 5])
+    assert line.endswith(f"--class-images is 5 now but the run in {out} started without --class-images, and changing "
+                         "it would not continue the same run; resume without --class-images, or start a new run.")
 
 
 def test_long_prompts_train_whole_and_differ_from_the_cut_ones(world, tmp_path):
