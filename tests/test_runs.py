@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -566,6 +567,21 @@ def test_resume_alone_continues_a_run_of_its_own_settings(world, tmp_path):
     for each in settings:
         del each["out"], each["resume"]
     assert settings[0] == settings[1] and settings[0]["flip"] is True and settings[0]["lr_schedule"] == "cosine"
+
+
+def test_a_run_begun_with_the_placeholder_as_identifier_still_resumes(world, tmp_path):
+    """--identifier [V] is refused for a new run, but a run begun so before that refusal is continued, as a
+    resume continues every other run: the refusal would strand its checkpoints."""
+    out = run(world, tmp_path / "out", "--identifier", "sks", steps=1)
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["instance_prompt"] == "a photo of a sks ball"
+    as_recorded = {"identifier": "[v]", "instance_prompt": "a photo of a [v] ball"}  # as such a run recorded them
+    (out / "settings.json").write_text(json.dumps({**settings, **as_recorded}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the prompt names its identifier: nothing to warn of
+        train.main(["--out", str(out), "--resume", "--steps", "2"])
+    assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == [1, 2]
+    assert json.loads((out / "settings.json").read_text())["identifier"] == "[v]"
 
 
 def test_resume_alone_keeps_the_methods_flags_and_a_changed_method_is_named(world, tmp_path, capsys):
