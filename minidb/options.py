@@ -177,6 +177,7 @@ def with_method_defaults(args, sdxl=False):
     --method, then fill in the method's own defaults (they are written into the run's settings). SDXL's method is LoRA unless asked: its full UNet with AdamW needs
     about 40 GB of GPU memory, its LoRA (as diffusers' and kohya's SDXL recipes train) a fraction.
     Returns a problem as one sentence, or None."""
+    counted = args.class_images is not None and not args.resume  # (a resume's count is the run's own)
     if args.class_images is None and not args.class_dir:  # (--class-dir's photos are all used: no count)
         args.class_images = CLASS_IMAGES
     for key, value in RUN_DEFAULTS.items():
@@ -193,6 +194,11 @@ def with_method_defaults(args, sdxl=False):
     args.steps = args.steps or (toy and TOY_STEPS.get(args.method)) or STEPS
     if args.prior_weight is None:
         args.prior_weight = 0.0 if args.method == "textual-inversion" else 1.0
+    if counted and args.prior_weight == 0:  # a warning, not a refusal: the toy lab's ablation gives its with- and
+        # without-prior runs the same --train-args
+        warnings.warn(f"--class-images {args.class_images} does nothing while the prior-preservation loss is off "
+                      f"(--prior-weight 0{', as textual-inversion has it' if args.method == 'textual-inversion' else ''}"
+                      "), so no class images are drawn; leave it out, or turn the prior on with --prior-weight.")
     if args.method == "lora":
         args.lora_rank = args.lora_rank or 16
         args.lora_alpha = args.lora_alpha or float(args.lora_rank)

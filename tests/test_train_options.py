@@ -146,6 +146,27 @@ def test_a_warm_up_as_long_as_the_run_is_warned_of(world, tmp_path):
         run(world, tmp_path / "short", "--warmup-steps", 2, "--lr", 1e-3, steps=3)
 
 
+@pytest.mark.parametrize("flags, warned", [
+    (["--prior-weight", "0", "--class-images", "50"], "--class-images 50 does nothing while the prior-preservation "
+     "loss is off (--prior-weight 0), so no class images are drawn; leave it out, or turn the prior on with --prior-weight."),
+    (["--method", "textual-inversion", "--class-images", "50"], "(--prior-weight 0, as textual-inversion has it)"),
+    (["--prior-weight", "0"], None),  # the count's default says nothing
+    (["--class-images", "50"], None),  # the prior is on: the count is used
+    (["--method", "textual-inversion", "--prior-weight", "1", "--class-images", "50"], None),
+])
+def test_a_class_image_count_without_the_prior_is_warned_of(world, tmp_path, flags, warned):
+    """--class-images was taken without a word when the prior is off, and drew nothing. A warning, not a
+    refusal: the toy lab's ablation gives its runs with and without the prior the same --train-args."""
+    from minidb.options import parse_args, with_method_defaults
+    args = parse_args([str(a) for a in ["--images", world / "photos", "--class", "ball", "--model", world / "base",
+                                        "--out", tmp_path / "out", *flags]], train.__doc__)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert with_method_defaults(args) is None
+    said = [str(w.message) for w in caught if "--class-images" in str(w.message)]
+    assert (said == []) if warned is None else (len(said) == 1 and warned in said[0]), said
+
+
 def test_resume_from_an_earlier_step_sets_later_checkpoints_aside_and_continues_exactly(world, tmp_path):
     straight = run(world, tmp_path / "straight", "--save-every", 2, "--checkpoints-keep", 3, steps=6)
     assert sorted(p.name for p in (straight / "checkpoints").iterdir()) == ["step-000002", "step-000004", "step-000006"]
