@@ -209,6 +209,8 @@ def train(args, out, device, numbered=False):
                 means, stds = encode(class_photos.pixels)
                 sizes = list(zip(class_photos.original_sizes, class_photos.crops))
             else:
+                # sample_latents gives latents times the VAE's scale; kept unscaled, as the photos' VAE means are,
+                # since loop.assemble scales every example once
                 means = draw_prior(prompt, args.class_images, args.seed) / scale
                 stds = torch.zeros_like(means)  # drawn latents are exact
                 sizes = [((resolution, resolution), (0, 0))] * len(means)  # drawn whole, at this size

@@ -36,7 +36,8 @@ def rare_tokens(tokenizer, max_chars=3, rarest_fraction=0.2):
 
     CLIP's BPE ids follow the order in which merges were learned, most frequent first, so rare
     tokens are the last ones. We keep whole-word tokens ('</w>') of 2-3 lowercase letters from the
-    last `rarest_fraction` of the merges, which the tokenizer reads back as one token.
+    last `rarest_fraction` of the vocabulary's ids (all of them merges), which the tokenizer reads back
+    as one token.
     """
     first_rare = int(len(tokenizer.vocab) * (1 - rarest_fraction))
     candidates = []

@@ -94,7 +94,9 @@ def parse_args(argv, doc):
     a("--class-cache", default=str(cache_home() / "minidb" / "class-prior"), type=nonempty_path,
       help="where drawn prior images are cached as latents, shared between runs (default: %(default)s, under "
            "$XDG_CACHE_HOME where it is set)")
-    a("--sample-steps", type=number(int, low=1, high=999), default=50, help="DDIM steps for prior and validation images (default: %(default)s)")
+    a("--sample-steps", type=number(int, low=1, high=999), default=50,
+      help="sampling steps of the prior, drift-watch and validation images, drawn with the model's own sampler "
+           "(DDIM for SD 1.x/2.x, Euler for SDXL) (default: %(default)s)")
     a("--train-text-encoder", action="store_true", help="train the text encoder too (full), or adapters on it (lora)")
     a("--text-encoder-lr", type=number(float, above=0, high=1), default=None, help="learning rate of the text "
       "encoder or its adapters (--train-text-encoder), and of a new word (--new-token) (default: --lr; 5e-3 for a new word)")
@@ -161,7 +163,7 @@ def resume_point(value):
 METHOD_LR = {"full": 5e-6, "lora": 1e-4, "textual-inversion": 5e-3}  # the paper; kohya's and diffusers' LoRA
 # and textual-inversion defaults
 STEPS = 800
-TOY_LR, TOY_STEPS = {"full": 1e-4}, {"full": 1200}  # the toy model's own: its 10 M-parameter UNet barely moves at
+TOY_LR, TOY_STEPS = {"full": 1e-4}, {"full": 1200}  # the toy model's own: its 6.6 M-parameter UNet barely moves at
 # the paper's 5e-6 (`python -m minidb.toy.lab tune`, on a held-out subject; docs/toy-world.md)
 # Upper bounds, far past any recipe: past them a run only overflows (alpha/rank as a float32 scale, a loss
 # weighted past fp32's range) or runs out of memory (the class prior is held in memory, its cache files

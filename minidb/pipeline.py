@@ -124,7 +124,8 @@ def initial_noise(n, height, width, seed, channels=4, factor=8):
 @torch.no_grad()
 def sample_latents(model, prompt, negative_prompt="", n=1, steps=50, guidance=7.5, seed=0, height=512, width=512,
                    sampler="ddim", progress=True, long_prompts=False, cuda_graph=True, graph=None):
-    """Run the denoising loop; returns the final latents (n, 4, H/8, W/8), still scaled by 0.18215.
+    """Run the denoising loop; returns the final latents (n, C, H/f, W/f) of the model's VAE, still multiplied by
+    its scale_factor (0.18215 for SD, 0.13025 for SDXL; decode divides it out).
     With long_prompts, the prompt and the negative prompt are read whole (encode_prompt); when their
     lengths differ, the two halves of guidance go through the UNet separately, as A1111 does.
     On a GPU the UNet's steps are replayed as a CUDA graph (minidb/graphs.py) unless cuda_graph=False:
@@ -132,7 +133,8 @@ def sample_latents(model, prompt, negative_prompt="", n=1, steps=50, guidance=7.
     p = next(model.unet.parameters())
     context, pooled = encode_prompt(model, [prompt], long_prompts)  # one encoding serves every image
     y = added_conditioning(pooled, (height, width)) if pooled is not None else None  # SDXL
-    guide = guidance > 1  # as diffusers: at g <= 1 the unconditional pass would change nothing
+    guide = guidance > 1  # as diffusers: no unconditional pass at g <= 1 (at g = 1 the formula gives the
+    # conditional prediction exactly; below 1 it would blend towards the unconditional one, which diffusers skips too)
     if guide:
         if y is not None and not negative_prompt:  # SDXL: no negative prompt means zeros, not "" encoded
             negative, negative_y = torch.zeros_like(context), added_conditioning(torch.zeros_like(pooled), (height, width))
