@@ -45,8 +45,8 @@ def parse_args(argv, doc):
     a("--overwrite", action="store_true", help="delete the run already in --out and start it over")
     a("--resume", nargs="?", const="latest", default=None, metavar="latest|STEP|PATH", type=resume_point,
       help="continue the run in --out (default: runs/latest) from its latest checkpoint, from the checkpoint of "
-      "step STEP, or from the checkpoint folder PATH (a run's folder as PATH: its latest, as --out PATH "
-      "--resume); a flag left out is the run's own, and only --steps, "
+      "step STEP, or from the checkpoint folder PATH (without --out, PATH's own run; a run's folder as PATH: its "
+      "latest, as --out PATH --resume); a flag left out is the run's own, and only --steps, "
       "--save-every, --validate-every, --checkpoints-keep, --class-cache and the validation flags may differ "
       "from it (and --concepts's place, not its subjects; under torchrun, the number of processes, not the global "
       "batch)")
@@ -138,6 +138,12 @@ def parse_args(argv, doc):
                  f"--resume {folder} alone (or --out {folder} --resume), or leave --resume out to start a new run "
                  f"in {args.out}.")
         args.out, args.resume = str(folder), "latest"
+    elif folder and args.out is None and (folder / "state.pt").is_file():  # a checkpoint continues its own run
+        run = next((f for f in folder.resolve().parents[:3] if runs.is_run_folder(f)), None)  # RUN/checkpoints/
+        if run is None:  # [abandoned/]step-N; not runs/latest, which may be another run of the same settings
+            fail(f"--resume {folder} is a checkpoint outside any run's folder, so which run it continues is not "
+                 "known; name the run with --out RUN.")
+        args.out = str(run)
     if args.resume:
         problem = keep_the_runs_own(p, argv, args)
         if problem:

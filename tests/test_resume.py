@@ -58,6 +58,31 @@ def test_resume_names_the_run_it_cannot_find_and_takes_a_run_folder(world, tmp_p
                "folder (one with a state.pt); pass one of those." in refused(capsys, argv)
 
 
+def test_a_checkpoint_folder_continues_its_own_run_not_runs_latest(world, tmp_path, capsys, monkeypatch):
+    """`--resume RUN/checkpoints/step-N` without --out continued runs/latest: another run, rewritten with this
+    one's steps where the two shared their settings (a run of the same recipe), refused for flags never typed
+    where they did not. It now continues RUN, from its own or a set-aside checkpoint; a checkpoint outside any
+    run's folder is refused, naming --out."""
+    monkeypatch.chdir(tmp_path)
+    twin = run(world, tmp_path / "twin", "--save-every", 1, "--checkpoints-keep", 2, steps=2)
+    latest = run(world, tmp_path / "latest", steps=2)  # the same recipe: a resume's settings check passes it
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "latest").symlink_to(latest)
+    untouched = {p: p.read_bytes() for p in latest.rglob("*") if p.is_file()}
+    train.main([str(a) for a in ["--resume", twin / "checkpoints" / "step-000001", "--steps", 3]])
+    assert {p: p.read_bytes() for p in latest.rglob("*") if p.is_file()} == untouched
+    assert [json.loads(line)["step"] for line in open(twin / "log.jsonl")] == [1, 2, 3]
+    assert sorted(p.name for p in (twin / "checkpoints").glob("step-*")) == ["step-000002", "step-000003"]
+    assert [p.name for p in (twin / "checkpoints" / "abandoned").iterdir()] == ["step-000002"]
+    train.main([str(a) for a in ["--resume", twin / "checkpoints" / "abandoned" / "step-000002", "--steps", 4]])
+    assert [json.loads(line)["step"] for line in open(twin / "log.jsonl")] == [1, 2, 3, 4]
+    assert {p: p.read_bytes() for p in latest.rglob("*") if p.is_file()} == untouched
+    loose = tmp_path / "loose"
+    shutil.copytree(twin / "checkpoints" / "step-000004", loose)
+    assert f"error: --resume {loose} is a checkpoint outside any run's folder, so which run it continues is not " \
+           "known; name the run with --out RUN.\n" in refused(capsys, ["--resume", loose, "--steps", 5])
+
+
 def test_a_folder_without_checkpoint_offers_overwrite(world, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
