@@ -168,6 +168,7 @@ def train(args, out, device, numbered=False):
                                  "instance_prompt": s.instance_prompt, "class_prompt": s.class_prompt} for s in subjects]
     settings["photos"] = [fingerprint(s.photos) for s in subjects]  # a resume checks they are the same
     settings["class_photos"] = class_photos and fingerprint(class_photos)
+    settings = resume.absolute_paths(settings)  # a resume from another folder finds them
     if args.resume:
         resume.check_resume_settings(out, settings, given)
     if args.scale_lr:  # diffusers' --scale_lr: the rate grows with the images per step (the settings keep --lr)

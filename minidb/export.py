@@ -35,7 +35,9 @@ def export(args, settings, out, model, parts, trained, subjects, steps, dtypes):
              "minidb": json.dumps({"identifier": identifier, "class": subjects[0].class_name, "method": args.method,
                                    # a new word means nothing without its embedding file, so sample.py says so
                                    **({"new_word": True} if "new_word" in trained else {}),
-                                   **({"subjects": settings["subjects"]} if args.concepts else {})})}
+                                   **({"subjects": [{k: v for k, v in subject.items() if k != "images"}  # (the
+                                                    for subject in settings["subjects"]]}  # photos' folders are
+                                      if args.concepts else {})})}  # the user's own, not the shared file's)
     sample, elsewhere = how_to_use(args, out, model, subjects, lora_file if "lora" in trained else None,
                                    word_file if "new_word" in trained else None, dtypes["unet"])
     plot_losses([row for _, row in log_rows(out / "log.jsonl")], out / "loss.png")

@@ -8,6 +8,7 @@ others come last, so that a change is named by the flag the user changed. Under 
 """
 
 import argparse
+import os
 from pathlib import Path
 
 from minidb.runs import CHECKPOINT, RUNS, RunError, flag, saved_settings
@@ -89,6 +90,17 @@ def keep_the_runs_own(p, argv, args):
     return None
 
 
+def absolute_paths(settings):
+    """The settings with each path that exists made absolute (os.path.abspath: the user's links kept), so that
+    a resume from another working folder finds the model, photos and files the run began with. (A Hub id
+    stays as it is.)"""
+    whole = lambda path: os.path.abspath(path) if isinstance(path, str) and Path(path).exists() else path  # noqa: E731
+    out = {**settings, **{key: whole(settings.get(key)) for key in PATH_FLAGS | {"class_cache"}}}
+    if settings.get("subjects"):
+        out["subjects"] = [{**subject, "images": whole(subject["images"])} for subject in settings["subjects"]]
+    return out
+
+
 def check_resume_settings(folder, settings, given):
     """On --resume, every setting that shapes the run must equal the one the run started with. `given`: the
     flags the command names (the others are the run's own, or defaults)."""
@@ -152,7 +164,8 @@ def _change(old, new):
 def _read_alike(subjects):
     """--concepts subjects as recorded, their class prompts as the model reads them; None if not a list of them."""
     try:
-        return [{**subject, "class_prompt": as_read(subject["class_prompt"])} for subject in subjects]
+        return [{**subject, "class_prompt": as_read(subject["class_prompt"]),  # a folder, wherever it was named from
+                 "images": os.path.abspath(subject["images"])} for subject in subjects]
     except (TypeError, KeyError, AttributeError):
         return None
 

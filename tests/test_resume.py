@@ -83,6 +83,29 @@ def test_a_checkpoint_folder_continues_its_own_run_not_runs_latest(world, tmp_pa
            "known; name the run with --out RUN.\n" in refused(capsys, ["--resume", loose, "--steps", 5])
 
 
+def test_a_run_begun_with_relative_paths_resumes_from_another_folder(world, tmp_path, monkeypatch):
+    """The settings recorded --model, --images and --class-cache as typed, so a resume from another working
+    folder was refused for a model "sd1" it could not find, and then for photos given by their full path. They
+    are recorded absolute (a link kept as a link), and the resume takes them from there."""
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copytree(world / "photos", here / "photos")
+    (here / "base").symlink_to(world / "base")
+    monkeypatch.chdir(here)
+    train.main([str(a) for a in ["--images", "photos", "--class", "ball", "--model", "base", "--out", "run",
+                                 "--class-cache", "cache", "--steps", 1, "--resolution", 32, "--sample-steps", 2,
+                                 "--class-images", 2, "--drift-images", 2, "--mixed-precision", "no"]])
+    settings = json.loads((here / "run" / "settings.json").read_text())
+    assert (settings["images"], settings["model"], settings["class_cache"]) == \
+        (str(here / "photos"), str(here / "base"), str(here / "cache"))
+    monkeypatch.chdir(elsewhere)
+    train.main(["--resume", str(here / "run"), "--steps", "2"])
+    assert [json.loads(line)["step"] for line in open(here / "run" / "log.jsonl")] == [1, 2]
+    assert not any(elsewhere.iterdir())  # the prior came from the run's cache, not a new one here
+    train.main(["--resume", str(here / "run"), "--steps", "3", "--images", str(here / "photos"), "--class", "ball"])
+    assert [json.loads(line)["step"] for line in open(here / "run" / "log.jsonl")] == [1, 2, 3]
+
+
 def test_a_folder_without_checkpoint_offers_overwrite(world, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()

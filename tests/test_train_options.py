@@ -14,7 +14,7 @@ from PIL import Image
 import train
 from minidb.concepts import read_subjects
 from minidb.data import DataError
-from minidb.files import read_tensors
+from minidb.files import read_metadata, read_tensors
 from minidb.loop import Examples, lr_factor
 from test_bad_input import one_sentence
 from test_train import draw_subject, run, world  # noqa: F401  (world is a fixture)
@@ -288,6 +288,10 @@ def test_two_subjects_take_turns_with_their_own_identifiers(world, tmp_path, cap
     assert len(list((tmp_path / "cache").iterdir())) == 2  # a class prior per class
     examples = Examples([3, 2], [("ball", 2), ("cup", 2)], torch.Generator().manual_seed(0))
     assert [e["subject"] for e in examples.draw(0, 6, (4, 2, 2))] == [0, 1, 0, 1, 0, 1]
+    # the model's record names both subjects, but not the folders of their photos: those are the user's own
+    recorded = json.loads(read_metadata(out / "model.safetensors")["minidb_run"])["subjects"]
+    assert [r["identifier"] for r in recorded] == [first["identifier"], "zwx"] and "images" not in recorded[0]
+    assert other["images"] == str(second)
     # --resume alone keeps --concepts, and not the first subject's identifier and prompts that the settings
     # record beside it (they would clash with --concepts)
     train.main(["--out", str(out), "--resume", "--steps", "3"])
