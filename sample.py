@@ -179,14 +179,17 @@ def check(args):
     return None
 
 
-def fill_identifier(prompt, paths, words):
-    """[V], the docs' placeholder for the subject, read as the identifier that the files given (a model, LoRA
-    or embedding that train.py exported) record, when they record exactly one; else a warning, and the
-    model reads the letters [V]. An identifier recorded as a new word gets a warning when the prompt holds it
-    but no --embedding gives it (`words`): without its embedding the model reads it as letters. A prompt that
-    names no recorded identifier, with no --embedding, gets a note: it draws the class, not the subject."""
+def fill_identifier(prompt, paths, embeddings):
+    """[V], the docs' placeholder for the subject, read as the identifier that the files given (a model or LoRA
+    that train.py exported: `paths`) record, or as the word of an embedding it exported (its file's name, as
+    A1111 reads it, even when renamed since), when there is exactly one; else a warning, and the model reads
+    the letters [V]. An identifier recorded as a new word gets a warning when the prompt holds it but no
+    --embedding gives it: without its embedding the model reads it as letters. A prompt that names no
+    recorded identifier, with no --embedding, gets a note: it draws the class, not the subject."""
+    words = [Path(path).stem.lower() for path in embeddings]
     if "[V]" in prompt:
-        found = runs.recorded_identifiers(paths)
+        found = list(dict.fromkeys(runs.recorded_identifiers(paths) + [word for word, path in zip(words, embeddings)
+                                                                         if runs.run_record(path)]))
         if len(found) == 1:
             print(f"[V] in the prompt is read as {found[0]}, the identifier that the train.py run recorded in its files.")
             prompt = prompt.replace("[V]", found[0])
@@ -195,7 +198,7 @@ def fill_identifier(prompt, paths, words):
             warnings.warn("The prompt holds [V], which the model reads as those letters; write the identifier your "
                           f"train.py run printed instead (its README.md names it{these}).")
     elif not words:  # a prompt copied from elsewhere ("sks dog") draws the class, not the subject: say what would
-        found = runs.recorded_identifiers(paths)  # (an --embedding's word is its file's name, whatever it records)
+        found = runs.recorded_identifiers(paths)
         if found and not any(re.search(rf"(?<!\w){re.escape(word)}(?!\w)", prompt, re.IGNORECASE) for word in found):
             print(f"note: the prompt names no subject these files were trained on ({', '.join(found)}), so it draws "
                   f"without one; write {'[V] or ' * (len(found) == 1)}{' or '.join(found)} where the subject goes.")
@@ -260,14 +263,13 @@ def main(argv=None):
         model = load(args.model, dtype=dtype, device=device, prediction_type=args.prediction_type)
     except ModelFileError as e:
         fail(str(e))
-    stems = [Path(path).stem.lower() for path in args.embedding]
     try:  # adapters are merged into the weights, so drawing is exactly as fast as without them
         loras = [(Path(path).stem, scale, merge_lora(model, path, scale)) for path, scale in args.lora]
         words = [NewWord.from_file(model, path).attach(model.text_encoder, model.text_encoder_2)
                  for path in args.embedding]
     except ModelFileError as e:
         fail(str(e))
-    args.prompt = fill_identifier(args.prompt, [args.model, *(path for path, _ in args.lora), *args.embedding], stems)
+    args.prompt = fill_identifier(args.prompt, [args.model, *(path for path, _ in args.lora)], args.embedding)
     for name, value in DEFAULTS[model.version].items():  # the version's own, unless asked otherwise
         setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
     if model.vae.cfg.force_upcast:  # SDXL's VAE overflows in fp16, SD's can; it runs once per image

@@ -31,7 +31,7 @@ def export(args, settings, out, model, parts, trained, subjects, steps, dtypes):
     # The LoRA's name in AUTOMATIC1111 (its alias, read from ss_output_name) is the run folder's: every run's file
     # is lora.safetensors, and A1111 disables an alias that two of its files share (networks.py).
     about = {"ss_output_name": lora_name(out), "ss_sd_model_name": Path(args.model).name, "ss_steps": str(steps),
-             "ss_learning_rate": str(args.lr), "ss_training_comment": f"minidb DreamBooth: {subjects[0].instance_prompt}",
+             "ss_learning_rate": str(args.lr), "ss_training_comment": "minidb DreamBooth: " + "; ".join(s.instance_prompt for s in subjects),
              "minidb": json.dumps({"identifier": identifier, "class": subjects[0].class_name, "method": args.method,
                                    # a new word means nothing without its embedding file, so sample.py says so
                                    **({"new_word": True} if "new_word" in trained else {}),

@@ -26,7 +26,7 @@ from minidb.files import PICKLE_SUFFIXES, ModelFileError, json_loads, read_tenso
 from minidb.writes import dangling_link, first_non_finite, replace_folder, writing_into
 from minidb.load import load
 from minidb.lora_files import describe_lora, merge_lora
-from minidb.runs import embedding_to_add, recorded_identifiers, recorded_subjects, run_record
+from minidb.runs import embedding_to_add, named_subjects, recorded_identifiers, recorded_subjects, run_record
 from minidb.save import save_diffusers, save_single_file
 from minidb.single_file import unsupported
 
@@ -182,10 +182,14 @@ def describe_addon(path):
     if isinstance(made, dict) and isinstance(made.get("identifier"), str):  # kohya's ss_* and minidb's own record
         word = made["identifier"]
         new_word = made.get("new_word") is True and kind.startswith("a LoRA")  # pivotal tuning: the word has its own file
-        lines.append(("trained", f"by minidb ({made.get('method')}{steps}{base}): identifier {word}, "
-                                 f"class {made.get('class')}"
+        several = named_subjects(made) if len(named_subjects(made)) > 1 else []  # a --concepts run's subjects
+        trained = ("identifiers " + ", ".join(f"{s['identifier']} ({s.get('class')})" for s in several) if several
+                   else f"identifier {word}, class {made.get('class')}")
+        renamed = subject and subject != word  # an embedding's word is its file's name, in A1111 as in sample.py
+        lines.append(("trained", f"by minidb ({made.get('method')}{steps}{base}): {trained}"
+                                 + (f"; renamed since, so the word is {subject}" if renamed else "")
                                  + (needs_embedding(recorded_subjects([path])[0]) if new_word else "")))
-        subject = f"{word} {made.get('class')}"
+        subject = f"{subject or word} {made.get('class')}"
         if new_word:
             use += f" --embedding {path.parent / f'{word}.safetensors'}"
     elif base:

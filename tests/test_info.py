@@ -339,6 +339,13 @@ def test_info_describes_a_lora_minidb_trained(tmp_path, capsys):
     assert lines["trained"] == "by minidb (lora, 400 steps on base.safetensors): identifier zwx, class cup"
     assert lines["use"] == (f'python sample.py --model <an SD 1.x model> --lora {tmp_path / "lora.safetensors"} '
                             '--prompt "a photo of zwx cup"')
+    # a --concepts run's LoRA: every subject is named (only the first was)
+    subjects = [{"identifier": "zwx", "class": "cup"}, {"identifier": "nrf", "class": "dog"}]
+    save_kohya(lora, tmp_path / "two.safetensors", metadata={**about, "minidb": json.dumps(
+        {"identifier": "zwx", "class": "cup", "method": "lora", "subjects": subjects})})
+    status, lines = described(capsys, tmp_path / "two.safetensors")
+    assert status == 0
+    assert lines["trained"] == "by minidb (lora, 400 steps on base.safetensors): identifiers zwx (cup), nrf (dog)"
 
 
 def test_info_shows_a_small_alpha_as_it_is(tmp_path, capsys):

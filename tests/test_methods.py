@@ -3,6 +3,7 @@ trains in the optimizer and the checkpoints, each method's files, and exact resu
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -147,8 +148,17 @@ def test_full_with_a_new_word_writes_the_model_and_the_word(world, tmp_path, cap
         assert sample.fill_identifier(written, [out / "model"], []) == written
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # with its embedding the word is known, and inside another word it is not there
-        assert sample.fill_identifier("a [V] ball", [out / "model", embedding], [word]) == f"a {word} ball"
+        assert sample.fill_identifier("a [V] ball", [out / "model"], [embedding]) == f"a {word} ball"
         assert sample.fill_identifier(f"a {word}x ball", [out / "model"], []) == f"a {word}x ball"
+        # renamed, the embedding's word is its file's name (A1111 reads it so), and [V] reads as that word; the
+        # recorded one, not loaded, was drawn as letters, with a warning to add the embedding already given
+        renamed = shutil.copy(embedding, tmp_path / "Mine.safetensors")
+        assert sample.fill_identifier("a [V] ball", [world / "base"], [renamed]) == "a mine ball"
+    capsys.readouterr()
+    assert info([str(renamed)]) == 0
+    described = capsys.readouterr().out
+    assert f"identifier {word}, class ball; renamed since, so the word is mine\n" in described
+    assert described.endswith(f'--embedding {renamed} --prompt "a photo of mine ball"\n')
     embedding.rename(tmp_path / "elsewhere.safetensors")  # the path unknown: the run's file is named
     with pytest.warns(UserWarning, match=f"add --embedding the run's {word}.safetensors"):
         sample.fill_identifier("a photo of a [V] ball", [out / "model.safetensors"], [])
