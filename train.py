@@ -137,7 +137,8 @@ def train(args, out, device, numbered=False):
              "(diffusers refuses it too); choose another, or leave --identifier out.")
     pick = pick_new_word if args.new_token else pick_identifier
     # each subject its own [V], prompts and captions
-    problem = name_subjects(subjects, model.tokenizer, pick, args.seed, prior=args.prior_weight > 0)
+    problem = name_subjects(subjects, model.tokenizer, pick, args.seed, prior=args.prior_weight > 0,
+                            taken=runs.recorded_identifiers([args.model]))  # a model train.py made: its subjects
     if problem:
         fail(problem)
     rank, world = distributed.rank_and_world()

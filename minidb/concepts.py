@@ -156,14 +156,16 @@ def read_subjects(args):
 DRAWS = 10_000  # draws for an identifier no subject has yet: with one token left of SD's thousands, all but certain
 
 
-def name_subjects(subjects, tokenizer, pick, seed, prior=True):
+def name_subjects(subjects, tokenizer, pick, seed, prior=True, taken=()):
     """Give every subject its identifier and prompts; a problem comes back as one sentence. `prior`: the run
-    trains with a prior loss (--prior-weight above 0)."""
+    trains with a prior loss (--prior-weight above 0). `taken`: identifiers the base model already learned (a
+    model train.py made records them), which no pick reuses: the new subject would share the old one's word.
+    (One given is used as given: training the same subject further is a reason to.)"""
     given = [s.identifier.strip().lower() for s in subjects if s.identifier]  # as prompts read it: SKS is sks
     twice = sorted({i for i in given if given.count(i) > 1})
     if twice:
         return f"two subjects use the identifier {twice[0]}; give each subject its own."
-    rng, used = random.Random(seed), set(given)
+    rng, used = random.Random(seed), set(given) | {word.lower() for word in taken}
     for subject in subjects:
         for _ in range(0 if subject.identifier else DRAWS):  # the first pick: the one a single-subject run made
             word = pick(tokenizer, rng)

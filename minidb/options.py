@@ -51,7 +51,8 @@ def parse_args(argv, doc):
       "from it (and --concepts's place, not its subjects; under torchrun, the number of processes, not the global "
       "batch)")
     a("--identifier", default=None, type=text, help="the subject's token [V] (default: a rare CLIP token of <= 3 "
-      "letters; with a new word, its spelling, which must not be a token yet)")
+      "letters, not one a model train.py made has learned already; with a new word, its spelling, which must not "
+      "be a token yet)")
     a("--new-token", action="store_true", help="with full or lora: [V] becomes a new word whose embedding trains "
       "too (pivotal tuning); textual-inversion always does this")
     a("--num-vectors", type=number(int, low=1, high=16), default=None, help="embedding vectors of the new word (default: 1)")

@@ -318,6 +318,18 @@ def test_two_subjects_take_turns_with_their_own_identifiers(world, tmp_path, cap
     assert [r["step"] for r in map(json.loads, open(out / "log.jsonl"))][-1] == 5
 
 
+def test_a_run_on_a_model_train_py_made_picks_a_word_its_subject_does_not_have(world, tmp_path, capsys):
+    """The seeded pick on a DreamBooth'd base took the word its subject already had, with no warning: the new
+    subject was trained onto the old one's word. The pick passes over it; given, it is used as given."""
+    first = run(world, tmp_path / "first", steps=1)
+    old = json.load(open(first / "settings.json"))["identifier"]
+    again = run(world, tmp_path / "again", "--model", first / "model.safetensors", steps=1)  # the same seed
+    new = json.load(open(again / "settings.json"))["identifier"]
+    assert new != old and new in capsys.readouterr().out
+    same = run(world, tmp_path / "same", "--model", first / "model.safetensors", "--identifier", old, steps=1)
+    assert json.load(open(same / "settings.json"))["identifier"] == old  # the same subject, trained further
+
+
 @pytest.mark.parametrize("content, words", [
     ("[{\"images\": \"a\"}]", 'entry 1 needs "class"'),
     ("{\"images\": \"a\", \"class\": \"dog\"}", "must hold a non-empty list"),
