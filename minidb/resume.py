@@ -184,9 +184,9 @@ def check_global_batch(folder, saved, settings):
     if old[0] * old[1] == new[0] * new[1]:
         return
     processes = lambda n: f"{n} process{'es' * (n > 1)}"  # noqa: E731
-    each = (f"--batch-size {old[0] * old[1] // new[0]} on {processes(new[0])}, or "
-            if old[0] * old[1] % new[0] == 0 else "")
+    each = (f"with --batch-size {old[0] * old[1] // new[0]} on {processes(new[0])}, or "
+            if old[0] * old[1] % new[0] == 0 and new[0] != old[0] else "")  # (on as many: the run's own, below)
     first = (f"under torchrun --nproc_per_node {old[0]}" if old[0] > 1 else "as one process") + f" at --batch-size {old[1]}"
     raise RunError(f"the run in {folder} trains a global batch of {old[0] * old[1]} ({processes(old[0])} at --batch-size "
                    f"{old[1]}), but this command's is {new[0] * new[1]} ({processes(new[0])} at --batch-size "
-                   f"{new[1]}), which would not continue the same run; resume with {each}{first}.")
+                   f"{new[1]}), which would not continue the same run; resume {each}{first}.")

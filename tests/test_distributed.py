@@ -114,6 +114,10 @@ def test_a_resume_may_change_the_processes_but_not_the_global_batch(world, tmp_p
                             "this command's is 1 (1 process at --batch-size 1), which would not continue the same run; "
                             "resume with --batch-size 2 on 1 process, or under torchrun --nproc_per_node 2 at "
                             "--batch-size 1.")
+    with pytest.raises(RunError) as e:  # on as many processes, the run's own batch is the one way (it was offered twice)
+        check_global_batch(tmp_path, saved, {"processes": 2, "batch_size": 2})
+    assert str(e.value).endswith("which would not continue the same run; resume under torchrun --nproc_per_node 2 "
+                                 "at --batch-size 1.")
     with pytest.raises(RunError, match="records 2.5 processes at --batch-size 1, which train.py never writes"):
         check_global_batch(tmp_path, {"processes": 2.5, "batch_size": 1}, {"processes": 1, "batch_size": 2})
     # train.py records its processes, and compares them on --resume (a second process played by rank_and_world:
