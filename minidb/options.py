@@ -227,6 +227,11 @@ def check(args):
                 "run's folder, as --resume RUN or --out RUN --resume.")
     if args.resume and args.out is not None and not Path(args.out).is_dir():
         return f"--resume found no run in {args.out}, which does not exist; check the path, or start without --resume."
+    if args.resume and args.concepts is None and (args.images is None) != (args.class_name is None):  # (the run's
+        # subject is kept whole or given whole: keep_the_runs_own)
+        given, other = ("--images", "--class") if args.images is not None else ("--class", "--images")
+        return (f"--resume with {given} gives the run's subject anew, so it needs {other} too; leave {given} out to "
+                "continue with the run's own subject.")
     if args.concepts is None and (args.images is None or args.class_name is None):
         return ("train.py needs the subject: --images FOLDER --class NAME (e.g. --images ./dog --class dog), "
                 "or --concepts FILE for several subjects.")

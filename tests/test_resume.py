@@ -352,6 +352,19 @@ def test_a_flag_the_run_began_without_is_refused_as_the_commands(world, tmp_path
         and "resume without --snr-gamma" in err and "None" not in err
 
 
+def test_a_resume_naming_half_the_subject_says_so(world, tmp_path, capsys):
+    """--resume with --images alone (even the run's own) was told "train.py needs the subject: --images FOLDER
+    --class NAME", as if starting a run: naming --images gives the subject anew, so the run's --class is not kept."""
+    out = run(world, tmp_path / "out", steps=1)
+    for given, other in (("--images", "--class"), ("--class", "--images")):
+        value = world / "photos" if given == "--images" else "ball"
+        assert refused(capsys, ["--out", out, "--resume", given, value, "--steps", 2]).endswith(
+            f"error: --resume with {given} gives the run's subject anew, so it needs {other} too; leave {given} out "
+            "to continue with the run's own subject.\n")
+    train.main([str(a) for a in ["--out", out, "--resume", "--images", world / "photos", "--class", "ball", "--steps", 2]])
+    assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == [1, 2]
+
+
 def test_a_refused_resume_from_an_earlier_step_sets_nothing_aside(world, tmp_path, capsys):
     """--resume 1 of a damaged step-1 checkpoint is refused before the intact step 2 moves into abandoned/
     (it moved first, and --resume latest then found only the damaged one)."""
