@@ -32,7 +32,8 @@ def parse_args(argv, doc):
       "WebP); a photo.txt beside photo.jpg is that photo's caption, with [V] for the identifier")
     a("--concepts", default=None, type=nonempty_path, help="several subjects in one run instead of --images and "
       '--class: a JSON list of {"images": ..., "class": ..., "identifier"?: ..., "instance_prompt"?: ..., '
-      '"class_prompt"?: ...}, a relative images folder read from the file\'s own folder')
+      '"class_prompt"?: ...}, a relative images folder read from the file\'s own folder (full or lora; a new word '
+      "is learned for one subject per run)")
     a("--method", choices=list(METHOD_LR), default=None, help="what trains: full, the whole UNet (the paper); "
       "lora, low-rank adapters on it (a small file any UI loads); textual-inversion, only a new word's embedding "
       "(default: full; lora for SDXL, whose 2.6 B-parameter UNet full training needs a large GPU)")
