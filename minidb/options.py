@@ -121,10 +121,10 @@ def parse_args(argv, doc):
       "besides the subject, the subject on the beach and the plain class prompt (the drift watch); repeatable")
     a("--validation-images", type=number(int, low=1, high=16), default=1,
       help="images per validation prompt, each with its own seed (default: %(default)s)")
-    a("--drift-images", type=number(int, low=0, high=256), default=16, help="held-out class images (drawn by the "
+    a("--drift-images", type=number(int, low=0, high=256), default=None, help="held-out class images (drawn by the "
       "frozen model, never trained on) whose prior loss is logged at each validation as the drift score (not for "
       "textual-inversion, whose model cannot drift); "
-      "0 turns it off (default: %(default)s)")
+      f"0 turns it off (default: {DRIFT_IMAGES})")
     a("--save-dtype", choices=list(DTYPES), default=None, help="full only: dtype of the exported "
       "model (default: the base model's own, so the frozen parts come out bit-identical)")
     a("--seed", type=number(int, low=0, high=SEED_MAX), default=0, help="seed for everything random; same seed, same run (bitwise, on the CPU) (default: %(default)s)")
@@ -179,6 +179,7 @@ TOY_LR, TOY_STEPS = {"full": 1e-4}, {"full": 1200}  # the toy model's own: its 6
 CLASS_IMAGES = 200  # about 200 prior images, as DESIGN.md reads the paper (~200 x N, N photos)
 LORA_ALPHA_MAX, PRIOR_WEIGHT_MAX, CLASS_IMAGES_MAX, STEPS_MAX, BATCH_MAX = 10_000, 1_000, 100_000, 1_000_000, 1024
 WORD_MAX = 200  # bytes of a new word, which names its file
+DRIFT_IMAGES = 16
 RUN_DEFAULTS = {"save_every": 0, "checkpoints_keep": 1, "validate_every": 0}  # None until a resume has kept the run's
 
 
@@ -190,6 +191,10 @@ def with_method_defaults(args, sdxl=False):
     counted = args.class_images is not None and not args.resume  # (a resume's count is the run's own)
     if args.class_images is None and not args.class_dir:  # (--class-dir's photos are all used: no count)
         args.class_images = CLASS_IMAGES
+    if (args.checkpoints_keep or 0) > 1 and not args.save_every and not args.resume:
+        warnings.warn(f"--checkpoints-keep {args.checkpoints_keep} keeps the latest of the checkpoints that --save-every "
+                      "writes, but without it the run writes one, at its end; add --save-every N, or leave "
+                      "--checkpoints-keep out.")
     for key, value in RUN_DEFAULTS.items():
         setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
     args.method = args.method or ("lora" if sdxl else "full")
@@ -204,6 +209,10 @@ def with_method_defaults(args, sdxl=False):
     args.steps = args.steps or (toy and TOY_STEPS.get(args.method)) or STEPS
     if args.prior_weight is None:
         args.prior_weight = 0.0 if args.method == "textual-inversion" else 1.0
+    if args.drift_images and args.method == "textual-inversion" and not args.resume:
+        warnings.warn(f"--drift-images {args.drift_images} does nothing for textual-inversion, whose model stays as it "
+                      "was and cannot drift; leave it out.")
+    args.drift_images = DRIFT_IMAGES if args.drift_images is None else args.drift_images
     if counted and args.prior_weight == 0:  # a warning, not a refusal: the toy lab's ablation gives its with- and
         # without-prior runs the same --train-args
         warnings.warn(f"--class-images {args.class_images} does nothing while the prior-preservation loss is off "

@@ -54,7 +54,7 @@ def run(world, out, *extra, steps=4, prior=True):
             *(["--save-dtype", "fp32"] if full else []), *extra]
     if prior and "--class-images" not in extra and "--class-dir" not in extra:
         args += ["--class-images", 2]
-    if "--drift-images" not in extra:
+    if "--drift-images" not in extra and "textual-inversion" not in extra:  # (textual inversion has no drift)
         args += ["--drift-images", 2]
     if "--mixed-precision" not in extra:  # the exact fp32 path; the CPU's bf16 default has its own tests
         args += ["--mixed-precision", "no"]

@@ -153,18 +153,28 @@ def test_a_warm_up_as_long_as_the_run_is_warned_of(world, tmp_path):
     (["--prior-weight", "0"], None),  # the count's default says nothing
     (["--class-images", "50"], None),  # the prior is on: the count is used
     (["--method", "textual-inversion", "--prior-weight", "1", "--class-images", "50"], None),
+    (["--method", "textual-inversion", "--drift-images", "4"], "--drift-images 4 does nothing for "
+     "textual-inversion, whose model stays as it was and cannot drift; leave it out."),
+    (["--method", "textual-inversion", "--drift-images", "0"], None),
+    (["--method", "lora", "--drift-images", "4"], None),
+    (["--checkpoints-keep", "3"], "--checkpoints-keep 3 keeps the latest of the checkpoints that --save-every "
+     "writes, but without it the run writes one, at its end; add --save-every N, or leave --checkpoints-keep out."),
+    (["--checkpoints-keep", "3", "--save-every", "100"], None),
 ])
-def test_a_class_image_count_without_the_prior_is_warned_of(world, tmp_path, flags, warned):
-    """--class-images was taken without a word when the prior is off, and drew nothing. A warning, not a
-    refusal: the toy lab's ablation gives its runs with and without the prior the same --train-args."""
-    from minidb.options import parse_args, with_method_defaults
+def test_a_flag_that_does_nothing_beside_another_is_warned_of(world, tmp_path, flags, warned):
+    """--class-images with the prior off, --drift-images for textual inversion and --checkpoints-keep without
+    --save-every were taken without a word, and did nothing. Warnings, not refusals: the toy lab's experiments
+    give each of their runs (with and without the prior, each method) the same --train-args."""
+    from minidb.options import DRIFT_IMAGES, parse_args, with_method_defaults
     args = parse_args([str(a) for a in ["--images", world / "photos", "--class", "ball", "--model", world / "base",
                                         "--out", tmp_path / "out", *flags]], train.__doc__)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert with_method_defaults(args) is None
-    said = [str(w.message) for w in caught if "--class-images" in str(w.message)]
+    said = [str(w.message) for w in caught if str(w.message).startswith("--")]
     assert (said == []) if warned is None else (len(said) == 1 and warned in said[0]), said
+    assert args.drift_images == (int(flags[flags.index("--drift-images") + 1]) if "--drift-images" in flags
+                                 else DRIFT_IMAGES)  # the default, filled in after the check
 
 
 def test_resume_from_an_earlier_step_sets_later_checkpoints_aside_and_continues_exactly(world, tmp_path):
