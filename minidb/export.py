@@ -30,14 +30,15 @@ def export(args, settings, out, model, parts, trained, subjects, steps, dtypes):
     lora_file, word_file = out / "lora.safetensors", out / f"{identifier}.safetensors"
     # The LoRA's name in AUTOMATIC1111 (its alias, read from ss_output_name) is the run folder's: every run's file
     # is lora.safetensors, and A1111 disables an alias that two of its files share (networks.py).
+    # A --concepts run records its subjects, but not their photos' folders: those are the user's, not a shared file's.
+    named = [{k: v for k, v in subject.items() if k != "images"} for subject in settings.get("subjects") or []]
     about = {"ss_output_name": lora_name(out), "ss_sd_model_name": Path(args.model).name, "ss_steps": str(steps),
-             "ss_learning_rate": str(args.lr), "ss_training_comment": "minidb DreamBooth: " + "; ".join(s.instance_prompt for s in subjects),
+             "ss_learning_rate": str(args.lr),
+             "ss_training_comment": "minidb DreamBooth: " + "; ".join(s.instance_prompt for s in subjects),
              "minidb": json.dumps({"identifier": identifier, "class": subjects[0].class_name, "method": args.method,
                                    # a new word means nothing without its embedding file, so sample.py says so
                                    **({"new_word": True} if "new_word" in trained else {}),
-                                   **({"subjects": [{k: v for k, v in subject.items() if k != "images"}  # (the
-                                                    for subject in settings["subjects"]]}  # photos' folders are
-                                      if args.concepts else {})})}  # the user's own, not the shared file's)
+                                   **({"subjects": named} if args.concepts else {})})}
     sample, elsewhere = how_to_use(args, out, model, subjects, lora_file if "lora" in trained else None,
                                    word_file if "new_word" in trained else None, dtypes["unet"])
     plot_losses([row for _, row in log_rows(out / "log.jsonl")], out / "loss.png")
