@@ -42,7 +42,7 @@ from minidb.graphs import UnetGraph
 from minidb.info import HELP as MODEL_HELP
 from minidb.load import load
 from minidb.lora_files import merge_lora
-from minidb.pipeline import (DEFAULTS, SAMPLER_NAMES, SAMPLERS, NotFinite, bf16_for_autocast, decode, grid,
+from minidb.pipeline import (DEFAULTS, SAMPLERS, NotFinite, a1111_names, bf16_for_autocast, decode, grid,
                              sample_latents)
 
 SIZE_MAX = 8192  # 16x SD 1.x's own side: a guard against typos; the memory estimate decides what fits
@@ -297,7 +297,7 @@ def main(argv=None):
               "TI hashes": pnginfo.hashes((w.word, pnginfo.sha256(path)[:12]) for w, path in zip(words, args.embedding))}
 
     def parameters(seed):  # A1111's fields, in its order
-        sampler, schedule, sampler_extra = SAMPLER_NAMES[args.sampler]
+        sampler, schedule, sampler_extra = a1111_names(args.sampler, model.version)
         return pnginfo.parameters(recorded_prompt, args.negative_prompt, {
             "Steps": args.steps, "Sampler": sampler, "Schedule type": schedule,
             "CFG scale": str(args.guidance).removesuffix(".0"), "Seed": seed, "Size": f"{width}x{height}",

@@ -51,6 +51,15 @@ SAMPLER_NAMES = {"ddim": ("DDIM", "Automatic", {}), "ddpm": ("DDIM", "Automatic"
                  "dpmpp-2m": ("DPM++ 2M", "SGM Uniform", {})}
 
 
+def a1111_names(sampler, version):
+    """SAMPLER_NAMES[sampler] as drawn for `version`. SDXL's samplers space their timesteps "leading" (below),
+    which for Euler and Euler a is A1111's "DDIM" schedule type (sd_schedulers.py ddim_scheduler: 1 + k · (1000
+    // n), with the DDIM sampler's one extra timestep when n does not divide 1000). DPM++ 2M's leading spacing,
+    1 + k · (1000 // (n + 1)) for k = n..1, is in no A1111 schedule; "DDIM" is the one of its kind."""
+    name, schedule, extra = SAMPLER_NAMES[sampler]
+    return name, "DDIM" if version == "SDXL" and schedule != "Automatic" else schedule, extra
+
+
 # What each version draws best with when nothing else is asked: SD's own DDIM at guidance 7.5, and
 # SDXL's diffusers scheduler config (Euler, "leading" spacing) at its recommended guidance 5.0. sample.py
 # takes them as its defaults; train.py draws the class prior and the validation grids with them.

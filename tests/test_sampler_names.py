@@ -2,7 +2,7 @@
 
 import torch
 
-from minidb.pipeline import SAMPLER_NAMES, SAMPLERS
+from minidb.pipeline import SAMPLER_NAMES, SAMPLERS, a1111_names
 from minidb.schedulers import DDIMSampler, DDPMSampler
 
 
@@ -39,3 +39,15 @@ def test_timesteps_are_a1111s_schedules():
         a1111 = torch.arange(0, 1000, 1000 // n).add(1).clip(max=999).flip(0)
         assert torch.equal(ddim.timesteps, a1111 if 1000 % n == 0 else a1111[1:])
         assert len(a1111) == n + (n in (7, 30))
+
+
+def test_sdxls_leading_timesteps_are_a1111s_ddim_schedule_type():
+    """SDXL's samplers space their timesteps "leading", which its PNGs recorded as A1111's "Uniform" (999 down
+    to 0): A1111 would redraw them on another schedule. Euler's are A1111's "DDIM" schedule type."""
+    assert [a1111_names(s, "SDXL")[1] for s in SAMPLERS] == ["Automatic", "Automatic", "DDIM", "DDIM", "DDIM"]
+    assert [a1111_names(s, "SD 1.x") for s in SAMPLERS] == [SAMPLER_NAMES[s] for s in SAMPLERS]
+    for n in (7, 20, 30):
+        euler = SAMPLERS["euler"](spacing="leading")
+        euler.set_timesteps(n)
+        a1111 = torch.arange(1, 1000, 1000 // n).flip(0)  # sd_schedulers.py ddim_scheduler's timesteps
+        assert torch.equal(euler.timesteps.long(), a1111 if 1000 % n == 0 else a1111[1:])

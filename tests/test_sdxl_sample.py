@@ -59,7 +59,7 @@ def test_sdxl_defaults_draw_diffusers_picture(folder, tmp_path):
     assert np.abs(np.asarray(image).astype(np.float64) - (other * 255).round()).max() > 2
 
     assert image.text["parameters"] == (f"{PROMPT}\nNegative prompt: \nSteps: 4, Sampler: Euler, Schedule type: "
-                                        "Uniform, CFG scale: 5, "
+                                        "DDIM, CFG scale: 5, "
                                         f"Seed: 7, Size: {size}x{size}, Model: sdxl, RNG: CPU")
     settings = json.loads(image.text["minidb"])
     assert (settings["model_version"], settings["sampler"], settings["guidance"], settings["vae_dtype"]) == (
