@@ -261,9 +261,9 @@ def main(argv=None):
         prog="python -m minidb.fetch", description=__doc__.splitlines()[0],
         epilog=f"Without a network, download {DEFAULT_URL} (SDXL: {MODELS['sdxl'][0]}) in a browser and save it "
                f"in {WEIGHTS}/. An interrupted download resumes when you run the same command again.")
-    parser.add_argument("--model", choices=list(MODELS), default="sd15",
+    parser.add_argument("--model", choices=list(MODELS), default=None,
                         help="which known checkpoint: sd15 (Stable Diffusion 1.5, 4.27 GB) or sdxl (SDXL base 1.0, "
-                             "6.94 GB) (default: %(default)s)")
+                             "6.94 GB) (default: sd15)")
     parser.add_argument("--url", default=None, help="download this file instead of a known one (needs --sha256)")
     parser.add_argument("--sha256", default=None,
                         help="the file's expected sha256; required with --url (default: the known model's)")
@@ -271,8 +271,10 @@ def main(argv=None):
                         help=f"where to save it: a file name, or a folder to save it in under the URL's file name "
                              f"(default: {WEIGHTS}/)")
     args = parser.parse_args(argv)
+    if args.url is not None and args.model is not None:  # the URL's file was fetched, and --model went unread
+        parser.error(f"--model {args.model} and --url name two files; give one of them")
     if args.url is None:
-        args.url, known_sha256, _ = MODELS[args.model]
+        args.url, known_sha256, _ = MODELS[args.model or "sd15"]
         args.sha256 = args.sha256 or known_sha256
     elif args.sha256 is None:
         parser.error("--url needs --sha256 too, so that the download can be verified")

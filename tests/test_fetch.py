@@ -392,6 +392,17 @@ def test_cli_refuses_an_address_it_cannot_download(tmp_path, monkeypatch, capsys
     assert last.endswith("give --out a file name too" if url.endswith("/") else "give an https:// URL")
 
 
+def test_model_and_url_together_are_refused(tmp_path, monkeypatch, capsys):
+    """--url fetched its file and --model went unread, without a word."""
+    from minidb import fetch as f
+    monkeypatch.setattr(f, "WEIGHTS", tmp_path)
+    with pytest.raises(SystemExit) as e:
+        f.main(["--model", "sdxl", "--url", f"http://127.0.0.1:{closed_port()}/m.safetensors", "--sha256", SHA])
+    assert e.value.code == 2 and list(tmp_path.iterdir()) == []
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "python -m minidb.fetch: error: --model sdxl and --url name two files; give one of them")
+
+
 def test_cli_names_the_file_that_stands_where_a_folder_should_be(tmp_path, capsys):
     from minidb import fetch as f
     afile = tmp_path / "afile"
