@@ -290,11 +290,18 @@ def main(argv=None):
     model_path = Path(args.model)
     model_name = model_path.stem if model_path.is_file() else model_path.name  # A1111's Model: no folders, no suffix
     model_hash = pnginfo.sha256(model_path)[:10] if model_path.is_file() else None  # a folder or Hub id: none
+    unused = [w.word for w in words if not any(re.search(rf"(?<!\w){re.escape(w.word)}(?!\w)", text, re.IGNORECASE)
+                                                for text in (args.prompt, args.negative_prompt or ""))]
+    if unused:  # an embedding only adds a word: unwritten, it changes nothing
+        print(f"note: neither prompt names {' or '.join(unused)}, so the embedding{'s' * (len(unused) > 1)} given for "
+              f"{'them' if len(unused) > 1 else 'it'} change{'s' * (len(unused) == 1)} nothing; write the word where "
+              "it belongs in the prompt.")
     # as A1111 records them: each LoRA as a <lora:name:scale> tag in the prompt, and the files' short hashes
     recorded_prompt = args.prompt + "".join(f" <lora:{name}:{scale:g}>" for name, scale, _ in loras)
     extras = {"Lora hashes": pnginfo.hashes((name, pnginfo.sha256(path, skip_header=True)[:12])
                                             for (name, _, _), (path, _) in zip(loras, args.lora)),
-              "TI hashes": pnginfo.hashes((w.word, pnginfo.sha256(path)[:12]) for w, path in zip(words, args.embedding))}
+              "TI hashes": pnginfo.hashes((w.word, pnginfo.sha256(path)[:12]) for w, path in zip(words, args.embedding)
+                                          if w.word not in unused)}  # (A1111 lists the embeddings its prompts use)
 
     def parameters(seed):  # A1111's fields, in its order
         sampler, schedule, sampler_extra = a1111_names(args.sampler, model.version)

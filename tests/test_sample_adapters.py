@@ -100,6 +100,12 @@ def test_embedding_is_a_word_and_recorded_as_a1111_does(models, adapters, tmp_pa
     fields = parse_a1111(Image.open(runs["with"]).text["parameters"])
     assert fields["TI hashes"] == f"abz: {hashlib.sha256(emb.read_bytes()).hexdigest()[:12]}"
     assert "TI hashes" not in parse_a1111(Image.open(runs["without"]).text["parameters"])
+    # an embedding whose word neither prompt writes changes nothing: a note says so, and the PNG does not list it
+    r = sample("--model", models[1], "--prompt", "a photo of a ball", "--embedding", emb, "--steps", "3", "--seed",
+               "9", "--height", "32", "--out", tmp_path / "unused")
+    assert r.returncode == 0 and "note: neither prompt names abz, so the embedding given for it changes nothing; " \
+        "write the word where it belongs in the prompt.\n" in r.stdout, r.stdout + r.stderr
+    assert "TI hashes" not in parse_a1111(Image.open(next((tmp_path / "unused").glob("*.png"))).text["parameters"])
 
 
 def test_an_embedding_whose_name_cannot_be_a_word_is_one_sentence(models, adapters, tmp_path, capsys):
