@@ -86,8 +86,8 @@ def parse_args(argv=None):
     p.add_argument("--guidance", type=number(float, 1, GUIDANCE_MAX), default=None,
                    help=f"classifier-free guidance scale, 1 to {GUIDANCE_MAX}; 1 turns guidance off "
                         f"(default: 7.5; {DEFAULTS['SDXL']['guidance']} for SDXL)")
-    p.add_argument("--seed", type=number(int, 0, SEED_MAX), default=None,
-                   help="random seed of the first image (default: a random one, printed)")
+    p.add_argument("--seed", type=number(int, -1, SEED_MAX), default=None,
+                   help="random seed of the first image (default, or -1 as in A1111: a random one, printed)")
     p.add_argument("--height", type=number(int, 8, SIZE_MAX), default=None,
                    help="image height in pixels, a multiple of 8 (default: the model's own training size: 512 "
                         "for SD 1.x, 512 or 768 for SD 2.x, 1024 for SDXL, 64 for the toy model)")
@@ -256,7 +256,7 @@ def main(argv=None):
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16_autocast else nullcontext()
     if bf16_autocast:
         dtype_name = "fp32+bf16-autocast"
-    seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
+    seed = args.seed if args.seed not in (None, -1) else secrets.randbelow(2**32)
 
     t0 = time.time()
     try:

@@ -296,8 +296,8 @@ def refusal(capsys, *args):
     (["--guidance", "-3"], "argument --guidance: must be between 1 and 30, not -3"),
     (["--guidance", "0.5"], "argument --guidance: must be between 1 and 30"),
     (["--guidance", "1e30"], "argument --guidance: must be between 1 and 30"),
-    (["--seed", str(2**64)], f"argument --seed: must be between 0 and {SEED_MAX}"),
-    (["--seed", "-1"], f"argument --seed: must be between 0 and {SEED_MAX}"),
+    (["--seed", str(2**64)], f"argument --seed: must be between -1 and {SEED_MAX}"),
+    (["--seed", "-2"], f"argument --seed: must be between -1 and {SEED_MAX}"),  # (-1: random, as in A1111)
     (["--seed", str(SEED_MAX), "--n", "2"], "error: --seed plus --n must stay within the largest seed"),
     (["--prompt", ""], "argument --prompt: must not be empty"),
     (["--out", ""], "argument --out: must not be empty; give a path"),  # it wrote into the current folder
@@ -321,6 +321,15 @@ def test_bad_arguments_fail_clearly_and_write_nothing(models, tmp_path, capsys, 
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_seed_minus_one_is_a_random_seed_as_in_a1111(models, tmp_path):
+    """A1111's users write --seed -1 for a random seed; it was refused as out of range."""
+    r = sample("--model", models[0], "--prompt", "x", "--seed", "-1", "--steps", "1", "--height", "32",
+               "--out", tmp_path)
+    assert r.returncode == 0, r.stderr
+    seed = int(parse_a1111(Image.open(next(tmp_path.glob("*.png"))).text["parameters"])["Seed"])
+    assert 0 <= seed < 2**32 and f"seed {seed}" in r.stdout
 
 
 def test_no_cuda_is_one_sentence(models, tmp_path, capsys):
