@@ -12,6 +12,7 @@ import json
 import pickle
 import re
 import struct
+import warnings
 import zipfile
 from contextlib import nullcontext
 from pathlib import Path
@@ -112,7 +113,8 @@ def _read_pickle(path):
     # mmap keeps the file's pages on disk until each tensor is used: no second copy in RAM.
     # Only the zip-based format (torch >= 1.6) can be memory-mapped.
     try:
-        with _allowed_globals():
+        with _allowed_globals(), warnings.catch_warnings():  # torch's "please file an issue" about a pickle
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # it refuses anyway: not the user's
             data = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         if "GLOBAL" not in str(e):  # not a refused object: bytes that are no pickle at all

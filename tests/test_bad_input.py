@@ -5,6 +5,7 @@ import os
 import pickle
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -148,11 +149,15 @@ def test_ckpt_with_pickled_code_is_refused_and_never_run(tiny, tmp_path):
     message = one_sentence(e)
     assert "holds pickled Python objects besides tensors" in message and "mkdir" in message
     assert not os.path.exists(marker)
-    # the same through pickle protocol 0 in a legacy (non-zip) file
-    with open(tmp_path / "old.ckpt", "wb") as f:
-        pickle.dump(Payload(marker), f, protocol=2)
-    with pytest.raises(ModelFileError):
-        load(tmp_path / "old.ckpt")
+    # the same through pickle protocol 0 in a legacy (non-zip) file, and a plain pickle of protocol 4, of which
+    # torch warned "please file an issue" beside the one sentence
+    for name, protocol in (("old.ckpt", 2), ("plain.ckpt", 4)):
+        with open(tmp_path / name, "wb") as f:
+            pickle.dump({"state_dict": Payload(marker)}, f, protocol=protocol)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(ModelFileError):
+                load(tmp_path / name)
     assert not os.path.exists(marker)
 
 
