@@ -133,6 +133,10 @@ def check(args):
         return problem
     if args.dtype == "fp16" and torch.device(args.device).type == "cpu":
         return "--dtype fp16 is not supported on the CPU; use fp32 (the default) or bf16."
+    tags = re.findall(r"<(?:lora|lyco):[^>]*>", f"{args.prompt} {args.negative_prompt}", re.IGNORECASE)
+    if tags:  # A1111's way to apply a LoRA; here they would go to CLIP as letters, and into the PNG as if applied
+        return (f"the prompt holds {tags[0]}, AUTOMATIC1111's tag for a LoRA, which sample.py does not read; give the "
+                "file as --lora PATH:WEIGHT instead (e.g. --lora style.safetensors:0.8).")
     if args.guidance == 1 and args.negative_prompt.strip():  # guidance steers away from it; at 1 there is none
         warnings.warn("--negative-prompt does nothing at --guidance 1, which draws without guidance (the picture is the "
                       "same without it); raise --guidance to use it.")
