@@ -138,6 +138,9 @@ def _read_pickle(path):
 
 
 def _not_a_checkpoint(path, problem=""):
+    if _holds_safetensors(path):  # ComfyUI's .sft, or a download saved without its suffix
+        return ModelFileError(f"{path} is a safetensors file under another name; rename it to end in .safetensors, "
+                              "by which minidb tells the format.")
     return ModelFileError(f"{path} is not a PyTorch checkpoint or safetensors file{problem}; "
                           "check the path, or download or export it again.")
 
@@ -173,3 +176,14 @@ def read_json(path):
             return json_loads(f.read())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelFileError(f"{path} is not a readable JSON file ({_first_line(e)}); download or export it again.") from None
+
+
+def _holds_safetensors(path):
+    """Whether the file begins as safetensors does: an 8-byte header length, then that much JSON."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            return 2 <= size <= min(100_000_000, Path(path).stat().st_size - 8) and \
+                isinstance(json.loads(f.read(size)), dict)
+    except (OSError, ValueError):
+        return False

@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import warnings
@@ -424,6 +425,18 @@ def test_bytes_that_are_no_pickle_fail_in_other_ways(tmp_path, content):
     with pytest.raises(ModelFileError) as e:
         files.read_tensors(tmp_path / "x.pt")
     assert "is not a PyTorch checkpoint or safetensors file" in one_sentence(e)
+
+
+def test_a_safetensors_file_under_another_name_is_named_so(tiny, tmp_path):
+    """ComfyUI's .sft, or a download saved without its suffix, was called "not a PyTorch checkpoint or
+    safetensors file", which it is."""
+    save_single_file(tiny[0], tmp_path / "model.safetensors")
+    for name in ("model.sft", "model"):
+        shutil.copy(tmp_path / "model.safetensors", tmp_path / name)
+        with pytest.raises(ModelFileError) as e:
+            files.read_tensors(tmp_path / name)
+        assert one_sentence(e) == (f"{tmp_path / name} is a safetensors file under another name; rename it to end in "
+                                   ".safetensors, by which minidb tells the format.")
 
 
 def test_cli_exits_2_on_bytes_that_are_no_pickle(tmp_path):
