@@ -228,7 +228,7 @@ def given_as_model(path):
     none of these."""
     path = Path(path)
     step = next((p for p in (path, path.parent) if p.match(CHECKPOINT) and p.parent.name == "checkpoints"), None)
-    folder = step.parent.parent if step else path
+    folder = step.parent.parent if step else path.parent if path.name == "checkpoints" else path
     if not (folder / "settings.json").is_file():
         return None
     base, words = saved_settings(folder).get("model"), sorted(set(folder.glob("*.safetensors")) - {
@@ -243,7 +243,9 @@ def given_as_model(path):
     else:
         use = "it has exported nothing yet; let it finish, or continue it with train.py --resume"
     what = (f"{path} is {'' if step == path else 'part of '}the checkpoint of step {int(step.name[5:])} of the train.py "
-            f"run in {folder}, which train.py --resume continues" if step else f"{folder} is a train.py run folder")
+            f"run in {folder}, which train.py --resume continues" if step else
+            f"{path} holds the checkpoints of the train.py run in {folder}" if path != folder else
+            f"{folder} is a train.py run folder")
     return f"{what}, not a model: {use}."
 
 

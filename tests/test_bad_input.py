@@ -98,6 +98,10 @@ def test_a_checkpoint_given_as_a_model_names_what_to_load(tiny, tmp_path):
         assert one_sentence(e) == (f"{given} is {part}the checkpoint of step 2 of the train.py run in {run}, which "
                                    "train.py --resume continues, not a model: its personalized model is "
                                    f"{run / 'model.safetensors'}, so load that.")
+    with pytest.raises(ModelFileError) as e:  # the folder of them was "not a diffusers model folder"
+        load(run / "checkpoints")
+    assert one_sentence(e) == (f"{run / 'checkpoints'} holds the checkpoints of the train.py run in {run}, not a "
+                               f"model: its personalized model is {run / 'model.safetensors'}, so load that.")
 
 
 def test_diffusers_folder_without_weights(tiny, tmp_path):
