@@ -133,10 +133,13 @@ def check(args):
         return problem
     if args.dtype == "fp16" and torch.device(args.device).type == "cpu":
         return "--dtype fp16 is not supported on the CPU; use fp32 (the default) or bf16."
-    tags = re.findall(r"<(?:lora|lyco):[^>]*>", f"{args.prompt} {args.negative_prompt}", re.IGNORECASE)
-    if tags:  # A1111's way to apply a LoRA; here they would go to CLIP as letters, and into the PNG as if applied
-        return (f"the prompt holds {tags[0]}, AUTOMATIC1111's tag for a LoRA, which sample.py does not read; give the "
-                "file as --lora PATH:WEIGHT instead (e.g. --lora style.safetensors:0.8).")
+    for flag, text in (("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt)):
+        tag = re.search(r"<(?:lora|lyco):([^:>]*)[^>]*>", text, re.IGNORECASE)  # A1111's way to apply a LoRA: here
+        if tag:  # letters for CLIP, and in the PNG as if applied (a prompt copied from a PNG's, minidb's own too)
+            given = any(Path(path).stem == tag[1] for path, _ in args.lora)
+            return (f"{flag} holds {tag[0]}, AUTOMATIC1111's tag for a LoRA, which sample.py does not read; "
+                    + ("remove it: --lora already applies that file." if given else
+                       "give the file as --lora PATH:WEIGHT instead (e.g. --lora style.safetensors:0.8)."))
     if args.guidance == 1 and args.negative_prompt.strip():  # guidance steers away from it; at 1 there is none
         warnings.warn("--negative-prompt does nothing at --guidance 1, which draws without guidance (the picture is the "
                       "same without it); raise --guidance to use it.")
@@ -191,9 +194,10 @@ def fill_identifier(prompt, paths, embeddings):
     --embedding gives it: without its embedding the model reads it as letters. A prompt that names no
     recorded identifier, with no --embedding, gets a note: it draws the class, not the subject."""
     words = [Path(path).stem.lower() for path in embeddings]
-    if "[V]" in prompt:
-        found = list(dict.fromkeys(runs.recorded_identifiers(paths) + [word for word, path in zip(words, embeddings)
-                                                                         if runs.run_record(path)]))
+    renamed = {was for word, path in zip(words, embeddings) for was in runs.recorded_identifiers([path]) if was != word}
+    if "[V]" in prompt:  # (a model or LoRA records a renamed embedding's word as it was trained: it is the file's now)
+        found = list(dict.fromkeys([w for w in runs.recorded_identifiers(paths) if w not in renamed] +
+                                   [word for word, path in zip(words, embeddings) if runs.run_record(path)]))
         if len(found) == 1:
             print(f"[V] in the prompt is read as {found[0]}, the identifier that the train.py run recorded in its files.")
             prompt = prompt.replace("[V]", found[0])
@@ -206,7 +210,8 @@ def fill_identifier(prompt, paths, embeddings):
         if found and not any(re.search(rf"(?<!\w){re.escape(word)}(?!\w)", prompt, re.IGNORECASE) for word in found):
             print(f"note: the prompt names no subject these files were trained on ({', '.join(found)}), so it draws "
                   f"without one; write {'[V] or ' * (len(found) == 1)}{' or '.join(found)} where the subject goes.")
-    named = set(words)  # given by --embedding, or already warned about (a model and a LoRA may both record a word)
+    named = set(words) | renamed  # given by --embedding (renamed or not), or already warned about (a model and a LoRA
+    # may both record a word)
     for subject in runs.recorded_subjects(paths):
         word = subject["identifier"]
         if subject["new_word"] and word not in named and re.search(rf"\b{re.escape(word)}\b", prompt.lower()):

@@ -137,8 +137,10 @@ def train(args, out, device, numbered=False):
              "(diffusers refuses it too); choose another, or leave --identifier out.")
     pick = pick_new_word if args.new_token else pick_identifier
     # each subject its own [V], prompts and captions
-    problem = name_subjects(subjects, model.tokenizer, pick, args.seed, prior=args.prior_weight > 0,
-                            taken=runs.recorded_identifiers([args.model]))  # a model train.py made: its subjects
+    taken = set(runs.recorded_identifiers([args.model]))  # a model train.py made: its subjects' words
+    if args.resume:  # the run's own picks stand (a run begun before picks passed over them may hold one)
+        taken -= {s["identifier"] for s in runs.named_subjects(runs.saved_settings(out))}
+    problem = name_subjects(subjects, model.tokenizer, pick, args.seed, prior=args.prior_weight > 0, taken=taken)
     if problem:
         fail(problem)
     rank, world = distributed.rank_and_world()

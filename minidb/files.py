@@ -185,5 +185,5 @@ def _holds_safetensors(path):
             size = int.from_bytes(f.read(8), "little")
             return 2 <= size <= min(100_000_000, Path(path).stat().st_size - 8) and \
                 isinstance(json.loads(f.read(size)), dict)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False

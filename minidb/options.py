@@ -141,8 +141,8 @@ def parse_args(argv, doc):
                  f"in {args.out}.")
         args.out, args.resume = str(folder), "latest"
     elif folder and args.out is None and (folder / "state.pt").is_file():  # a checkpoint continues its own run
-        run = next((f for f in folder.resolve().parents[:3] if runs.is_run_folder(f)), None)  # RUN/checkpoints/
-        if run is None:  # [abandoned/]step-N; not runs/latest, which may be another run of the same settings
+        run = next((f.parent for f in folder.resolve().parents[:2] if f.name == "checkpoints"), None)  # RUN/
+        if run is None:  # checkpoints/[abandoned/]step-N; not runs/latest, which may be another run of its settings
             fail(f"--resume {folder} is a checkpoint outside any run's folder, so which run it continues is not "
                  "known; name the run with --out RUN.")
         args.out = str(run)

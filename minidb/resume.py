@@ -95,7 +95,9 @@ def absolute_paths(settings):
     a resume from another working folder finds the model, photos and files the run began with. (A Hub id
     stays as it is.)"""
     whole = lambda path: os.path.abspath(path) if isinstance(path, str) and Path(path).exists() else path  # noqa: E731
-    out = {**settings, **{key: whole(settings.get(key)) for key in PATH_FLAGS | {"class_cache"}}}
+    out = {**settings, **{key: whole(settings.get(key)) for key in PATH_FLAGS}}
+    if isinstance(settings.get("class_cache"), str):  # (made later, when only the drift watch draws: never a Hub id)
+        out["class_cache"] = os.path.abspath(settings["class_cache"])
     if settings.get("subjects"):
         out["subjects"] = [{**subject, "images": whole(subject["images"])} for subject in settings["subjects"]]
     return out
@@ -138,7 +140,8 @@ def check_resume_settings(folder, settings, given):
                            f"the run in {folder} started with ({_change(old, value)}), so it would not continue the same "
                            "run; put them back as they were, or start a new run.")
         if key == "subjects":  # --concepts: name the first subject that differs, not the whole list
-            which = next((i for i, (a, b) in enumerate(zip(value, old), 1) if a != b), min(len(value), len(old)) + 1)
+            now, was = _read_alike(value), _read_alike(old) or []  # (as compared: a relative folder is the same)
+            which = next((i for i, (a, b) in enumerate(zip(now, was), 1) if a != b), min(len(now), len(was)) + 1)
             raise RunError(f"--concepts {settings.get('concepts')} gives other subjects than the run in {folder} "
                            f"started with (subject {which} differs), so it would not continue the same run; put the "
                            "file back as it was, or start a new run.")

@@ -154,6 +154,7 @@ def test_full_with_a_new_word_writes_the_model_and_the_word(world, tmp_path, cap
         # recorded one, not loaded, was drawn as letters, with a warning to add the embedding already given
         renamed = shutil.copy(embedding, tmp_path / "Mine.safetensors")
         assert sample.fill_identifier("a [V] ball", [world / "base"], [renamed]) == "a mine ball"
+        assert sample.fill_identifier("a [V] ball", [out / "model"], [renamed]) == "a mine ball"  # (it records uq)
     capsys.readouterr()
     assert info([str(renamed)]) == 0
     described = capsys.readouterr().out

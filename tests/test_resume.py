@@ -76,6 +76,10 @@ def test_a_checkpoint_folder_continues_its_own_run_not_runs_latest(world, tmp_pa
     assert [p.name for p in (twin / "checkpoints" / "abandoned").iterdir()] == ["step-000002"]
     train.main([str(a) for a in ["--resume", twin / "checkpoints" / "abandoned" / "step-000002", "--steps", 4]])
     assert [json.loads(line)["step"] for line in open(twin / "log.jsonl")] == [1, 2, 3, 4]
+    # the branch it leaves (steps 2 and 3 of the run above) is set aside, not written over and rotated away
+    assert sorted(p.name for p in (twin / "checkpoints" / "abandoned").iterdir()) == \
+        ["step-000002", "step-000002-2", "step-000003"]
+    assert sorted(p.name for p in (twin / "checkpoints").glob("step-*")) == ["step-000003", "step-000004"]
     assert {p: p.read_bytes() for p in latest.rglob("*") if p.is_file()} == untouched
     loose = tmp_path / "loose"
     shutil.copytree(twin / "checkpoints" / "step-000004", loose)

@@ -310,10 +310,13 @@ def refusal(capsys, *args):
     (["--negative-prompt", "\udcff\udcfe"], "argument --negative-prompt: is not valid UTF-8"),
     (["--sampler", "plms"], "invalid choice: 'plms'"),
     # A1111's LoRA tag went to CLIP as letters, and into the PNG as if the LoRA had been applied
-    (["--prompt", "a cat <lora:style:0.8>"], "error: the prompt holds <lora:style:0.8>, AUTOMATIC1111's tag for a "
+    (["--prompt", "a cat <lora:style:0.8>"], "error: --prompt holds <lora:style:0.8>, AUTOMATIC1111's tag for a "
      "LoRA, which sample.py does not read; give the file as --lora PATH:WEIGHT instead (e.g. --lora "
      "style.safetensors:0.8)."),
-    (["--negative-prompt", "<LyCO:bad:1>"], "error: the prompt holds <LyCO:bad:1>, AUTOMATIC1111's tag"),
+    (["--negative-prompt", "<LyCO:bad:1>"], "error: --negative-prompt holds <LyCO:bad:1>, AUTOMATIC1111's tag"),
+    (["--prompt", "a cat <lora:style:1>", "--lora", "loras/style.safetensors"],  # a PNG's prompt, minidb's own too
+     "error: --prompt holds <lora:style:1>, AUTOMATIC1111's tag for a LoRA, which sample.py does not read; remove "
+     "it: --lora already applies that file."),
     (["--device", "tpu"], "error: --device 'tpu' is not a device name"),
     (["--device", "mps"], "error: --device mps is not supported"),
     (["--device", "cpu", "--dtype", "fp16"], "error: --dtype fp16 is not supported on the CPU"),

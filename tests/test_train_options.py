@@ -338,6 +338,11 @@ def test_a_run_on_a_model_train_py_made_picks_a_word_its_subject_does_not_have(w
     assert new != old and new in capsys.readouterr().out
     same = run(world, tmp_path / "same", "--model", first / "model.safetensors", "--identifier", old, steps=1)
     assert json.load(open(same / "settings.json"))["identifier"] == old  # the same subject, trained further
+    # a run whose word is the base's (given, or picked before picks passed over such words) resumes with the
+    # subject named anew, its identifier picked again: the run's own word stands
+    train.main([str(a) for a in ["--out", same, "--resume", "--images", world / "photos", "--class", "ball",
+                                 "--steps", 2]])
+    assert [json.loads(line)["step"] for line in open(same / "log.jsonl")] == [1, 2]
 
 
 @pytest.mark.parametrize("content, words", [
