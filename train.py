@@ -275,7 +275,7 @@ def train(args, out, device, numbered=False):
                                 f"already taken; pass --steps {resumed['step']} or more, or resume an earlier "
                                 "checkpoint (--resume STEP).")
         if writes:  # only now that it reads back whole: a damaged one leaves the folder as it was
-            state.set_aside_later(out / "checkpoints", path)
+            state.set_aside_later(out / "checkpoints", path, resumed["step"])
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])
         # The next step's rate from this run's schedule, not the optimizer's saved one: a larger --steps stretches

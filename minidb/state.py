@@ -72,16 +72,16 @@ def resume_point(folder, what):
     return Path(what).resolve()
 
 
-def set_aside_later(folder, path):
+def set_aside_later(folder, path, step):
     """Once the checkpoint `path` has been read back whole: the checkpoints after it belong to the branch
     that is abandoned. They move into folder/abandoned/ (step-000600, or step-000600-2 when a branch
     abandoned before took that name), not deleted, so that the newest one left is `path`. For a `path` of
-    elsewhere (one set aside before, or a copy), the folder's checkpoint of its step goes too: the run would
-    write over it, and its rotation would delete the later ones."""
+    elsewhere (one set aside before, or a copy of any name), the folder's checkpoint of its `step` goes too:
+    the run would write over it, and its rotation would delete the later ones."""
     folder = Path(folder)
     outside = path.parent not in (folder, folder.resolve())
     for later in sorted(folder.glob(CHECKPOINT)):
-        if int(later.name[5:11]) >= int(path.name[5:11]) and (outside or later.name > path.name):
+        if int(later.name[5:]) > step or (outside and int(later.name[5:]) == step):
             (folder / "abandoned").mkdir(exist_ok=True)
             aside, n = folder / "abandoned" / later.name, 1
             while aside.exists():  # a branch abandoned before at the same step: keep both

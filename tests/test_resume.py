@@ -85,6 +85,9 @@ def test_a_checkpoint_folder_continues_its_own_run_not_runs_latest(world, tmp_pa
     shutil.copytree(twin / "checkpoints" / "step-000004", loose)
     assert f"error: --resume {loose} is a checkpoint outside any run's folder, so which run it continues is not " \
            "known; name the run with --out RUN.\n" in refused(capsys, ["--resume", loose, "--steps", 5])
+    train.main([str(a) for a in ["--out", twin, "--resume", loose, "--steps", 5]])  # named: a copy of any name
+    assert [json.loads(line)["step"] for line in open(twin / "log.jsonl")] == [1, 2, 3, 4, 5]
+    assert "step-000004" in {p.name for p in (twin / "checkpoints" / "abandoned").iterdir()}  # written over, else
 
 
 def test_a_run_begun_with_relative_paths_resumes_from_another_folder(world, tmp_path, monkeypatch):
