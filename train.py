@@ -47,7 +47,8 @@ from minidb.files import ModelFileError
 from minidb.writes import DiskFull, atomic_write, disk_full_is_an_error, first_non_finite, room_problem
 from minidb.load import load
 from minidb.concepts import name_subjects, read_subjects
-from minidb.lora import LoRA
+from minidb.graphs import TrainingGraph, can_graph_training
+from minidb.lora import UNET, LoRA
 from minidb.loop import (Examples, PromptText, assemble, drift_score, hold_frozen, lr_factor, optimizer_for,
                          validation_grid)
 from minidb.detect import is_sdxl
@@ -126,7 +127,8 @@ def train(args, out, device, numbered=False):
     # (on CUDA the norms' weights are held in fp32, with the same values: minidb/loop.py hold_frozen).
     # (Full fine-tuning exports its frozen parts, bit for bit as they came, so they stay as loaded.)
     # The VAE stays fp32: SDXL's overflows in fp16, and it only encodes the photos once.
-    frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision) if args.method != "full" else None
+    compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)  # autocast's; None: fp32
+    frozen_dtype = compute_dtype if args.method != "full" else None
     for name, module in parts.items():
         if frozen_dtype and name != "vae":
             hold_frozen(module, frozen_dtype, device)
@@ -241,6 +243,14 @@ def train(args, out, device, numbered=False):
     for name in text_parts:
         parts[name].encoder.gradient_checkpointing = args.gradient_checkpointing and text_trains
     text_for = PromptText(model, prompts, args.long_prompts, text_trains, autocast, device)  # indices -> text
+    # On a GPU, a UNet whose own weights stay frozen (lora, a new word) runs each step's forward and backward
+    # as recorded CUDA graphs (minidb/graphs.py): eagerly, an SDXL step waits on its 8,600 kernels' launches.
+    denoiser = model.unet
+    if can_graph_training(device, args.method, args.gradient_checkpointing, world):
+        lora = trained.get("lora")
+        denoiser = TrainingGraph(model.unet, [p for k, p in lora.named_parameters() if k.startswith(UNET)] if lora
+                                 else [], compute_dtype, recorded=lora.drop_casts if lora else None)
+    release_step = getattr(denoiser, "release", lambda: None)  # its memory, before drawing; recorded again after
 
     optimizer = optimizer_for(trained, text_parts, args, device, word_default=METHOD_LR["textual-inversion"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(args.lr_schedule, args.warmup_steps, args.steps,
@@ -322,6 +332,7 @@ def train(args, out, device, numbered=False):
         --validation-images seeds."""
         if not writes:
             return
+        release_step()
         rows = [[s.instance_prompt, s.new_scene, s.class_prompt] for s in subjects] + \
             ([[p.replace("[V]", identifier) for p in args.validation_prompt]] if args.validation_prompt else [])
         with autocast:
@@ -336,6 +347,7 @@ def train(args, out, device, numbered=False):
     def drift():
         """The drift score now (minidb/loop.py): the held-out class images' prior loss."""
         if drift_sets and writes:
+            release_step()
             with autocast:
                 return drift_score(model, schedule, drift_sets, text_for, prompts, args.seed + DRIFT_SEED, resolution)
 
@@ -357,7 +369,7 @@ def train(args, out, device, numbered=False):
         context, pooled = text_for(which)
         y = None if pooled is None else torch.cat([  # SDXL: pooled text + the example's size, crop, target size
             added_conditioning(pooled[k: k + 1], size, crop, (resolution, resolution)) for k, (size, crop) in enumerate(sizes)])
-        return model.unet(x_t, t, context, y)
+        return denoiser(x_t, t, context, y)
 
     # Under torchrun, DistributedDataParallel averages the gradients of what trains over the processes.
     denoise = distributed.wrap(distributed.Step(trained, forward), device)

@@ -124,12 +124,13 @@ def sdxl_call(unet, impl):
     return lambda x, t, ctx, pooled, time_ids: unet(x, t, ctx, torch.cat([pooled, size_features(time_ids)], dim=1))
 
 
-def lora_params(unet, impl, targets, version, peft_fp32=True):
+def lora_params(unet, impl, targets, version, peft_fp32=True, loras=None):
     """Rank-16 adapters (alpha 16) on `targets` of a frozen UNet; returns the trained parameters.
     minidb's LoRA targets kohya's default set; adapters outside `targets` are dropped before attaching.
     minidb's adapters are fp32. PEFT makes them in the base's dtype; diffusers' LoRA scripts cast them to
     fp32 (cast_training_params) only under --mixed_precision fp16, so under bf16 they train in bf16.
-    peft_fp32 (the default) casts them up, for equal settings; False leaves them as PEFT made them."""
+    peft_fp32 (the default) casts them up, for equal settings; False leaves them as PEFT made them.
+    `loras`, a list: minidb's LoRA is appended to it."""
     import types
     import torch
     if impl == "minidb":
@@ -141,6 +142,8 @@ def lora_params(unet, impl, targets, version, peft_fp32=True):
         for name in [name for name, _ in lora.named_children() if not name.endswith(ends)]:
             delattr(lora, name)
             del lora.bases[name]
+        if loras is not None:
+            loras.append(lora)
         return list(lora.attach().parameters())
     from peft import LoraConfig
     unet.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian", target_modules=targets))

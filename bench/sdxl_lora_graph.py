@@ -15,8 +15,9 @@ fp32 adapters, bf16 autocast, 1 instance + 1 class latent, prior loss, AdamW):
     diffusers-bf16  the same with PEFT's adapters in bf16, as diffusers' script trains them under
                 --mixed_precision bf16 (it casts them to fp32 only under fp16)
     minidb      minidb's UNet with its LoRA hooks, eager: what train.py runs
-    graph       the same, its UNet forward and backward recorded by torch.cuda.make_graphed_callables
-                (the loss and AdamW stay eager); the recording's seconds are reported
+    graph       the same, its UNet forward and backward replayed as CUDA graphs, as train.py runs it on
+                a GPU (minidb/graphs.py TrainingGraph; the loss and AdamW stay eager); the seconds of the
+                first step, which records, are reported
 Besides the time, each row gives the time until step() returned, before the GPU is waited for: where it is
 well below the time, the host ran ahead and the GPU's arithmetic bounds the step; where it is about the
 time, either the GPU waited for launches, or the launch queue was full (the graph variant tells them apart).
@@ -44,39 +45,28 @@ sys.path.insert(0, str(ROOT))
 from bench.models import build  # noqa: E402
 from bench.rows import LORA_SDXL, lora_params, sdxl_conditioning, task, train_step  # noqa: E402
 from minidb import unet as un  # noqa: E402
+from minidb.graphs import TrainingGraph  # noqa: E402
 from minidb.loop import hold_frozen  # noqa: E402
 
 VARIANTS = ["diffusers", "diffusers-bf16", "minidb", "graph"]
 
 
-class UnetWithAdapters(torch.nn.Module):
-    """The frozen UNet and its adapters as one module: make_graphed_callables returns the gradients of a
-    module's own parameters, and the adapters live in hooks outside the UNet's. Autocast is inside, with
-    its weight cache off, as CUDA graphs require."""
-
-    def __init__(self, unet, adapters):
-        super().__init__()
-        self.unet, self.adapters = unet, torch.nn.ParameterList(adapters)
-
-    def forward(self, x, t, context, y):
-        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
-            return self.unet(x, t, context, y).float()
-
-
 def graphed_step(device, size, g, cfg=None):
-    """(the step function, the recording's seconds)."""
+    """(the step function, the recording's seconds): minidb's step with its UNet forward and backward
+    replayed as CUDA graphs, by minidb/graphs.py's TrainingGraph, as train.py runs it."""
     unet = build("unet", "minidb", device, torch.bfloat16, "SDXL", cfg).train().requires_grad_(False)
     hold_frozen(unet, torch.bfloat16, device)  # as train.py holds it (bench/rows.py's minidb row too)
-    params = lora_params(unet, "minidb", LORA_SDXL, "SDXL")
+    loras = []
+    params = lora_params(unet, "minidb", LORA_SDXL, "SDXL", loras=loras)
     ctx, pooled, time_ids = sdxl_conditioning(g, device, torch.bfloat16)  # as bench/rows.py's row
-    y = torch.cat([pooled, un.size_features(time_ids)], dim=1)
-    lat = size // 8
-    sample = (torch.randn(2, 4, lat, lat, device=device), torch.tensor([100, 700], device=device), ctx, y)
+    graph = TrainingGraph(unet, params, torch.bfloat16, recorded=loras[0].drop_casts)
+    step = train_step(lambda x, t: graph(x, t, ctx, torch.cat([pooled, un.size_features(time_ids)], dim=1)),
+                      params, 1e-4, device, size, g)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    graphed = torch.cuda.make_graphed_callables(UnetWithAdapters(unet, params), sample, num_warmup_iters=3)
+    step()  # the first step records
     torch.cuda.synchronize()
-    return train_step(lambda x, t: graphed(x, t, ctx, y), params, 1e-4, device, size, g), time.perf_counter() - t0
+    return step, time.perf_counter() - t0
 
 
 def timed(step, sync, cuda):

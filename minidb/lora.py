@@ -222,6 +222,10 @@ class LoRA(nn.Module):
         for handle in self.handles:
             handle.remove()
         self.handles = []
+        return self.drop_casts()
+
+    def drop_casts(self):
+        """Forget the weights the last forward cast (_cast_all), and the autograd graph they hold."""
         for adapter in self.children():
             adapter.cast = None
         return self
