@@ -249,7 +249,7 @@ def train(args, out, device, numbered=False):
     if can_graph_training(device, args.method, args.gradient_checkpointing, world):
         lora = trained.get("lora")
         denoiser = TrainingGraph(model.unet, [p for k, p in lora.named_parameters() if k.startswith(UNET)] if lora
-                                 else [], compute_dtype, recorded=lora.drop_casts if lora else None)
+                                 else [], compute_dtype, forget=lora.drop_casts if lora else None)
     release_step = getattr(denoiser, "release", lambda: None)  # its memory, before drawing; recorded again after
 
     optimizer = optimizer_for(trained, text_parts, args, device, word_default=METHOD_LR["textual-inversion"])

@@ -15,7 +15,7 @@ start=$(date +%s)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit 1
 nvidia-smi -L
 # -o addopts="": pytest.ini asks for pytest-xdist workers
-echo "== GPU tests"; timeout 150 python3 -m pytest -o addopts="" tests/test_train_graph.py tests/test_graphs.py -q -p no:cacheprovider 2> -p no:cacheprovider -x 2>&11 | tee $OUT/tests.log | tail -25
+echo "== GPU tests"; timeout 150 python3 -m pytest -o addopts="" tests/test_train_graph.py tests/test_graphs.py -q -p no:cacheprovider 2>&1 | tee $OUT/tests.log | tail -25
 timeout 90 python3 -m pytest -o addopts="" tests/test_lora_training.py tests/test_sdxl_train.py -k "cast_at_once or holds_its_norms" -q -p no:cacheprovider 2>&1 | tee -a $OUT/tests.log | tail -8
 echo "== SDXL LoRA step: diffusers, minidb eager, minidb as train.py runs it"
 timeout 200 python3 bench/sdxl_lora_graph.py --json $OUT/lora-graph.json 2>&1 | tee $OUT/lora-graph.log | grep -v Warning | tail -6

@@ -59,7 +59,7 @@ def graphed_step(device, size, g, cfg=None):
     loras = []
     params = lora_params(unet, "minidb", LORA_SDXL, "SDXL", loras=loras)
     ctx, pooled, time_ids = sdxl_conditioning(g, device, torch.bfloat16)  # as bench/rows.py's row
-    graph = TrainingGraph(unet, params, torch.bfloat16, recorded=loras[0].drop_casts)
+    graph = TrainingGraph(unet, params, torch.bfloat16, forget=loras[0].drop_casts)
     step = train_step(lambda x, t: graph(x, t, ctx, torch.cat([pooled, un.size_features(time_ids)], dim=1)),
                       params, 1e-4, device, size, g)
     torch.cuda.synchronize()

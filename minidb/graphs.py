@@ -134,11 +134,15 @@ class TrainingGraph:
     backward gives gradients to `trained` (the weights the UNet uses that train: a LoRA's UNet adapters,
     or none) and to any input that needs them (the context, when the text side trains). The UNet's own
     weights must stay frozen. `dtype`: the autocast dtype of the step (None: no autocast), which the
-    recording applies itself, its weight cache off as graphs require; `recorded`: called after each
-    recording (train.py drops the LoRA's cast copies, which would keep the recording's autograd nodes)."""
+    recording applies itself, its weight cache off as graphs require. `forget`: called before and after
+    each recording to let go of tensors that hold an autograd graph of the trained weights (train.py: the
+    LoRA's cast copies). Such a graph keeps each weight's gradient-accumulating node alive, with the stream
+    it was made on: one from an eager step, on the default stream, breaks the recording (CUDA refuses
+    the wait on a stream outside it), and one from the recording slows every later backward."""
 
-    def __init__(self, unet, trained, dtype=None, recorded=None):
-        self.unet, self.trained, self.dtype, self.recorded = unet, list(trained), dtype, recorded
+    def __init__(self, unet, trained, dtype=None, forget=None):
+        self.unet, self.trained, self.dtype = unet, list(trained), dtype
+        self.forget = forget or (lambda: None)
         self.key, self.failed, self.calls = None, False, 0
 
     def _record(self, values):
@@ -154,14 +158,15 @@ class TrainingGraph:
         def both():  # the warm-up: cuBLAS and cuDNN set themselves up outside the recording
             out = forward()
             torch.autograd.grad(out, wanting, torch.ones_like(out))
+        self.forget()
         warm_up(both, device)
+        self.forget()
         pool = torch.cuda.graph_pool_handle()
         self.forward_graph, out = record(forward, pool)
         self.grad_output = torch.empty_like(out)
         self.backward_graph, self.grads = record(lambda: torch.autograd.grad(out, wanting, self.grad_output), pool)
         self.output = out.detach()  # the recording's autograd graph goes with `out`
-        if self.recorded:
-            self.recorded()
+        self.forget()
 
     def release(self):
         """Let go of the recording and the memory it holds (a step's activations), for drawing the
@@ -181,8 +186,7 @@ class TrainingGraph:
             except RuntimeError as e:  # an operation that cannot be recorded, or no memory for the recording
                 warnings.warn(f"the UNet's training step could not be recorded as CUDA graphs ({e}); it runs eagerly.")
                 self.failed = True
-                if self.recorded:
-                    self.recorded()
+                self.forget()
                 return self.unet(*values)
             self.key = key
         with torch.no_grad():

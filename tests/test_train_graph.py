@@ -162,11 +162,12 @@ def test_replayed_training_steps_equal_eager_steps(family, device, monkeypatch):
     eager = train_steps(model.unet, lora.parameters(), steps, dtype)
     lora.load_state_dict(start)
     replays = recordings(device, monkeypatch)
-    graph = TrainingGraph(model.unet, list(lora.parameters()), dtype, recorded=lora.drop_casts)
+    graph = TrainingGraph(model.unet, list(lora.parameters()), dtype, forget=lora.drop_casts)
     replays(graph)
     assert_same_training(train_steps(graph, lora.parameters(), steps, dtype), eager, exact=device == "cpu")
     assert replays(graph) == 3 + 3 and not graph.failed  # a forward and a backward per step, recorded once
     assert all(a.cast is None for a in lora.children())  # the recording's cast copies were let go
+    # (and the eager steps' before it: their autograd nodes, on the default stream, would break the recording)
     graph.release()
     assert graph.forward_graph is None and graph.key is None  # the next call records again
 
@@ -185,7 +186,7 @@ def test_gradients_add_up_over_micro_batches_and_reach_a_context_that_trains(dev
     with torch.no_grad():
         text.zero_()
     replays = recordings(device, monkeypatch)
-    graph = TrainingGraph(model.unet, list(lora.parameters()), dtype, recorded=lora.drop_casts)
+    graph = TrainingGraph(model.unet, list(lora.parameters()), dtype, forget=lora.drop_casts)
     replays(graph)
     assert_same_training(train_steps(graph, lora.parameters(), steps, dtype, text=text), eager, exact=device == "cpu")
     assert replays(graph) == 4 + 4 and not graph.failed
@@ -194,7 +195,7 @@ def test_gradients_add_up_over_micro_batches_and_reach_a_context_that_trains(dev
 @gpu
 def test_a_second_forward_before_the_first_backward_is_refused():
     model, lora = lora_model("SD 1.x", "cuda")
-    graph = TrainingGraph(model.unet, list(lora.parameters()), torch.bfloat16, recorded=lora.drop_casts)
+    graph = TrainingGraph(model.unet, list(lora.parameters()), torch.bfloat16, forget=lora.drop_casts)
     (x, t, context, y, _), = batches(model, "cuda", 1)[0]
     with torch.autocast("cuda", dtype=torch.bfloat16):
         first = graph(x, t, context).float().square().mean()
@@ -220,7 +221,7 @@ def test_train_py_trains_the_same_lora_replayed_as_eager(world, tmp_path, monkey
         eager = run(world, tmp_path / "eager", *flags)
     losses = [[json.loads(line)["loss"] for line in open(out / "log.jsonl")] for out in (replayed, eager)]
     torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-3, atol=0)
-    a, b = read_tensors(replayed / "lora.safetensors"), read_tensors(eager / "lora.safetensors")
+    a, b = (read_tensors(out / "lora.safetensors")[0] for out in (replayed, eager))
     assert a.keys() == b.keys()
     for key in a:
         diff, size = (a[key].float() - b[key].float()).norm(), b[key].float().norm()
@@ -238,7 +239,7 @@ def test_a_step_that_cannot_be_recorded_runs_eagerly_with_a_warning(monkeypatch)
     monkeypatch.setattr(graphs, "record", refuse)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
     (x, t, context, y, target), = batches(model, "cpu", 1, context_dtype=torch.float32)[0]
-    graph = TrainingGraph(model.unet, list(lora.parameters()), None, recorded=lora.drop_casts)
+    graph = TrainingGraph(model.unet, list(lora.parameters()), None, forget=lora.drop_casts)
     with pytest.warns(UserWarning, match="could not be recorded as CUDA graphs"):
         fallback = graph(x, t, context)
     fallback.square().mean().backward()
