@@ -20,14 +20,14 @@ cache does not mix with graphs); everywhere else the UNet runs as it always does
 
 Training (TrainingGraph, train.py's step when the UNet's own weights stay frozen: LoRA, a new word) records
 the forward and its backward, as torch.cuda.make_graphed_callables does, but by hand, so that each step
-gets gradients of its own (added up across --grad-accum micro-batches) and no autograd node outlives the
-recording on its stream. An SDXL LoRA step at 1024 px went from 363 ms eager to 125 ms replayed on an
+gets gradients of its own (added up across --grad-accum micro-batches) and no autograd node of the
+trained weights outlives a recording or a step on its stream (the next recording would fail on it). An SDXL LoRA step at 1024 px went from 363 ms eager to 125 ms replayed on an
 H200 (bench/RESULTS.md): eager, the GPU waited for the launches of its 8,600 kernels.
 
     first call:   warm up eagerly on a side stream (forward and backward, gradients discarded), record
                   the forward and the backward into two graphs that share one memory pool, replay
     later calls:  copy the inputs into the fixed buffers, replay the forward; the loss's backward
-                  replays the backward and hands out copies of the gradients
+                  replays the backward and adds copies of its gradients into the weights' .grad
     other shapes: recorded again; and after release(), which train.py calls before it draws (the
                   recording holds a step's activations, memory that validation and drift need)
 """
@@ -106,13 +106,16 @@ class UnetGraph:
 
 
 class _Replay(torch.autograd.Function):
-    """A recorded forward as one step of autograd: forward(recording, *wanting) replays the forward,
-    where `wanting` are what the gradients go to (inputs that need them, then the trained weights);
-    backward replays the backward graph and returns copies of its gradients (the next replay overwrites
-    the graph's own, and autograd keeps a gradient it is handed as .grad)."""
+    """A recorded forward as one step of autograd: forward(recording, anchor, *inputs) replays the
+    forward, where `inputs` are those that need gradients (the context, when the text side trains);
+    backward replays the backward graph, adds its gradients for the trained weights into their .grad
+    itself (copies: the next replay overwrites the graph's own) and returns those for the inputs.
+    The weights are not inputs of this step of autograd: their gradient-accumulating nodes, which would
+    then live on with the step's loss, on the default stream, would break the next recording (after
+    release()). The anchor, a scalar that needs a gradient, makes the output need one."""
 
     @staticmethod
-    def forward(ctx, recording, *wanting):
+    def forward(ctx, recording, anchor, *inputs):
         ctx.recording, ctx.call = recording, recording.calls
         recording.forward_graph.replay()
         return recording.output.clone()  # the next replay overwrites recording.output
@@ -126,7 +129,15 @@ class _Replay(torch.autograd.Function):
                                "run each step's backward before its next forward.")
         r.grad_output.copy_(grad)
         r.backward_graph.replay()
-        return (None, *torch._foreach_mul(r.grads, 1.0))
+        n = len(r.grads) - len(r.trained)
+        weights = r.grads[n:]
+        new = [i for i, p in enumerate(r.trained) if p.grad is None]
+        added = [i for i, p in enumerate(r.trained) if p.grad is not None]
+        for i, g in zip(new, torch._foreach_mul([weights[i] for i in new], 1.0) if new else []):
+            r.trained[i].grad = g
+        if added:  # --grad-accum: the micro-batches' gradients add up
+            torch._foreach_add_([r.trained[i].grad for i in added], [weights[i] for i in added])
+        return (None, None, *torch._foreach_mul(list(r.grads[:n]), 1.0)) if n else (None, None)
 
 
 class TrainingGraph:
@@ -143,7 +154,7 @@ class TrainingGraph:
     def __init__(self, unet, trained, dtype=None, forget=None):
         self.unet, self.trained, self.dtype = unet, list(trained), dtype
         self.forget = forget or (lambda: None)
-        self.key, self.failed, self.calls = None, False, 0
+        self.key, self.failed, self.calls, self.anchor = None, False, 0, None
 
     def _record(self, values):
         device = values[0].device
@@ -194,4 +205,6 @@ class TrainingGraph:
                 if buffer is not None:
                     buffer.copy_(value)
         self.calls += 1
-        return _Replay.apply(self, *[v for v in values if v is not None and v.requires_grad], *self.trained)
+        if self.anchor is None:
+            self.anchor = torch.zeros((), device=x.device, requires_grad=True)
+        return _Replay.apply(self, self.anchor, *[v for v in values if v is not None and v.requires_grad])
