@@ -244,12 +244,13 @@ def train(args, out, device, numbered=False):
         parts[name].encoder.gradient_checkpointing = args.gradient_checkpointing and text_trains
     text_for = PromptText(model, prompts, args.long_prompts, text_trains, autocast, device)  # indices -> text
     # On a GPU, a UNet whose own weights stay frozen (lora, a new word) runs each step's forward and backward
-    # as recorded CUDA graphs (minidb/graphs.py): eagerly, an SDXL step waits on its 8,600 kernels' launches.
+    # as recorded CUDA graphs (minidb/graphs.py): eagerly, an SDXL step waits on its 8,100 kernels' launches.
     denoiser = model.unet
     if can_graph_training(device, args.method, args.gradient_checkpointing, world):
         lora = trained.get("lora")
-        denoiser = TrainingGraph(model.unet, [p for k, p in lora.named_parameters() if k.startswith(UNET)] if lora
-                                 else [], compute_dtype, forget=lora.drop_casts if lora else None)
+        denoiser = TrainingGraph(model.unet, [p for k, p in lora.named_parameters() if k.startswith(UNET) and
+                                              p.requires_grad] if lora else [],
+                                 compute_dtype, forget=lora.drop_casts if lora else None)
     release_step = getattr(denoiser, "release", lambda: None)  # its memory, before drawing; recorded again after
 
     optimizer = optimizer_for(trained, text_parts, args, device, word_default=METHOD_LR["textual-inversion"])

@@ -21,8 +21,9 @@ cache does not mix with graphs); everywhere else the UNet runs as it always does
 Training (TrainingGraph, train.py's step when the UNet's own weights stay frozen: LoRA, a new word) records
 the forward and its backward, as torch.cuda.make_graphed_callables does, but by hand, so that each step
 gets gradients of its own (added up across --grad-accum micro-batches) and no autograd node of the
-trained weights outlives a recording or a step on its stream (the next recording would fail on it). An SDXL LoRA step at 1024 px went from 363 ms eager to 125 ms replayed on an
-H200 (bench/RESULTS.md): eager, the GPU waited for the launches of its 8,600 kernels.
+trained weights outlives a recording or a step on its stream (the next recording would fail on it).
+An SDXL LoRA step at 1024 px took 124 ms replayed on an H200, against 360 to 550 ms eager (varying from
+machine to machine, bench/RESULTS.md): eager, the GPU waited for the launches of its 8,100 kernels.
 
     first call:   warm up eagerly on a side stream (forward and backward, gradients discarded), record
                   the forward and the backward into two graphs that share one memory pool, replay
@@ -47,7 +48,8 @@ def can_graph_training(device, method, gradient_checkpointing, world):
     """Whether train.py records its UNet step (TrainingGraph): on CUDA, for a UNet whose own weights stay
     frozen (not --method full, whose gradients for every weight would take another copy of the UNet in
     the recording's memory), without gradient checkpointing (whose recomputation is left eager) and in
-    one process (DistributedDataParallel's gradient hooks are left eager)."""
+    one process (DistributedDataParallel averages gradients in hooks on the weights' gradient nodes,
+    which the recorded step does not pass through: it adds into .grad itself)."""
     return torch.device(device).type == "cuda" and method != "full" and not gradient_checkpointing and world == 1
 
 
@@ -172,6 +174,10 @@ class TrainingGraph:
         self.forget()
         warm_up(both, device)
         self.forget()
+        # The warm-up's activations stay cached for eager use; the recording allocates its own. Give them
+        # back first: while recording, the allocator cannot free memory to make room (a step that fits
+        # eagerly with little to spare would run out).
+        torch.cuda.empty_cache()
         pool = torch.cuda.graph_pool_handle()
         self.forward_graph, out = record(forward, pool)
         self.grad_output = torch.empty_like(out)
