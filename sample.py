@@ -34,6 +34,7 @@ import torch
 from minidb import hub, memory, pnginfo, runs
 from minidb.cli import (DTYPES, SEED_MAX, adapter_problem, check_device, cpu_bf16, fail, nonempty_path, number,
                         path_and_scale, run, text, warn_if_bf16_is_emulated)
+from minidb.concepts import mentions
 from minidb.dreambooth import NewWord
 from minidb.fetch import DEFAULT_MODEL, default_model, how_to_get_weights
 from minidb.files import ModelFileError
@@ -207,14 +208,14 @@ def fill_identifier(prompt, paths, embeddings):
                           f"train.py run printed instead (its README.md names it{these}).")
     elif not words:  # a prompt copied from elsewhere ("sks dog") draws the class, not the subject: say what would
         found = runs.recorded_identifiers(paths)
-        if found and not any(re.search(rf"(?<!\w){re.escape(word)}(?!\w)", prompt, re.IGNORECASE) for word in found):
+        if found and not any(mentions(prompt, word) for word in found):
             print(f"note: the prompt names no subject these files were trained on ({', '.join(found)}), so it draws "
                   f"without one; write {'[V] or ' * (len(found) == 1)}{' or '.join(found)} where the subject goes.")
     named = set(words) | renamed  # given by --embedding (renamed or not), or already warned about (a model and a LoRA
     # may both record a word)
     for subject in runs.recorded_subjects(paths):
         word = subject["identifier"]
-        if subject["new_word"] and word not in named and re.search(rf"\b{re.escape(word)}\b", prompt.lower()):
+        if subject["new_word"] and word not in named and mentions(prompt, word):
             named.add(word)
             warnings.warn(f"{word} in the prompt is a new word that the train.py run learned as an embedding, so "
                           f"without it the model reads {word} as letters and leaves the subject out; add --embedding "
@@ -299,8 +300,7 @@ def main(argv=None):
     model_path = Path(args.model)
     model_name = model_path.stem if model_path.is_file() else model_path.name  # A1111's Model: no folders, no suffix
     model_hash = pnginfo.sha256(model_path)[:10] if model_path.is_file() else None  # a folder or Hub id: none
-    unused = [w.word for w in words if not any(re.search(rf"(?<!\w){re.escape(w.word)}(?!\w)", text, re.IGNORECASE)
-                                                for text in (args.prompt, args.negative_prompt or ""))]
+    unused = [w.word for w in words if not any(mentions(text, w.word) for text in (args.prompt, args.negative_prompt or ""))]
     if unused:  # an embedding only adds a word: unwritten, it changes nothing
         print(f"note: neither prompt names {' or '.join(unused)}, so the embedding{'s' * (len(unused) > 1)} given for "
               f"{'them' if len(unused) > 1 else 'it'} change{'s' * (len(unused) == 1)} nothing; write the word where "

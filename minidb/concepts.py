@@ -60,6 +60,12 @@ class TwiceError(ValueError):
     """A key given twice in one JSON object (json keeps the last, silently)."""
 
 
+def mentions(text, word):
+    """Whether `text` holds `word` as a whole word, in any case: "sks" in "a photo of SKS dog" and in "sks,",
+    not in "asks"; "<sks>" after a space. (The tokenizer reads a prompt in lower case.)"""
+    return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", text, re.IGNORECASE) is not None
+
+
 def one_value_per_key(pairs):
     keys = [key for key, _ in pairs]
     twice = next((key for k, key in enumerate(keys) if key in keys[:k]), None)
@@ -190,13 +196,12 @@ def name_subjects(subjects, tokenizer, pick, seed, prior=True, taken=()):
                           "and validation prompts read as the identifier, so the prior draws and trains it as those "
                           f"letters; describe the class alone, e.g. 'a photo of a {subject.class_name}'.")
         classes = [(k, s.class_prompt or f"a photo of a {s.class_name}") for k, s in enumerate(subjects, 1)]
-        clash = next(((k, p) for k, p in classes if re.search(rf"(?<!\w){re.escape(subject.identifier)}(?!\w)", p,
-                                                               re.IGNORECASE)), None)
+        clash = next(((k, p) for k, p in classes if mentions(p, subject.identifier)), None)
         if clash and prior:  # the prior loss would hold the identifier to what the class prompt means
             warnings.warn(f"The identifier {subject.identifier} is also a word of the class prompt {clash[1]!r}"
                           + (f" (subject {clash[0]})" if len(subjects) > 1 else "") + ", so the prior loss trains it "
                           "back toward any such picture; choose a rare word, or leave the identifier out.")
-        if not re.search(rf"(?<!\w){re.escape(subject.identifier)}(?!\w)", subject.instance_prompt, re.IGNORECASE):
+        if not mentions(subject.instance_prompt, subject.identifier):
             against = " and the prior loss pulls against it" if prior else ""
             warnings.warn(f"The instance prompt {given!r} does not name the identifier {subject.identifier}, so the "
                           f"subject is learned under its other words{against}; write [V] where the identifier goes, "

@@ -255,6 +255,18 @@ def test_a_class_with_an_article_is_warned_of():
         name_subjects([Subject("photos", "antelope", "sks", None, None)], None, None, 0)
         name_subjects([Subject("photos", "the cup", "sks", "a photo of sks", "a photo of the cup")], None, None, 0)
 
+
+def test_a_word_is_found_whole_in_any_case_and_with_its_own_punctuation():
+    """The one rule for "does the prompt name this word" (train.py's identifier checks, sample.py's notes):
+    whole words, any case; a word that starts or ends in punctuation, such as <sks>, is found too, where
+    a \\b regex needs a letter at its edges."""
+    from minidb.concepts import mentions
+    assert mentions("a photo of SKS dog", "sks") and mentions("sks, a dog", "sks") and mentions("sks", "sks")
+    assert not mentions("it asks for a dog", "sks") and not mentions("a sksdog", "sks") and not mentions("", "sks")
+    assert mentions("a photo of <sks> dog", "<sks>") and not mentions("a photo of <sks>x dog", "<sks>")
+    assert mentions("a.b", "a.b") and not mentions("axb", "a.b")  # the word's letters, not a pattern
+
+
 def test_random_crops_stay_inside_the_photo_and_reach_both_edges():
     examples = Examples([2], [("p", 0)], torch.Generator().manual_seed(0), rooms=[[(0, 16), (8, 0)]])
     crops = {e["photo"]: set() for e in examples.draw(0, 1, (4, 2, 2))}
