@@ -244,7 +244,8 @@ def train(args, out, device, numbered=False):
         parts[name].encoder.gradient_checkpointing = args.gradient_checkpointing and text_trains
     text_for = PromptText(model, prompts, args.long_prompts, text_trains, autocast, device)  # indices -> text
     # On a GPU, a UNet whose own weights stay frozen (lora, a new word) runs each step's forward and backward
-    # as recorded CUDA graphs (minidb/graphs.py): eagerly, an SDXL step waits on its 8,100 kernels' launches.
+    # as recorded CUDA graphs (minidb/graphs.py), in one process without gradient checkpointing
+    # (can_graph_training): eagerly, an SDXL step waits on its 8,100 kernels' launches.
     denoiser = model.unet
     if can_graph_training(device, args.method, args.gradient_checkpointing, world):
         lora = trained.get("lora")

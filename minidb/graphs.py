@@ -34,6 +34,7 @@ machine to machine, bench/RESULTS.md): eager, the GPU waited for the launches of
 """
 
 import warnings
+from contextlib import nullcontext
 
 import torch
 
@@ -63,6 +64,11 @@ def warm_up(fn, device):
         out = fn()
     current.wait_stream(side)
     return out
+
+
+def on_its_card(x):
+    """A recording starts on the current card: with --device cuda:1, it must be x's."""
+    return torch.cuda.device(x.device) if x.is_cuda else nullcontext()
 
 
 def record(fn, pool=None):
@@ -98,10 +104,13 @@ class UnetGraph:
                 buffer.copy_(value)
         if self.graph is None:
             try:
-                self.graph, self.output = record(lambda: self.unet(*self.inputs))
+                with on_its_card(x):
+                    self.graph, self.output = record(lambda: self.unet(*self.inputs))
             except RuntimeError as e:  # an operation that cannot be recorded: eager from here on
                 warnings.warn(f"the UNet could not be recorded as a CUDA graph ({e}); sampling runs it eagerly.")
-                self.failed, self.graph = True, None
+                self.failed = True
+            if self.failed:  # (outside the except block, whose traceback would hold the recording's memory)
+                self.graph = self.inputs = self.output = None
                 return self.unet(*values)
         self.graph.replay()
         return self.output.clone()  # the next replay overwrites self.output
@@ -174,10 +183,6 @@ class TrainingGraph:
         self.forget()
         warm_up(both, device)
         self.forget()
-        # The warm-up's activations stay cached for eager use; the recording allocates its own. Give them
-        # back first: while recording, the allocator cannot free memory to make room (a step that fits
-        # eagerly with little to spare would run out).
-        torch.cuda.empty_cache()
         pool = torch.cuda.graph_pool_handle()
         self.forward_graph, out = record(forward, pool)
         self.grad_output = torch.empty_like(out)
@@ -198,14 +203,18 @@ class TrainingGraph:
             return self.unet(*values)
         key = [(v.shape, v.dtype, v.requires_grad) for v in values if v is not None]
         if key != self.key:
+            self.release()  # another shape's recording first: two would hold two steps' activations
             try:
-                self._record(values)
+                with on_its_card(x):
+                    self._record(values)
+                self.key = key
             except RuntimeError as e:  # an operation that cannot be recorded, or no memory for the recording
                 warnings.warn(f"the UNet's training step could not be recorded as CUDA graphs ({e}); it runs eagerly.")
                 self.failed = True
+            if self.failed:  # (outside the except block, whose traceback would hold the recording's memory)
+                self.release()
                 self.forget()
                 return self.unet(*values)
-            self.key = key
         with torch.no_grad():
             for buffer, value in zip(self.inputs, values):
                 if buffer is not None:

@@ -3,6 +3,8 @@ for every sampler, SD and SDXL, fp32 and fp16; a UNet that cannot be recorded ru
 warning; off the GPU nothing changes. The GPU tests skip without one; on the CPU, stand-ins for the two
 CUDA calls check the bookkeeping around them."""
 
+import sys
+
 import pytest
 import torch
 
@@ -104,8 +106,11 @@ def test_a_recording_that_fails_falls_back_to_eager_with_a_warning(monkeypatch):
     def refuse(fn):
         raise RuntimeError("operation not permitted when stream is capturing")
     monkeypatch.setattr(graphs, "record", refuse)
+    handling = []  # the exception in hand at each UNet call: none (its traceback would hold the recording)
+    model.unet.register_forward_pre_hook(lambda *_: handling.append(sys.exc_info()[1]))
     with pytest.warns(UserWarning, match="could not be recorded as a CUDA graph"):
         torch.testing.assert_close(sample_latents(model, "a dog", **kw), eager, rtol=0, atol=0)
+    assert len(handling) == 3 and not any(handling)
 
 
 @gpu

@@ -5,6 +5,7 @@ trains); a step that cannot be recorded runs eagerly with a warning; train.py it
 LoRA replayed as eager. The GPU tests skip without one; the fallback runs on the CPU."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -228,20 +229,31 @@ def test_train_py_trains_the_same_lora_replayed_as_eager(world, tmp_path, monkey
         assert diff <= 1e-2 * size + 1e-6, f"{key} differs by {(diff / size).item():.3g}"
 
 
-def test_a_step_that_cannot_be_recorded_runs_eagerly_with_a_warning(monkeypatch):
-    """On the CPU, with the warm-up run in place and the recording refused as CUDA refuses an operation
-    it cannot record: a warning, the eager output and gradients, and the LoRA's cast copies let go."""
+@pytest.mark.parametrize("refused", ["forward", "backward"])
+def test_a_step_that_cannot_be_recorded_runs_eagerly_with_a_warning(monkeypatch, refused):
+    """On the CPU, with the warm-up run in place and the forward's or the backward's recording refused as
+    CUDA refuses an operation it cannot record: a warning, the eager output and gradients, and the LoRA's
+    cast copies let go; and the eager step runs with the recording let go, not while its exception is
+    being handled (whose traceback holds the recording's tensors: memory the eager step may need)."""
     model, lora = lora_model("SD 1.x", "cpu", dtype=None)
     monkeypatch.setattr(graphs, "warm_up", lambda fn, device: fn())
+    recordings = []
 
     def refuse(fn, pool=None):
-        raise RuntimeError("operation not permitted when stream is capturing")
+        recordings.append(fn)
+        if refused == "forward" or len(recordings) == 2:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return object(), fn()
     monkeypatch.setattr(graphs, "record", refuse)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
     (x, t, context, y, target), = batches(model, "cpu", 1, context_dtype=torch.float32)[0]
     graph = TrainingGraph(model.unet, list(lora.parameters()), None, forget=lora.drop_casts)
+    handling = []
+    hook = model.unet.register_forward_pre_hook(lambda *_: handling.append((sys.exc_info()[1], graph.forward_graph)))
     with pytest.warns(UserWarning, match="could not be recorded as CUDA graphs"):
         fallback = graph(x, t, context)
+    hook.remove()
+    assert handling[-1] == (None, None)  # the eager call: no exception in hand, no half recording kept
     fallback.square().mean().backward()
     grads = [p.grad.clone() for p in lora.parameters()]
     lora.zero_grad(set_to_none=True)
