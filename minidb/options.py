@@ -108,7 +108,7 @@ def parse_args(argv, doc):
       "equal to diffusers)")
     a("--gradient-checkpointing", action="store_true", help="recompute activations: less memory, ~30%% slower; "
       "on a GPU, where a LoRA or new word's step is otherwise replayed as a CUDA graph, several times slower "
-      "(SDXL at 1024 px on an H200: 0.69 s a step, not 0.12 s)")
+      "(the benchmark's SDXL LoRA step at 1024 px on an H200: 0.69 s, not 0.12 s)")
     a("--use-8bit-adam", action="store_true", help="bitsandbytes' 8-bit AdamW (CUDA only), saves ~5 GB")
     a("--snr-gamma", type=positive, default=None, help="min-SNR loss weighting with this γ (5 is typical), of the class prior's examples too, as kohya weights them (diffusers' DreamBooth scripts weight the subject's alone); off by default")
     a("--offset-noise", type=number(float, low=0, high=1), default=0.0, help="add per-channel offset noise of this scale (0.1 is typical) (default: %(default)s)")
